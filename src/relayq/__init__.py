@@ -1,0 +1,3 @@
+"""relayq: a sendmail-compatible submission agent and null-client MTA."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,315 @@
+"""relayq.toml: every key, its default and its check, in one table.
+
+A wrong key or value raises ConfigError naming it (exit 78). The file is
+optional: with none, every default applies. `load()` is the only function
+touching the file system and environment; `parse()` is pure.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from relayq.errors import ConfigError
+
+SYSTEM_CONFIG = "/etc/relayq/relayq.toml"
+SYSTEM_QUEUE = "/var/spool/relayq"
+
+TLS_MODES = ("required", "opportunistic", "none", "implicit")
+DELIVERY_MODES = {"background": "b", "interactive": "i", "queue": "q", "deferred": "d"}
+AUTH_MECHANISMS = ("", "PLAIN", "LOGIN", "XOAUTH2")
+SECRET_KEYS = ("password",)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object, key: str) -> float:
+    """'90', 90, '30m', '1h30m', '5d' -> seconds (sendmail's interval syntax)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative")
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
+    total, num = 0.0, ""
+    for ch in value.strip():
+        if ch.isdigit():
+            num += ch
+        elif ch in _UNITS and num:
+            total += int(num) * _UNITS[ch]
+            num = ""
+        else:
+            raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
+    if num:
+        total += int(num)  # trailing bare number: seconds... sendmail says minutes for -q
+    return total
+
+
+class Smarthost:
+    """One relay: `host`, `host:port`, `[host]` (no MX lookup), `[::1]:2525`."""
+
+    __slots__ = ("host", "mx", "port")
+
+    def __init__(self, host: str, port: int, mx: bool) -> None:
+        self.host = host
+        self.port = port
+        self.mx = mx
+
+    def __repr__(self) -> str:
+        name = self.host if self.mx else f"[{self.host}]"
+        return f"{name}:{self.port}"
+
+    @classmethod
+    def parse(cls, spec: str, default_port: int, key: str = "smarthost") -> Smarthost:
+        spec = spec.strip()
+        port = default_port
+        if not spec or any(c.isspace() or ord(c) < 32 for c in spec):
+            raise ConfigError(f"{key}: bad host {spec!r}")
+        if spec.startswith("["):
+            end = spec.find("]")
+            if end < 0:
+                raise ConfigError(f"{key}: unbalanced [ in {spec!r}")
+            host, rest, mx = spec[1:end], spec[end + 1 :], False
+            if host.lower().startswith("ipv6:"):
+                host = host[5:]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ConfigError(f"{key}: bad host {spec!r}")
+                port = _port(rest[1:], key)
+        else:
+            host, mx = spec, True
+            if spec.count(":") == 1:
+                host, p = spec.split(":")
+                port = _port(p, key)
+            elif ":" in spec:
+                raise ConfigError(f"{key}: write IPv6 addresses in brackets: [{spec}]")
+        if not host:
+            raise ConfigError(f"{key}: empty host in {spec!r}")
+        return cls(host, port, mx)
+
+
+def _port(text: str, key: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{key}: bad port {text!r}")
+    return int(text)
+
+
+def _str(v: object, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{key}: expected a string, got {v!r}")
+    if any(c in v for c in "\r\n\0"):
+        raise ConfigError(f"{key}: must not contain CR, LF or NUL")
+    return v
+
+
+def _bool(v: object, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _int(v: object, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{key}: expected a non-negative integer, got {v!r}")
+    return v
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(v: object, key: str) -> str:
+        if not isinstance(v, str) or v not in choices:
+            shown = " | ".join(repr(c) for c in choices if c)
+            raise ConfigError(f"{key}: expected one of {shown}, got {v!r}")
+        return v
+
+    return check
+
+
+def _mode(v: object, key: str) -> str:
+    if isinstance(v, str):
+        if v in DELIVERY_MODES:
+            return DELIVERY_MODES[v]
+        if v in DELIVERY_MODES.values():
+            return v
+    raise ConfigError(
+        f"{key}: expected one of 'background' | 'interactive' | 'queue' | 'deferred', got {v!r}"
+    )
+
+
+def _auth(v: object, key: str) -> str:
+    if isinstance(v, str) and v.upper() in AUTH_MECHANISMS:
+        return v.upper()
+    raise ConfigError(f"{key}: expected one of 'plain' | 'login' | 'xoauth2', got {v!r}")
+
+
+def _hosts(v: object, key: str) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{key}: expected a host or a list of hosts, got {v!r}")
+    return list(items)
+
+
+def _strlist(v: object, key: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return list(v)
+
+
+def _duration(v: object, key: str) -> float:
+    return parse_duration(v, key)
+
+
+# key: (default, checker, help)
+SCHEMA: dict[str, tuple[Any, Any, str]] = {
+    "smarthost": (["[127.0.0.1]"], _hosts, "relay host(s), tried in order; [host] = no MX"),
+    "port": (0, _int, "port for hosts given without one (0: 465 for implicit TLS, else 25)"),
+    "tls": ("opportunistic", _choice(TLS_MODES), "required | opportunistic | none | implicit"),
+    "tls_verify": (True, _bool, "verify the relay's certificate and name"),
+    "ca_file": ("", _str, "CA bundle for the relay's certificate (default: system store)"),
+    "client_cert": ("", _str, "client certificate (PEM)"),
+    "client_key": ("", _str, "client key (PEM; default: in client_cert)"),
+    "user": ("", _str, "AUTH user name"),
+    "password": ("", _str, "AUTH password (prefer password_file or password_command)"),
+    "password_file": ("", _str, "file holding the AUTH password"),
+    "password_command": ("", _str, "command printing the password or OAuth2 token"),
+    "auth_mechanism": ("", _auth, "PLAIN | LOGIN | XOAUTH2 (default: best offered)"),
+    "ehlo_name": ("", _str, "name sent in EHLO (default: domain)"),
+    "connect_timeout": (30.0, _duration, "TCP and TLS connect timeout"),
+    "timeout": (300.0, _duration, "timeout for each SMTP reply"),
+    "dns_servers": ([], _strlist, "name servers for MX lookups (default: resolv.conf)"),
+    "domain": ("", _str, "this host's mail domain (default: /etc/mailname or the FQDN)"),
+    "masquerade_as": ("", _str, "rewrite local senders' domain to this"),
+    "delivery_mode": ("b", _mode, "background | interactive | queue | deferred"),
+    "queue_dir": ("", _str, "queue directory"),
+    "max_queue_age": (5 * 86400.0, _duration, "bounce what is still queued after this"),
+    "retry_min": (300.0, _duration, "first retry delay"),
+    "retry_max": (4000.0, _duration, "longest retry delay"),
+    "max_message_size": (0, _int, "refuse larger messages (0: no limit)"),
+    "max_recipients": (100, _int, "recipients per SMTP transaction"),
+    "log_file": ("", _str, "also append log lines to this file"),
+    "syslog": (True, _bool, "log to syslog (facility mail)"),
+}
+
+
+class Config:
+    """The effective configuration; attributes are the keys of SCHEMA."""
+
+    smarthost: list[str]
+    port: int
+    tls: str
+    tls_verify: bool
+    ca_file: str
+    client_cert: str
+    client_key: str
+    user: str
+    password: str
+    password_file: str
+    password_command: str
+    auth_mechanism: str
+    ehlo_name: str
+    connect_timeout: float
+    timeout: float
+    dns_servers: list[str]
+    domain: str
+    masquerade_as: str
+    delivery_mode: str
+    queue_dir: str
+    max_queue_age: float
+    retry_min: float
+    retry_max: float
+    max_message_size: int
+    max_recipients: int
+    log_file: str
+    syslog: bool
+    path: str
+
+    def __init__(self, values: dict[str, Any], path: str = "") -> None:
+        for key, (default, _, _) in SCHEMA.items():
+            value = values.get(key, default)
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+        self.path = path
+
+    def smarthosts(self) -> list[Smarthost]:
+        default = self.port or (465 if self.tls == "implicit" else 25)
+        return [Smarthost.parse(s, default) for s in self.smarthost]
+
+    def effective(self) -> dict[str, Any]:
+        """Every key and value, secrets masked (for check-config)."""
+        out = {}
+        for key in SCHEMA:
+            value = getattr(self, key)
+            if key in SECRET_KEYS and value:
+                value = "********"
+            if key == "delivery_mode":
+                value = {v: k for k, v in DELIVERY_MODES.items()}[value]
+            out[key] = value
+        return out
+
+
+def parse(text: str, path: str = "relayq.toml") -> Config:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SCHEMA:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        values[key] = SCHEMA[key][1](value, key)
+    cfg = Config(values, path)
+    if cfg.password and sum(bool(x) for x in (cfg.password_file, cfg.password_command)):
+        raise ConfigError(f"{path}: password: give only one of password, password_file, "
+                          "password_command")
+    if cfg.password_file and cfg.password_command:
+        raise ConfigError(f"{path}: password_file: give only one of password_file, "
+                          "password_command")
+    if cfg.retry_max < cfg.retry_min:
+        raise ConfigError(f"{path}: retry_max: must not be less than retry_min")
+    for spec in cfg.smarthost:
+        Smarthost.parse(spec, 25)
+    for key in ("domain", "masquerade_as", "ehlo_name"):
+        value = getattr(cfg, key)
+        if value and (not all(c.isalnum() or c in "-._" for c in value) or value.startswith(".")):
+            raise ConfigError(f"{path}: {key}: bad domain name {value!r}")
+    return cfg
+
+
+def default_path(env: dict[str, str] | os._Environ[str], uid: int, home: str) -> str:
+    if env.get("RELAYQ_CONFIG"):
+        return env["RELAYQ_CONFIG"]
+    if uid == 0:
+        return SYSTEM_CONFIG
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return os.path.join(base, "relayq", "relayq.toml")
+
+
+def default_queue(env: dict[str, str] | os._Environ[str], uid: int, home: str) -> str:
+    if uid == 0:
+        return SYSTEM_QUEUE
+    base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "relayq")
+
+
+def load(path: str | None = None, *, explicit: bool = False) -> Config:
+    """Read the config file (or defaults when the default file is absent)."""
+    uid = os.getuid()
+    home = os.environ.get("HOME") or "/"
+    if path is None:
+        path = default_path(os.environ, uid, home)
+        explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such configuration file") from None
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    cfg = parse(text, path)
+    if not cfg.queue_dir:
+        cfg.queue_dir = default_queue(os.environ, uid, home)
+    return cfg

@@ -1,0 +1,194 @@
+"""The envelope of a queued message and its on-disk record (format version 1).
+
+The record is plain text, one field per line, tab-separated, so that it is
+read without a parser library and survives a hex editor:
+
+    relayq-envelope<TAB>1
+    id<TAB>6AQ1UaXXXX0001
+    created<TAB>1764120000.123456
+    sender<TAB>alice@example.org          (empty: the null sender <>)
+    user<TAB>alice<TAB>1000               (who submitted it)
+    size<TAB>1234
+    body<TAB>8BITMIME                     (7BIT, 8BITMIME or empty)
+    smtputf8<TAB>1
+    envid<TAB>xtext
+    ret<TAB>HDRS                          (FULL, HDRS or empty)
+    msgid<TAB><...@example.org>
+    dsn<TAB>1                             (this message is itself a bounce)
+    attempts<TAB>3
+    last_try<TAB>1764120300.0
+    next_try<TAB>1764120600.0
+    error<TAB>Deferred: Connection refused by [127.0.0.1]
+    rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
+    end
+
+STATE is `pending`, `sent` or `failed`. Unknown keys are ignored so an older
+relayq can still list a newer queue; the trailing `end` line tells a complete
+record from a truncated one. Values never hold a tab, CR, LF or NUL: addresses
+are refused with them at submission, and free text is flattened here.
+"""
+
+from __future__ import annotations
+
+from relayq.errors import DamagedQueueFile
+
+FORMAT_VERSION = 1
+MAGIC = "relayq-envelope"
+
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"
+STATES = (PENDING, SENT, FAILED)
+
+
+def flatten(text: str) -> str:
+    """Make free text (a server's reply) safe for one record field."""
+    return "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in text).strip()
+
+
+class Recipient:
+    __slots__ = ("address", "notify", "orcpt", "reply", "state")
+
+    def __init__(
+        self,
+        address: str,
+        state: str = PENDING,
+        notify: str = "",
+        orcpt: str = "",
+        reply: str = "",
+    ) -> None:
+        self.address = address
+        self.state = state
+        self.notify = notify  # "", "NEVER" or a comma list of SUCCESS,FAILURE,DELAY
+        self.orcpt = orcpt  # "rfc822;addr" (xtext) or ""
+        self.reply = reply  # the relay's reply or our reason, for mailq and DSNs
+
+    def __repr__(self) -> str:
+        return f"Recipient({self.address!r}, {self.state!r})"
+
+
+class Envelope:
+    __slots__ = (
+        "attempts",
+        "body",
+        "created",
+        "envid",
+        "error",
+        "is_dsn",
+        "last_try",
+        "msgid",
+        "next_try",
+        "qid",
+        "recipients",
+        "ret",
+        "sender",
+        "size",
+        "smtputf8",
+        "uid",
+        "user",
+    )
+
+    def __init__(self, qid: str, sender: str, recipients: list[Recipient], created: float) -> None:
+        self.qid = qid
+        self.sender = sender
+        self.recipients = recipients
+        self.created = created
+        self.user = ""
+        self.uid = -1
+        self.size = 0
+        self.body = ""
+        self.smtputf8 = False
+        self.envid = ""
+        self.ret = ""
+        self.msgid = ""
+        self.is_dsn = False
+        self.attempts = 0
+        self.last_try = 0.0
+        self.next_try = 0.0
+        self.error = ""
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def dumps(self) -> bytes:
+        out = [
+            f"{MAGIC}\t{FORMAT_VERSION}",
+            f"id\t{self.qid}",
+            f"created\t{self.created:.6f}",
+            f"sender\t{self.sender}",
+            f"user\t{flatten(self.user)}\t{self.uid}",
+            f"size\t{self.size}",
+            f"body\t{self.body}",
+            f"smtputf8\t{int(self.smtputf8)}",
+            f"envid\t{self.envid}",
+            f"ret\t{self.ret}",
+            f"msgid\t{flatten(self.msgid)}",
+            f"dsn\t{int(self.is_dsn)}",
+            f"attempts\t{self.attempts}",
+            f"last_try\t{self.last_try:.6f}",
+            f"next_try\t{self.next_try:.6f}",
+            f"error\t{flatten(self.error)}",
+        ]
+        for r in self.recipients:
+            out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{flatten(r.reply)}")
+        out.append("end\n")
+        return "\n".join(out).encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def loads(cls, raw: bytes, qid: str) -> Envelope:
+        """Parse a record; any inconsistency raises DamagedQueueFile."""
+        try:
+            return cls._parse(raw.decode("utf-8", "surrogateescape"), qid)
+        except DamagedQueueFile:
+            raise
+        except (ValueError, IndexError) as exc:
+            raise DamagedQueueFile(f"{qid}: unreadable envelope ({exc})") from None
+
+    @classmethod
+    def _parse(cls, text: str, qid: str) -> Envelope:
+        lines = text.split("\n")
+        head = lines[0].split("\t")
+        if head[0] != MAGIC or len(head) != 2:
+            raise DamagedQueueFile(f"{qid}: not a relayq envelope")
+        if int(head[1]) > FORMAT_VERSION:
+            raise NewerFormat(f"{qid}: envelope format {head[1]} is newer than this relayq")
+        if "end" not in lines[1:]:
+            raise DamagedQueueFile(f"{qid}: truncated envelope")
+        fields: dict[str, list[str]] = {}
+        rcpts: list[Recipient] = []
+        for line in lines[1 : lines.index("end", 1)]:
+            key, _, rest = line.partition("\t")
+            if key == "rcpt":
+                state, notify, orcpt, address, reply = rest.split("\t")
+                if state not in STATES or not address:
+                    raise DamagedQueueFile(f"{qid}: bad recipient line")
+                rcpts.append(Recipient(address, state, notify, orcpt, reply))
+            else:
+                fields[key] = rest.split("\t")
+        if fields.get("id", [""])[0] != qid:
+            raise DamagedQueueFile(f"{qid}: envelope names another message")
+        if not rcpts:
+            raise DamagedQueueFile(f"{qid}: envelope without recipients")
+        env = cls(qid, fields["sender"][0], rcpts, float(fields["created"][0]))
+
+        def one(key: str, default: str = "") -> str:
+            return fields.get(key, [default])[0]
+
+        user = fields.get("user", ["", "-1"])
+        env.user, env.uid = user[0], int(user[1]) if len(user) > 1 else -1
+        env.size = int(one("size", "0"))
+        env.body = one("body")
+        env.smtputf8 = one("smtputf8", "0") == "1"
+        env.envid = one("envid")
+        env.ret = one("ret")
+        env.msgid = one("msgid")
+        env.is_dsn = one("dsn", "0") == "1"
+        env.attempts = int(one("attempts", "0"))
+        env.last_try = float(one("last_try", "0"))
+        env.next_try = float(one("next_try", "0"))
+        env.error = one("error")
+        return env
+
+
+class NewerFormat(DamagedQueueFile):
+    """Written by a later relayq: leave it alone rather than quarantine it."""

@@ -1,0 +1,391 @@
+"""The queue on disk: the only module that creates, changes or removes queue files.
+
+Layout under the queue directory:
+
+    queue/QID.d    the message (headers and body, LF line ends); never replaced,
+                   so it is also the lock: a runner holds flock(LOCK_EX) on it
+    queue/QID.e    the envelope record (relayq.envelope), replaced atomically
+    queue/QID.t    a new envelope being written (ignored by readers)
+    quarantine/    damaged files moved out of the way, with a log line
+
+Commit point: the data file is written and fsynced, the envelope is written to
+QID.t, fsynced and renamed to QID.e, and the directory is fsynced. A crash
+before that leaves no QID.e, so nothing is visible; the stray files are
+removed by a later scan. A failed write, fsync or close fails the commit.
+
+Queue IDs are 14 characters of sendmail's base-60 alphabet: year%60, month,
+day, hour, minute, second, four characters of microseconds and four of the
+process id. They sort by submission time and are unique on the host (the data
+file is created with O_EXCL, and a collision picks the next microsecond).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from typing import TYPE_CHECKING, BinaryIO
+
+from relayq.envelope import Envelope
+from relayq.errors import DamagedQueueFile, QueueError, TempFailure
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
+STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
+
+
+def _b60(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        value, digit = divmod(value, 60)
+        out.append(ALPHABET[digit])
+    return "".join(reversed(out))
+
+
+def make_qid(now: float, pid: int) -> str:
+    t = time.gmtime(now)
+    head = "".join(
+        ALPHABET[v] for v in (t.tm_year % 60, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    )
+    return head + _b60(int((now % 1) * 1_000_000), 4) + _b60(pid, 4)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _io_error(action: str, exc: OSError) -> QueueError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TempFailure(f"cannot {action}: no space left on the queue file system")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return QueueError(f"cannot {action}: {exc.strerror}", code=73)
+    return QueueError(f"cannot {action}: {exc.strerror or exc}")
+
+
+class Spool:
+    """A queue directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.queue = os.path.join(root, "queue")
+        self.quarantine_dir = os.path.join(root, "quarantine")
+
+    def ensure(self) -> None:
+        """Create the queue directories (private to the owner) if missing."""
+        for path in (self.root, self.queue, self.quarantine_dir):
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise _io_error(f"create queue directory {path}", exc) from None
+
+    def _path(self, qid: str, ext: str) -> str:
+        return os.path.join(self.queue, qid + ext)
+
+    # -- writing a new message ------------------------------------------------
+
+    def create(self) -> NewMessage:
+        """Allocate a queue id and open its data file, locked, for writing."""
+        now = time.time()
+        pid = os.getpid()
+        for _ in range(1000):
+            qid = make_qid(now, pid)
+            try:
+                fd = os.open(
+                    self._path(qid, ".d"),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                )
+            except FileExistsError:
+                now += 0.000001
+                continue
+            except FileNotFoundError:
+                self.ensure()
+                continue
+            except OSError as exc:
+                raise _io_error("create a queue file", exc) from None
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return NewMessage(self, qid, fd)
+        raise TempFailure("cannot allocate a queue id")
+
+    def write_envelope(self, env: Envelope, sync_dir: bool = True) -> None:
+        """Replace QID.e atomically: temp file, fsync, rename, directory fsync."""
+        tmp = self._path(env.qid, ".t")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                data = env.dumps()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._path(env.qid, ".e"))
+            if sync_dir:
+                _fsync_dir(self.queue)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _io_error(f"write envelope {env.qid}", exc) from None
+
+    # -- reading --------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Queue ids of committed messages, oldest first."""
+        try:
+            names = os.listdir(self.queue)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _io_error("read the queue directory", exc) from None
+        return sorted(n[:-2] for n in names if n.endswith(".e"))
+
+    def read_envelope(self, qid: str) -> Envelope:
+        try:
+            with open(self._path(qid, ".e"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise DamagedQueueFile(f"{qid}: cannot read envelope: {exc.strerror}") from None
+        env = Envelope.loads(raw, qid)
+        if not os.path.exists(self._path(qid, ".d")):
+            raise DamagedQueueFile(f"{qid}: envelope without data file")
+        return env
+
+    def data_path(self, qid: str) -> str:
+        return self._path(qid, ".d")
+
+    def data_size(self, qid: str) -> int:
+        try:
+            return os.stat(self._path(qid, ".d")).st_size
+        except OSError:
+            return 0
+
+    def is_locked(self, qid: str) -> bool:
+        """True while a runner (or the submitting process) holds the message."""
+        try:
+            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- claiming for delivery ------------------------------------------------
+
+    def claim(self, qid: str) -> Claim | None:
+        """Lock a message for delivery, or None if another process holds it or it is gone.
+
+        The envelope is read only after the lock is held: a record read before
+        could already have been replaced by the previous holder.
+        """
+        try:
+            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if os.path.exists(self._path(qid, ".e")):
+                raise DamagedQueueFile(f"{qid}: envelope without data file") from None
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            env = self.read_envelope(qid)
+        except FileNotFoundError:
+            os.close(fd)  # delivered and removed by the previous holder
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return Claim(self, env, fd)
+
+    def adopt(self, qid: str, fd: int) -> Claim:
+        """Turn a lock already held (the submitter's, across fork) into a claim."""
+        return Claim(self, self.read_envelope(qid), fd)
+
+    # -- damage and debris ----------------------------------------------------
+
+    def quarantine(self, qid: str) -> None:
+        """Move a message's files out of the queue so the rest keeps flowing."""
+        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for ext in (".e", ".d"):
+            src = self._path(qid, ext)
+            try:
+                os.rename(src, os.path.join(self.quarantine_dir, f"{qid}{ext}.{stamp}"))
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.queue)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove debris of crashed writers; returns what was removed."""
+        now = time.time() if now is None else now
+        removed = []
+        try:
+            entries = list(os.scandir(self.queue))
+        except FileNotFoundError:
+            return []
+        committed = {e.name[:-2] for e in entries if e.name.endswith(".e")}
+        for entry in entries:
+            name = entry.name
+            qid, ext = name[:-2], name[-2:]
+            if ext not in (".d", ".t") or (ext == ".d" and qid in committed):
+                continue
+            try:
+                if now - entry.stat().st_mtime < STALE_SECONDS:
+                    continue
+            except FileNotFoundError:
+                continue
+            if ext == ".d":
+                claim_fd = self._lock_orphan(qid)
+                if claim_fd is None:
+                    continue
+                os.close(claim_fd)
+            try:
+                os.unlink(entry.path)
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _lock_orphan(self, qid: str) -> int | None:
+        try:
+            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if os.path.exists(self._path(qid, ".e")):
+            os.close(fd)
+            return None
+        return fd
+
+    def iter_envelopes(self) -> Iterator[tuple[str, Envelope | None, str]]:
+        """(qid, envelope or None, problem) for listing; never raises for one bad file."""
+        for qid in self.ids():
+            try:
+                yield qid, self.read_envelope(qid), ""
+            except FileNotFoundError:
+                continue
+            except DamagedQueueFile as exc:
+                yield qid, None, exc.message
+
+
+class NewMessage:
+    """A message being written; invisible until commit()."""
+
+    def __init__(self, spool: Spool, qid: str, fd: int) -> None:
+        self.spool = spool
+        self.qid = qid
+        self.fd = fd
+        self.size = 0
+        self.done = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise _io_error("write the message to the queue", exc) from None
+        self.size += len(data)
+
+    def commit(self, env: Envelope) -> None:
+        """The commit point. The data file stays locked (self.fd) until release()."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.abort()
+            raise _io_error("sync the message to disk", exc) from None
+        try:
+            self.spool.write_envelope(env)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        """Forget a message that was never committed."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            os.unlink(self.spool._path(self.qid, ".d"))
+        except OSError:
+            pass
+        self.release()
+
+    def __enter__(self) -> NewMessage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.abort()
+
+
+class Claim:
+    """A message locked by this process for delivery."""
+
+    def __init__(self, spool: Spool, env: Envelope, fd: int) -> None:
+        self.spool = spool
+        self.envelope = env
+        self.fd = fd
+
+    @property
+    def qid(self) -> str:
+        return self.envelope.qid
+
+    def open_data(self) -> BinaryIO:
+        return open(self.spool.data_path(self.qid), "rb")  # noqa: SIM115
+
+    def record(self) -> None:
+        """Make the envelope's new state durable (atomic replace)."""
+        self.spool.write_envelope(self.envelope)
+
+    def finish(self) -> None:
+        """Remove a message whose every recipient is final.
+
+        The envelope goes first (and that removal is synced) so that a crash
+        can never bring the message back for another delivery.
+        """
+        try:
+            os.unlink(self.spool._path(self.qid, ".e"))
+            _fsync_dir(self.spool.queue)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _io_error(f"remove delivered message {self.qid}", exc) from None
+        try:
+            os.unlink(self.spool._path(self.qid, ".d"))
+        except OSError:
+            pass  # debris; sweep() removes it later
+        self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

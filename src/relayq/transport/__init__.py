@@ -1,0 +1,1 @@
+"""relayq.transport"""
