@@ -1,0 +1,36 @@
+# relayq: `make demo` shows it working, `make test` proves it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TEST_PACKAGES := s-nail git-email php-cli
+
+.PHONY: demo test venv test-deps lint clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	@bash scripts/demo.sh
+
+test-deps:
+	@scripts/apt-install.sh $(TEST_PACKAGES)
+
+test: venv test-deps
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+	$(BIN)/pytest -n 2 -q
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info

@@ -1,0 +1,471 @@
+"""The `sendmail` command: sendmail 8.12+ flags as programs really pass them.
+
+Flags are parsed by hand with getopt's rules (clustering `-oi`, `-odq`,
+attached or separate arguments `-fuser@x` / `-f user@x`, `--`), because
+sendmail's syntax fits neither argparse nor getopt, and because this module
+runs once per message: it imports only what committing a message needs.
+Delivery code (sockets, TLS, DNS) is imported only after the commit point.
+
+Flags that name files or change privileges (`-X`, `-D`, `-oQ`, `-O
+QueueDirectory=`, ...) are refused with EX_NOPERM: they have been the way in
+for attacks through programs that pass user input to sendmail
+(CVE-2016-10033). Harmless flags we do not implement are accepted and logged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from relayq.cli._exit import run
+from relayq.errors import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, PermissionRefused, RelayqError, \
+    UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from relayq.config import Config
+    from relayq.log import Log
+
+WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
+FLAGS = set("cGIimnsTtUv")
+
+# sendmail's one-letter -o options and their long names
+SHORT_OPTIONS = {
+    "A": "AliasFile", "a": "AliasWait", "B": "BlankSub", "b": "MinFreeBlocks",
+    "C": "CheckpointInterval", "c": "HoldExpensive", "D": "AutoRebuildAliases",
+    "d": "DeliveryMode", "E": "ErrorHeader", "e": "ErrorMode", "F": "TempFileMode",
+    "f": "SaveFromLine", "G": "MatchGECOS", "H": "HelpFile", "h": "MaxHopCount",
+    "i": "IgnoreDots", "j": "SendMimeErrors", "K": "ConnectionCacheTimeout",
+    "k": "ConnectionCacheSize", "L": "LogLevel", "l": "UseErrorsTo", "m": "MeToo",
+    "n": "CheckAliases", "O": "DaemonPortOptions", "o": "OldStyleHeaders",
+    "P": "PostmasterCopy", "p": "PrivacyOptions", "Q": "QueueDirectory", "q": "QueueFactor",
+    "R": "DontPruneRoutes", "r": "Timeout", "S": "StatusFile", "s": "SuperSafe",
+    "T": "QueueTimeout", "t": "TimeZoneSpec", "U": "UserDatabaseSpec", "u": "DefaultUser",
+    "V": "FallbackMXhost", "v": "Verbose", "w": "TryNullMXList", "X": "RefuseLA",
+    "x": "QueueLA", "Y": "ForkEachJob", "y": "RecipientFactor", "Z": "RetryFactor",
+    "z": "ClassFactor", "7": "SevenBitInput", "8": "EightBitMode",
+}
+# options that name files, directories or users: an attacker's tools, refused
+DANGEROUS = {
+    "aliasfile", "errorheader", "tempfilemode", "helpfile", "queuedirectory", "statusfile",
+    "defaultuser", "userdatabasespec", "daemonportoptions", "forwardpath", "runasuser",
+    "trusteduser", "safefileenvironment", "dontblamesendmail", "controlsocketname",
+    "hoststatusdirectory", "pidfile", "deadletterdrop", "queuefilemode", "serviceswitchfile",
+    "hostsfile", "cacertfile", "cacertpath", "servercertfile", "serverkeyfile",
+    "clientcertfile", "clientkeyfile", "crlfile", "dhparameters", "randfile",
+    "defaultauthinfo", "mailboxdatabase", "milter", "inputmailfilters",
+}
+DELIVERY = {"i": "i", "interactive": "i", "b": "b", "background": "b", "q": "q",
+            "queue": "q", "queueonly": "q", "d": "d", "deferred": "d"}
+ERROR_MODES = set("pqmwe")
+
+
+class Args:
+    """Parsed sendmail command line."""
+
+    def __init__(self) -> None:
+        self.mode = "m"  # -b: m deliver, p print queue, s smtp, d daemon, i aliases, v verify
+        self.queue_run = False
+        self.queue_interval = ""
+        self.selectors: list[str] = []
+        self.sender: str | None = None
+        self.full_name: str | None = None
+        self.extract = False
+        self.ignore_dots = False
+        self.delivery: str | None = None
+        self.error_mode = "p"
+        self.verbose = False
+        self.tag = "relayq"
+        self.config: str | None = None
+        self.notify = ""
+        self.ret = ""
+        self.envid = ""
+        self.body = ""
+        self.hops: int | None = None
+        self.recipients: list[str] = []
+        self.ignored: list[str] = []
+        self.queue_group = "c"
+
+
+def _long_option(args: Args, name: str, value: str, shown: str) -> None:
+    key = name.strip().lower()
+    if key in DANGEROUS:
+        raise PermissionRefused(f"{shown}: option {name} is not allowed")
+    if key == "deliverymode":
+        mode = DELIVERY.get(value.strip().lower())
+        if mode is None:
+            raise UsageError(f"{shown}: unknown delivery mode {value!r}")
+        args.delivery = mode
+    elif key == "errormode":
+        if not value or value[0] not in ERROR_MODES:
+            raise UsageError(f"{shown}: unknown error mode {value!r}")
+        args.error_mode = value[0]
+    elif key == "ignoredots":
+        args.ignore_dots = value.strip().lower() not in ("false", "f", "no", "n", "0")
+    elif key == "verbose":
+        args.verbose = value.strip().lower() not in ("false", "f", "no", "n", "0")
+    else:
+        args.ignored.append(shown)
+
+
+def _short_option(args: Args, value: str, shown: str) -> None:
+    if not value:
+        raise UsageError("option requires an argument -- 'o'")
+    letter, rest = value[0], value[1:]
+    name = SHORT_OPTIONS.get(letter)
+    if name is None:
+        args.ignored.append(shown)
+        return
+    if letter == "d":
+        if rest and rest[0] not in DELIVERY:
+            raise UsageError(f"{shown}: unknown delivery mode {rest!r}")
+        args.delivery = DELIVERY[rest[0]] if rest else "i"
+    else:
+        _long_option(args, name, rest.lstrip("="), shown)
+
+
+def parse(argv: list[str]) -> Args:
+    """argv (without the program name) -> Args; raises UsageError / PermissionRefused."""
+    args = Args()
+    positional: list[str] = []
+    seen_sender = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positional.extend(argv[i:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)  # glibc getopt permutes: options may follow
+            continue
+        j = 1
+        while j < len(arg):
+            opt = arg[j]
+            j += 1
+            if opt in FLAGS:
+                if opt == "t":
+                    args.extract = True
+                elif opt == "i":
+                    args.ignore_dots = True
+                elif opt == "v":
+                    args.verbose = True
+                elif opt == "I":
+                    args.mode = "i"
+                else:
+                    args.ignored.append(f"-{opt}")
+                continue
+            if opt not in WITH_ARG:
+                raise UsageError(f"illegal option -- {opt}")
+            value = arg[j:]
+            j = len(arg)
+            if not value and opt not in "qd":
+                if i >= len(argv):
+                    raise UsageError(f"option requires an argument -- {opt}")
+                value = argv[i]
+                i += 1
+            shown = f"-{opt}{value}"
+            if opt in "fr":
+                if seen_sender:
+                    raise UsageError('More than one "from" person')
+                seen_sender = True
+                args.sender = value
+            elif opt == "F":
+                args.full_name = value
+            elif opt == "b":
+                if value[:1] not in set("mpsdDivthHP") or len(value) != 1:
+                    raise UsageError(f"Invalid operation mode {value}")
+                args.mode = "d" if value == "D" else value
+            elif opt == "q":
+                _queue_option(args, value)
+            elif opt == "A":
+                if value not in ("c", "m"):
+                    raise UsageError(f"Invalid -A argument {value!r}: use -Ac or -Am")
+                args.queue_group = value
+            elif opt == "B":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise UsageError(f"Invalid -B value {value!r}: use 7BIT or 8BITMIME")
+                args.body = value.upper()
+            elif opt == "C":
+                args.config = value
+            elif opt == "h":
+                if not value.isdigit():
+                    raise UsageError(f"Bad hop count ({value})")
+                args.hops = int(value)
+            elif opt == "L":
+                if not value or len(value) > 64 or not all(
+                    c.isalnum() or c in "-_.@" for c in value
+                ):
+                    raise UsageError(f"Invalid syslog tag {value!r}")
+                args.tag = value
+            elif opt == "N":
+                args.notify = _notify(value)
+            elif opt == "R":
+                if value.lower() not in ("full", "hdrs"):
+                    raise UsageError(f"Invalid -R value {value!r}: use full or hdrs")
+                args.ret = value.upper()
+            elif opt == "V":
+                if not value or len(value) > 100 or not all(33 <= ord(c) <= 126 for c in value):
+                    raise UsageError(f"Invalid original envelope id {value!r}")
+                args.envid = value
+            elif opt == "o":
+                _short_option(args, value, shown)
+            elif opt == "O":
+                name, _, val = value.partition("=")
+                _long_option(args, name, val, shown)
+            elif opt == "e":
+                _short_option(args, "e" + value, shown)
+            elif opt in "XD":
+                raise PermissionRefused(f"-{opt}: writing to a file named by the caller is not "
+                                        "allowed")
+            else:  # -d debug, -M macro, -p protocol, -Q quarantine: harmless here
+                args.ignored.append(shown)
+    args.recipients = positional
+    return args
+
+
+def _queue_option(args: Args, value: str) -> None:
+    args.queue_run = True
+    if not value or value in ("f", "p"):
+        return
+    if value[0] in "IRS" or value[0] == "!":
+        args.selectors.append(value)
+    elif value[0].isdigit():
+        args.queue_interval = value
+    elif value[0] == "p":
+        args.queue_interval = value[1:] or "0"
+    elif value[0] in "GQL":
+        args.ignored.append(f"-q{value}")
+    else:
+        raise UsageError(f"Invalid -q value -q{value}")
+
+
+def _notify(value: str) -> str:
+    words = [w.strip().upper() for w in value.split(",")]
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or any(w not in ("SUCCESS", "FAILURE", "DELAY") for w in words):
+        raise UsageError(f"Invalid -N argument {value!r}")
+    return ",".join(dict.fromkeys(words))
+
+
+def _stdin_chunks() -> Iterator[bytes]:
+    fd = sys.stdin.fileno() if sys.stdin is not None else 0
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise RelayqError(f"cannot read the message: {exc.strerror}", 74) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def _user() -> tuple[str, int, str]:
+    """(login name, uid, full name from GECOS), sendmail's username() rules."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        pw = pwd.getpwuid(uid)
+        name, gecos = pw.pw_name, pw.pw_gecos
+    except KeyError:
+        return str(uid), uid, ""
+    if uid == 0:
+        try:
+            login = os.getlogin()
+            name, gecos = login, pwd.getpwnam(login).pw_gecos
+        except (OSError, KeyError):
+            pass
+    full = gecos.split(",", 1)[0].replace("&", name.capitalize()).strip()
+    return name, uid, full
+
+
+def _open(args: Args) -> tuple[Config, Log]:
+    from relayq import config
+    from relayq.log import Log
+
+    if args.config is not None:
+        if os.geteuid() != os.getuid() or os.getegid() != os.getgid():
+            raise PermissionRefused("-C is not allowed in a set-id program")
+        cfg = config.load(args.config, explicit=True)
+    else:
+        cfg = config.load()
+    log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
+    for flag in args.ignored:
+        log.info(f"ignored flag {flag} (accepted for compatibility)")
+    return cfg, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: _main(sys.argv[1:] if argv is None else argv), "sendmail")
+
+
+def _main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.mode == "p":
+        from relayq.cli import mailq
+
+        extra = [f"-q{s}" for s in args.selectors] + (["-v"] if args.verbose else [])
+        return mailq.main(extra + (["-C", args.config] if args.config else []))
+    if args.mode == "i":
+        return EX_OK  # no alias database in a null client; accepted like newaliases
+    if args.mode in "sd" or args.queue_interval:
+        what = {"s": "-bs (SMTP on stdin)", "d": "-bd (SMTP daemon)"}.get(
+            args.mode, f"-q{args.queue_interval} (queue-run daemon)")
+        raise RelayqError(f"{what} is not supported by this relayq version", EX_UNAVAILABLE)
+    if args.mode in "thHP":
+        raise UsageError(f"-b{args.mode} is not supported")
+    cfg, log = _open(args)
+    if args.queue_run:
+        return queue_run(cfg, log, args)
+    if args.mode == "v":
+        return verify(cfg, args)
+    return submit(cfg, log, args)
+
+
+def verify(cfg: Config, args: Args) -> int:
+    from relayq import address
+
+    if not args.recipients:
+        raise UsageError("Recipient names must be specified")
+    host = cfg.smarthost[0]
+    for arg in args.recipients:
+        for rcpt in address.parse_recipient_args(arg):
+            print(f"{rcpt}... deliverable: mailer relay, host {host}, user {rcpt}")
+    return EX_OK
+
+
+def _verbose_printer(args: Args) -> object:
+    if not args.verbose:
+        return None
+
+    def show(line: str) -> None:
+        print(line, flush=True)
+
+    return show
+
+
+def queue_run(cfg: Config, log: Log, args: Args) -> int:
+    from relayq import selector
+    from relayq.runner import Runner
+    from relayq.spool import Spool
+    from relayq.submit import Context
+
+    sels = [selector.parse(s) for s in args.selectors]
+    spool = Spool(cfg.queue_dir)
+    runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))  # type: ignore[arg-type]
+    try:
+        left = runner.run(force=True, selectors=sels)
+    finally:
+        runner.close()
+    return EX_TEMPFAIL if left else EX_OK
+
+
+def submit(cfg: Config, log: Log, args: Args) -> int:
+    from relayq.spool import Spool
+    from relayq.submit import Context, Request, enqueue
+
+    user, uid, gecos = _user()
+    req = Request(user=user, uid=uid)
+    req.sender = args.sender
+    req.full_name = args.full_name if args.full_name is not None else (
+        os.environ.get("NAME") or gecos)
+    req.extract = args.extract
+    req.ignore_dots = args.ignore_dots
+    req.recipients = args.recipients
+    req.notify, req.ret, req.envid, req.body, req.hops = (
+        args.notify, args.ret, args.envid, args.body, args.hops)
+    if not args.recipients and not args.extract:
+        raise UsageError("Recipient names must be specified")
+    spool = Spool(cfg.queue_dir)
+    spool.ensure()
+    ctx = Context(cfg)
+    msg, env = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
+    mode = args.delivery or cfg.delivery_mode
+    if mode in "qd":
+        msg.release()
+        return EX_OK
+    if mode == "b":
+        _background(cfg, log, ctx, spool, msg.qid, msg.fd)
+        msg.fd = -1
+        return EX_OK
+    return _interactive(cfg, log, ctx, spool, msg, args)
+
+
+def _background(cfg: Config, log: Log, ctx: object, spool: object, qid: str, fd: int) -> None:
+    """Deliver in a detached child that inherits the message's lock."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log.warning(f"{qid}: cannot fork for background delivery ({exc.strerror}); queued")
+        os.close(fd)
+        return
+    if pid:
+        os.close(fd)  # the child's copy keeps the flock
+        return
+    code = 0
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        if os.fork():  # never become a zombie of a caller that does not wait
+            os._exit(0)
+        from relayq.runner import Runner
+
+        runner = Runner(cfg, spool, log, ctx)  # type: ignore[arg-type]
+        try:
+            claim = spool.adopt(qid, fd)  # type: ignore[attr-defined]
+            runner.deliver(claim)
+            claim.release()
+            runner.run(force=True, selectors=None) if runner.bounces else None
+        finally:
+            runner.close()
+    except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the caller
+        try:
+            log.error(f"{qid}: background delivery failed: {type(exc).__name__}: {exc}")
+        except BaseException:  # noqa: BLE001
+            pass
+        code = 1
+    os._exit(code)
+
+
+def _interactive(cfg: Config, log: Log, ctx: object, spool: object, msg: object,
+                 args: Args) -> int:
+    from relayq import policy
+    from relayq.runner import Runner
+
+    runner = Runner(cfg, spool, log, ctx, verbose=_verbose_printer(args))  # type: ignore[arg-type]
+    try:
+        claim = spool.adopt(msg.qid, msg.fd)  # type: ignore[attr-defined]
+        msg.fd = -1  # type: ignore[attr-defined]
+        try:
+            codes = runner.deliver(claim)
+            failed = [r for r in claim.envelope.recipients if r.state == "failed"]
+        finally:
+            claim.release()
+        for qid in list(runner.bounces):
+            bounce = spool.claim(qid)  # type: ignore[attr-defined]
+            if bounce is not None:
+                try:
+                    runner.deliver(bounce)
+                finally:
+                    bounce.release()
+    finally:
+        runner.close()
+    status = policy.interactive_status(codes)
+    if status and args.error_mode in "pmw":
+        for r in failed:
+            print(f"sendmail: {r.address}... {r.reply}", file=sys.stderr)
+    if args.error_mode == "e":
+        return EX_OK
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""This host's names, found without DNS.
+
+Sendmail stalls for a minute when the host name is unqualified and DNS is
+slow; we never ask DNS on the submission path. Order: the `domain` setting,
+Debian's /etc/mailname, a dotted alias of the host name in /etc/hosts, the
+kernel's node name.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _from_file(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            line = f.readline().strip()
+    except OSError:
+        return ""
+    return line if line and all(c.isalnum() or c in "-._" for c in line) else ""
+
+
+def _from_hosts(short: str, path: str = "/etc/hosts") -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                names = line.split("#", 1)[0].split()[1:]
+                if short in names or any(n.split(".", 1)[0] == short for n in names):
+                    for name in names:
+                        if "." in name and name.split(".", 1)[0] == short:
+                            return name
+    except OSError:
+        pass
+    return ""
+
+
+def fqdn() -> str:
+    node = os.uname().nodename
+    if "." in node:
+        return node
+    return _from_hosts(node) or node
+
+
+def mail_domain(configured: str = "") -> str:
+    return configured or _from_file("/etc/mailname") or fqdn()
+
+
+def local_domains(domain: str) -> frozenset[str]:
+    node = os.uname().nodename
+    names = {domain, node, node.split(".", 1)[0], fqdn(), "localhost", "localhost.localdomain"}
+    return frozenset(n.lower() for n in names if n)

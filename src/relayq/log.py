@@ -1,0 +1,72 @@
+"""Sendmail-style log lines to syslog (facility mail) and, optionally, a file.
+
+One line per event, `QID: from=<...>, size=N, ...`, so that existing log
+parsers keep working. The syslog tag comes from `-L` (default `relayq`).
+Secrets never reach this module: callers pass finished lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+INFO, NOTICE, WARNING, ERR = 6, 5, 4, 3
+
+
+class Log:
+    def __init__(self, tag: str = "relayq", *, use_syslog: bool = True, path: str = "",
+                 echo: bool = False) -> None:
+        self.tag = tag
+        self.use_syslog = use_syslog
+        self.path = path
+        self.echo = echo  # also print to stderr (daemons in the foreground, -v)
+        self._opened = False
+
+    def _syslog(self, level: int, line: str) -> None:
+        import syslog
+
+        if not self._opened:
+            syslog.openlog(self.tag, syslog.LOG_PID, syslog.LOG_MAIL)
+            self._opened = True
+        syslog.syslog(level, line)
+
+    def emit(self, level: int, line: str) -> None:
+        line = "".join(c if c >= " " or c == "\t" else "?" for c in line)
+        if self.use_syslog:
+            try:
+                self._syslog(level, line)
+            except OSError:
+                pass
+        if self.path:
+            stamp = time.strftime("%b %d %H:%M:%S")
+            host = os.uname().nodename
+            try:
+                with open(self.path, "a", encoding="utf-8", errors="replace") as f:
+                    f.write(f"{stamp} {host} {self.tag}[{os.getpid()}]: {line}\n")
+            except OSError:
+                pass
+        if self.echo:
+            print(f"{self.tag}: {line}", file=sys.stderr, flush=True)
+
+    def info(self, line: str) -> None:
+        self.emit(INFO, line)
+
+    def notice(self, line: str) -> None:
+        self.emit(NOTICE, line)
+
+    def warning(self, line: str) -> None:
+        self.emit(WARNING, line)
+
+    def error(self, line: str) -> None:
+        self.emit(ERR, line)
+
+
+def delay(seconds: float) -> str:
+    """sendmail's delay= format: [D+]HH:MM:SS."""
+    seconds = max(0, int(seconds))
+    days, seconds = divmod(seconds, 86400)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    text = f"{h:02d}:{m:02d}:{s:02d}"
+    return f"{days}+{text}" if days else text

@@ -1,0 +1,257 @@
+"""Queue runs: pick what is due, claim it, deliver it, record every recipient.
+
+Every way out (a `-q` run, the background child of a submission, an
+interactive submission, the daemon) goes through Runner.deliver(), so the
+rules live in one place: a recipient accepted once is never sent again; a
+permanent failure produces one RFC 3464 bounce (never for a bounce); mail
+still queued after max_queue_age bounces with the last reason.
+
+Trade-off: the only window for a duplicate is a crash between the relay's
+final 250 and the envelope rewrite that records it (one fsync), as in
+sendmail and Postfix.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from relayq import dsn, policy, selector
+from relayq.envelope import FAILED, PENDING, SENT, Envelope, NewerFormat, Recipient
+from relayq.errors import DamagedQueueFile
+from relayq.log import delay
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import BinaryIO
+
+    from relayq.config import Config
+    from relayq.log import Log
+    from relayq.spool import Claim, Spool
+    from relayq.submit import Context
+    from relayq.transport.smtp import SmtpTransport
+
+
+def _chunks(f: BinaryIO, size: int = 1 << 16) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk
+
+
+class Runner:
+    def __init__(
+        self,
+        cfg: Config,
+        spool: Spool,
+        log: Log,
+        ctx: Context,
+        *,
+        verbose: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.log = log
+        self.ctx = ctx
+        self.verbose = verbose
+        self._transport: SmtpTransport | None = None
+        self.bounces: list[str] = []
+
+    def transport(self) -> SmtpTransport:
+        if self._transport is None:
+            from relayq.transport.smtp import SmtpTransport
+
+            self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info)
+        return self._transport
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- one message ----------------------------------------------------------
+
+    def deliver(self, claim: Claim) -> list[str]:
+        """Try every pending recipient once; returns the DSN codes of new failures."""
+        env = claim.envelope
+        now = time.time()
+        pending = env.pending()
+        newly_failed: list[Recipient] = []
+        if pending and policy.expired(env.created, now, self.cfg.max_queue_age):
+            days = self.cfg.max_queue_age / 86400
+            for r in pending:
+                reason = r.reply or env.error or "no delivery attempt succeeded"
+                r.state = FAILED
+                r.reply = f"4.4.7 Message could not be delivered for {days:g} days: {reason}"
+                newly_failed.append(r)
+                self.log.info(
+                    f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
+                    f"mailer=relay, dsn=4.4.7, stat=Expired: {reason}"
+                )
+        elif pending:
+            newly_failed = self._attempt(claim, pending, now)
+        codes = [_code(r.reply) for r in newly_failed]
+        if newly_failed:
+            self._bounce(claim, newly_failed, now)
+        if env.pending():
+            claim.record()
+        else:
+            claim.finish()
+        return codes
+
+    def _attempt(self, claim: Claim, pending: list[Recipient], now: float) -> list[Recipient]:
+        from relayq.transport.smtp import OutgoingMessage
+
+        env = claim.envelope
+        start = time.time()
+        if self.verbose:
+            for r in pending:
+                self.verbose(f"{r.address}... Connecting via relay...")
+        with claim.open_data() as data:
+            msg = OutgoingMessage(
+                qid=env.qid,
+                sender=env.sender,
+                recipients=[(r.address, r.notify, r.orcpt) for r in pending],
+                data=data,
+                size=os.fstat(data.fileno()).st_size,
+                body=env.body,
+                smtputf8=env.smtputf8,
+                envid=env.envid,
+                ret=env.ret,
+            )
+            result = self.transport().deliver(msg)
+        failed: list[Recipient] = []
+        first_deferral = ""
+        for r, out in zip(pending, result.outcomes, strict=True):
+            relay = f", relay={result.relay}" if result.relay else ""
+            head = (
+                f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
+                f"xdelay={delay(time.time() - start)}, mailer=relay{relay}, dsn={out.dsn_code}"
+            )
+            r.reply = out.reply
+            if out.status == "sent":
+                r.state = SENT
+                self.log.info(f"{head}, stat=Sent ({_text(out.reply)})")
+                if self.verbose:
+                    self.verbose(f"{r.address}... Sent ({_text(out.reply)})")
+            elif out.status == "failed":
+                r.state = FAILED
+                failed.append(r)
+                self.log.info(f"{head}, stat={out.reply}")
+                if self.verbose:
+                    self.verbose(f"{r.address}... {out.reply}")
+            else:
+                first_deferral = first_deferral or out.reply
+                self.log.info(f"{head}, stat=Deferred: {out.reply}")
+                if self.verbose:
+                    self.verbose(f"{r.address}... Deferred: {out.reply}")
+        env.attempts += 1
+        env.last_try = now
+        if any(r.state == PENDING for r in env.recipients):
+            env.next_try = now + policy.next_delay(
+                env.attempts, self.cfg.retry_min, self.cfg.retry_max
+            )
+            env.error = "Deferred: " + (result.error or first_deferral)
+        return failed
+
+    def _bounce(self, claim: Claim, failed: list[Recipient], now: float) -> None:
+        env = claim.envelope
+        if not dsn.should_bounce(env):
+            what = "a bounce" if env.is_dsn else "the null sender"
+            self.log.notice(f"{env.qid}: no DSN for {what}: discarded (a bounce never bounces)")
+            return
+        failed = [r for r in failed if dsn.wanted(r, "failed")]
+        if not failed:
+            return
+        msg = self.spool.create()
+        try:
+            with claim.open_data() as data:
+                for chunk in dsn.build(
+                    env=env,
+                    failed=failed,
+                    delayed=[],
+                    reporting_mta=self.ctx.fqdn,
+                    postmaster_domain=self.ctx.domain,
+                    original=_chunks(data),
+                    original_size=env.size,
+                    now=now,
+                    tz_offset=-time.timezone,
+                    boundary=f"{msg.qid}.{int(now)}/{self.ctx.fqdn}",
+                ):
+                    msg.write(chunk)
+            bounce = Envelope(msg.qid, "", [Recipient(env.sender)], now)
+            bounce.is_dsn = True
+            bounce.size = msg.size
+            bounce.body = "8BITMIME" if env.body == "8BITMIME" else ""
+            bounce.smtputf8 = env.smtputf8
+            bounce.user = "MAILER-DAEMON"
+            msg.commit(bounce)
+        except BaseException:
+            msg.abort()
+            raise
+        msg.release()
+        self.bounces.append(msg.qid)
+        self.log.info(f"{msg.qid}: {env.qid}: DSN: {_text(failed[0].reply)}")
+        self.log.info(
+            f"{msg.qid}: from=<>, size={bounce.size}, class=0, nrcpts=1, relay=MAILER-DAEMON"
+        )
+
+    # -- a queue run ----------------------------------------------------------
+
+    def run(self, *, force: bool, selectors: list[selector.Selector] | None = None) -> int:
+        """Deliver what is due (everything when force); returns how many messages remain."""
+        try:
+            self.spool.sweep()
+        except OSError as exc:
+            self.log.warning(f"queue sweep failed: {exc}")
+        ids = self.spool.ids()
+        total = len(ids)
+        left = 0
+        for n, qid in enumerate(ids, 1):
+            if self.verbose:
+                self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {total})")
+            left += self._one(qid, force, selectors or [])
+        done_bounces: set[str] = set()
+        while pending_bounces := [q for q in self.bounces if q not in done_bounces]:
+            for qid in pending_bounces:
+                done_bounces.add(qid)
+                left += self._one(qid, True, [])
+        return left
+
+    def _one(self, qid: str, force: bool, selectors: list[selector.Selector]) -> int:
+        try:
+            claim = self.spool.claim(qid)
+        except NewerFormat as exc:
+            self.log.warning(f"{exc.message}; left alone")
+            return 1
+        except DamagedQueueFile as exc:
+            self.spool.quarantine(qid)
+            self.log.error(f"{exc.message}; moved to {self.spool.quarantine_dir}")
+            return 0
+        if claim is None:
+            return 1 if os.path.exists(self.spool.data_path(qid)) else 0
+        try:
+            env = claim.envelope
+            if selectors and not selector.matches(
+                selectors, qid, env.sender, [r.address for r in env.pending()]
+            ):
+                return 1
+            if not force and env.next_try > time.time():
+                return 1
+            self.deliver(claim)
+            return 1 if env.pending() else 0
+        finally:
+            claim.release()
+
+
+def _code(reply: str) -> str:
+    return dsn.status_code(reply)
+
+
+def _text(reply: str) -> str:
+    """The reply without its numeric codes, as sendmail's stat=Sent (...) shows it."""
+    parts = reply.split(" ", 2)
+    if len(parts) == 3 and parts[0].isdigit() and parts[1][:1].isdigit() and "." in parts[1]:
+        return parts[2]
+    if len(parts) >= 2 and parts[0].isdigit():
+        return reply.split(" ", 1)[1]
+    return reply

@@ -1,0 +1,189 @@
+"""enqueue(): the single funnel through which every new message enters the queue.
+
+Reads the message stream, fixes its header (relayq.headers), streams the body
+to the spool in chunks (memory stays flat for any size), and commits. On
+return the message is durable and still locked by the caller, who may hand
+the lock to a delivering child or deliver it in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from relayq import address, headers, hostname
+from relayq.envelope import Envelope, Recipient
+from relayq.errors import DataError, UsageError
+from relayq.lines import Normalizer
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from relayq.config import Config
+    from relayq.log import Log
+    from relayq.spool import NewMessage, Spool
+
+MAX_HEADER = 1 << 20
+MAX_HOPS = 25
+
+
+class Request:
+    """What the caller asked for; filled from argv (sendmail) or SMTP (listener)."""
+
+    __slots__ = (
+        "body",
+        "envid",
+        "extract",
+        "full_name",
+        "hops",
+        "ignore_dots",
+        "notify",
+        "recipients",
+        "ret",
+        "sender",
+        "uid",
+        "user",
+    )
+
+    def __init__(self, *, user: str, uid: int) -> None:
+        self.user = user
+        self.uid = uid
+        self.sender: str | None = None  # None: the submitting user; "": null sender
+        self.full_name = ""
+        self.extract = False
+        self.ignore_dots = False
+        self.recipients: list[str] = []  # argv arguments, each maybe a list
+        self.notify = ""
+        self.ret = ""
+        self.envid = ""
+        self.body = ""
+        self.hops: int | None = None
+
+
+class Context:
+    """Names computed once per process: domain, local domains, masquerading."""
+
+    __slots__ = ("domain", "fqdn", "local", "masquerade")
+
+    def __init__(self, cfg: Config) -> None:
+        self.domain = hostname.mail_domain(cfg.domain)
+        self.fqdn = hostname.fqdn()
+        self.local = hostname.local_domains(self.domain)
+        self.masquerade = cfg.masquerade_as
+
+    def envelope_sender(self, addr: str) -> str:
+        """Qualify a local sender, then masquerade it (seed: submit.cf masquerading)."""
+        if not addr:
+            return ""
+        local, domain = address.split(addr)
+        if self.masquerade and (not domain or domain.lower() in self.local):
+            return f"{local}@{self.masquerade}"
+        return address.qualify(addr, self.domain)
+
+
+def _read_header(norm: Normalizer, source: Iterable[bytes]) -> tuple[bytes, bool]:
+    """Collect normalized bytes until the header block must be complete."""
+    buf = bytearray()
+    for chunk in source:
+        buf += norm.feed(chunk)
+        if b"\n\n" in buf or buf.startswith(b"\n") or len(buf) >= MAX_HEADER or norm.ended:
+            return bytes(buf), False
+    buf += norm.finish()
+    return bytes(buf), True
+
+
+def enqueue(
+    cfg: Config,
+    spool: Spool,
+    req: Request,
+    source: Iterable[bytes],
+    log: Log,
+    ctx: Context | None = None,
+) -> tuple[NewMessage, Envelope]:
+    ctx = ctx or Context(cfg)
+    now = time.time()
+    argv_rcpts: list[str] = []
+    for arg in req.recipients:
+        argv_rcpts.extend(address.parse_recipient_args(arg))
+    if req.sender is None:
+        sender = ctx.envelope_sender(req.user)
+    else:
+        sender = ctx.envelope_sender(req.sender)
+    address.check_text(req.full_name, "full name")
+
+    source = iter(source)
+    norm = Normalizer(req.ignore_dots)
+    head, at_eof = _read_header(norm, source)
+    text = head.decode("utf-8", "surrogateescape")
+    fields, rest, complete = headers.parse_block(text)
+    if not complete and not at_eof and not norm.ended:
+        raise DataError("message header too long (over 1 MiB without an empty line)")
+
+    msg = spool.create()
+    try:
+        opts = headers.Options(
+            domain=ctx.domain,
+            masquerade_as=ctx.masquerade,
+            local_domains=ctx.local,
+            sender=sender,
+            full_name=req.full_name,
+            extract=req.extract,
+            qid=msg.qid,
+            user=req.user,
+            now=now,
+            tz_offset=-time.timezone if time.localtime(now).tm_isdst <= 0 else -time.altzone,
+            hostname=ctx.fqdn,
+        )
+        result = headers.rewrite(fields, opts, argv_rcpts)
+        if not result.recipients:
+            if req.extract:
+                raise UsageError("No recipient addresses found in header")
+            raise UsageError("Recipient names must be specified")
+        hops = req.hops if req.hops is not None else result.hops
+        if hops >= MAX_HOPS:
+            raise DataError(f"Too many hops {hops} (25 max): message refused (mail loop?)")
+
+        eight_bit = result.eight_bit_headers
+        msg.write(headers.serialize(result.fields))
+        body = rest.encode("utf-8", "surrogateescape")
+        if body:
+            eight_bit = eight_bit or not body.isascii()
+            msg.write(body)
+        if not at_eof:
+            for chunk in source:
+                out = norm.feed(chunk)
+                if out:
+                    eight_bit = eight_bit or not out.isascii()
+                    msg.write(out)
+            out = norm.finish()
+            if out:
+                eight_bit = eight_bit or not out.isascii()
+                msg.write(out)
+        if cfg.max_message_size and msg.size > cfg.max_message_size:
+            raise DataError(
+                f"Message is too large ({msg.size} bytes; the limit is {cfg.max_message_size})"
+            )
+
+        env = Envelope(
+            msg.qid,
+            sender,
+            [Recipient(r, notify=req.notify) for r in result.recipients],
+            now,
+        )
+        env.user, env.uid = req.user, req.uid
+        env.size = msg.size
+        env.msgid = result.msgid
+        env.envid, env.ret = req.envid, req.ret
+        env.smtputf8 = result.eight_bit_headers or any(
+            address.needs_smtputf8(a) for a in [sender, *result.recipients]
+        )
+        env.body = "8BITMIME" if eight_bit or req.body == "8BITMIME" else req.body
+        msg.commit(env)
+    except BaseException:
+        msg.abort()
+        raise
+    log.info(
+        f"{msg.qid}: from=<{sender}>, size={msg.size}, class=0, nrcpts={len(env.recipients)}, "
+        f"msgid={env.msgid}, relay={req.user}@localhost"
+    )
+    return msg, env
