@@ -210,11 +210,13 @@ class Runner:
             if self.verbose:
                 self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {total})")
             left += self._one(qid, force, selectors or [])
-        done_bounces: set[str] = set()
-        while pending_bounces := [q for q in self.bounces if q not in done_bounces]:
-            for qid in pending_bounces:
-                done_bounces.add(qid)
-                left += self._one(qid, True, [])
+        return left + self.deliver_bounces()
+
+    def deliver_bounces(self) -> int:
+        """Send the bounces this runner created, over the same connection."""
+        left = 0
+        while self.bounces:
+            left += self._one(self.bounces.pop(0), True, [])
         return left
 
     def _one(self, qid: str, force: bool, selectors: list[selector.Selector]) -> int:

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, BinaryIO
 
 from relayq.envelope import Envelope
-from relayq.errors import DamagedQueueFile, QueueError, TempFailure
+from relayq.errors import DamagedQueueFile, QueueError, RelayqError, TempFailure
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -61,7 +61,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _io_error(action: str, exc: OSError) -> QueueError:
+def _io_error(action: str, exc: OSError) -> RelayqError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return TempFailure(f"cannot {action}: no space left on the queue file system")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -67,7 +67,8 @@ class Context:
 
     def __init__(self, cfg: Config) -> None:
         self.domain = hostname.mail_domain(cfg.domain)
-        self.fqdn = hostname.fqdn()
+        name = hostname.fqdn()
+        self.fqdn = name if "." in name else self.domain  # for Received and Message-ID
         self.local = hostname.local_domains(self.domain)
         self.masquerade = cfg.masquerade_as
 

@@ -23,10 +23,12 @@ from relayq.errors import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, PermissionRefused,
     UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from relayq.config import Config
     from relayq.log import Log
+    from relayq.spool import NewMessage, Spool
+    from relayq.submit import Context
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
 FLAGS = set("cGIimnsTtUv")
@@ -340,7 +342,7 @@ def verify(cfg: Config, args: Args) -> int:
     return EX_OK
 
 
-def _verbose_printer(args: Args) -> object:
+def _verbose_printer(args: Args) -> Callable[[str], None] | None:
     if not args.verbose:
         return None
 
@@ -358,7 +360,7 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
 
     sels = [selector.parse(s) for s in args.selectors]
     spool = Spool(cfg.queue_dir)
-    runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))  # type: ignore[arg-type]
+    runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))
     try:
         left = runner.run(force=True, selectors=sels)
     finally:
@@ -397,7 +399,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
     return _interactive(cfg, log, ctx, spool, msg, args)
 
 
-def _background(cfg: Config, log: Log, ctx: object, spool: object, qid: str, fd: int) -> None:
+def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd: int) -> None:
     """Deliver in a detached child that inherits the message's lock."""
     try:
         pid = os.fork()
@@ -418,12 +420,12 @@ def _background(cfg: Config, log: Log, ctx: object, spool: object, qid: str, fd:
             os._exit(0)
         from relayq.runner import Runner
 
-        runner = Runner(cfg, spool, log, ctx)  # type: ignore[arg-type]
+        runner = Runner(cfg, spool, log, ctx)
         try:
-            claim = spool.adopt(qid, fd)  # type: ignore[attr-defined]
+            claim = spool.adopt(qid, fd)
             runner.deliver(claim)
             claim.release()
-            runner.run(force=True, selectors=None) if runner.bounces else None
+            runner.deliver_bounces()
         finally:
             runner.close()
     except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the caller
@@ -435,27 +437,21 @@ def _background(cfg: Config, log: Log, ctx: object, spool: object, qid: str, fd:
     os._exit(code)
 
 
-def _interactive(cfg: Config, log: Log, ctx: object, spool: object, msg: object,
+def _interactive(cfg: Config, log: Log, ctx: Context, spool: Spool, msg: NewMessage,
                  args: Args) -> int:
     from relayq import policy
     from relayq.runner import Runner
 
-    runner = Runner(cfg, spool, log, ctx, verbose=_verbose_printer(args))  # type: ignore[arg-type]
+    runner = Runner(cfg, spool, log, ctx, verbose=_verbose_printer(args))
     try:
-        claim = spool.adopt(msg.qid, msg.fd)  # type: ignore[attr-defined]
-        msg.fd = -1  # type: ignore[attr-defined]
+        claim = spool.adopt(msg.qid, msg.fd)
+        msg.fd = -1
         try:
             codes = runner.deliver(claim)
             failed = [r for r in claim.envelope.recipients if r.state == "failed"]
         finally:
             claim.release()
-        for qid in list(runner.bounces):
-            bounce = spool.claim(qid)  # type: ignore[attr-defined]
-            if bounce is not None:
-                try:
-                    runner.deliver(bounce)
-                finally:
-                    bounce.release()
+        runner.deliver_bounces()
     finally:
         runner.close()
     status = policy.interactive_status(codes)
