@@ -108,8 +108,10 @@ def enqueue(
         argv_rcpts.extend(address.parse_recipient_args(arg))
     if req.sender is None:
         sender = ctx.envelope_sender(req.user)
+    elif req.sender:
+        sender = ctx.envelope_sender(address.parse_mailbox(req.sender, "sender"))
     else:
-        sender = ctx.envelope_sender(req.sender)
+        sender = ""
     address.check_text(req.full_name, "full name")
 
     source = iter(source)

@@ -19,8 +19,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from relayq.cli._exit import run
-from relayq.errors import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, PermissionRefused, RelayqError, \
-    UsageError
+from relayq.errors import (
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    PermissionRefused,
+    RelayqError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -332,12 +338,15 @@ def _main(argv: list[str]) -> int:
 
 def verify(cfg: Config, args: Args) -> int:
     from relayq import address
+    from relayq.submit import Context
 
     if not args.recipients:
         raise UsageError("Recipient names must be specified")
     host = cfg.smarthost[0]
+    domain = Context(cfg).domain
     for arg in args.recipients:
         for rcpt in address.parse_recipient_args(arg):
+            rcpt = address.qualify(rcpt, domain)
             print(f"{rcpt}... deliverable: mailer relay, host {host}, user {rcpt}")
     return EX_OK
 
@@ -387,7 +396,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
     spool = Spool(cfg.queue_dir)
     spool.ensure()
     ctx = Context(cfg)
-    msg, env = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
+    msg, _ = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
     mode = args.delivery or cfg.delivery_mode
     if mode in "qd":
         msg.release()
@@ -428,10 +437,10 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
             runner.deliver_bounces()
         finally:
             runner.close()
-    except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the caller
+    except BaseException as exc:
         try:
             log.error(f"{qid}: background delivery failed: {type(exc).__name__}: {exc}")
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass
         code = 1
     os._exit(code)
