@@ -141,7 +141,7 @@ class Envelope:
             return cls._parse(raw.decode("utf-8", "surrogateescape"), qid)
         except DamagedQueueFile:
             raise
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, KeyError) as exc:
             raise DamagedQueueFile(f"{qid}: unreadable envelope ({exc})") from None
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from relayq import dsn, policy, selector
 from relayq.envelope import FAILED, PENDING, SENT, Envelope, NewerFormat, Recipient
-from relayq.errors import DamagedQueueFile
+from relayq.errors import DamagedQueueFile, RelayqError
 from relayq.log import delay
 
 if TYPE_CHECKING:
@@ -229,6 +229,9 @@ class Runner:
             self.spool.quarantine(qid)
             self.log.error(f"{exc.message}; moved to {self.spool.quarantine_dir}")
             return 0
+        except RelayqError as exc:  # cannot read it now (permissions, I/O): not damage
+            self.log.error(f"{qid}: {exc.message}; left in the queue")
+            return 1
         if claim is None:
             return 1 if os.path.exists(self.spool.data_path(qid)) else 0
         try:

@@ -64,7 +64,9 @@ def _fsync_dir(path: str) -> None:
 def _io_error(action: str, exc: OSError) -> RelayqError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return TempFailure(f"cannot {action}: no space left on the queue file system")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return QueueError(f"cannot {action}: {exc.strerror}", code=77)
+    if exc.errno == errno.EROFS:
         return QueueError(f"cannot {action}: {exc.strerror}", code=73)
     return QueueError(f"cannot {action}: {exc.strerror or exc}")
 
@@ -114,9 +116,14 @@ class Spool:
             return NewMessage(self, qid, fd)
         raise TempFailure("cannot allocate a queue id")
 
-    def write_envelope(self, env: Envelope, sync_dir: bool = True) -> None:
-        """Replace QID.e atomically: temp file, fsync, rename, directory fsync."""
+    def write_envelope(self, env: Envelope, first: bool = False) -> None:
+        """Replace QID.e atomically: temp file, fsync, rename, directory fsync.
+
+        With `first` (the commit of a new message) a failure removes QID.e
+        too, so a commit the caller saw fail never leaves a message behind.
+        """
         tmp = self._path(env.qid, ".t")
+        final = self._path(env.qid, ".e")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -127,14 +134,14 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self._path(env.qid, ".e"))
-            if sync_dir:
-                _fsync_dir(self.queue)
+            os.rename(tmp, final)
+            _fsync_dir(self.queue)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            for path in (tmp, final) if first else (tmp,):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             raise _io_error(f"write envelope {env.qid}", exc) from None
 
     # -- reading --------------------------------------------------------------
@@ -156,7 +163,7 @@ class Spool:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise DamagedQueueFile(f"{qid}: cannot read envelope: {exc.strerror}") from None
+            raise _io_error(f"read envelope {qid}", exc) from None
         env = Envelope.loads(raw, qid)
         if not os.path.exists(self._path(qid, ".d")):
             raise DamagedQueueFile(f"{qid}: envelope without data file")
@@ -317,7 +324,7 @@ class NewMessage:
             self.abort()
             raise _io_error("sync the message to disk", exc) from None
         try:
-            self.spool.write_envelope(env)
+            self.spool.write_envelope(env, first=True)
         except BaseException:
             self.abort()
             raise
@@ -360,7 +367,7 @@ class Claim:
         return self.envelope.qid
 
     def open_data(self) -> BinaryIO:
-        return open(self.spool.data_path(self.qid), "rb")  # noqa: SIM115
+        return open(self.spool.data_path(self.qid), "rb")
 
     def record(self) -> None:
         """Make the envelope's new state durable (atomic replace)."""

@@ -1,0 +1,329 @@
+"""`mailq` and `sendmail -bp`: list the queue in sendmail 8.17's format, or as JSON.
+
+The plain listing is byte for byte what sendmail prints (see peers.md 4.1 and
+`print_single_queue()` in sendmail's queue.c), so scripts and fingers that
+parse sendmail's mailq keep working. Differences, all where relayq has no
+sendmail equivalent:
+
+* The -v priority column is 30000 per pending recipient plus the data size,
+  which reproduces what sendmail's MSP showed in our measurements (30014 for
+  one recipient, 60032 for two); relayq does not order by priority.
+* -v prints no "(---controlling user---)" lines: relayq has no such record.
+* A damaged entry is listed as `QID (damaged: why)` so an admin sees it; it is
+  counted in "Total requests" and hidden only when an R or S selector is given
+  (there is nothing to match them against).
+* --json lists every recipient with its state (sent, failed, pending) and
+  reply; damaged entries go to a separate "damaged" list, and "total" counts
+  both, like the text listing.
+
+Exit status: 0, or 77 when the queue directory exists but may not be read.
+Importing this module costs little: json is imported only for --json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from relayq.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, UsageError
+
+if TYPE_CHECKING:
+    from relayq.envelope import Envelope
+    from relayq.selector import Selector
+    from relayq.spool import Spool
+
+USAGE = """\
+usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config] [--json]
+
+  -Ac, -Am       accepted for sendmail compatibility (relayq has one queue)
+  -v             verbose listing (priority column)
+  -q[!]I|R|S...  only messages whose queue id, a recipient or the sender
+                 contains the substring (! = does not contain); several of one
+                 kind: any may match; of different kinds: all must match
+  -C FILE        configuration file
+  --json         one JSON document with everything about every message
+  -L, -O, -o     accepted and ignored (sendmail options)
+"""
+
+HEADER = b"-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
+HEADER_V = b"-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
+
+
+class Options:
+    __slots__ = ("config", "help", "json", "selectors", "verbose")
+
+    def __init__(self) -> None:
+        self.config: str | None = None
+        self.help = False
+        self.json = False
+        self.selectors: list[Selector] = []
+        self.verbose = False
+
+
+class Item:
+    """One queue entry as listed: a message, or a damaged entry (env is None)."""
+
+    __slots__ = ("env", "locked", "problem", "qid", "size")
+
+    def __init__(
+        self, qid: str, env: Envelope | None, problem: str, size: int, locked: bool
+    ) -> None:
+        self.qid = qid
+        self.env = env
+        self.problem = problem
+        self.size = size
+        self.locked = locked
+
+
+def main(argv: list[str] | None = None, *, prog: str = "mailq") -> int:
+    """Console script `mailq`; `sendmail -bp` calls it with its remaining flags."""
+    from relayq.cli._exit import run
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run(lambda: _main(args), prog)
+
+
+def parse_args(args: list[str]) -> Options:
+    """sendmail-style flags: clustered (-vAc) or with separate values (-C file)."""
+    opts = Options()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--json":
+            opts.json = True
+            continue
+        if arg == "--help":
+            opts.help = True
+            continue
+        if arg == "--":
+            if i < len(args):
+                raise UsageError(f"unexpected argument {args[i]!r}")
+            break
+        if arg.startswith("--") or not arg.startswith("-") or arg == "-":
+            raise UsageError(f"unknown argument {arg!r} (see mailq --help)")
+        j = 1
+        while j < len(arg):
+            flag = arg[j]
+            j += 1
+            if flag == "v":
+                opts.verbose = True
+                continue
+            if flag == "h":
+                opts.help = True
+                continue
+            if flag not in "ACLOoqb":
+                raise UsageError(f"unknown option -{flag} (see mailq --help)")
+            value = arg[j:]
+            if not value:
+                if i >= len(args):
+                    raise UsageError(f"option -{flag} needs a value")
+                value = args[i]
+                i += 1
+            _option(opts, flag, value)
+            break
+    return opts
+
+
+def _option(opts: Options, flag: str, value: str) -> None:
+    if flag == "A":
+        if value not in ("c", "m"):
+            raise UsageError(f"-A{value}: expected -Ac or -Am")
+    elif flag == "b":
+        if value != "p":
+            raise UsageError(f"-b{value}: mailq only lists the queue (-bp)")
+    elif flag == "C":
+        opts.config = value
+    elif flag == "q":
+        from relayq.selector import parse
+
+        opts.selectors.append(parse(value))
+    # -L tag, -O option=value, -oXvalue: sendmail settings with no meaning here
+
+
+def _main(args: list[str]) -> int:
+    opts = parse_args(args)
+    if opts.help:
+        sys.stdout.write(USAGE)
+        return 0
+    from relayq import config
+    from relayq.spool import Spool
+
+    cfg = config.load(opts.config, explicit=opts.config is not None)
+    spool = Spool(cfg.queue_dir)
+    items = collect(spool, opts.selectors)
+    if opts.json:
+        data = render_json(spool.queue, items)
+    else:
+        data = render_text(spool.queue, items, opts.verbose)
+    _write(data)
+    return 0
+
+
+def collect(spool: Spool, selectors: list[Selector]) -> list[Item]:
+    """Read the queue once; raises PermissionRefused (77) if it may not be read."""
+    from relayq.selector import matches
+
+    has_rs = any(s.kind in "RS" for s in selectors)
+    items: list[Item] = []
+    try:
+        entries = list(spool.iter_envelopes())
+    except QueueError:
+        if not os.access(spool.queue, os.R_OK | os.X_OK):
+            raise PermissionRefused(f"{spool.queue}: permission denied") from None
+        raise
+    for qid, env, problem in entries:
+        if env is None:
+            if has_rs or not matches(selectors, qid, "", []):
+                continue
+            prefix = f"{qid}: "
+            why = problem[len(prefix) :] if problem.startswith(prefix) else problem
+            items.append(Item(qid, None, why, 0, False))
+            continue
+        if not matches(selectors, qid, env.sender, [r.address for r in env.pending()]):
+            continue
+        items.append(Item(qid, env, "", spool.data_size(qid), spool.is_locked(qid)))
+    return items
+
+
+def prtstr(text: str, limit: int) -> bytes:
+    """sendmail's prtstr(): at most `limit` columns, `\\` doubled, the rest as \\ooo."""
+    out = bytearray()
+    ml = limit
+    for c in text.encode("utf-8", "surrogateescape"):
+        if ml <= 0:
+            break
+        ml -= 1
+        if c == 0x5C:
+            if ml > 0:
+                ml -= 1
+                out += b"\\\\"
+        elif 0x20 <= c < 0x7F:
+            out.append(c)
+        else:
+            ml -= 3
+            if ml > 0:
+                out += b"\\%03o" % c
+    return bytes(out)
+
+
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def render_text(path: str, items: list[Item], verbose: bool = False) -> bytes:
+    """The listing of sendmail 8.17's print_single_queue() and printqueue()."""
+    if not items:
+        return _b(f"{path} is empty\n\t\tTotal requests: 0\n")
+    n = len(items)
+    out = [_b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")]
+    out.append(HEADER_V if verbose else HEADER)
+    for item in items:
+        env = item.env
+        if env is None:
+            out.append(_b(f"{item.qid:>13} (damaged: {item.problem})\n"))
+            continue
+        pending = env.pending()
+        stamp = time.ctime(env.created)
+        line = [_b(f"{item.qid:>13}{'*' if item.locked else ' '}")]
+        sender = env.sender or "<>"
+        if verbose:
+            priority = 30000 * len(pending) + item.size
+            line.append(_b(f"{item.size:8d} {priority:10d} {stamp[4:16]} "))
+            line.append(prtstr(sender, 78))
+        else:
+            line.append(_b(f"{item.size:8d} {stamp[:16]} "))
+            line.append(prtstr(sender, 39))
+        body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
+        if env.error or body:
+            line.append(_b(f"\n    {body[:10]:>10}"))
+            if env.error:
+                line.append(b"   (" + _b(env.error)[: 100 if verbose else 60] + b")")
+        for r in pending:
+            if verbose:
+                line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
+            else:
+                line.append(b"\n\t\t\t\t\t " + prtstr(r.address, 38))
+        line.append(b"\n")
+        out.append(b"".join(line))
+    out.append(_b(f"\t\tTotal requests: {n}\n"))
+    return b"".join(out)
+
+
+def _iso(t: float) -> str | None:
+    if not t:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def render_json(path: str, items: list[Item]) -> bytes:
+    """Everything about every listed message, for scripts."""
+    import json
+
+    messages: list[dict[str, Any]] = []
+    damaged: list[dict[str, str]] = []
+    for item in items:
+        env = item.env
+        if env is None:
+            damaged.append({"id": item.qid, "problem": item.problem})
+            continue
+        messages.append(
+            {
+                "id": item.qid,
+                "size": item.size,
+                "created": _iso(env.created),
+                "sender": env.sender,
+                "user": env.user,
+                "body": env.body,
+                "smtputf8": env.smtputf8,
+                "envid": env.envid,
+                "ret": env.ret,
+                "msgid": env.msgid,
+                "is_dsn": env.is_dsn,
+                "locked": item.locked,
+                "attempts": env.attempts,
+                "last_try": _iso(env.last_try),
+                "next_try": _iso(env.next_try),
+                "error": env.error,
+                "recipients": [
+                    {
+                        "address": r.address,
+                        "state": r.state,
+                        "reply": r.reply,
+                        "notify": r.notify,
+                        "orcpt": r.orcpt,
+                    }
+                    for r in env.recipients
+                ],
+            }
+        )
+    doc = {"queue": path, "messages": messages, "damaged": damaged, "total": len(items)}
+    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
+
+
+def _write(data: bytes) -> None:
+    """Write the listing; a full disk or closed terminal is exit 74, not a bug."""
+    try:
+        _write_all(data)
+    except BrokenPipeError:
+        raise  # the reader went away (mailq | head): _exit.run stays quiet
+    except OSError as exc:
+        raise RelayqError(f"write error: {exc.strerror or exc}", code=EX_IOERR) from None
+
+
+def _write_all(data: bytes) -> None:
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None:
+        sys.stdout.flush()
+        view = memoryview(data)
+        while view:  # a write cut short by a closing pipe must not pass as success
+            view = view[buffer.write(view) or 0 :]
+        buffer.flush()
+    else:
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

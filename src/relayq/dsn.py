@@ -1,0 +1,466 @@
+"""Delivery status notifications (RFC 3464, RFC 6533): bounces and delay warnings.
+
+Pure: the caller passes the clock (`now`, `tz_offset`), the names and the
+stored message as an iterable of chunks, and gets the report back as chunks of
+stored-message bytes (LF line ends, like everything in our queue). The original
+is streamed, never held whole: a 100 MB message costs one chunk of memory, and
+when only its headers are wanted we stop reading at the blank line.
+
+Every header value we write is flattened first: a recipient address, an ENVID
+or a server's reply can never add a header line or a MIME boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from relayq.envelope import flatten
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from relayq.envelope import Envelope, Recipient
+
+FAILED = "failed"
+DELAYED = "delayed"
+
+# Longest header value we write; keeps every line far below RFC 5322's 998.
+MAX_VALUE = 900
+# The header block of a stored message is buffered to find its end and to see
+# whether it holds 8-bit bytes; past this size it is cut at a line end.
+MAX_HEADER_BLOCK = 1_000_000
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=?")
+
+_NOTIFY_WORD = {
+    "failed": "FAILURE",
+    "failure": "FAILURE",
+    "delayed": "DELAY",
+    "delay": "DELAY",
+    "delivered": "SUCCESS",
+    "relayed": "SUCCESS",
+    "expanded": "SUCCESS",
+    "success": "SUCCESS",
+}
+
+
+# -- policy ------------------------------------------------------------------
+
+
+def should_bounce(env: Envelope) -> bool:
+    """May a report about `env` be sent at all?
+
+    Never to the null sender, and never about a message that is itself a
+    report: that is what keeps a bounce of a bounce from looping.
+    """
+    return bool(env.sender) and not env.is_dsn
+
+
+def wanted(r: Recipient, action: str) -> bool:
+    """Does the recipient's NOTIFY (RFC 3461) ask for a report of `action`?
+
+    "" (no NOTIFY given) means the default: failures and delays are
+    reported, successes are not. NEVER means no report at all; an explicit
+    list reports only the events it names.
+    """
+    try:
+        word = _NOTIFY_WORD[action.lower()]
+    except KeyError:
+        raise ValueError(f"unknown DSN action {action!r}") from None
+    notify = {w.strip().upper() for w in r.notify.split(",") if w.strip()}
+    if not notify:
+        return word != "SUCCESS"
+    if "NEVER" in notify:
+        return False
+    return word in notify
+
+
+def is_smtp_reply(reply: str) -> bool:
+    """True when `reply` is a server's words ("550 5.1.1 ...") rather than our reason."""
+    return (
+        len(reply) >= 3
+        and reply[0] in "2345"
+        and reply[1] in "0123456789"
+        and reply[2] in "0123456789"
+        and (len(reply) == 3 or reply[3] in " -")
+    )
+
+
+def status_code(reply: str, action: str = FAILED) -> str:
+    """The RFC 3463 status for a recipient's reply.
+
+    "550 5.1.1 No such user" -> "5.1.1"; "550 No such user" -> "5.0.0"; a reply
+    whose enhanced code disagrees with its class falls back to "X.0.0". Our own
+    reasons (connection refused, timed out, "") -> "4.4.1" for a delay,
+    "5.0.0" for a failure.
+    """
+    if not is_smtp_reply(reply):
+        return "4.4.1" if action == DELAYED else "5.0.0"
+    cls = reply[0]
+    words = reply[4:].split(None, 1)
+    if words:
+        parts = words[0].split(".")
+        if (
+            len(parts) == 3
+            and parts[0] == cls
+            and all(p.isascii() and p.isdigit() and 0 < len(p) <= 3 for p in parts)
+        ):
+            return f"{cls}.{int(parts[1])}.{int(parts[2])}"
+    return f"{cls}.0.0"
+
+
+# -- formatting helpers --------------------------------------------------------
+
+
+def rfc5322_date(t: float, tz_offset: int) -> str:
+    """'Tue, 24 Nov 2026 19:20:00 +0100'; English names whatever the locale."""
+    tm = time.gmtime(int(t) + tz_offset)
+    sign = "+" if tz_offset >= 0 else "-"
+    hours, minutes = divmod(abs(tz_offset) // 60, 60)
+    return (
+        f"{_DAYS[tm.tm_wday]}, {tm.tm_mday:02d} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
+        f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
+    )
+
+
+def _interval(seconds: float) -> str:
+    """sendmail's pintvl in words: '4 hours', '1 hour', '30 minutes'."""
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        n, unit = seconds // 3600, "hour"
+    else:
+        n, unit = max(1, seconds // 60), "minute"
+    return f"{n} {unit}{'' if n == 1 else 's'}"
+
+
+def _clean(text: str, limit: int = MAX_VALUE) -> str:
+    """One safe header value: no CR, LF or other controls, bounded length."""
+    text = flatten(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _xtext_decode(text: str) -> str:
+    """RFC 3461 xtext ('+2B' is '+'); malformed escapes are kept as written."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "+" and _is_hex(text[i + 1 : i + 3]):
+            out.append(chr(int(text[i + 1 : i + 3], 16)))
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) == 2 and all(c in "0123456789ABCDEFabcdef" for c in s)
+
+
+def _original_recipient(orcpt: str) -> str:
+    """Stored ORCPT "rfc822;xtext" -> "rfc822;decoded" for Original-Recipient."""
+    kind, sep, addr = orcpt.partition(";")
+    if not sep:
+        return ""
+    kind = kind.strip()
+    if kind.lower() == "rfc822":
+        addr = _xtext_decode(addr.strip())
+    return f"{kind};{addr.strip()}"
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _needs_utf8(text: str) -> bool:
+    return not text.isascii()
+
+
+def _split_header_block(chunks: Iterator[bytes]) -> tuple[bytes, bytes, bytes]:
+    """Read chunks until the blank line ending the header block.
+
+    Returns (header block with its last LF, the blank line or b"", the bytes
+    read past it); joined, they are exactly what was read. The header block
+    is bounded by MAX_HEADER_BLOCK: a longer one is cut at a line end.
+    """
+    buf = bytearray()
+    searched = 0
+    for chunk in chunks:
+        buf += chunk
+        if buf[:1] == b"\n":
+            return b"", b"\n", bytes(buf[1:])
+        end = buf.find(b"\n\n", max(0, searched - 1))
+        if end >= 0:
+            return bytes(buf[: end + 1]), b"\n", bytes(buf[end + 2 :])
+        searched = len(buf)
+        if len(buf) > MAX_HEADER_BLOCK:
+            cut = buf.rfind(b"\n", 0, MAX_HEADER_BLOCK) + 1 or MAX_HEADER_BLOCK
+            return bytes(buf[:cut]), b"", bytes(buf[cut:])
+    return bytes(buf), b"", b""
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def build(
+    *,
+    env: Envelope,
+    failed: list[Recipient],
+    delayed: list[Recipient],
+    reporting_mta: str,
+    postmaster_domain: str,
+    original: Iterable[bytes],
+    original_size: int,
+    now: float,
+    tz_offset: int,
+    boundary: str,
+    max_full: int = 1_000_000,
+    remote_mta: str = "",
+) -> Iterator[bytes]:
+    """Yield an RFC 3464 report about `env` as stored-message bytes.
+
+    A failure report when `failed` is not empty (it also lists `delayed`
+    recipients, as sendmail does), else a delay warning. `boundary` must be
+    random (the caller's job: the original is streamed, so it cannot be
+    checked against it). `remote_mta` names the relay whose replies are
+    quoted; Remote-MTA is written only when it is given and the recipient's
+    reply is an SMTP reply.
+    """
+    if not failed and not delayed:
+        raise ValueError("a report needs at least one failed or delayed recipient")
+    if not env.sender:
+        raise ValueError("no report is sent to the null sender (check should_bounce)")
+    if not (0 < len(boundary) <= 70 and set(boundary) <= _BCHARS):
+        raise ValueError(f"bad MIME boundary {boundary!r}")
+    return _generate(
+        env,
+        failed,
+        delayed,
+        _clean(reporting_mta),
+        _clean(postmaster_domain),
+        iter(original),
+        original_size,
+        now,
+        tz_offset,
+        boundary,
+        max_full,
+        _clean(remote_mta),
+    )
+
+
+def _generate(
+    env: Envelope,
+    failed: list[Recipient],
+    delayed: list[Recipient],
+    reporting_mta: str,
+    postmaster_domain: str,
+    chunks: Iterator[bytes],
+    original_size: int,
+    now: float,
+    tz_offset: int,
+    boundary: str,
+    max_full: int,
+    remote_mta: str,
+) -> Iterator[bytes]:
+    kind = FAILED if failed else DELAYED
+    full = env.ret.upper() != "HDRS" and original_size <= max_full
+    try:
+        head, blank, rest = _split_header_block(chunks)
+        everyone = failed + delayed
+        utf8 = (
+            env.smtputf8
+            or any(b >= 0x80 for b in head)
+            or _needs_utf8(env.sender)
+            or any(_needs_utf8(r.address) or _needs_utf8(r.orcpt) for r in everyone)
+        )
+        eightbit = utf8 or (full and env.body.upper() == "8BITMIME")
+
+        yield _encode(
+            _top_headers(
+                env, kind, postmaster_domain, reporting_mta, now, tz_offset, boundary, eightbit
+            )
+        )
+        yield _encode(f"This is a MIME-encapsulated message\n\n--{boundary}\n")
+        yield _encode(_human_part(env, failed, delayed, now, tz_offset, full, original_size))
+        yield _encode(f"\n--{boundary}\n")
+        yield _encode(
+            _status_part(env, failed, delayed, reporting_mta, remote_mta, now, tz_offset, utf8)
+        )
+        yield _encode(f"\n--{boundary}\n")
+
+        if full:
+            ctype = "message/global" if utf8 else "message/rfc822"
+        else:
+            ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
+        part = f"Content-Type: {ctype}\n"
+        if (full and eightbit) or (not full and utf8):
+            part += "Content-Transfer-Encoding: 8bit\n"
+        if not full:
+            part += "Content-Description: Headers of the undelivered message\n"
+        else:
+            part += "Content-Description: Undelivered message\n"
+        yield _encode(part + "\n")
+
+        last = b"\n"
+        if head:
+            yield head
+            last = head[-1:]
+        if full:
+            if blank:
+                yield blank
+                last = blank
+            if rest:
+                yield rest
+                last = rest[-1:]
+            for chunk in chunks:
+                if chunk:
+                    yield chunk
+                    last = chunk[-1:]
+        if last != b"\n":
+            yield b"\n"
+        yield _encode(f"\n--{boundary}--\n")
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _top_headers(
+    env: Envelope,
+    kind: str,
+    postmaster_domain: str,
+    reporting_mta: str,
+    now: float,
+    tz_offset: int,
+    boundary: str,
+    eightbit: bool,
+) -> str:
+    if kind == FAILED:
+        subject = "Returned mail: see transcript for details"
+    else:
+        subject = f"Warning: could not send message for past {_interval(now - env.created)}"
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(int(now)))
+    tag = "F" if kind == FAILED else "D"
+    lines = [
+        f"From: Mail Delivery Subsystem <MAILER-DAEMON@{postmaster_domain}>",
+        f"To: <{_clean(env.sender)}>",
+        f"Subject: {subject}",
+        f"Date: {rfc5322_date(now, tz_offset)}",
+        f"Message-ID: <{stamp}.{_clean(env.qid)}.{tag}@{reporting_mta}>",
+        f"Auto-Submitted: auto-generated ({'failure' if kind == FAILED else 'delay'})",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+    ]
+    if eightbit:
+        lines.append("Content-Transfer-Encoding: 8bit")
+    return "\n".join(lines) + "\n\n"
+
+
+def _human_part(
+    env: Envelope,
+    failed: list[Recipient],
+    delayed: list[Recipient],
+    now: float,
+    tz_offset: int,
+    full: bool,
+    original_size: int,
+) -> str:
+    lines: list[str] = []
+    if not failed:
+        lines += [
+            "    **********************************************",
+            "    **      THIS IS A WARNING MESSAGE ONLY      **",
+            "    **  YOU DO NOT NEED TO RESEND YOUR MESSAGE  **",
+            "    **********************************************",
+            "",
+        ]
+    lines.append(f"The original message was received at {rfc5322_date(env.created, tz_offset)}")
+    if env.user:
+        lines.append(f"from local user {_clean(env.user, 100)}")
+    lines.append("")
+    if failed:
+        lines.append("   ----- The following addresses had permanent fatal errors -----")
+        for r in failed:
+            lines += _reason_lines(env, r)
+        lines.append("")
+    if delayed:
+        lines.append("   ----- The following addresses had transient non-fatal errors -----")
+        for r in delayed:
+            lines += _reason_lines(env, r)
+        lines.append("")
+    if not failed:
+        lines += [
+            f"Warning: message still undelivered after {_interval(now - env.created)}",
+            "It will be tried again; you will be told if it finally fails.",
+            "",
+        ]
+    if not full:
+        if env.ret.upper() == "HDRS":
+            lines.append("As requested (RET=HDRS), only the headers of the message are returned.")
+        else:
+            lines.append(
+                f"The message was too large ({original_size} bytes) to return whole; "
+                "its headers follow."
+            )
+        lines.append("")
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    charset = "us-ascii" if text.isascii() else "utf-8"
+    head = f"Content-Type: text/plain; charset={charset}\n"
+    if charset != "us-ascii":
+        head += "Content-Transfer-Encoding: 8bit\n"
+    return head + "Content-Description: Notification\n\n" + text
+
+
+def _reason_lines(env: Envelope, r: Recipient) -> list[str]:
+    reason = _clean(r.reply or env.error) or "no reason recorded"
+    return [f"<{_clean(r.address)}>", f"    (reason: {reason})"]
+
+
+def _status_part(
+    env: Envelope,
+    failed: list[Recipient],
+    delayed: list[Recipient],
+    reporting_mta: str,
+    remote_mta: str,
+    now: float,
+    tz_offset: int,
+    utf8: bool,
+) -> str:
+    """The machine-readable part; pure ASCII unless it is message/global-delivery-status."""
+    safe = _clean if utf8 else (lambda s: _ascii(_clean(s)))
+    ctype = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    out = [f"Content-Type: {ctype}"]
+    if utf8:
+        out.append("Content-Transfer-Encoding: 8bit")
+    out += ["Content-Description: Delivery report", "", f"Reporting-MTA: dns; {reporting_mta}"]
+    if env.envid:
+        out.append(f"Original-Envelope-Id: {safe(_xtext_decode(env.envid))}")
+    out.append(f"Arrival-Date: {rfc5322_date(env.created, tz_offset)}")
+    last = rfc5322_date(env.last_try or now, tz_offset)
+    for action, group in ((FAILED, failed), (DELAYED, delayed)):
+        for r in group:
+            reply = r.reply or env.error
+            smtp = is_smtp_reply(reply)
+            out.append("")
+            if r.orcpt:
+                orig = _original_recipient(r.orcpt)
+                if orig:
+                    out.append(f"Original-Recipient: {safe(orig)}")
+            addr_type = "rfc822" if r.address.isascii() else "utf-8"
+            out.append(f"Final-Recipient: {addr_type}; {safe(r.address)}")
+            out.append(f"Action: {action}")
+            out.append(f"Status: {status_code(reply, action)}")
+            if smtp and remote_mta:
+                out.append(f"Remote-MTA: dns; {remote_mta}")
+            if smtp:
+                out.append(f"Diagnostic-Code: smtp; {safe(reply)}")
+            out.append(f"Last-Attempt-Date: {last}")
+    return "\n".join(out) + "\n"
