@@ -98,6 +98,11 @@ def status_code(reply: str, action: str = FAILED) -> str:
     "5.0.0" for a failure.
     """
     if not is_smtp_reply(reply):
+        head = reply.split(None, 1)[0] if reply.strip() else ""
+        parts = head.split(".")
+        if (len(parts) == 3 and parts[0] in ("4", "5")
+                and all(p.isascii() and p.isdigit() and 0 < len(p) <= 3 for p in parts)):
+            return head  # our own reason with its code, e.g. "4.4.7 Message expired ..."
         return "4.4.1" if action == DELAYED else "5.0.0"
     cls = reply[0]
     words = reply[4:].split(None, 1)
@@ -274,13 +279,16 @@ def _generate(
     try:
         head, blank, rest = _split_header_block(chunks)
         everyone = failed + delayed
-        utf8 = (
-            env.smtputf8
-            or any(b >= 0x80 for b in head)
-            or _needs_utf8(env.sender)
-            or any(_needs_utf8(r.address) or _needs_utf8(r.orcpt) for r in everyone)
+        # UTF-8 addresses make the report itself need SMTPUTF8; a UTF-8 original
+        # only needs message/global, sent in base64 (RFC 6532 3.5) so that the
+        # report can reach a sender whose relay lacks SMTPUTF8 (the usual reason
+        # for such a bounce).
+        addr_utf8 = _needs_utf8(env.sender) or any(
+            _needs_utf8(r.address) or _needs_utf8(r.orcpt) for r in everyone
         )
-        eightbit = utf8 or (full and env.body.upper() == "8BITMIME")
+        orig_utf8 = env.smtputf8 or any(b >= 0x80 for b in head)
+        utf8 = addr_utf8 or orig_utf8
+        eightbit = addr_utf8 or (full and env.body.upper() == "8BITMIME" and not orig_utf8)
 
         yield _encode(
             _top_headers(
@@ -291,7 +299,8 @@ def _generate(
         yield _encode(_human_part(env, failed, delayed, now, tz_offset, full, original_size))
         yield _encode(f"\n--{boundary}\n")
         yield _encode(
-            _status_part(env, failed, delayed, reporting_mta, remote_mta, now, tz_offset, utf8)
+            _status_part(env, failed, delayed, reporting_mta, remote_mta, now, tz_offset,
+                         addr_utf8)
         )
         yield _encode(f"\n--{boundary}\n")
 
@@ -300,7 +309,9 @@ def _generate(
         else:
             ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
         part = f"Content-Type: {ctype}\n"
-        if (full and eightbit) or (not full and utf8):
+        if orig_utf8:
+            part += "Content-Transfer-Encoding: base64\n"
+        elif full and eightbit:
             part += "Content-Transfer-Encoding: 8bit\n"
         if not full:
             part += "Content-Description: Headers of the undelivered message\n"
@@ -308,18 +319,18 @@ def _generate(
             part += "Content-Description: Undelivered message\n"
         yield _encode(part + "\n")
 
-        last = b"\n"
-        if head:
+        def original_bytes() -> Iterator[bytes]:
             yield head
-            last = head[-1:]
-        if full:
-            if blank:
+            if full:
                 yield blank
-                last = blank
-            if rest:
                 yield rest
-                last = rest[-1:]
-            for chunk in chunks:
+                yield from chunks
+
+        last = b"\n"
+        if orig_utf8:
+            yield from _base64_lines(original_bytes())
+        else:
+            for chunk in original_bytes():
                 if chunk:
                     yield chunk
                     last = chunk[-1:]
@@ -330,6 +341,23 @@ def _generate(
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+
+
+def _base64_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Stream base64 in 76-character lines (57 input bytes each)."""
+    import binascii
+
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        cut = len(pending) - len(pending) % 57
+        if cut:
+            block, pending = pending[:cut], pending[cut:]
+            yield b"".join(
+                binascii.b2a_base64(block[i : i + 57]) for i in range(0, cut, 57)
+            )
+    if pending:
+        yield binascii.b2a_base64(pending)
 
 
 def _top_headers(

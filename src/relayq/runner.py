@@ -17,7 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from relayq import dsn, policy, selector
+from relayq import address, dsn, policy, selector
 from relayq.envelope import FAILED, PENDING, SENT, Envelope, NewerFormat, Recipient
 from relayq.errors import DamagedQueueFile, RelayqError
 from relayq.log import delay
@@ -163,6 +163,7 @@ class Runner:
         if not failed:
             return
         msg = self.spool.create()
+        eight_bit = False
         try:
             with claim.open_data() as data:
                 for chunk in dsn.build(
@@ -177,12 +178,13 @@ class Runner:
                     tz_offset=-time.timezone,
                     boundary=f"{msg.qid}.{int(now)}/{self.ctx.fqdn}",
                 ):
+                    eight_bit = eight_bit or not chunk.isascii()
                     msg.write(chunk)
             bounce = Envelope(msg.qid, "", [Recipient(env.sender)], now)
             bounce.is_dsn = True
             bounce.size = msg.size
-            bounce.body = "8BITMIME" if env.body == "8BITMIME" else ""
-            bounce.smtputf8 = env.smtputf8
+            bounce.body = "8BITMIME" if eight_bit else ""
+            bounce.smtputf8 = address.needs_smtputf8(env.sender)
             bounce.user = "MAILER-DAEMON"
             msg.commit(bounce)
         except BaseException:

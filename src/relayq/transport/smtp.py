@@ -1,0 +1,567 @@
+"""The SMTP transport: deliver queued messages to the configured smarthost(s).
+
+It owns the policy between a message and a relay: which hosts and addresses
+to try (MX lookups with dnspython), the TLS and AUTH rules, connection reuse
+across messages of one queue run, and turning every reply into a per-recipient
+outcome. It knows nothing of the spool: the runner hands in an
+OutgoingMessage and records the MessageResult.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
+
+from relayq.smtp import protocol as proto
+from relayq.smtp.client import (
+    AuthFailed,
+    ConnectFailed,
+    ProtocolViolation,
+    SmtpClient,
+    SmtpError,
+    TlsFailed,
+    auth_allowed,
+    tls_context,
+)
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Callable
+    from types import TracebackType
+
+    import dns.resolver
+
+    from relayq.config import Config
+    from relayq.smtp.protocol import Reply
+
+SENT = "sent"
+FAILED = "failed"
+DEFERRED = "deferred"
+
+SECRET_COMMAND_TIMEOUT = 30.0
+DNS_TIMEOUT = 5.0
+
+
+@dataclass
+class Outcome:
+    """What happened to one recipient in one attempt."""
+
+    address: str
+    status: str  # SENT | FAILED | DEFERRED
+    reply: str  # the server's words, or ours for local decisions
+    dsn_code: str
+
+
+@dataclass
+class MessageResult:
+    outcomes: list[Outcome]
+    error: str = ""  # why (some of) the message was deferred; "" if nothing was
+    relay: str = ""  # "mail.example.org [192.0.2.1]" of the server that answered
+
+
+@dataclass
+class OutgoingMessage:
+    qid: str
+    sender: str  # "" = null sender <>
+    recipients: list[tuple[str, str, str]]  # (address, notify, orcpt)
+    data: BinaryIO  # LF line ends, positioned at 0
+    size: int = 0
+    body: str = ""  # "" | "7BIT" | "8BITMIME"
+    smtputf8: bool = False
+    envid: str = ""
+    ret: str = ""  # "" | "FULL" | "HDRS"
+
+
+@dataclass
+class Target:
+    """One address to try: the host name (for messages and TLS) and where to connect."""
+
+    name: str
+    port: int
+    family: int
+    sockaddr: tuple[object, ...]
+
+
+class SmtpTransport:
+    """Delivers messages over one cached connection per queue run.
+
+    If no smarthost could be reached, the failure is remembered and every
+    later deliver() defers at once with the same reason (a host status cache
+    for one run, as sendmail keeps), so a queue of 1000 messages does not
+    make 1000 connection attempts to a dead relay.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transcript: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.transcript = transcript
+        self.log = log
+        self._client: SmtpClient | None = None
+        self._down: SmtpError | None = None
+        self._secret: str | None = None
+        self._secret_error: AuthFailed | None = None
+        self._ehlo_name = ""
+        self._tls: ssl.SSLContext | None = None
+        self.connections = 0  # connections opened (for tests and statistics)
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def close(self) -> None:
+        """QUIT the cached connection, if any."""
+        if self._client is not None:
+            self._client.quit()
+            self._client = None
+
+    def __enter__(self) -> SmtpTransport:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    # --- delivery -------------------------------------------------------------
+
+    def deliver(self, msg: OutgoingMessage) -> MessageResult:
+        """Try every recipient of `msg`; one Outcome per recipient, in order."""
+        n = len(msg.recipients)
+        if n == 0:
+            return MessageResult([])
+        if self._down is not None:
+            return self._all_deferred(msg, self._down, "")
+        client = self._ready_client()
+        if client is None:
+            assert self._down is not None
+            return self._all_deferred(msg, self._down, "")
+        outcomes: list[Outcome | None] = [None] * n
+        error = ""
+        try:
+            early = self._precheck(client, msg)
+            if early is not None:
+                return MessageResult([early(a) for a, _, _ in msg.recipients], "", client.relay)
+            step = self.config.max_recipients or n
+            for start in range(0, n, step):
+                if client.dirty:
+                    client.rset()
+                err = self._transaction(client, msg, list(range(start, min(n, start + step))),
+                                        outcomes)
+                error = error or err
+        except SmtpError as exc:
+            client.close()
+            self._client = None
+            error = str(exc)
+            for i, (addr, _, _) in enumerate(msg.recipients):
+                if outcomes[i] is None:
+                    outcomes[i] = Outcome(addr, DEFERRED, str(exc), exc.dsn_code)
+        final = [o for o in outcomes if o is not None]
+        assert len(final) == n
+        if not error:
+            error = next((o.reply for o in final if o.status == DEFERRED), "")
+        return MessageResult(final, error, client.relay)
+
+    @staticmethod
+    def _all_deferred(msg: OutgoingMessage, exc: SmtpError, relay: str) -> MessageResult:
+        outs = [Outcome(a, DEFERRED, str(exc), exc.dsn_code) for a, _, _ in msg.recipients]
+        return MessageResult(outs, str(exc), relay)
+
+    def _precheck(
+        self, client: SmtpClient, msg: OutgoingMessage
+    ) -> Callable[[str], Outcome] | None:
+        """Refuse, without sending, what this relay cannot carry unchanged."""
+        caps = client.caps
+        reply = ""
+        if caps.size and msg.size > caps.size:
+            reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
+        elif msg.body == "8BITMIME" and not caps.eightbitmime:
+            reply = f"554 5.6.3 relay {client.relay} does not support 8BITMIME"
+        elif msg.smtputf8 and not caps.smtputf8:
+            reply = f"553 5.6.7 relay {client.relay} does not support SMTPUTF8"
+        if not reply:
+            return None
+        code = reply.split(" ")[1]
+        return lambda addr: Outcome(addr, FAILED, reply, code)
+
+    def _transaction(
+        self,
+        client: SmtpClient,
+        msg: OutgoingMessage,
+        idx: list[int],
+        outcomes: list[Outcome | None],
+    ) -> str:
+        """One MAIL/RCPT.../DATA transaction for recipients `idx`; returns a deferral reason."""
+        caps = client.caps
+        try:
+            mail_line = proto.mail(msg.sender, proto.mail_params(
+                caps, size=msg.size, body=msg.body, smtputf8=msg.smtputf8,
+                ret=msg.ret, envid=msg.envid))
+        except proto.CommandError as exc:
+            for i in idx:
+                outcomes[i] = Outcome(msg.recipients[i][0], FAILED,
+                                      f"553 5.1.7 bad sender or parameter: {exc}", "5.1.7")
+            return ""
+        rcpts: list[tuple[int, bytes]] = []
+        for i in idx:
+            addr, notify, orcpt = msg.recipients[i]
+            try:
+                rcpts.append((i, proto.rcpt(addr, proto.rcpt_params(caps, notify=notify,
+                                                                     orcpt=orcpt))))
+            except proto.CommandError as exc:
+                outcomes[i] = Outcome(addr, FAILED, f"553 5.1.3 bad recipient: {exc}", "5.1.3")
+        if not rcpts:
+            return ""
+        client.dirty = True
+        data_reply: Reply | None
+        if caps.pipelining:
+            group = [(mail_line, "MAIL FROM")] + [(line, "RCPT TO") for _, line in rcpts]
+            replies = client.pipeline([*group, (proto.DATA, "DATA")])
+            mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        else:
+            mail_reply = client.command(mail_line, "MAIL FROM")
+            rcpt_replies = []
+            data_reply = None
+            if mail_reply.positive:
+                rcpt_replies = [client.command(line, "RCPT TO") for _, line in rcpts]
+        _expect_final(client, mail_reply, "MAIL FROM")
+        if not mail_reply.positive:
+            self._discard_data(client, data_reply)
+            status = FAILED if mail_reply.permanent else DEFERRED
+            for i, _ in rcpts:
+                outcomes[i] = Outcome(msg.recipients[i][0], status, str(mail_reply),
+                                      mail_reply.dsn_code)
+            return f"{mail_reply} (in reply to MAIL FROM)" if status == DEFERRED else ""
+        accepted: list[int] = []
+        for (i, _), reply in zip(rcpts, rcpt_replies, strict=True):
+            _expect_final(client, reply, "RCPT TO")
+            if reply.positive:
+                accepted.append(i)
+            else:
+                status = FAILED if reply.permanent else DEFERRED
+                outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code)
+        if not accepted:
+            self._discard_data(client, data_reply)
+            client.rset()
+            return ""
+        if data_reply is None:
+            data_reply = client.command(proto.DATA, "DATA")
+        if data_reply.code != 354:
+            if not (data_reply.transient or data_reply.permanent):
+                client.close()
+                raise ProtocolViolation(
+                    f"unexpected reply to DATA from {client.where}: {data_reply}")
+            return self._settle(msg, accepted, data_reply, outcomes, "DATA")
+        msg.data.seek(0)
+        final = client.send_data(msg.data)
+        _expect_final(client, final, "end of data")
+        return self._settle(msg, accepted, final, outcomes, "end of data")
+
+    @staticmethod
+    def _settle(msg: OutgoingMessage, accepted: list[int], reply: Reply,
+                outcomes: list[Outcome | None], what: str) -> str:
+        status = SENT if reply.positive else FAILED if reply.permanent else DEFERRED
+        for i in accepted:
+            outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code)
+        return f"{reply} (in reply to {what})" if status == DEFERRED else ""
+
+    @staticmethod
+    def _discard_data(client: SmtpClient, data_reply: Reply | None) -> None:
+        """A pipelined DATA was accepted although nothing may follow: send an empty body."""
+        if data_reply is not None and data_reply.code == 354:
+            client.send(b".\r\n", "end of data")
+            client.read_reply("end of data")
+
+    # --- connections ------------------------------------------------------------
+
+    def _ready_client(self) -> SmtpClient | None:
+        """The cached connection after a successful RSET, else a new one."""
+        if self._client is not None:
+            try:
+                self._client.rset()
+                return self._client
+            except SmtpError as exc:
+                self._say(f"cached connection to {self._client.relay} unusable: {exc}")
+                self._client.close()
+                self._client = None
+        try:
+            self._client = self._connect()
+        except SmtpError as exc:
+            self._down = exc
+            return None
+        return self._client
+
+    def _connect(self) -> SmtpClient:
+        cfg = self.config
+        last: SmtpError | None = None
+        for sh in cfg.smarthosts():
+            try:
+                targets = self._targets(sh.host, sh.port, sh.mx)
+            except SmtpError as exc:
+                self._say(str(exc))
+                last = exc
+                continue
+            for t in targets:
+                client = SmtpClient(t.name, t.port, timeout=cfg.timeout,
+                                    connect_timeout=cfg.connect_timeout,
+                                    transcript=self.transcript, log=self.log)
+                try:
+                    self.connections += 1
+                    self._open(client, t)
+                    return client
+                except SmtpError as exc:
+                    if client.sock is not None:
+                        client.quit()
+                    client.close()
+                    self._say(f"{client.relay}:{t.port}: {exc}")
+                    last = exc
+        if last is None:
+            last = ConnectFailed("no smarthost configured")
+        raise last
+
+    def _open(self, client: SmtpClient, t: Target) -> None:
+        """Connect, greet, secure and authenticate, following the TLS and AUTH policy."""
+        cfg = self.config
+        mode = cfg.tls
+        client.connect(t.family, t.sockaddr, self._tls_context() if mode == "implicit" else None)
+        client.ehlo(self.ehlo_name())
+        if mode in ("required", "opportunistic"):
+            if client.caps.starttls:
+                client.starttls(self._tls_context())
+                client.ehlo(self.ehlo_name())
+            elif mode == "required":
+                raise TlsFailed(f"TLS is required but {client.where} does not offer STARTTLS")
+        if cfg.user:
+            if not auth_allowed(client.tls, client.peer_ip):
+                raise AuthFailed(
+                    f"refusing to send AUTH to {client.where} in clear text"
+                    " (set tls = \"required\" or \"implicit\")")
+            mech = self._mechanism(client)
+            client.auth(mech, cfg.user, self._get_secret())
+
+    def _mechanism(self, client: SmtpClient) -> str:
+        offered = client.caps.auth
+        want = self.config.auth_mechanism
+        if want:
+            if offered and want not in offered:
+                raise AuthFailed(f"{client.where} does not offer AUTH {want} "
+                                 f"(offers {' '.join(offered)})")
+            return want
+        for mech in ("PLAIN", "LOGIN"):
+            if mech in offered:
+                return mech
+        if not offered:
+            raise AuthFailed(f"AUTH is configured but {client.where} does not offer AUTH")
+        raise AuthFailed(f"{client.where} offers no usable AUTH mechanism "
+                         f"({' '.join(offered)})")
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            cfg = self.config
+            self._tls = tls_context(ca_file=cfg.ca_file, verify=cfg.tls_verify,
+                                    client_cert=cfg.client_cert, client_key=cfg.client_key)
+        return self._tls
+
+    def ehlo_name(self) -> str:
+        """ehlo_name, else domain, else the FQDN (looked up only when needed: it can be slow)."""
+        if not self._ehlo_name:
+            self._ehlo_name = self.config.ehlo_name or self.config.domain or socket.getfqdn()
+        return self._ehlo_name
+
+    def _get_secret(self) -> str:
+        """password, password_file or password_command; read once per transport."""
+        if self._secret is not None:
+            return self._secret
+        if self._secret_error is not None:
+            raise self._secret_error
+        try:
+            self._secret = read_secret(self.config)
+        except AuthFailed as exc:
+            self._secret_error = exc
+            raise
+        return self._secret
+
+    # --- resolving ----------------------------------------------------------------
+
+    def _targets(self, host: str, port: int, mx: bool) -> list[Target]:
+        """Addresses to try for one smarthost, in order."""
+        names = [host]
+        use_dns = bool(self.config.dns_servers)
+        if mx and not _is_ip(host) and "." in host.strip("."):
+            names = mx_hosts(host, self._resolver()) or [host]
+        out: list[Target] = []
+        last: SmtpError | None = None
+        for name in names:
+            try:
+                if use_dns and not _is_ip(name):
+                    out.extend(self._dns_addresses(name, port))
+                else:
+                    out.extend(_getaddrinfo(name, port))
+            except SmtpError as exc:
+                self._say(str(exc))
+                last = exc
+        if not out:
+            raise last or ConnectFailed(f"no address for {host}")
+        return out
+
+    def _resolver(self) -> dns.resolver.Resolver | None:
+        return make_resolver(self.config.dns_servers, min(DNS_TIMEOUT, self.config.connect_timeout))
+
+    def _dns_addresses(self, name: str, port: int) -> list[Target]:
+        import dns.exception
+        import dns.resolver
+
+        res = self._resolver()
+        if res is None:
+            raise ConnectFailed("no DNS resolver configured")
+        out: list[Target] = []
+        for rtype, family in (("AAAA", socket.AF_INET6), ("A", socket.AF_INET)):
+            try:
+                answer = res.resolve(name, rtype, search=False)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException as exc:
+                raise ConnectFailed(f"DNS lookup of {name} failed: {exc}") from None
+            for rr in answer:
+                ip = rr.to_text()
+                sockaddr: tuple[object, ...] = (ip, port, 0, 0) if family == socket.AF_INET6 \
+                    else (ip, port)
+                out.append(Target(name, port, family, sockaddr))
+        if not out:
+            raise ConnectFailed(f"Host unknown: {name}", "4.4.4")
+        return out
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _getaddrinfo(name: str, port: int) -> list[Target]:
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectFailed(f"Host unknown: {name} ({exc.strerror})", "4.4.4") from None
+    seen: set[tuple[object, ...]] = set()
+    out = []
+    for family, _, _, _, sockaddr in infos:
+        if sockaddr not in seen:
+            seen.add(sockaddr)
+            out.append(Target(name, port, family, tuple(sockaddr)))
+    return out
+
+
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """'192.0.2.53', '192.0.2.53:5353', '::1', '[::1]:5353' -> (ip, port)."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        ip, _, rest = spec[1:].partition("]")
+        return ip, int(rest[1:]) if rest.startswith(":") else 53
+    if spec.count(":") == 1:
+        ip, port = spec.split(":")
+        return ip, int(port)
+    return spec, 53
+
+
+def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver | None:
+    """A dnspython resolver with a short timeout; `servers` override resolv.conf."""
+    import dns.nameserver
+    import dns.resolver
+
+    if servers:
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = [dns.nameserver.Do53Nameserver(*parse_dns_server(s)) for s in servers]
+    else:
+        try:
+            res = dns.resolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            return None
+    res.timeout = timeout
+    res.lifetime = timeout * 2
+    return res
+
+
+def mx_hosts(name: str, resolver: dns.resolver.Resolver | None) -> list[str]:
+    """MX targets by preference; [] when there is no MX (use the host itself) or DNS fails."""
+    import dns.exception
+
+    if resolver is None:
+        return []
+    try:
+        answer = resolver.resolve(name, "MX", search=False)
+    except dns.exception.DNSException:
+        return []
+    records = sorted(((rr.preference, i, rr.exchange.to_text(omit_final_dot=True))
+                      for i, rr in enumerate(answer)))
+    hosts = [h for _, _, h in records if h and h != "."]
+    return hosts
+
+
+def read_secret(cfg: Config) -> str:
+    """The AUTH secret from password, password_file or password_command.
+
+    The command runs without a shell, with a timeout, and its output never
+    appears in an error message.
+    """
+    if cfg.password:
+        return cfg.password
+    if cfg.password_file:
+        try:
+            with open(cfg.password_file, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise AuthFailed(f"cannot read password_file {cfg.password_file}: "
+                             f"{exc.strerror}") from None
+        return _one_line(raw.decode("utf-8", "replace"))
+    if cfg.password_command:
+        try:
+            argv = shlex.split(cfg.password_command)
+        except ValueError as exc:
+            raise AuthFailed(f"password_command: {exc}") from None
+        if not argv:
+            raise AuthFailed("password_command is empty")
+        try:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=SECRET_COMMAND_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise AuthFailed(f"password_command timed out after {SECRET_COMMAND_TIMEOUT:.0f}s"
+                             ) from None
+        except OSError as exc:
+            raise AuthFailed(f"password_command {argv[0]}: {exc.strerror}") from None
+        if proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            hint = f": {err[0][:200]}" if err else ""
+            raise AuthFailed(f"password_command exited with status {proc.returncode}{hint}")
+        return _one_line(proc.stdout.decode("utf-8", "replace"))
+    raise AuthFailed("user is set but no password, password_file or password_command")
+
+
+def _one_line(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
+def _expect_final(client: SmtpClient, reply: Reply, what: str) -> None:
+    """MAIL, RCPT and end of data never answer 1xx/3xx: that is a mis-paired reply."""
+    if reply.intermediate:
+        client.close()
+        raise ProtocolViolation(f"unexpected reply to {what} from {client.where}: {reply}")
