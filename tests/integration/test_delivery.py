@@ -7,10 +7,10 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.helpers.relayq_env import Relayq
 
 from relayq.envelope import FAILED, PENDING, SENT
 from relayq.errors import EX_OK, EX_TEMPFAIL
-from tests.helpers.relayq_env import Relayq
 
 if TYPE_CHECKING:
     from pathlib import Path

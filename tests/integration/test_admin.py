@@ -1,0 +1,113 @@
+"""The admin side: relayq check-config, sendmail -bp, per-user queues, big messages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+
+from relayq.errors import EX_CONFIG, EX_OK
+from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from relayq.testing.smarthost import SmarthostFactory
+
+
+@pytest.fixture
+def rq(tmp_path: Path) -> Relayq:
+    return Relayq(tmp_path)
+
+
+def test_check_config_masks_secrets(rq: Relayq) -> None:
+    rq.configure(user="alerts", password="hunter2-secret", smarthost="[mail.example.org]:587")
+    r = rq.run("relayq", "check-config")
+    assert r.returncode == EX_OK
+    out = r.stdout.decode()
+    assert "hunter2" not in out and 'password = "********"' in out
+    assert 'smarthost = ["[mail.example.org]:587"]' in out
+    assert 'delivery_mode = "queue"' in out
+
+
+def test_check_config_names_a_wrong_key(rq: Relayq) -> None:
+    rq.config.write_text('smarthost = "[mail.example.org]"\nretry_mni = "5m"\n')
+    r = rq.run("relayq", "check-config")
+    assert r.returncode == EX_CONFIG
+    assert "retry_mni" in assert_one_line_error(r)
+
+
+def test_missing_explicit_config_is_an_error(rq: Relayq, tmp_path: Path) -> None:
+    r = rq.sendmail("-C", str(tmp_path / "nope.toml"), "a@example.org", input=b"\nx\n")
+    assert r.returncode == EX_CONFIG
+    assert "nope.toml" in assert_one_line_error(r)
+
+
+def test_minus_C_selects_the_config(rq: Relayq, tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text(f'queue_dir = "{tmp_path}/other-queue"\ndelivery_mode = "queue"\n'
+                     'syslog = false\n')
+    assert rq.sendmail("-C", str(other), "a@example.org", input=b"\nx\n").returncode == EX_OK
+    assert rq.queued() == []
+    assert len(os.listdir(tmp_path / "other-queue" / "queue")) == 2
+
+
+def test_bp_is_mailq(rq: Relayq) -> None:
+    rq.sendmail("a@example.org", input=b"Subject: x\n\nx\n")
+    rq.sendmail("b@example.net", input=b"Subject: x\n\nx\n")
+    listing = rq.sendmail("-bp").stdout
+    assert listing == rq.run("mailq").stdout == rq.run("mailq", "-Ac").stdout
+    assert b"Total requests: 2" in listing
+    assert b"b@example.net" not in rq.sendmail("-bp", "-qR@example.org").stdout
+
+
+def test_version(rq: Relayq) -> None:
+    r = rq.run("relayq", "version")
+    assert r.returncode == EX_OK and r.stdout.startswith(b"relayq ")
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_other_users_get_a_queue_in_their_xdg_state_dir(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    tmp_path.chmod(0o755)
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+           str(BIN / "sendmail"), "-odq", "a@example.org"]
+    r = subprocess.run(cmd, input=b"Subject: x\n\nx\n", env=env, capture_output=True,
+                       timeout=30, check=False)
+    if r.returncode != 0 and b"Permission denied" in r.stderr:
+        pytest.skip("the venv is not readable by nobody here")
+    assert r.returncode == EX_OK, r.stderr
+    queue = home / ".local" / "state" / "relayq" / "queue"
+    assert len(os.listdir(queue)) == 2
+    assert os.stat(queue).st_uid == 65534
+    assert (os.stat(queue.parent).st_mode & 0o777) == 0o700
+
+
+def test_100mb_message_is_relayed_intact(
+    rq: Relayq, smarthost_factory: SmarthostFactory, tmp_path: Path
+) -> None:
+    sh = smarthost_factory(size_limit=None)
+    rq.configure(smarthost=sh.smarthost)
+    src = tmp_path / "big"
+    line = b"0123456789" * 7 + b"abcde\n"
+    digest = hashlib.sha256()
+    with open(src, "wb") as f:
+        f.write(b"Subject: big\n\n")
+        for _ in range((100 << 20) // len(line)):
+            f.write(line)
+            digest.update(line.replace(b"\n", b"\r\n"))
+    with open(src, "rb") as f:
+        r = subprocess.run([str(BIN / "sendmail"), "-i", "a@example.org"], stdin=f,
+                           env=rq.env, capture_output=True, timeout=120, check=False)
+    assert r.returncode == EX_OK, r.stderr
+    assert rq.sendmail("-q", timeout=300).returncode == EX_OK
+    [t] = sh.transactions
+    body = t.content.split(b"\r\n\r\n", 1)[1]
+    assert hashlib.sha256(body).hexdigest() == digest.hexdigest()
