@@ -9,9 +9,9 @@ import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 
 from relayq.errors import EX_CONFIG, EX_OK
-from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 
 if TYPE_CHECKING:
     from pathlib import Path
