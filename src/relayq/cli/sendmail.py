@@ -398,6 +398,8 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
     ctx = Context(cfg)
     msg, _ = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
     mode = args.delivery or cfg.delivery_mode
+    if args.verbose and mode == "b":
+        mode = "i"  # sendmail: -v delivers in the foreground so the dialogue can be shown
     if mode in "qd":
         msg.release()
         return EX_OK
