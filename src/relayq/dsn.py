@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from relayq.envelope import flatten
+from relayq.headers import format_date
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -31,8 +32,6 @@ MAX_VALUE = 900
 # whether it holds 8-bit bytes; past this size it is cut at a line end.
 MAX_HEADER_BLOCK = 1_000_000
 
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=?")
 
 _NOTIFY_WORD = {
@@ -118,17 +117,6 @@ def status_code(reply: str, action: str = FAILED) -> str:
 
 
 # -- formatting helpers --------------------------------------------------------
-
-
-def rfc5322_date(t: float, tz_offset: int) -> str:
-    """'Tue, 24 Nov 2026 19:20:00 +0100'; English names whatever the locale."""
-    tm = time.gmtime(int(t) + tz_offset)
-    sign = "+" if tz_offset >= 0 else "-"
-    hours, minutes = divmod(abs(tz_offset) // 60, 60)
-    return (
-        f"{_DAYS[tm.tm_wday]}, {tm.tm_mday:02d} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
-        f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
-    )
 
 
 def _interval(seconds: float) -> str:
@@ -380,7 +368,7 @@ def _top_headers(
         f"From: Mail Delivery Subsystem <MAILER-DAEMON@{postmaster_domain}>",
         f"To: <{_clean(env.sender)}>",
         f"Subject: {subject}",
-        f"Date: {rfc5322_date(now, tz_offset)}",
+        f"Date: {format_date(now, tz_offset)}",
         f"Message-ID: <{stamp}.{_clean(env.qid)}.{tag}@{reporting_mta}>",
         f"Auto-Submitted: auto-generated ({'failure' if kind == FAILED else 'delay'})",
         "MIME-Version: 1.0",
@@ -410,7 +398,7 @@ def _human_part(
             "    **********************************************",
             "",
         ]
-    lines.append(f"The original message was received at {rfc5322_date(env.created, tz_offset)}")
+    lines.append(f"The original message was received at {format_date(env.created, tz_offset)}")
     if env.user:
         lines.append(f"from local user {_clean(env.user, 100)}")
     lines.append("")
@@ -471,8 +459,8 @@ def _status_part(
     out += ["Content-Description: Delivery report", "", f"Reporting-MTA: dns; {reporting_mta}"]
     if env.envid:
         out.append(f"Original-Envelope-Id: {safe(_xtext_decode(env.envid))}")
-    out.append(f"Arrival-Date: {rfc5322_date(env.created, tz_offset)}")
-    last = rfc5322_date(env.last_try or now, tz_offset)
+    out.append(f"Arrival-Date: {format_date(env.created, tz_offset)}")
+    last = format_date(env.last_try or now, tz_offset)
     for action, group in ((FAILED, failed), (DELAYED, delayed)):
         for r in group:
             reply = r.reply or env.error

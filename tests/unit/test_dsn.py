@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from relayq import dsn
 from relayq.envelope import FAILED, PENDING, Envelope, Recipient
+from relayq.headers import format_date
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -489,9 +490,9 @@ def test_wanted(notify: str, failed: bool, delayed: bool, delivered: bool) -> No
         dsn.wanted(r, "exploded")
 
 
-def test_rfc5322_date_is_locale_free_and_signed() -> None:
-    assert dsn.rfc5322_date(CREATED, 0) == "Wed, 26 Nov 2025 01:20:00 +0000"
-    assert dsn.rfc5322_date(CREATED, -(5 * 3600 + 30 * 60)) == "Tue, 25 Nov 2025 19:50:00 -0530"
+def test_report_dates_are_locale_free_and_signed() -> None:
+    assert format_date(CREATED, 0) == "Wed, 26 Nov 2025 01:20:00 +0000"
+    assert format_date(CREATED, -(5 * 3600 + 30 * 60)) == "Tue, 25 Nov 2025 19:50:00 -0530"
 
 
 # -- golden file -------------------------------------------------------------------------
