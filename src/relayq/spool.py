@@ -335,6 +335,11 @@ class NewMessage:
             os.close(self.fd)
             self.fd = -1
 
+    def detach(self) -> int:
+        """Hand the locked descriptor to the caller (for adopt() or a child process)."""
+        fd, self.fd = self.fd, -1
+        return fd
+
     def abort(self) -> None:
         """Forget a message that was never committed."""
         if self.done:

@@ -528,8 +528,9 @@ def test_interactive_smarthost_down_stays_queued(tmp_path: Path, refused_port: i
 
 @pytest.mark.parametrize(
     ("flags", "code", "said"),
-    [([], EX_NOUSER, True), (["-oeq"], EX_NOUSER, False), (["-oee"], EX_OK, False)],
-    ids=["default", "-oeq", "-oee"],
+    [([], EX_NOUSER, True), (["-oep"], EX_NOUSER, True), (["-oem"], EX_NOUSER, False),
+     (["-oeq"], EX_NOUSER, False), (["-oee"], EX_OK, False)],
+    ids=["default", "-oep", "-oem", "-oeq", "-oee"],
 )
 def test_interactive_one_recipient_refused(
     tmp_path: Path, smarthost_factory: SmarthostFactory, flags: list[str], code: int, said: bool

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from relayq.config import Config
     from relayq.log import Log
-    from relayq.spool import NewMessage, Spool
+    from relayq.spool import Claim, Spool
     from relayq.submit import Context
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
@@ -404,10 +404,9 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         msg.release()
         return EX_OK
     if mode == "b":
-        _background(cfg, log, ctx, spool, msg.qid, msg.fd)
-        msg.fd = -1
+        _background(cfg, log, ctx, spool, msg.qid, msg.detach())
         return EX_OK
-    return _interactive(cfg, log, ctx, spool, msg, args)
+    return _interactive(cfg, log, ctx, spool.adopt(msg.qid, msg.detach()), args)
 
 
 def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd: int) -> None:
@@ -420,6 +419,7 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
         return
     if pid:
         os.close(fd)  # the child's copy keeps the flock
+        os.waitpid(pid, 0)  # the intermediate child exits at once
         return
     code = 0
     try:
@@ -434,8 +434,10 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
         runner = Runner(cfg, spool, log, ctx)
         try:
             claim = spool.adopt(qid, fd)
-            runner.deliver(claim)
-            claim.release()
+            try:
+                runner.deliver(claim)
+            finally:
+                claim.release()
             runner.deliver_bounces()
         finally:
             runner.close()
@@ -448,15 +450,12 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
     os._exit(code)
 
 
-def _interactive(cfg: Config, log: Log, ctx: Context, spool: Spool, msg: NewMessage,
-                 args: Args) -> int:
+def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
     from relayq import policy
     from relayq.runner import Runner
 
-    runner = Runner(cfg, spool, log, ctx, verbose=_verbose_printer(args))
+    runner = Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args))
     try:
-        claim = spool.adopt(msg.qid, msg.fd)
-        msg.fd = -1
         try:
             codes = runner.deliver(claim)
             failed = [r for r in claim.envelope.recipients if r.state == "failed"]
@@ -466,7 +465,9 @@ def _interactive(cfg: Config, log: Log, ctx: Context, spool: Spool, msg: NewMess
     finally:
         runner.close()
     status = policy.interactive_status(codes)
-    if status and args.error_mode in "pmw":
+    # -oep prints; -oem/-oew mail the error back (the bounce is always queued);
+    # -oeq is quiet; -oee exits 0 (sendmail's ErrorMode)
+    if status and args.error_mode == "p":
         for r in failed:
             print(f"sendmail: {r.address}... {r.reply}", file=sys.stderr)
     if args.error_mode == "e":
