@@ -244,7 +244,15 @@ class Runner:
                 return 1
             if not force and env.next_try > time.time():
                 return 1
-            self.deliver(claim)
+            try:
+                self.deliver(claim)
+            except RelayqError as exc:
+                self.log.error(f"{qid}: {exc.message}; left in the queue")
+                return 1
+            except Exception as exc:  # a bug must not stop the rest of the queue
+                self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
+                               "left in the queue")
+                return 1
             return 1 if env.pending() else 0
         finally:
             claim.release()

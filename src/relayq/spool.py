@@ -82,8 +82,11 @@ class Spool:
     def ensure(self) -> None:
         """Create the queue directories (private to the owner) if missing."""
         for path in (self.root, self.queue, self.quarantine_dir):
+            if os.path.isdir(path):
+                continue
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
+                _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
                 raise _io_error(f"create queue directory {path}", exc) from None
 

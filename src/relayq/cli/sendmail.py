@@ -459,6 +459,10 @@ def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) 
         try:
             codes = runner.deliver(claim)
             failed = [r for r in claim.envelope.recipients if r.state == "failed"]
+        except Exception as exc:  # the message is committed: the caller must hear 0
+            log.error(f"{claim.qid}: delivery attempt failed: {type(exc).__name__}: {exc}; "
+                      "queued for the next run")
+            return EX_OK
         finally:
             claim.release()
         runner.deliver_bounces()
