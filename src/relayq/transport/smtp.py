@@ -376,9 +376,20 @@ class SmtpTransport:
         return self._tls
 
     def ehlo_name(self) -> str:
-        """ehlo_name, else domain, else the FQDN (looked up only when needed: it can be slow)."""
+        """ehlo_name, else this host's FQDN (as sendmail's $j), else the mail domain.
+
+        The FQDN comes from /etc/hosts first; DNS (getfqdn) only as a last resort,
+        since it can stall.
+        """
         if not self._ehlo_name:
-            self._ehlo_name = self.config.ehlo_name or self.config.domain or socket.getfqdn()
+            from relayq import hostname
+
+            fqdn = hostname.fqdn()
+            if "." not in fqdn:
+                fqdn = hostname.mail_domain(self.config.domain)
+            if "." not in fqdn:
+                fqdn = socket.getfqdn()
+            self._ehlo_name = self.config.ehlo_name or fqdn
         return self._ehlo_name
 
     def _get_secret(self) -> str:
