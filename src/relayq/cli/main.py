@@ -32,9 +32,9 @@ def _main(argv: list[str]) -> int:
         print(f"relayq {__version__}")
         return EX_OK
     if args.command == "mailq":
-        from relayq.cli import mailq
+        from relayq.cli.mailq import main as mailq_main
 
-        return mailq.main((["-C", args.config] if args.config else [])
+        return mailq_main((["-C", args.config] if args.config else [])
                           + (["--json"] if args.json else []))
     from relayq import config
 

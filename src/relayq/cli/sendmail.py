@@ -316,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = parse(argv)
     if args.mode == "p":
-        from relayq.cli import mailq
+        from relayq.cli.mailq import main as mailq_main
 
         extra = [f"-q{s}" for s in args.selectors] + (["-v"] if args.verbose else [])
-        return mailq.main(extra + (["-C", args.config] if args.config else []))
+        return mailq_main(extra + (["-C", args.config] if args.config else []))
     if args.mode == "i":
         return EX_OK  # no alias database in a null client; accepted like newaliases
     if args.mode in "sd" or args.queue_interval:
