@@ -24,12 +24,12 @@ test-deps:
 	@scripts/apt-install.sh $(TEST_PACKAGES)
 
 test: venv test-deps
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -n 2 -q
 
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 clean:
