@@ -21,7 +21,7 @@ import pytest
 from relayq.cli import _exit
 from relayq.cli.mailq import main, prtstr
 from relayq.envelope import FAILED, SENT, Envelope, Recipient
-from relayq.errors import ConfigError, QueueError, UsageError
+from relayq.errors import ConfigError, UsageError
 from relayq.spool import Spool
 
 if TYPE_CHECKING:
