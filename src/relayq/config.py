@@ -189,6 +189,26 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "max_recipients": (100, _int, "recipients per SMTP transaction"),
     "log_file": ("", _str, "also append log lines to this file"),
     "syslog": (True, _bool, "log to syslog (facility mail)"),
+    # daemon: periodic queue runs and the loopback SMTP listener
+    "queue_interval": (1800.0, _duration, "relayq daemon: time between queue runs"),
+    "concurrency": (4, _int, "parallel deliveries in a queue run of the daemon"),
+    "pid_file": ("", _str, "pid file of a detached daemon (default: /run/relayq.pid as root)"),
+    "listen": (["127.0.0.1:25", "[::1]:25"], _strlist, "SMTP listener addresses"),
+    "listen_nonloopback": (False, _bool, "allow binding a non-loopback listener address"),
+    "daemon_user": ("", _str, "user the daemon runs as after binding port 25 as root"),
+    "smtp_max_connections": (20, _int, "listener: concurrent SMTP connections"),
+    "smtp_max_recipients": (1000, _int, "listener: recipients per message"),
+    "smtp_max_line": (1000, _int, "listener: longest command or data line, in bytes"),
+    "smtp_timeout": (300.0, _duration, "listener: idle time allowed between commands"),
+    "smtp_data_timeout": (600.0, _duration, "listener: time allowed to send the message data"),
+    # local delivery
+    "local_delivery": (False, _bool, "deliver local recipients here (false: relay them)"),
+    "local_domains": ([], _strlist, "domains delivered locally (default: this host's names)"),
+    "aliases_file": ("/etc/aliases", _str, "aliases for local recipients"),
+    "mailbox_format": ("mbox", _choice(("mbox", "maildir")), "mbox | maildir"),
+    "mail_spool": ("/var/mail", _str, "directory of mbox mailboxes"),
+    "allow_file_targets": (False, _bool, "allow aliases that append to files"),
+    "allow_pipe_targets": (False, _bool, "allow aliases that pipe to commands"),
 }
 
 
@@ -222,6 +242,24 @@ class Config:
     max_recipients: int
     log_file: str
     syslog: bool
+    queue_interval: float
+    concurrency: int
+    pid_file: str
+    listen: list[str]
+    listen_nonloopback: bool
+    daemon_user: str
+    smtp_max_connections: int
+    smtp_max_recipients: int
+    smtp_max_line: int
+    smtp_timeout: float
+    smtp_data_timeout: float
+    local_delivery: bool
+    local_domains: list[str]
+    aliases_file: str
+    mailbox_format: str
+    mail_spool: str
+    allow_file_targets: bool
+    allow_pipe_targets: bool
     path: str
 
     def __init__(self, values: dict[str, Any], path: str = "") -> None:

@@ -211,17 +211,18 @@ class Runner:
         for n, qid in enumerate(ids, 1):
             if self.verbose:
                 self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {total})")
-            left += self._one(qid, force, selectors or [])
+            left += self.process(qid, force, selectors or [])
         return left + self.deliver_bounces()
 
     def deliver_bounces(self) -> int:
         """Send the bounces this runner created, over the same connection."""
         left = 0
         while self.bounces:
-            left += self._one(self.bounces.pop(0), True, [])
+            left += self.process(self.bounces.pop(0), True, [])
         return left
 
-    def _one(self, qid: str, force: bool, selectors: list[selector.Selector]) -> int:
+    def process(self, qid: str, force: bool, selectors: list[selector.Selector]) -> int:
+        """Claim and deliver one message if it is due; 1 if it is still queued after."""
         try:
             claim = self.spool.claim(qid)
         except NewerFormat as exc:

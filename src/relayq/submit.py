@@ -38,6 +38,7 @@ class Request:
         "hops",
         "ignore_dots",
         "notify",
+        "rcpt_params",
         "recipients",
         "ret",
         "sender",
@@ -53,6 +54,8 @@ class Request:
         self.extract = False
         self.ignore_dots = False
         self.recipients: list[str] = []  # argv arguments, each maybe a list
+        # per-recipient DSN parameters from SMTP (address as given -> (NOTIFY, ORCPT))
+        self.rcpt_params: dict[str, tuple[str, str]] = {}
         self.notify = ""
         self.ret = ""
         self.envid = ""
@@ -167,12 +170,11 @@ def enqueue(
                 f"Message is too large ({msg.size} bytes; the limit is {cfg.max_message_size})"
             )
 
-        env = Envelope(
-            msg.qid,
-            sender,
-            [Recipient(r, notify=req.notify) for r in result.recipients],
-            now,
-        )
+        rcpts = []
+        for r in result.recipients:
+            notify, orcpt = req.rcpt_params.get(r, (req.notify, ""))
+            rcpts.append(Recipient(r, notify=notify, orcpt=orcpt))
+        env = Envelope(msg.qid, sender, rcpts, now)
         env.user, env.uid = req.user, req.uid
         env.size = msg.size
         env.msgid = result.msgid
