@@ -6,6 +6,12 @@ rules live in one place: a recipient accepted once is never sent again; a
 permanent failure produces one RFC 3464 bounce (never for a bounce); mail
 still queued after max_queue_age bounces with the last reason.
 
+Routing: with local_delivery on, recipients in local_domains go to
+transport/local first (aliases may add remote recipients to the same
+envelope, delivered in the same attempt); everything else goes to the
+smarthost. With it off (the null client) every recipient is relayed as
+submitted, already qualified with `domain`.
+
 Trade-off: the only window for a duplicate is a crash between the relay's
 final 250 and the envelope rewrite that records it (one fsync), as in
 sendmail and Postfix.
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     from relayq.log import Log
     from relayq.spool import Claim, Spool
     from relayq.submit import Context
+    from relayq.transport.local import LocalTransport
     from relayq.transport.smtp import SmtpTransport
 
 
@@ -54,6 +61,7 @@ class Runner:
         self.ctx = ctx
         self.verbose = verbose
         self._transport: SmtpTransport | None = None
+        self._local: LocalTransport | None = None
         self.bounces: list[str] = []
 
     def transport(self) -> SmtpTransport:
@@ -99,10 +107,38 @@ class Runner:
         return codes
 
     def _attempt(self, claim: Claim, pending: list[Recipient], now: float) -> list[Recipient]:
+        """One attempt: local recipients first (they may add remote ones), then the relay."""
+        env = claim.envelope
+        start = time.time()
+        failed: list[Recipient] = []
+        deferral = error = ""
+        remote = pending
+        if self.cfg.local_delivery:
+            local = self.local()
+            mine = [r for r in pending if local.is_local(r.address)]
+            if mine:
+                failed, deferral = self._deliver_local(claim, mine, now, start)
+            remote = [r for r in env.pending() if not local.is_local(r.address)]
+        if remote:
+            more, smtp_deferral, error = self._relay(claim, remote, now, start)
+            failed += more
+            deferral = deferral or smtp_deferral
+        env.attempts += 1
+        env.last_try = now
+        if any(r.state == PENDING for r in env.recipients):
+            env.next_try = now + policy.next_delay(
+                env.attempts, self.cfg.retry_min, self.cfg.retry_max
+            )
+            env.error = "Deferred: " + (error or deferral)
+        return failed
+
+    def _relay(
+        self, claim: Claim, pending: list[Recipient], now: float, start: float
+    ) -> tuple[list[Recipient], str, str]:
+        """Send to the smarthost; returns (failed, first deferral reply, connection error)."""
         from relayq.transport.smtp import OutgoingMessage
 
         env = claim.envelope
-        start = time.time()
         if self.verbose:
             for r in pending:
                 self.verbose(f"{r.address}... Connecting via relay...")
@@ -121,37 +157,141 @@ class Runner:
             result = self.transport().deliver(msg)
         failed: list[Recipient] = []
         first_deferral = ""
+        relay = f", relay={result.relay}" if result.relay else ""
         for r, out in zip(pending, result.outcomes, strict=True):
-            relay = f", relay={result.relay}" if result.relay else ""
-            head = (
-                f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
-                f"xdelay={delay(time.time() - start)}, mailer=relay{relay}, dsn={out.dsn_code}"
-            )
+            self._note(env, r, now, start, f"relay{relay}", out.status, out.reply, out.dsn_code)
             r.reply = out.reply
             if out.status == "sent":
                 r.state = SENT
-                self.log.info(f"{head}, stat=Sent ({_text(out.reply)})")
-                if self.verbose:
-                    self.verbose(f"{r.address}... Sent ({_text(out.reply)})")
             elif out.status == "failed":
                 r.state = FAILED
                 failed.append(r)
-                self.log.info(f"{head}, stat={out.reply}")
-                if self.verbose:
-                    self.verbose(f"{r.address}... {out.reply}")
             else:
                 first_deferral = first_deferral or out.reply
-                self.log.info(f"{head}, stat=Deferred: {out.reply}")
-                if self.verbose:
-                    self.verbose(f"{r.address}... Deferred: {out.reply}")
-        env.attempts += 1
-        env.last_try = now
-        if any(r.state == PENDING for r in env.recipients):
-            env.next_try = now + policy.next_delay(
-                env.attempts, self.cfg.retry_min, self.cfg.retry_max
-            )
-            env.error = "Deferred: " + (result.error or first_deferral)
-        return failed
+        return failed, first_deferral, result.error
+
+    def _note(self, env: Envelope, r: Recipient, now: float, start: float, mailer: str,
+              status: str, reply: str, dsn_code: str) -> None:
+        """The sendmail-style log line (and -v line) for one recipient's outcome."""
+        head = (
+            f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
+            f"xdelay={delay(time.time() - start)}, mailer={mailer}, dsn={dsn_code}"
+        )
+        if status == "sent":
+            self.log.info(f"{head}, stat=Sent ({_text(reply)})")
+            shown = f"Sent ({_text(reply)})"
+        elif status == "failed":
+            self.log.info(f"{head}, stat={reply}")
+            shown = reply
+        else:
+            self.log.info(f"{head}, stat=Deferred: {reply}")
+            shown = f"Deferred: {reply}"
+        if self.verbose:
+            self.verbose(f"{r.address}... {shown}")
+
+    # -- local recipients -----------------------------------------------------
+
+    def local(self) -> LocalTransport:
+        if self._local is None:
+            from relayq.transport.local import LocalTransport
+
+            domains = self.cfg.local_domains or self.ctx.local
+            self._local = LocalTransport(self.cfg, self.ctx.domain, domains)
+        return self._local
+
+    def _deliver_local(
+        self, claim: Claim, mine: list[Recipient], now: float, start: float
+    ) -> tuple[list[Recipient], str]:
+        """Expand and deliver local recipients; returns (failed, first deferral reply).
+
+        An alias becomes new pending recipients (remote addresses and local
+        targets) and is itself marked sent, "expanded to ...". Each local
+        write is recorded at once, so a crash repeats at most the one write
+        in flight. Failures are applied last, after every successful write
+        was recorded: a failure on disk always has its bounce (made by
+        deliver() before the final record).
+        """
+        from relayq.transport import local as lt
+
+        env = claim.envelope
+        transport = self.local()
+        failures: list[tuple[Recipient, str]] = []
+        added_failed: list[Recipient] = []
+        deferral = ""
+        known = {r.address for r in env.recipients}
+        jobs: list[tuple[Recipient, lt.LocalTarget]] = []
+        for r in mine:
+            if lt.is_record(r.address):
+                continue
+            exp = transport.expand(r.address)
+            if exp.status == "deliver" and exp.direct is not None:
+                jobs.append((r, exp.direct))
+            elif exp.status == "deferred":
+                r.reply = exp.reply
+                deferral = deferral or exp.reply
+                self._note(env, r, now, start, "local", "deferred", exp.reply, _code(exp.reply))
+            elif exp.status == "failed":
+                failures.append((r, exp.reply))
+            else:
+                orcpt = r.orcpt or lt.orcpt_for(r.address)
+                for rec in exp.records:
+                    if rec not in known:
+                        known.add(rec)
+                        env.recipients.append(Recipient(rec, notify=r.notify, orcpt=orcpt))
+                for name in exp.unknown:
+                    addr = f"{name}@{address.split(r.address)[1] or self.ctx.domain}"
+                    if addr not in known:
+                        known.add(addr)
+                        bad = Recipient(addr, PENDING, r.notify, orcpt)
+                        added_failed.append(bad)
+                        failures.append((bad, f"550 5.1.1 <{addr}>... User unknown"))
+                r.state = SENT
+                r.reply = _expanded(exp.records)
+                self._note(env, r, now, start, "local", "sent", r.reply, "2.1.5")
+        trusted: dict[str, lt.LocalTarget] | None = None
+        for r in env.pending():
+            if not lt.is_record(r.address):
+                continue
+            if trusted is None:
+                originals = [
+                    x.address for x in env.recipients
+                    if x.state != FAILED and not lt.is_record(x.address)
+                    and transport.local_part(x.address) is not None
+                ]
+                trusted = transport.trusted_targets(originals)
+            target = trusted.get(r.address)
+            if target is None:
+                failures.append((r, f"550 5.1.1 <{r.address}>... User unknown "
+                                    "(no alias of this message names it now)"))
+            else:
+                jobs.append((r, target))
+        if jobs:
+            claim.record()  # the expansions, before anything is written
+            with claim.open_data() as data:
+                for r, target in jobs:
+                    to = r.address
+                    if lt.is_record(r.address):
+                        to = lt.delivered_to(r.address, r.orcpt, target, self.ctx.domain)
+                    out = transport.deliver(target, data, sender=env.sender, recipient=to,
+                                            now=now)
+                    self._note(env, r, now, start, "local", out.status, out.reply, out.dsn_code)
+                    if out.status == "sent":
+                        r.state = SENT
+                        r.reply = out.reply
+                        claim.record()
+                    elif out.status == "failed":
+                        failures.append((r, out.reply))
+                    else:
+                        r.reply = out.reply
+                        deferral = deferral or out.reply
+        env.recipients.extend(added_failed)
+        failed = []
+        for r, reply in failures:
+            r.state = FAILED
+            r.reply = reply
+            failed.append(r)
+            self._note(env, r, now, start, "local", "failed", reply, _code(reply))
+        return failed, deferral
 
     def _bounce(self, claim: Claim, failed: list[Recipient], now: float) -> None:
         env = claim.envelope
@@ -261,6 +401,14 @@ class Runner:
 
 def _code(reply: str) -> str:
     return dsn.status_code(reply)
+
+
+def _expanded(records: list[str]) -> str:
+    """The reply recorded for an expanded alias (shown by mailq and in the log)."""
+    text = ", ".join(records)
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"250 2.1.5 expanded to {text}"
 
 
 def _text(reply: str) -> str:
