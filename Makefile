@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli
+TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks
 
 .PHONY: demo test venv test-deps lint clean
 

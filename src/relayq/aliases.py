@@ -34,12 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relayq.errors import EX_CONFIG, EX_DATAERR, EX_OK, RelayqError
+from relayq.errors import EX_DATAERR, RelayqError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from relayq.config import Config
 
 MAX_DEPTH = 20
 
@@ -328,33 +327,3 @@ def expand(
 
 
 # -- newaliases ----------------------------------------------------------------
-
-
-def cli_check(cfg: Config) -> int:
-    """`newaliases` / `sendmail -bi`: check the aliases file and print its statistics.
-
-    There is no compiled form (the file is parsed at each delivery, it is
-    small), so this only proves the file parses, in sendmail's words:
-    "PATH: N aliases, longest N bytes, N bytes total". Exit 65 for a syntax
-    error (file:line on stderr), 78 when the file cannot be read.
-    """
-    import sys
-
-    path = cfg.aliases_file
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
-    except OSError as exc:
-        print(f"newaliases: aliases_file: cannot read {path}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return EX_CONFIG
-    try:
-        table = parse(text, path)
-    except AliasError as exc:
-        print(f"newaliases: {exc.message}", file=sys.stderr)
-        return EX_DATAERR
-    for warning in table.warnings:
-        print(f"newaliases: warning: {warning}", file=sys.stderr)
-    print(f"{path}: {len(table.entries)} aliases, longest {table.longest} bytes, "
-          f"{table.total} bytes total")
-    return EX_OK

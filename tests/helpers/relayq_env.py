@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relayq.errors import DamagedQueueFile
 from relayq.spool import Spool
 
 if TYPE_CHECKING:
@@ -49,7 +50,13 @@ class Relayq:
                 lines.append(f"{key} = [{', '.join(repr(str(v)) for v in value)}]")
             else:
                 lines.append(f"{key} = {str(value)!r}".replace("'", '"'))
-        self.config.write_text("\n".join(lines) + "\n")
+        self.write_config("\n".join(lines) + "\n")
+
+    def write_config(self, text: str) -> None:
+        """Replace the config atomically: a running daemon may reload it at any moment."""
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
 
     @property
     def env(self) -> dict[str, str]:
@@ -76,8 +83,14 @@ class Relayq:
         spool = self.spool
         out = []
         for qid in spool.ids():
-            with open(spool.data_path(qid), "rb") as f:
-                out.append((spool.read_envelope(qid), f.read()))
+            try:  # a running daemon may finish a message between listing and reading
+                env = spool.read_envelope(qid)
+                with open(spool.data_path(qid), "rb") as f:
+                    out.append((env, f.read()))
+            except (FileNotFoundError, DamagedQueueFile):
+                if os.path.exists(spool.data_path(qid)) and os.path.exists(
+                        os.path.join(spool.queue, qid + ".e")):
+                    raise
         return out
 
     def log(self) -> str:

@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from tests.helpers.relayq_env import Relayq
+from tests.helpers.relayq_env import Relayq, assert_one_line_error
 
 from relayq import config, mailbox
 from relayq.envelope import FAILED, PENDING, SENT, Recipient
@@ -471,20 +471,24 @@ def test_without_local_delivery_local_names_are_relayed_qualified(
 # -- newaliases --------------------------------------------------------------------------
 
 
-def test_newaliases_checks_and_counts(rq: Relayq, capsys: pytest.CaptureFixture[str]) -> None:
-    from relayq.aliases import cli_check
-
+@pytest.mark.parametrize("cmd", [["newaliases"], ["sendmail", "-bi"], ["relayq", "newaliases"]])
+def test_newaliases_checks_and_counts(rq: Relayq, cmd: list[str]) -> None:
     aliases(rq, "# comment\nroot: admin@example.org\npostmaster: root\n")
-    cfg = config.load(str(rq.config), explicit=True)
-    assert cli_check(cfg) == EX_OK
-    assert capsys.readouterr().out == (
+    r = rq.run(*cmd)
+    assert r.returncode == EX_OK, r.stderr
+    assert r.stdout.decode() == (
         f"{rq.root}/aliases: 2 aliases, longest 18 bytes, 39 bytes total\n")
     aliases(rq, "root: admin@example.org\nbroken line\n")
-    assert cli_check(cfg) == 65
-    assert f"{rq.root}/aliases:2: missing ':'" in capsys.readouterr().err
-    cfg.aliases_file = str(rq.root / "missing")
-    assert cli_check(cfg) == 78
-    assert "aliases_file: cannot read" in capsys.readouterr().err
+    r = rq.run(*cmd)
+    assert r.returncode == 65
+    assert f"{rq.root}/aliases:2: missing ':'" in assert_one_line_error(r)
+    rq.configure(aliases_file=str(rq.root / "aliases" / "not-a-dir"))
+    r = rq.run(*cmd)
+    assert r.returncode == 78
+    assert "aliases_file: cannot read" in assert_one_line_error(r)
+    rq.configure(aliases_file=str(rq.root / "missing"))
+    r = rq.run(*cmd)
+    assert r.returncode == EX_OK and b"no aliases" in r.stdout
 
 
 def test_a_broken_aliases_file_defers_local_mail(rq: Relayq) -> None:

@@ -1,4 +1,4 @@
-"""`relayq`: the administrator's command (flush, run, check-config, mailq)."""
+"""`relayq`: the administrator's command (flush, run, daemon, check-config, mailq, install)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show the SMTP dialogue")
     p.add_argument("-L", "--tag", default="relayq", help="syslog tag")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("flush", help="try every queued message now (sendmail -q)")
+    sub.add_parser("flush", help="try every queued message now (sendmail -q); "
+                   "a running daemon is told to retry too")
+    d = sub.add_parser("daemon", help="queue runs on an interval, and the SMTP listener")
+    d.add_argument("--listen", action="store_true", help="also accept SMTP (listen addresses)")
+    d.add_argument("--foreground", action="store_true",
+                   help="do not detach (implied under systemd)")
+    d.add_argument("-q", dest="interval", metavar="INTERVAL",
+                   help="time between queue runs, e.g. 30m (default: queue_interval)")
     sub.add_parser("run", help="deliver the messages whose retry time has come")
     sub.add_parser("check-config", help="print the effective configuration, secrets masked")
+    sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
+    i = sub.add_parser("install", help="link /usr/sbin/sendmail, mailq, newaliases to relayq")
+    i.add_argument("--force", action="store_true",
+                   help="replace another MTA's commands (they are kept aside)")
+    i.add_argument("--uninstall", action="store_true", help="remove the links, restore originals")
+    i.add_argument("--root", default="/", help="install below this directory (packaging)")
     q = sub.add_parser("mailq", help="list the queue (as mailq)")
     q.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
@@ -36,11 +49,25 @@ def _main(argv: list[str]) -> int:
 
         return mailq_main((["-C", args.config] if args.config else [])
                           + (["--json"] if args.json else []))
+    if args.command == "install":
+        from relayq.cli.install import run_install
+
+        return run_install(args.root, args.force, args.uninstall)
+    if args.command == "daemon":
+        from relayq import daemon
+
+        return daemon.start(config_path=args.config, explicit=args.config is not None,
+                            tag=args.tag, interval=args.interval, listen=args.listen,
+                            foreground=args.foreground)
     from relayq import config
 
     cfg = config.load(args.config, explicit=args.config is not None)
     if args.command == "check-config":
         return check_config(cfg)
+    if args.command == "newaliases":
+        from relayq.cli.newaliases import check
+
+        return check(cfg)
     from relayq.log import Log
     from relayq.runner import Runner
     from relayq.spool import Spool
@@ -53,6 +80,14 @@ def _main(argv: list[str]) -> int:
         left = runner.run(force=args.command == "flush")
     finally:
         runner.close()
+    if left and args.command == "flush":
+        # what is left may be held by a running daemon: have it retry everything too
+        from relayq.daemon import poke
+
+        pid = poke(cfg)
+        if pid is not None:
+            log.info(f"flush: {left} message(s) left; told the daemon (pid {pid}) to run "
+                     "the queue")
     return EX_TEMPFAIL if left else EX_OK
 
 

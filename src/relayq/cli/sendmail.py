@@ -22,7 +22,6 @@ from relayq.cli._exit import run
 from relayq.errors import (
     EX_OK,
     EX_TEMPFAIL,
-    EX_UNAVAILABLE,
     PermissionRefused,
     RelayqError,
     UsageError,
@@ -95,6 +94,7 @@ class Args:
         self.recipients: list[str] = []
         self.ignored: list[str] = []
         self.queue_group = "c"
+        self.foreground = False  # -bD: the daemon stays in the foreground
 
 
 def _long_option(args: Args, name: str, value: str, shown: str) -> None:
@@ -186,6 +186,7 @@ def parse(argv: list[str]) -> Args:
                 if value[:1] not in set("mpsdDivthHP") or len(value) != 1:
                     raise UsageError(f"Invalid operation mode {value}")
                 args.mode = "d" if value == "D" else value
+                args.foreground = value == "D"
             elif opt == "q":
                 _queue_option(args, value)
             elif opt == "A":
@@ -236,14 +237,17 @@ def parse(argv: list[str]) -> Args:
 
 def _queue_option(args: Args, value: str) -> None:
     args.queue_run = True
-    if not value or value in ("f", "p"):
+    if value == "p":
+        args.queue_interval = "p"
+        return
+    if not value or value == "f":
         return
     if value[0] in "IRS" or value[0] == "!":
         args.selectors.append(value)
     elif value[0].isdigit():
         args.queue_interval = value
-    elif value[0] == "p":
-        args.queue_interval = value[1:] or "0"
+    elif value[0] == "p":  # persistent runner: the daemon; -qp alone uses queue_interval
+        args.queue_interval = value[1:] or "p"
     elif value[0] in "GQL":
         args.ignored.append(f"-q{value}")
     else:
@@ -320,20 +324,36 @@ def _main(argv: list[str]) -> int:
 
         extra = [f"-q{s}" for s in args.selectors] + (["-v"] if args.verbose else [])
         return mailq_main(extra + (["-C", args.config] if args.config else []))
-    if args.mode == "i":
-        return EX_OK  # no alias database in a null client; accepted like newaliases
-    if args.mode in "sd" or args.queue_interval:
-        what = {"s": "-bs (SMTP on stdin)", "d": "-bd (SMTP daemon)"}.get(
-            args.mode, f"-q{args.queue_interval} (queue-run daemon)")
-        raise RelayqError(f"{what} is not supported by this relayq version", EX_UNAVAILABLE)
+    if args.mode == "d" or args.queue_interval:
+        from relayq import daemon
+
+        return daemon.start(config_path=args.config, explicit=args.config is not None,
+                            tag=args.tag, interval=args.queue_interval or None,
+                            listen=args.mode == "d", foreground=args.foreground)
+    if args.mode == "s":
+        return smtp_session(args)
     if args.mode in "thHP":
         raise UsageError(f"-b{args.mode} is not supported")
     cfg, log = _open(args)
+    if args.mode == "i":
+        from relayq.cli.newaliases import check
+
+        return check(cfg)
     if args.queue_run:
         return queue_run(cfg, log, args)
     if args.mode == "v":
         return verify(cfg, args)
     return submit(cfg, log, args)
+
+
+def smtp_session(args: Args) -> int:
+    """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
+    from relayq.listener import serve_stdio
+
+    cfg, log = _open(args)
+    user, uid, _ = _user()
+    mode = args.delivery or cfg.delivery_mode
+    return serve_stdio(cfg, log, user=user, uid=uid, mode=mode)
 
 
 def verify(cfg: Config, args: Args) -> int:

@@ -1,0 +1,737 @@
+"""The long-running relayq: periodic queue runs, wake-ups for new mail, signals.
+
+One process, three kinds of thread:
+
+- the main thread schedules: a queue run every `interval` (from `-q29m` or
+  `queue_interval`), a wake-up when a new message appears in the queue (the
+  queue directory's mtime is polled every 0.25 s, with a full listing every
+  5 s as a backstop; the submitting `sendmail` never talks to the daemon, so
+  it can never block on it), and the signals: SIGTERM/SIGINT stop, SIGHUP
+  reloads the configuration, SIGUSR1 runs the whole queue now (force);
+- `concurrency` worker threads, each with its own Runner and so its own
+  smarthost connection, reused across messages and closed after a few idle
+  seconds; they take queue ids from one shared queue, and a qid is never
+  handed to two workers at once (the message's flock guards against other
+  processes anyway);
+- optionally the SMTP listener (relayq.listener), an asyncio loop in its own
+  thread, which hands every committed message straight to the workers.
+
+Periodic and wake-up runs never retry a message early (force=False); only
+SIGUSR1 and `relayq flush` do. A message that is due but locked by another
+process (the submitter between commit and unlock, a background child, a cron
+`sendmail -q`) is looked at again shortly after, backing off to 30 s.
+
+Stopping: SIGTERM lets every worker finish the message in flight and exits.
+A delivery still stuck after STOP_GRACE seconds is abandoned: the process
+exits, the kernel drops its lock, and the message stays queued with its last
+recorded state (records are replaced by rename, so no record is ever half
+written). The only risk is the usual duplicate window: a relay that had
+already answered 250 to the final dot when we gave up.
+
+Started the sendmail way (`sendmail -q29m`, `sendmail -bd -q29m`, `relayq
+daemon` from a terminal) it detaches: double fork, setsid, stdio to
+/dev/null; the parent waits until the child has its pid file and sockets and
+exits 0, or prints the child's one-line error with its exit code. Under
+systemd (`--foreground`, or INVOCATION_ID / NOTIFY_SOCKET set) it stays in
+the foreground and speaks sd_notify (READY, RELOADING, STOPPING).
+
+The pid file is written atomically (temp file, fsync, link into place) and
+the daemon holds an flock on it for its whole life: a locked pid file means
+a live daemon (start refused, exit 75); an unlocked one is stale and
+replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from relayq.errors import (
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    ConfigError,
+    RelayqError,
+    TempFailure,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from relayq.config import Config
+    from relayq.listener import Listener
+    from relayq.log import Log
+    from relayq.runner import Runner
+    from relayq.submit import Context
+
+POLL = 0.25  # how often the queue directory is looked at
+RESCAN = 5.0  # a full listing at least this often (mtime granularity backstop)
+IDLE_CLOSE = 5.0  # a worker closes its smarthost connection after this idle time
+STOP_GRACE = 5.0  # how long SIGTERM waits for deliveries in flight
+RECHECK_MIN, RECHECK_MAX = 0.5, 30.0
+ROOT_PID_FILE = "/run/relayq.pid"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+# --- small pieces ----------------------------------------------------------------
+
+
+def parse_interval(text: str) -> float:
+    """A sendmail queue interval: `30s`, `29m`, `1h30m`, `2d`; a bare number is minutes."""
+    total, num = 0, ""
+    for ch in text.strip():
+        if ch.isdigit():
+            num += ch
+        elif ch.lower() in _UNITS and num:
+            total += int(num) * _UNITS[ch.lower()]
+            num = ""
+        else:
+            raise UsageError(f"Invalid queue interval {text!r} (use e.g. 30s, 29m, 1h30m)")
+    if num:
+        total += int(num) * 60  # sendmail's convtime(): minutes by default for -q
+    if total <= 0:
+        raise UsageError(f"Invalid queue interval {text!r}: must be at least 1s")
+    return float(total)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd about our state (READY=1, RELOADING=1, STOPPING=1); False if not asked."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError:
+        return False
+    return True
+
+
+def _monotonic_usec() -> int:
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+
+
+def under_systemd() -> bool:
+    """systemd sets INVOCATION_ID for every service and NOTIFY_SOCKET for Type=notify."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
+
+
+def pid_path(cfg: Config) -> str:
+    """The configured pid file, else /run/relayq.pid for root, else one in the queue dir."""
+    if cfg.pid_file:
+        return cfg.pid_file
+    if os.geteuid() == 0:
+        return ROOT_PID_FILE
+    return os.path.join(cfg.queue_dir, "relayq.pid")
+
+
+class PidFile:
+    """A pid file that is also a lock: held (flock) by the live daemon for its whole life."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    @staticmethod
+    def running(path: str) -> int | None:
+        """The pid of the live daemon holding `path`, or None (absent or stale)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            return None
+        finally:
+            os.close(fd)
+
+    def _refuse(self, pid: int) -> TempFailure:
+        who = f"pid {pid}" if pid > 0 else "pid unknown"
+        return TempFailure(f"a relayq daemon is already running ({who}, pid file {self.path})")
+
+    def acquire(self) -> None:
+        """Write our pid atomically and lock it; TempFailure (75) if a daemon holds it."""
+        pid = self.running(self.path)
+        if pid is not None:
+            raise self._refuse(pid)
+        folder = os.path.dirname(self.path) or "."
+        tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RelayqError(f"cannot write pid file {self.path}: {exc.strerror}",
+                              EX_OSERR) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            for _ in range(5):
+                try:
+                    os.link(tmp, self.path)  # atomic, and never over a live daemon's file
+                    break
+                except FileExistsError:
+                    other = self.running(self.path)
+                    if other is not None:
+                        raise self._refuse(other) from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)  # stale: nobody holds it
+            else:
+                raise TempFailure(f"cannot take pid file {self.path}: it keeps changing")
+        except BaseException as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise RelayqError(f"cannot write pid file {self.path}: {exc.strerror}",
+                                  EX_OSERR) from None
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass  # after dropping privileges /run may not be ours: the lock says stale
+        os.close(self.fd)
+        self.fd = -1
+
+
+def poke(cfg: Config) -> int | None:
+    """SIGUSR1 to the running daemon (for `relayq flush`); its pid, or None if none runs."""
+    pid = PidFile.running(pid_path(cfg))
+    if pid is None or pid <= 0:
+        return None
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return None
+    return pid
+
+
+def drop_privileges(user: str, log: Log) -> None:
+    """As root with `daemon_user` set: become that user after binding port 25."""
+    if not user or os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"daemon_user: no such user {user!r}") from None
+    try:
+        os.initgroups(pw.pw_name, pw.pw_gid)
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    except OSError as exc:
+        raise RelayqError(f"cannot become {user}: {exc.strerror}", EX_OSERR) from None
+    if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
+        raise RelayqError(f"cannot become {user}", EX_OSERR)
+    os.environ["HOME"] = pw.pw_dir
+    log.info(f"running as {user} (uid {pw.pw_uid})")
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_FDS from fd 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    out = []
+    for fd in range(3, 3 + count):
+        os.set_inheritable(fd, False)
+        out.append(socket.socket(fileno=fd))
+    return out
+
+
+# --- the daemon ------------------------------------------------------------------
+
+
+class Options:
+    """How the daemon was asked to run (from `sendmail -q.. -bd` or `relayq daemon`)."""
+
+    def __init__(self, *, interval: float | None = None, listen: bool = False,
+                 foreground: bool = False, tag: str = "relayq",
+                 loader: Callable[[], Config] | None = None) -> None:
+        self.interval = interval  # None: the config's queue_interval
+        self.listen = listen
+        self.foreground = foreground
+        self.tag = tag
+        self.loader = loader  # re-reads the same file on SIGHUP
+
+
+class Daemon:
+    def __init__(self, cfg: Config, log: Log, opts: Options) -> None:
+        from relayq.spool import Spool
+        from relayq.submit import Context
+
+        self.cfg = cfg
+        self.log = log
+        self.opts = opts
+        self.ctx: Context = Context(cfg)
+        self.spool = Spool(cfg.queue_dir)
+        self.generation = 0  # bumped by a reload: workers rebuild their Runner
+        self.listener: Listener | None = None
+        self._work: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending: dict[str, bool] = {}  # queued for a worker -> force
+        self._active: set[str] = set()  # being delivered now
+        self._recheck: dict[str, tuple[float, float]] = {}  # qid -> (when, delay)
+        self._known: set[str] = set()
+        self._dir_mtime = -1
+        self._last_scan = 0.0
+        self._event = threading.Event()
+        self._flags: set[str] = set()
+        self._stopping = False
+        self._workers: list[threading.Thread] = []
+        self.runs = 0
+
+    @property
+    def interval(self) -> float:
+        return self.opts.interval or self.cfg.queue_interval or 1800.0
+
+    @property
+    def wakeups(self) -> bool:
+        """New mail goes out at once, except in laptop (deferred) mode."""
+        return self.cfg.delivery_mode != "d"
+
+    # -- signals (main thread) -----------------------------------------------------
+
+    def _signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._flags.add("hup")
+        elif signum == signal.SIGUSR1:
+            self._flags.add("usr1")
+        else:
+            self._flags.add("term")
+        self._event.set()
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    # -- handing out work (any thread) ---------------------------------------------
+
+    def dispatch(self, qid: str, force: bool) -> None:
+        """Queue one message for a worker unless one already has it."""
+        with self._lock:
+            if self._stopping or qid in self._active:
+                return
+            if qid in self._pending:
+                self._pending[qid] = self._pending[qid] or force
+                return
+            self._pending[qid] = force
+        self._work.put(qid)
+
+    def committed(self, qid: str) -> None:
+        """Called by the listener after a commit: deliver it now (unless deferred mode)."""
+        if self.wakeups:
+            self.dispatch(qid, False)
+
+    def queue_run(self, force: bool) -> None:
+        """Hand every queued message to the workers (the ones not yet due are skipped)."""
+        self.runs += 1
+        try:
+            self.spool.sweep()
+        except OSError as exc:
+            self.log.warning(f"queue sweep failed: {exc}")
+        try:
+            ids = self.spool.ids()
+        except RelayqError as exc:
+            self.log.error(f"queue run: {exc.message}")
+            return
+        self._known = set(ids)
+        self._last_scan = time.monotonic()
+        for qid in ids:
+            self.dispatch(qid, force)
+
+    def _scan_for_new(self) -> None:
+        """Wake-up: dispatch messages that appeared since the last look."""
+        now = time.monotonic()
+        try:
+            mtime = os.stat(self.spool.queue).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._dir_mtime and now - self._last_scan < RESCAN:
+            return
+        self._dir_mtime = mtime
+        self._last_scan = now
+        try:
+            ids = self.spool.ids()
+        except RelayqError:
+            return
+        new = [q for q in ids if q not in self._known]
+        self._known = set(ids)
+        for qid in new:
+            self.dispatch(qid, False)
+
+    def _due_rechecks(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [q for q, (when, _) in self._recheck.items() if when <= now]
+        for qid in due:
+            self.dispatch(qid, False)
+
+    def _after(self, qid: str, left: int, force: bool) -> None:
+        """A message left queued although due was locked elsewhere: look again soon."""
+        env = None
+        if left and not force:
+            try:
+                env = self.spool.read_envelope(qid)
+            except (OSError, RelayqError):
+                env = None
+        with self._lock:
+            if env is None or not env.pending() or env.next_try > time.time():
+                self._recheck.pop(qid, None)
+                return
+            _, delay = self._recheck.get(qid, (0.0, RECHECK_MIN / 2))
+            delay = min(delay * 2, RECHECK_MAX)
+            self._recheck[qid] = (time.monotonic() + delay, delay)
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _new_runner(self) -> Runner:
+        from relayq.runner import Runner
+
+        return Runner(self.cfg, self.spool, self.log, self.ctx)
+
+    def _worker(self) -> None:
+        runner: Runner | None = None
+        generation = -1
+        try:
+            while True:
+                try:
+                    qid = self._work.get(timeout=IDLE_CLOSE)
+                except queue.Empty:
+                    if runner is not None:  # idle: let the smarthost go
+                        runner.close()
+                        runner = None
+                    continue
+                if qid is None:
+                    return
+                with self._lock:
+                    force = self._pending.pop(qid, False)
+                    if self._stopping:
+                        continue
+                    self._active.add(qid)
+                left = 1
+                try:
+                    if runner is None or generation != self.generation:
+                        if runner is not None:
+                            runner.close()
+                        runner, generation = self._new_runner(), self.generation
+                    left = runner.process(qid, force, [])
+                    runner.deliver_bounces()
+                except Exception as exc:  # a bug must not kill the worker
+                    self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
+                                   "left in the queue")
+                finally:
+                    with self._lock:
+                        self._active.discard(qid)
+                self._after(qid, left, force)
+        finally:
+            if runner is not None:
+                runner.close()
+
+    def start_workers(self) -> None:
+        for n in range(max(1, self.cfg.concurrency)):
+            t = threading.Thread(target=self._worker, name=f"relayq-worker-{n}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    # -- reload ------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again; a bad one is refused and the old kept."""
+        from relayq.log import Log
+        from relayq.spool import Spool
+        from relayq.submit import Context
+
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+        try:
+            if self.opts.loader is None:
+                raise ConfigError("no configuration file to reload")
+            cfg = self.opts.loader()
+            ctx = Context(cfg)
+        except RelayqError as exc:
+            self.log.error(f"reload refused, keeping the running configuration: {exc.message}")
+            sd_notify("READY=1\nSTATUS=reload refused: bad configuration")
+            return
+        if self.listener is not None and cfg.listen != self.cfg.listen:
+            self.log.warning("listen addresses changed: restart the daemon to apply them")
+        echo = self.log.echo
+        self.log = Log(self.opts.tag, use_syslog=cfg.syslog, path=cfg.log_file, echo=echo)
+        self.cfg, self.ctx = cfg, ctx
+        self.spool = Spool(cfg.queue_dir)
+        self._known = set()
+        self._dir_mtime = -1
+        self.generation += 1
+        if self.listener is not None:
+            self.listener.reload(cfg, ctx, self.log)
+        self.log.info(f"configuration reloaded from {cfg.path}")
+        sd_notify("READY=1\nSTATUS=configuration reloaded")
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until SIGTERM; the caller has installed signals and bound sockets."""
+        self.start_workers()
+        if self.listener is not None:
+            self.listener.start()
+        what = f"queue runs every {_show(self.interval)}"
+        if self.listener is not None:
+            what += ", SMTP on " + ", ".join(self.listener.addresses())
+        self.log.info(f"starting daemon (pid {os.getpid()}): {what}")
+        sd_notify(f"READY=1\nSTATUS={what}\nMAINPID={os.getpid()}")
+        next_run = time.monotonic()
+        try:
+            while True:
+                self._event.wait(POLL)
+                self._event.clear()
+                flags, self._flags = self._flags, set()
+                if "term" in flags:
+                    break
+                if "hup" in flags:
+                    self.reload()
+                if "usr1" in flags:
+                    self.log.info("SIGUSR1: running the whole queue now")
+                    self.queue_run(force=True)
+                    next_run = time.monotonic() + self.interval
+                if time.monotonic() >= next_run:
+                    self.queue_run(force=False)
+                    next_run = time.monotonic() + self.interval
+                if self.wakeups:
+                    self._scan_for_new()
+                self._due_rechecks()
+        finally:
+            self.stop()
+        return EX_OK
+
+    def stop(self) -> None:
+        """Finish the messages in flight (up to STOP_GRACE), then return; the rest waits."""
+        sd_notify("STOPPING=1")
+        with self._lock:
+            self._stopping = True
+            self._pending.clear()
+        self.log.info("stopping daemon")
+        if self.listener is not None:
+            self.listener.stop()
+        while True:
+            try:
+                self._work.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._workers:
+            self._work.put(None)
+        deadline = time.monotonic() + STOP_GRACE
+        for t in self._workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            stuck = sorted(self._active)
+        if stuck:
+            self.log.warning(f"abandoning {len(stuck)} delivery in flight ({', '.join(stuck)}); "
+                             "it stays queued")
+
+
+def _show(seconds: float) -> str:
+    s = int(seconds)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if s >= size and s % size == 0:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+# --- starting -------------------------------------------------------------------------
+
+
+def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
+    """Everything that can fail before we are ready: pid file, sockets, privileges."""
+    from relayq.spool import Spool
+
+    sockets: list[socket.socket] = []
+    passed = systemd_sockets()
+    if opts.listen or passed:
+        from relayq import listener
+
+        if passed:
+            listener.check_sockets(cfg, passed)
+            sockets = passed
+        else:
+            sockets = listener.bind(cfg)
+    pid = PidFile(pid_path(cfg))
+    try:
+        pid.acquire()
+        # import the delivery code now: after dropping privileges the install
+        # might not be readable, and the first delivery should not wait for it
+        import relayq.runner
+        import relayq.transport.smtp  # noqa: F401
+
+        drop_privileges(cfg.daemon_user, log)
+        Spool(cfg.queue_dir).ensure()
+    except BaseException:
+        pid.release()
+        for s in sockets:
+            s.close()
+        raise
+    daemon = Daemon(cfg, log, opts)
+    if sockets:
+        from relayq.listener import Listener
+
+        daemon.listener = Listener(cfg, log, daemon.ctx, sockets, on_commit=daemon.committed)
+    return daemon, pid
+
+
+def run(cfg: Config, log: Log, opts: Options) -> int:
+    """Start the daemon: in the foreground, or detached the sendmail way."""
+    if opts.listen:
+        from relayq import listener
+
+        listener.check_config(cfg)  # exit 78 on the terminal, before forking
+    if opts.foreground or under_systemd():
+        log.echo = not cfg.syslog and not cfg.log_file
+        daemon, pid = _setup(cfg, log, opts)
+        daemon.install_signals()
+        try:
+            return daemon.serve()
+        finally:
+            pid.release()
+    return _detach(cfg, log, opts)
+
+
+def _detach(cfg: Config, log: Log, opts: Options) -> int:
+    """Double fork; the parent reports the child's setup result (0, or the error and code)."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(pid, 0)
+        text = b"".join(chunks).decode("utf-8", "replace").strip()
+        status, _, message = text.partition(" ")
+        if not status.isdigit():
+            raise RelayqError("the daemon died while starting (see the mail log)", EX_SOFTWARE)
+        if int(status) != EX_OK:
+            raise RelayqError(message, int(status))
+        return EX_OK
+    os.close(r)
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        if null > 2:
+            os.close(null)
+        daemon, pidfile = _setup(cfg, log, opts)
+        daemon.install_signals()
+    except RelayqError as exc:
+        _report(w, exc.code, exc.message)
+        os._exit(exc.code)
+    except BaseException as exc:
+        _report(w, EX_SOFTWARE, f"cannot start: {type(exc).__name__}: {exc}")
+        os._exit(EX_SOFTWARE)
+    _report(w, EX_OK, "started")
+    code = EX_SOFTWARE
+    try:
+        code = daemon.serve()
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            log.error(f"daemon failed: {type(exc).__name__}: {exc}")
+    finally:
+        pidfile.release()
+    os._exit(code)
+
+
+def _report(fd: int, code: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{code} {message}\n".encode())
+        os.close(fd)
+
+
+def config_loader(path: str | None, explicit: bool) -> Callable[[], Config]:
+    """Re-read exactly the file read at start, even after dropping privileges.
+
+    config.load() picks its default path and queue by the current uid, which
+    changes when root drops to daemon_user; so the path and the default queue
+    are fixed here once.
+    """
+    from relayq import config
+
+    uid = os.getuid()
+    home = os.environ.get("HOME") or "/"
+    if path is None:
+        path = config.default_path(os.environ, uid, home)
+        explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
+    queue_default = config.default_queue(os.environ, uid, home)
+    fixed_path: str = path
+
+    def load() -> Config:
+        try:
+            with open(fixed_path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            if explicit:
+                raise ConfigError(f"{fixed_path}: no such configuration file") from None
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{fixed_path}: cannot read: {exc}") from None
+        cfg = config.parse(text, fixed_path)
+        if not cfg.queue_dir:
+            cfg.queue_dir = queue_default
+        return cfg
+
+    return load
+
+
+def start(*, config_path: str | None, explicit: bool, tag: str, interval: str | None,
+          listen: bool, foreground: bool) -> int:
+    """The entry point of `sendmail -q29m / -bd` and `relayq daemon`."""
+    from relayq.log import Log
+
+    loader = config_loader(config_path, explicit)
+    cfg = loader()
+    seconds = parse_interval(interval) if interval and interval != "p" else None
+    log = Log(tag, use_syslog=cfg.syslog, path=cfg.log_file)
+    opts = Options(interval=seconds, listen=listen, foreground=foreground, tag=tag,
+                   loader=loader)
+    try:
+        return run(cfg, log, opts)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise TempFailure(f"cannot start the daemon: {exc.strerror}") from None
+        raise
+

@@ -1,0 +1,705 @@
+"""The SMTP way in: a loopback listener (daemon) and `sendmail -bs`, on aiosmtpd.
+
+Every message goes through submit.enqueue(), the same funnel as the command
+line (the same header fixes and masquerading), and DATA is answered 250 only
+after enqueue() returned, i.e. after the commit point. The reply names the
+queue id.
+
+Never an open relay:
+- only local clients may talk to it: a TCP peer must be 127.0.0.1 or ::1
+  (LOCAL_CLIENTS); anyone else, elsewhere in 127/8 included, gets
+  554 5.7.1 and the connection is closed. AUTH is not offered (not
+  implemented in this version), so no remote client can ever qualify;
+- binding an address outside the loopback range needs `listen_nonloopback =
+  true`, and even then only the local clients above may submit.
+
+Limits, each with its own reply: message size (SIZE advertised; 552 5.3.4),
+recipients per message (452 4.5.3), line length (500 5.5.2), concurrent
+connections (421 4.7.0 and close), idle time between commands
+(`smtp_timeout`) and the whole DATA phase (`smtp_data_timeout`): a
+slow-drip client is dropped with 421 4.4.2 when its time is up. An HTTP
+request (GET, POST, CONNECT, ...) as a command closes the connection.
+
+SMTP smuggling: the listener accepts only CRLF as a line end inside DATA
+(the end of data is CRLF . CRLF and nothing else). A message holding a bare
+LF or a bare CR is refused whole with 550 5.6.0, as sendmail 8.18 and
+Postfix with smtpd_forbid_bare_newline do, so "\\n.\\n" inside the data can
+neither end the message here nor reach the relay. Commands may end in a bare
+LF (harmless: they cannot carry a message).
+
+`sendmail -bs` runs the same protocol and handler over stdin/stdout for a
+local program (PHP and mail libraries); there the caller is already trusted
+(it could run `sendmail` directly), so bare LF is normalised to CRLF on
+input and a stray CR becomes a space as on the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP
+
+from relayq import address
+from relayq.errors import (
+    EX_OK,
+    ConfigError,
+    DataError,
+    RelayqError,
+    TempFailure,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from relayq.config import Config
+    from relayq.log import Log
+    from relayq.submit import Context
+
+LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+DEFAULT_SIZE = 32 << 20  # advertised in SIZE when max_message_size is 0
+CHUNK = 1 << 16
+HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE")
+JUNK_LIMITS = {"NOOP": 100, "RSET": 100, "HELP": 20, "VRFY": 20, "EXPN": 20, "EHLO": 20,
+               "HELO": 20, "*": 1_000_000}
+_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "251": "2.1.5", "252": "2.5.0",
+             "421": "4.7.0", "451": "4.3.0", "452": "4.5.3",
+             "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+             "530": "5.7.0", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3",
+             "554": "5.0.0", "555": "5.5.4"}
+
+_aiolog = logging.getLogger("mail.log")  # aiosmtpd's chatter: our own log says what matters
+_aiolog.addHandler(logging.NullHandler())
+_aiolog.propagate = False
+
+
+# --- addresses to listen on ---------------------------------------------------------
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """`127.0.0.1:25`, `[::1]:25`, `127.0.0.1` (port 25) -> (ip, port)."""
+    text, port = spec.strip(), "25"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"listen: bad address {spec!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"listen: {spec!r} is not an IP address (write [::1]:25)") from None
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen: bad port in {spec!r}")
+    return str(ip), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def check_config(cfg: Config) -> list[tuple[str, int]]:
+    """The listen addresses; ConfigError (78) for a non-loopback one not allowed."""
+    out = []
+    if not cfg.listen:
+        raise ConfigError("listen: no address to listen on")
+    for spec in cfg.listen:
+        host, port = parse_listen(spec)
+        if not _is_loopback(host) and not cfg.listen_nonloopback:
+            raise ConfigError(f"listen: {spec} is not a loopback address; set "
+                              "listen_nonloopback = true to bind it (only local clients "
+                              "may relay even then)")
+        out.append((host, port))
+    return out
+
+
+def check_sockets(cfg: Config, socks: list[socket.socket]) -> None:
+    """The same rule for sockets passed by systemd."""
+    for s in socks:
+        if s.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ConfigError("listen: systemd passed a socket that is not TCP/IP")
+        host = s.getsockname()[0]
+        if not _is_loopback(host) and not cfg.listen_nonloopback:
+            raise ConfigError(f"listen: the socket from systemd is bound to {host}, not a "
+                              "loopback address; set listen_nonloopback = true to allow it")
+
+
+def bind(cfg: Config) -> list[socket.socket]:
+    """Bind and listen on every configured address (before dropping privileges)."""
+    out: list[socket.socket] = []
+    for host, port in check_config(cfg):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+            s.listen(128)
+        except OSError as exc:
+            s.close()
+            for other in out:
+                other.close()
+            shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            code = 77 if exc.errno == 13 else 75
+            raise RelayqError(f"cannot listen on {shown}: {exc.strerror}", code) from None
+        out.append(s)
+    return out
+
+
+# --- the protocol ----------------------------------------------------------------------
+
+
+class State:
+    """What every connection shares: the configuration (swapped on reload) and counters."""
+
+    def __init__(self, cfg: Config, log: Log, ctx: Context, *, user: str, uid: int,
+                 strict: bool, on_commit: Callable[[str], None] | None) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.ctx = ctx
+        self.user = user  # the submitting user recorded in the envelope
+        self.uid = uid
+        self.strict = strict  # TCP: refuse bare LF / CR; -bs: normalise
+        self.on_commit = on_commit
+        self.active = 0
+        self.busy = 0  # commits in progress
+        self.committed: list[str] = []
+
+    @property
+    def size_limit(self) -> int:
+        return self.cfg.max_message_size or DEFAULT_SIZE
+
+
+def _enhance(line: str) -> str:
+    """Give a reply without an enhanced status code one (RFC 2034)."""
+    code, sep, rest = line.partition(" ")
+    if sep and len(code) == 3 and code[0] in "245" and code.isdigit() and code != "220":
+        first = rest.split(" ", 1)[0]
+        if not (first[:1].isdigit() and first.count(".") == 2):
+            enhanced = _ENHANCED.get(code, f"{code[0]}.0.0")
+            return f"{code} {enhanced} {rest}"
+    return line
+
+
+def _take_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """Split `FROM:<a@b> RET=HDRS X=1` into the argument without `names` and their values.
+
+    aiosmtpd knows no DSN parameter and upper-cases the rest (ENVID and ORCPT
+    are case-sensitive xtext), so they are taken out first.
+    """
+    end, quoted, depth = 0, False, 0
+    for i, ch in enumerate(arg):
+        if ch == '"' and (i == 0 or arg[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch == "<":
+            depth += 1
+        elif not quoted and ch == ">" and depth:
+            depth -= 1
+            if not depth:
+                end = i + 1
+                break
+    if not end:
+        end = len(arg.split(" ", 1)[0])
+    head, rest = arg[:end], arg[end:]
+    keep, taken = [], {}
+    for word in rest.split():
+        key, _, value = word.partition("=")
+        if key.upper() in names:
+            taken[key.upper()] = value
+        else:
+            keep.append(word)
+    return " ".join([head, *keep]), taken
+
+
+def _xtext(value: str, allow_utf8: bool = False) -> bool:
+    return bool(value) and all(
+        (33 <= ord(c) <= 126 or (allow_utf8 and ord(c) > 127)) and c != "=" for c in value
+    )
+
+
+class Server(SMTP):
+    """aiosmtpd's SMTP with relayq's limits, access rule and DSN parameters."""
+
+    def __init__(self, state: State, **kwargs: Any) -> None:
+        self.state = state
+        # the stream limit is the longest line; it must be set before SMTP builds its reader
+        self.line_length_limit = state.cfg.smtp_max_line + 1  # + a transparent dot
+        self.data_timeout = state.cfg.smtp_data_timeout
+        self._plain_replies = False
+        self._mail_dsn: dict[str, str] = {}
+        self._rcpt_dsn: dict[str, str] = {}
+        self._counted = False
+        super().__init__(
+            Handler(state),
+            hostname=state.ctx.fqdn,
+            ident="ESMTP relayq",
+            data_size_limit=state.size_limit,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=state.cfg.smtp_timeout,
+            command_call_limit=JUNK_LIMITS,
+            **kwargs,
+        )
+        for verb in HTTP_VERBS:
+            self._smtp_methods[verb] = self._http
+
+    # connection bookkeeping
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:
+            self._counted = True
+            self.state.active += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.state.active -= 1
+        super().connection_lost(error)
+
+    def _refusal(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        host = self.hostname
+        if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+            ip = peer[0].split("%", 1)[0]
+            if ip not in LOCAL_CLIENTS:
+                self.state.log.notice(f"refused SMTP connection from [{ip}]: not a local client")
+                return f"554 5.7.1 {host} relayq accepts mail from local clients only"
+        if self.state.active > self.state.cfg.smtp_max_connections:
+            self.state.log.notice("refused SMTP connection: too many connections")
+            return f"421 4.7.0 {host} Too many connections, try again later"
+        return ""
+
+    async def _handle_client(self) -> None:
+        refusal = self._refusal()
+        if refusal:
+            await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        transport: Any = self.transport
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
+                                .encode())
+        super()._timeout_cb()
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._plain_replies:
+            status = _enhance(status)
+        await super().push(status)
+
+    async def _http(self, arg: str | None) -> None:
+        await self.push("554 5.7.0 This is an SMTP server, not a web server")
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True  # no enhanced codes in HELO/EHLO replies (RFC 2034)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._mail_dsn = {}
+        if arg and self.session is not None and self.session.extended_smtp:
+            arg, taken = _take_params(arg, ("RET", "ENVID"))
+            ret, envid = taken.get("RET"), taken.get("ENVID")
+            if ret is not None and ret.upper() not in ("FULL", "HDRS"):
+                await self.push("501 5.5.4 RET must be FULL or HDRS")
+                return
+            if envid is not None and (not _xtext(envid) or len(envid) > 100):
+                await self.push("501 5.5.4 ENVID must be xtext of at most 100 characters")
+                return
+            self._mail_dsn = {"RET": (ret or "").upper(), "ENVID": envid or ""}
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._rcpt_dsn = {}
+        if arg and self.session is not None and self.session.extended_smtp:
+            arg, taken = _take_params(arg, ("NOTIFY", "ORCPT"))
+            notify, orcpt = taken.get("NOTIFY"), taken.get("ORCPT")
+            if notify is not None:
+                words = [w.upper() for w in notify.split(",")]
+                ok = words == ["NEVER"] or (
+                    bool(words) and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words))
+                if not ok:
+                    await self.push("501 5.5.4 NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
+                    return
+                notify = ",".join(dict.fromkeys(words))
+            if orcpt is not None and (";" not in orcpt or not _xtext(orcpt, True)
+                                      or len(orcpt) > 500):
+                await self.push("501 5.5.4 ORCPT must be addr-type;xtext")
+                return
+            self._rcpt_dsn = {"NOTIFY": notify or "", "ORCPT": orcpt or ""}
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._reset_timeout(self.data_timeout)  # the whole message in this time
+        await super().smtp_DATA(arg)
+        self._reset_timeout()
+
+
+class Handler:
+    """aiosmtpd hooks: check each command, and commit at the end of DATA."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    async def handle_EHLO(self, server: Server, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        lines = [r[4:] for r in responses if r[4:] != "HELP"]
+        lines += ["PIPELINING", "DSN", "ENHANCEDSTATUSCODES", "HELP"]
+        return [f"250-{ln}" for ln in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(self, server: Server, session: Any, envelope: Any, addr: str,
+                          options: list[str]) -> str:
+        if addr != "<>":
+            try:
+                address.parse_mailbox(addr, "sender")
+            except DataError as exc:
+                return f"553 5.1.7 {_one_line(exc.message)}"
+        envelope.mail_from = addr
+        envelope.mail_options.extend(options)
+        envelope.dsn = dict(server._mail_dsn)
+        envelope.rcpt_dsn = {}
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Server, session: Any, envelope: Any, addr: str,
+                          options: list[str]) -> str:
+        limit = self.state.cfg.smtp_max_recipients
+        if limit and len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit} per message)"
+        try:
+            found = address.parse_recipient_args(addr)
+        except DataError as exc:
+            return f"553 5.1.3 {_one_line(exc.message)}"
+        if len(found) != 1:
+            return "553 5.1.3 One address per RCPT command"
+        envelope.rcpt_tos.append(found[0])
+        envelope.rcpt_options.extend(options)
+        envelope.rcpt_dsn[found[0]] = (server._rcpt_dsn.get("NOTIFY", ""),
+                                       server._rcpt_dsn.get("ORCPT", ""))
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Server, session: Any, envelope: Any) -> str:
+        content: bytes = envelope.original_content or b""
+        if self.state.strict:
+            rest = content.replace(b"\r\n", b"")
+            for bad, name in ((b"\n", "LF"), (b"\r", "CR")):
+                if bad in rest:
+                    self.state.log.notice(f"refused a message with a bare {name} from "
+                                          f"{_peer(session)}")
+                    return (f"550 5.6.0 Bare {name} in message data is not allowed "
+                            "(lines end in CRLF)")
+        loop = asyncio.get_running_loop()
+        server._reset_timeout()
+        self.state.busy += 1
+        try:
+            qid = await loop.run_in_executor(None, self._commit, envelope, content)
+        except (TempFailure, OSError) as exc:
+            text = exc.message if isinstance(exc, RelayqError) else str(exc)
+            return f"451 4.3.0 {_one_line(text)}: try again later"
+        except DataError as exc:
+            if exc.message.startswith("Message is too large"):
+                return f"552 5.3.4 {_one_line(exc.message)}"
+            return f"554 5.6.0 {_one_line(exc.message)}"
+        except RelayqError as exc:
+            self.state.log.error(f"SMTP submission failed: {exc.message}")
+            code = "554 5.5.0" if exc.code in (64, 65) else "451 4.3.0"
+            return f"{code} {_one_line(exc.message)}"
+        except Exception as exc:  # a bug: never 250, never a traceback to the client
+            self.state.log.error(f"SMTP submission failed: {type(exc).__name__}: {exc}")
+            return "451 4.3.0 Internal error; try again later"
+        finally:
+            self.state.busy -= 1
+        self.state.committed.append(qid)
+        if self.state.on_commit is not None:
+            self.state.on_commit(qid)
+        return f"250 2.0.0 {qid} Message accepted for delivery"
+
+    def _commit(self, envelope: Any, content: bytes) -> str:
+        """enqueue() in a worker thread; the message is durable when this returns."""
+        from relayq.spool import Spool
+        from relayq.submit import Request, enqueue
+
+        st = self.state
+        req = Request(user=st.user, uid=st.uid)
+        req.sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+        req.recipients = list(envelope.rcpt_tos)
+        req.ignore_dots = True  # aiosmtpd has already removed the transparency dots
+        domain = st.ctx.domain
+        for rcpt, params in envelope.rcpt_dsn.items():
+            req.rcpt_params[rcpt] = params
+            req.rcpt_params[address.qualify(rcpt, domain)] = params
+        req.ret = envelope.dsn.get("RET", "")
+        req.envid = envelope.dsn.get("ENVID", "")
+        body = [o.split("=", 1)[1] for o in envelope.mail_options if o.startswith("BODY=")]
+        req.body = body[0] if body and body[0] in ("7BIT", "8BITMIME") else ""
+        spool = Spool(st.cfg.queue_dir)
+        spool.ensure()
+        msg, _ = enqueue(st.cfg, spool, req, _chunks(content), st.log, st.ctx)
+        msg.release()
+        return msg.qid
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for i in range(0, len(data), CHUNK):
+        yield bytes(view[i : i + CHUNK])
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+def _peer(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return f"[{peer[0]}]"
+    return "a local client"
+
+
+# --- the TCP listener ------------------------------------------------------------------
+
+
+class Listener:
+    """An asyncio loop in its own thread serving the bound sockets."""
+
+    def __init__(self, cfg: Config, log: Log, ctx: Context, sockets: list[socket.socket], *,
+                 on_commit: Callable[[str], None] | None = None) -> None:
+        self.state = State(cfg, log, ctx, user="smtp", uid=os.getuid(), strict=True,
+                           on_commit=on_commit)
+        self.sockets = sockets
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._servers: list[asyncio.Server] = []
+        self._protocols: list[Server] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def addresses(self) -> list[str]:
+        out = []
+        for s in self.sockets:
+            host, port = s.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    def reload(self, cfg: Config, ctx: Context, log: Log) -> None:
+        """New limits apply to new connections; addresses need a restart."""
+        self.state.cfg, self.state.ctx, self.state.log = cfg, ctx, log
+
+    def _factory(self) -> Server:
+        proto = Server(self.state, loop=self.loop)
+        self._protocols = [p for p in self._protocols if p.transport is not None]
+        self._protocols.append(proto)
+        return proto
+
+    def start(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="relayq-smtp", daemon=True)
+        self.thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            for s in self.sockets:
+                self._servers.append(loop.run_until_complete(
+                    loop.create_server(self._factory, sock=s)))
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+        for server in self._servers:
+            server.close()
+        for proto in self._protocols:
+            if proto.transport is not None:
+                proto.transport.close()
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    def stop(self) -> None:
+        """Stop accepting, close the sessions (a commit in progress still finishes)."""
+        if self.loop is not None and self.thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(15)
+            self.thread = None
+
+
+# --- sendmail -bs -------------------------------------------------------------------------
+
+
+class _LFtoCRLF:
+    """A bare LF on input becomes CRLF (-bs callers often write Unix line ends)."""
+
+    def __init__(self) -> None:
+        self.last_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self.last_cr and data.startswith(b"\n"):
+            out = out[1:]  # the CR of this CRLF came at the end of the last chunk
+        self.last_cr = data.endswith(b"\r")
+        return out
+
+
+def _pump_in(fd: int, sock: socket.socket, eof: threading.Event) -> None:
+    """stdin -> the protocol. At EOF the socket stays open: aiosmtpd would drop the
+    commands still buffered (a whole dialogue piped in at once); the session
+    closes it once they are answered."""
+    conv = _LFtoCRLF()
+    try:
+        while True:
+            try:
+                data = os.read(fd, CHUNK)
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            sock.sendall(conv.feed(data))
+    except OSError:
+        pass
+    eof.set()
+
+
+def _pump_out(sock: socket.socket, fd: int) -> None:
+    try:
+        while data := sock.recv(CHUNK):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    except OSError:
+        pass
+
+
+def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int:
+    """`sendmail -bs`: one SMTP session on stdin/stdout, then deliver as `mode` says.
+
+    The protocol runs on one end of a socketpair; two threads copy stdin to
+    it and it to stdout, so any stdin works (pipe, file, terminal).
+    """
+    from relayq.submit import Context
+
+    ctx = Context(cfg)
+    state = State(cfg, log, ctx, user=user, uid=uid, strict=False, on_commit=None)
+    ours, theirs = socket.socketpair()
+    eof = threading.Event()
+    t_in = threading.Thread(target=_pump_in, args=(0, theirs, eof), daemon=True)
+    t_out = threading.Thread(target=_pump_out, args=(theirs, 1), daemon=True)
+    t_in.start()
+    t_out.start()
+
+    async def session() -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        class StdioServer(Server):
+            def connection_lost(self, error: Exception | None) -> None:
+                super().connection_lost(error)
+                if not done.done():
+                    done.set_result(None)
+
+        transport, proto = await loop.connect_accepted_socket(
+            lambda: StdioServer(state, loop=loop), sock=ours)
+        idle = 0
+        while not done.done():
+            await asyncio.wait([done], timeout=0.05)
+            # stdin ended without QUIT: close once every buffered command is answered
+            buffered: Any = getattr(proto._reader, "_buffer", b"")
+            quiet = eof.is_set() and not state.busy and not buffered
+            idle = idle + 1 if quiet else 0
+            if idle >= 3:
+                transport.close()
+                await done
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(session())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()
+    t_out.join(5)
+    theirs.close()
+    if state.committed:
+        deliver_after(cfg, log, ctx, state.committed, mode)
+    return EX_OK
+
+
+def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: str) -> None:
+    """Deliver what a -bs session queued: background child, in process, or not at all."""
+    if mode in "qd":
+        return
+    if mode == "b":
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.warning(f"cannot fork for background delivery ({exc.strerror}); queued")
+            return
+        if pid:
+            os.waitpid(pid, 0)
+            return
+        code = 0
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for target in (0, 1, 2):
+                os.dup2(null, target)
+            if os.fork():
+                os._exit(0)
+            _deliver(cfg, log, ctx, qids)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _deliver(cfg, log, ctx, qids)
+
+
+def _deliver(cfg: Config, log: Log, ctx: Context, qids: list[str]) -> None:
+    from relayq.runner import Runner
+    from relayq.spool import Spool
+
+    runner = Runner(cfg, Spool(cfg.queue_dir), log, ctx)
+    try:
+        for qid in qids:
+            runner.process(qid, False, [])
+        runner.deliver_bounces()
+    finally:
+        runner.close()
