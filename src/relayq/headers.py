@@ -182,6 +182,7 @@ class Options:
         "masquerade_as",
         "now",
         "qid",
+        "received_from",
         "sender",
         "tz_offset",
         "user",
@@ -201,6 +202,7 @@ class Options:
         sender: str = "",
         full_name: str = "",
         extract: bool = False,
+        received_from: str = "",
     ) -> None:
         self.domain = domain
         self.masquerade_as = masquerade_as
@@ -210,6 +212,7 @@ class Options:
         self.extract = extract
         self.qid = qid
         self.user = user
+        self.received_from = received_from  # "HELO (localhost [IP])" for SMTP, "" for argv
         self.now = now
         self.tz_offset = tz_offset
         self.hostname = hostname
@@ -425,11 +428,12 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
 
     # 5. Our trace field goes first.
     for_clause = f"\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    received = _make(
-        "Received",
-        f"(from {opts.user}@localhost)\n\tby {opts.hostname} (relayq) id {opts.qid}"
-        f"{for_clause}; {date}",
-    )
+    if opts.received_from:  # sendmail's SMTP form
+        trace = (f"from {opts.received_from}\n\tby {opts.hostname} (relayq) with ESMTP "
+                 f"id {opts.qid}")
+    else:
+        trace = f"(from {opts.user}@localhost)\n\tby {opts.hostname} (relayq) id {opts.qid}"
+    received = _make("Received", f"{trace}{for_clause}; {date}")
     final = [received, *added, *out]
     eight_bit = any(not f.raw.isascii() for f in final)
     return Result(final, recipients, hops, resent, msgid, eight_bit)

@@ -422,7 +422,8 @@ class Handler:
         server._reset_timeout()
         self.state.busy += 1
         try:
-            qid = await loop.run_in_executor(None, self._commit, envelope, content)
+            qid = await loop.run_in_executor(None, self._commit, envelope, content,
+                                             _trace(session, self.state.user))
         except (TempFailure, OSError) as exc:
             text = exc.message if isinstance(exc, RelayqError) else str(exc)
             return f"451 4.3.0 {_one_line(text)}: try again later"
@@ -444,7 +445,7 @@ class Handler:
             self.state.on_commit(qid)
         return f"250 2.0.0 {qid} Message accepted for delivery"
 
-    def _commit(self, envelope: Any, content: bytes) -> str:
+    def _commit(self, envelope: Any, content: bytes, received_from: str = "") -> str:
         """enqueue() in a worker thread; the message is durable when this returns."""
         from relayq.spool import Spool
         from relayq.submit import Request, enqueue
@@ -454,6 +455,7 @@ class Handler:
         req.sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         req.recipients = list(envelope.rcpt_tos)
         req.ignore_dots = True  # aiosmtpd has already removed the transparency dots
+        req.received_from = received_from
         domain = st.ctx.domain
         for rcpt, params in envelope.rcpt_dsn.items():
             req.rcpt_params[rcpt] = params
@@ -477,6 +479,19 @@ def _chunks(data: bytes) -> Iterator[bytes]:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
+
+
+def _trace(session: Any, user: str) -> str:
+    """The `from` clause of our Received field: the client's HELO name and address.
+
+    The HELO name is the client's word, so only harmless characters are kept.
+    """
+    helo = "".join(c for c in str(getattr(session, "host_name", "") or "")
+                   if c.isascii() and (c.isalnum() or c in "-._:[]"))[:64] or "unknown"
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return f"{helo} (localhost [{peer[0]}])"
+    return f"{helo} ({user}@localhost)"  # -bs: the invoking user, as sendmail writes it
 
 
 def _peer(session: Any) -> str:

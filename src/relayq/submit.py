@@ -39,6 +39,7 @@ class Request:
         "ignore_dots",
         "notify",
         "rcpt_params",
+        "received_from",
         "recipients",
         "ret",
         "sender",
@@ -56,6 +57,7 @@ class Request:
         self.recipients: list[str] = []  # argv arguments, each maybe a list
         # per-recipient DSN parameters from SMTP (address as given -> (NOTIFY, ORCPT))
         self.rcpt_params: dict[str, tuple[str, str]] = {}
+        self.received_from = ""  # SMTP: "HELO (localhost [127.0.0.1])" for the trace field
         self.notify = ""
         self.ret = ""
         self.envid = ""
@@ -139,6 +141,7 @@ def enqueue(
             now=now,
             tz_offset=-time.timezone if time.localtime(now).tm_isdst <= 0 else -time.altzone,
             hostname=ctx.fqdn,
+            received_from=req.received_from,
         )
         result = headers.rewrite(fields, opts, argv_rcpts)
         if not result.recipients:

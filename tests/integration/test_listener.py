@@ -436,3 +436,14 @@ def test_bs_line_ends_across_chunks() -> None:
     conv = _LFtoCRLF()
     chunks = [b"a\r", b"\nb\n", b"c\r\n\r", b"\n", b"\n"]
     assert b"".join(conv.feed(c) for c in chunks) == b"a\r\nb\r\nc\r\n\r\n\r\n"
+
+
+def test_received_field_names_the_smtp_client(rq: Relayq, listen: Callable[..., int]) -> None:
+    port = listen()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.org", timeout=10) as c:
+        c.sendmail("a@example.org", ["b@example.org"], b"Subject: trace\r\n\r\nx\r\n")
+    [(env, data)] = rq.queued()
+    first = data.split(b"\n", 3)[:2]
+    assert first[0] == b"Received: from client.example.org (localhost [127.0.0.1])"
+    assert first[1].startswith(b"\tby ")
+    assert first[1].endswith(f"with ESMTP id {env.qid}".encode())
