@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 def test_install_links_every_command(tmp_path: Path) -> None:
     lines = install(str(tmp_path), str(BIN), force=False)
     for rel, cmd in (("usr/sbin/sendmail", "sendmail"), ("usr/lib/sendmail", "sendmail"),
-                     ("usr/bin/mailq", "mailq"), ("usr/bin/newaliases", "newaliases")):
+                     ("usr/bin/mailq", "mailq"), ("usr/bin/newaliases", "newaliases"),
+                     ("usr/bin/relayq", "relayq")):
         assert os.readlink(tmp_path / rel) == str(BIN / cmd)
-    assert len(lines) == 4
+    assert len(lines) == 5
     # idempotent
-    assert len(install(str(tmp_path), str(BIN), force=False)) == 4
+    assert len(install(str(tmp_path), str(BIN), force=False)) == 5
 
 
 def test_refuses_another_mta_unless_forced(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """`relayq install`: put relayq's commands where programs look for sendmail.
 
-Links /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and
-/usr/bin/newaliases to this installation's commands. A path that another MTA
+Links /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq,
+/usr/bin/newaliases and /usr/bin/relayq to this installation's commands. A path that another MTA
 owns is left alone with a clear refusal, unless --force: then the original
 is kept aside (dpkg-divert on Debian, so package upgrades respect it; a
 `.relayq-saved` copy elsewhere) and `relayq install --uninstall` puts it back.
@@ -21,6 +21,7 @@ LINKS = {
     "usr/lib/sendmail": "sendmail",
     "usr/bin/mailq": "mailq",
     "usr/bin/newaliases": "newaliases",
+    "usr/bin/relayq": "relayq",  # the systemd units run /usr/bin/relayq
 }
 SAVED = ".relayq-saved"
 
