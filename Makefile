@@ -8,7 +8,7 @@ TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks
 .PHONY: demo test venv test-deps lint clean
 
 $(BIN)/python:
-	@$(PYTHON) -m venv --help >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
+	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
