@@ -9,12 +9,13 @@ the lock to a delivering child or deliver it in-process.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from relayq import address, headers, hostname
 from relayq.envelope import Envelope, Recipient
 from relayq.errors import DataError, UsageError
 from relayq.lines import Normalizer
+
+TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from relayq.errors import EX_IOERR, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, RelayqError
+
+TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -25,11 +25,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
 from relayq.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, UsageError
 
+TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
+
 if TYPE_CHECKING:
+    from typing import Any
+
     from relayq.envelope import Envelope
     from relayq.selector import Selector
     from relayq.spool import Spool
