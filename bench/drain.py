@@ -31,7 +31,7 @@ def main() -> None:
                 f.write(f'smarthost = "{sh.smarthost}"\ntls = "none"\n'
                         f'queue_dir = "{work}/queue"\ndomain = "bench.example.org"\n'
                         'syslog = false\ndelivery_mode = "queue"\n')
-            env = dict(os.environ, RELAYQ_CONFIG=conf)
+            env = dict(os.environ, RELAYQ_CONFIG=conf, RELAYQ_CACHE_DIR=f"{work}/cache")
             msg = b"From: bench@example.org\nTo: sink@example.org\nSubject: drain\n\n" + (
                 b"x" * 75 + b"\n") * 25
             start = time.perf_counter()

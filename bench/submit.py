@@ -62,7 +62,7 @@ def main() -> None:
         conf = os.path.join(work, "relayq.toml")
         with open(conf, "w") as f:
             f.write(f'queue_dir = "{work}/queue"\ndomain = "bench.example.org"\nsyslog = false\n')
-        env = dict(os.environ, RELAYQ_CONFIG=conf)
+        env = dict(os.environ, RELAYQ_CONFIG=conf, RELAYQ_CACHE_DIR=f"{work}/cache")
         cmd = [BIN, "-odq", "-t", "-i"]
         small = message(2048)
         run_child(cmd, small, env)  # warm the page cache

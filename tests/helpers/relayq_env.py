@@ -62,6 +62,7 @@ class Relayq:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["RELAYQ_CONFIG"] = str(self.config)
+        env["RELAYQ_CACHE_DIR"] = str(self.root / "cache")
         env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
         env.pop("NAME", None)
         return env

@@ -39,3 +39,25 @@ def test_mailq_listing_imports_nothing_heavy(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-I", "-c", probe], env=rq.env, capture_output=True,
                        timeout=30, check=False)
     assert r.stdout.decode().splitlines()[-1] == "0 []"
+
+
+def test_config_cache_spares_the_toml_parser_and_follows_changes(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path)
+    probe = PROBE.replace(f"{HEAVY!r}", repr(("tomllib",)))
+
+    def submit() -> str:
+        r = subprocess.run([sys.executable, "-I", "-c", probe, "-odq", "a@example.org"],
+                           input=b"\nx\n", env=rq.env, capture_output=True, timeout=30,
+                           check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode().strip()
+
+    assert submit() == "0 ['tomllib']"  # first run parses and caches
+    assert submit() == "0 []"  # then the checked settings come from the cache
+    rq.configure(domain="other.example.org")  # a change is seen at once
+    assert submit() == "0 ['tomllib']"
+    [cache] = (tmp_path / "cache").iterdir()
+    cache.chmod(0o666)  # a cache others could have written is not trusted
+    assert submit() == "0 ['tomllib']"
+    domains = [env.sender.split("@")[1] for env, _ in rq.queued()]
+    assert domains == ["host.example.org"] * 2 + ["other.example.org"] * 2
