@@ -339,20 +339,68 @@ class Runner:
 
     # -- a queue run ----------------------------------------------------------
 
-    def run(self, *, force: bool, selectors: list[selector.Selector] | None = None) -> int:
-        """Deliver what is due (everything when force); returns how many messages remain."""
+    def run(
+        self,
+        *,
+        force: bool,
+        selectors: list[selector.Selector] | None = None,
+        workers: int = 1,
+    ) -> int:
+        """Deliver what is due (everything when force); returns how many messages remain.
+
+        With workers > 1 the queue is shared by that many threads, each with its
+        own connection to the smarthost (the disk syncs and network waits of one
+        overlap with the others' work). -v keeps one worker so the dialogue reads
+        in order.
+        """
         try:
             self.spool.sweep()
         except OSError as exc:
             self.log.warning(f"queue sweep failed: {exc}")
         ids = self.spool.ids()
-        total = len(ids)
-        left = 0
-        for n, qid in enumerate(ids, 1):
-            if self.verbose:
-                self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {total})")
-            left += self.process(qid, force, selectors or [])
-        return left + self.deliver_bounces()
+        sels = selectors or []
+        if workers <= 1 or len(ids) < 2 or self.verbose:
+            left = 0
+            for n, qid in enumerate(ids, 1):
+                if self.verbose:
+                    self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {len(ids)})")
+                left += self.process(qid, force, sels)
+            return left + self.deliver_bounces()
+        return self._run_parallel(ids, force, sels, min(workers, len(ids)))
+
+    def _run_parallel(
+        self, ids: list[str], force: bool, sels: list[selector.Selector], workers: int
+    ) -> int:
+        import threading
+
+        todo = iter(ids)
+        lock = threading.Lock()
+        left = [0]
+        helpers = [Runner(self.cfg, self.spool, self.log, self.ctx) for _ in range(workers - 1)]
+
+        def work(runner: Runner) -> None:
+            mine = 0
+            while True:
+                with lock:
+                    qid = next(todo, None)
+                if qid is None:
+                    break
+                mine += runner.process(qid, force, sels)
+            mine += runner.deliver_bounces()
+            with lock:
+                left[0] += mine
+
+        threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in helpers]
+        for t in threads:
+            t.start()
+        try:
+            work(self)
+        finally:
+            for t in threads:
+                t.join()
+            for r in helpers:
+                r.close()
+        return left[0]
 
     def deliver_bounces(self) -> int:
         """Send the bounces this runner created, over the same connection."""

@@ -158,12 +158,26 @@ def test_many_messages_share_one_connection(
     rq: Relayq, smarthost_factory: SmarthostFactory
 ) -> None:
     sh = smarthost_factory()
-    rq.configure(smarthost=sh.smarthost)
+    rq.configure(smarthost=sh.smarthost, concurrency=1)
     for i in range(5):
         rq.sendmail(f"r{i}@example.org", input=MSG)
     assert rq.sendmail("-q").returncode == EX_OK
     assert len(sh.transactions) == 5
     assert sh.connections == 1
+
+
+def test_a_queue_run_shares_the_queue_among_workers(
+    rq: Relayq, smarthost_factory: SmarthostFactory
+) -> None:
+    sh = smarthost_factory()
+    rq.configure(smarthost=sh.smarthost, concurrency=3)
+    for i in range(30):
+        rq.sendmail(f"r{i}@example.org", input=MSG)
+    assert rq.sendmail("-q").returncode == EX_OK
+    assert sorted(t.rcpt_tos[0] for t in sh.transactions) == sorted(
+        f"r{i}@example.org" for i in range(30))  # each exactly once
+    assert 1 < sh.connections <= 3  # one reused connection per worker
+    assert rq.queued() == []
 
 
 def test_fallback_smarthost(rq: Relayq, smarthost_factory: SmarthostFactory) -> None:

@@ -77,7 +77,7 @@ def _main(argv: list[str]) -> int:
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     runner = Runner(cfg, Spool(cfg.queue_dir), log, Context(cfg), verbose=verbose)
     try:
-        left = runner.run(force=args.command == "flush")
+        left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
     finally:
         runner.close()
     if left and args.command == "flush":

@@ -392,7 +392,7 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
     spool = Spool(cfg.queue_dir)
     runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))
     try:
-        left = runner.run(force=True, selectors=sels)
+        left = runner.run(force=True, selectors=sels, workers=cfg.concurrency)
     finally:
         runner.close()
     return EX_TEMPFAIL if left else EX_OK
