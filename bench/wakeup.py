@@ -73,7 +73,7 @@ def main() -> None:
                         f'syslog = false\ndelivery_mode = "queue"\nqueue_interval = "1h"\n'
                         f'pid_file = "{work}/relayq.pid"\nlisten = ["127.0.0.1:{port}"]\n'
                         f'log_file = "{work}/maillog"\n')
-            env = dict(os.environ, RELAYQ_CONFIG=conf)
+            env = dict(os.environ, RELAYQ_CONFIG=conf, RELAYQ_CACHE_DIR=f"{work}/cache")
             daemon = subprocess.Popen([os.path.join(BIN, "relayq"), "daemon", "--foreground",
                                        "--listen"], env=env, stderr=subprocess.DEVNULL)
             try:
@@ -99,7 +99,7 @@ def main() -> None:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(20)
         print("daemon wake-up latency (commit -> smarthost has it), queue_interval = 1h:")
-        _show("sendmail -odq (spool poll)", cli)
+        _show("sendmail -odq (inotify)", cli)
         _show("SMTP listener (direct hand-off)", smtp)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -66,7 +66,7 @@ from relayq.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from relayq.config import Config
     from relayq.listener import Listener
@@ -78,7 +78,7 @@ POLL = 0.25  # how often the queue directory is looked at
 RESCAN = 5.0  # a full listing at least this often (mtime granularity backstop)
 IDLE_CLOSE = 5.0  # a worker closes its smarthost connection after this idle time
 STOP_GRACE = 5.0  # how long SIGTERM waits for deliveries in flight
-RECHECK_MIN, RECHECK_MAX = 0.5, 30.0
+RECHECK_MIN, RECHECK_MAX = 0.005, 30.0  # the submitter lets go within milliseconds
 ROOT_PID_FILE = "/run/relayq.pid"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -392,6 +392,14 @@ class Daemon:
         for qid in new:
             self.dispatch(qid, False)
 
+    def _next_wait(self) -> float:
+        """Sleep until the next poll or the next recheck of a locked message."""
+        with self._lock:
+            soonest = min((when for when, _ in self._recheck.values()), default=None)
+        if soonest is None:
+            return POLL
+        return max(0.0, min(POLL, soonest - time.monotonic()))
+
     def _due_rechecks(self) -> None:
         now = time.monotonic()
         with self._lock:
@@ -414,6 +422,7 @@ class Daemon:
             _, delay = self._recheck.get(qid, (0.0, RECHECK_MIN / 2))
             delay = min(delay * 2, RECHECK_MAX)
             self._recheck[qid] = (time.monotonic() + delay, delay)
+        self._event.set()  # the main loop sleeps until the soonest recheck
 
     # -- workers -----------------------------------------------------------------------
 
@@ -460,6 +469,35 @@ class Daemon:
             if runner is not None:
                 runner.close()
 
+    def watch_queue(self) -> None:
+        """Dispatch new messages the moment their envelope is renamed into place.
+
+        inotify(7) through libc (ctypes): a commit's final step is the rename of
+        QID.t to QID.e, which is one IN_MOVED_TO event. The mtime poll in the
+        main loop stays as the fallback (no inotify, a full event queue).
+        """
+        if not self.wakeups:
+            return
+        try:
+            self.spool.ensure()
+            watcher = _Inotify(self.spool.queue)
+        except (OSError, RelayqError) as exc:
+            self.log.info(f"no inotify ({exc}); new mail is found by polling")
+            return
+
+        def loop() -> None:
+            for name in watcher.names():
+                if not name.endswith(".e") or not self.wakeups:
+                    continue
+                qid = name[:-2]
+                with self._lock:
+                    new = qid not in self._known
+                    self._known.add(qid)
+                if new:  # a rewrite of a known message's envelope is not news
+                    self.dispatch(qid, False)
+
+        threading.Thread(target=loop, name="relayq-inotify", daemon=True).start()
+
     def start_workers(self) -> None:
         for n in range(max(1, self.cfg.concurrency)):
             t = threading.Thread(target=self._worker, name=f"relayq-worker-{n}", daemon=True)
@@ -503,6 +541,7 @@ class Daemon:
     def serve(self) -> int:
         """Run until SIGTERM; the caller has installed signals and bound sockets."""
         self.start_workers()
+        self.watch_queue()
         if self.listener is not None:
             self.listener.start()
         what = f"queue runs every {_show(self.interval)}"
@@ -513,7 +552,7 @@ class Daemon:
         next_run = time.monotonic()
         try:
             while True:
-                self._event.wait(POLL)
+                self._event.wait(self._next_wait())
                 self._event.clear()
                 flags, self._flags = self._flags, set()
                 if "term" in flags:
@@ -735,3 +774,41 @@ def start(*, config_path: str | None, explicit: bool, tag: str, interval: str | 
             raise TempFailure(f"cannot start the daemon: {exc.strerror}") from None
         raise
 
+
+
+class _Inotify:
+    """The names renamed into one directory (IN_MOVED_TO), read from inotify(7)."""
+
+    IN_MOVED_TO = 0x80
+    IN_CLOEXEC = 0o2000000
+
+    def __init__(self, path: str) -> None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = libc.inotify_init1(self.IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(fd, os.fsencode(path), self.IN_MOVED_TO) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {path} failed")
+        self.fd = fd
+
+    def names(self) -> Iterator[str]:
+        import struct
+
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            pos = 0
+            while pos + 16 <= len(buf):
+                _, _, _, size = struct.unpack_from("iIII", buf, pos)
+                name = buf[pos + 16 : pos + 16 + size].split(b"\0", 1)[0]
+                pos += 16 + size
+                yield os.fsdecode(name)

@@ -101,6 +101,7 @@ def runner(rq: Relayq, **users: User) -> Runner:
 
 
 def test_mbox_delivery_read_back_with_mailbox_module(rq: Relayq) -> None:
+    rq.configure(concurrency=1)  # one worker: the mailbox keeps the queue's order
     send(rq, ME)
     send(rq, f"{ME}@localhost", msg=MSG.replace(b"hello", b"again"))
     assert rq.sendmail("-q").returncode == EX_OK
