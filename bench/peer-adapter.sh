@@ -30,8 +30,8 @@ CONF
 case "${1:-}" in
     label)          echo "relayq" ;;
     version)        "$BIN/relayq" version ;;
-    submit-cmd)     echo "$BIN/sendmail -C $CONF" ;;
-    queue-cmd)      echo "$BIN/sendmail -C $CONF -odq" ;;
+    submit-cmd)     echo "$DIR/root/usr/sbin/sendmail -C $CONF" ;;
+    queue-cmd)      echo "$DIR/root/usr/sbin/sendmail -C $CONF -odq" ;;
     drain-prepare)  : ;;   # no queue runner unless listener-start started one
     flush)          "$BIN/sendmail" -C "$CONF" -q; rc=$?; [ $rc -eq 0 ] || [ $rc -eq 75 ] ;;
     flush-cmd)      echo "$BIN/sendmail -C $CONF -q" ;;
@@ -44,7 +44,9 @@ case "${1:-}" in
     listener-stop)
         [ -s "$DIR/relayq.pid" ] && kill "$(cat "$DIR/relayq.pid")" 2>/dev/null
         for _ in $(seq 100); do [ -e "$DIR/relayq.pid" ] || break; sleep 0.1; done ;;
-    install|start)  [ -x "$BIN/sendmail" ] || make -C "$HERE" venv >/dev/null; configure ;;
+    install|start)  # the launcher `relayq install` writes (python -IS), as a host would run it
+                    [ -x "$BIN/sendmail" ] || make -C "$HERE" venv >/dev/null; configure
+                    "$BIN/relayq" install --root "$DIR/root" >/dev/null ;;
     stop)           bash "$0" listener-stop ;;
     purge)          bash "$0" listener-stop; rm -rf "$DIR" ;;
     *) echo "unknown action ${1:-}" >&2; exit 2 ;;

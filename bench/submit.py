@@ -56,6 +56,8 @@ def run_child(cmd: list[str], path: str, env: dict[str, str]) -> tuple[float, in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--sendmail", default=BIN,
+                    help="the sendmail to time (e.g. a launcher from `relayq install --root`)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="relayq-bench-")
     try:
@@ -63,7 +65,7 @@ def main() -> None:
         with open(conf, "w") as f:
             f.write(f'queue_dir = "{work}/queue"\ndomain = "bench.example.org"\nsyslog = false\n')
         env = dict(os.environ, RELAYQ_CONFIG=conf, RELAYQ_CACHE_DIR=f"{work}/cache")
-        cmd = [BIN, "-odq", "-t", "-i"]
+        cmd = [args.sendmail, "-odq", "-t", "-i"]
         small = message(2048)
         run_child(cmd, small, env)  # warm the page cache
         walls = [run_child(cmd, small, env)[0] * 1000 for _ in range(args.runs)]
