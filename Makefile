@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks
 
-.PHONY: demo test venv test-deps lint clean
+.PHONY: demo test venv test-deps lint clean bench
 
 $(BIN)/python:
 	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
@@ -34,3 +34,9 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info
+
+bench: venv
+	$(BIN)/relayq install --root /var/tmp/relayq-bench/root >/dev/null
+	$(BIN)/python bench/submit.py --sendmail /var/tmp/relayq-bench/root/usr/sbin/sendmail
+	$(BIN)/python bench/drain.py
+	$(BIN)/python bench/wakeup.py

@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--sendmail", default=BIN,
                     help="the sendmail to time (e.g. a launcher from `relayq install --root`)")
+    ap.add_argument("--max-mib", type=int, default=100, help="largest message size")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="relayq-bench-")
     try:
@@ -77,7 +78,9 @@ def main() -> None:
         print(f"process spawn floor (/bin/true): median "
               f"{statistics.median(w for w, _ in true_walls) * 1000:.1f} ms, "
               f"peak RSS floor {max(r for _, r in true_walls) / 1024:.1f} MiB")
-        for size in (2048, 1 << 20, 100 << 20):
+        for size in sorted({2048, min(1 << 20, args.max_mib << 20), 25 << 20, 100 << 20}):
+            if size > max(2048, args.max_mib << 20):
+                continue
             path = message(size)
             wall, rss = run_child(cmd, path, env)
             os.unlink(path)

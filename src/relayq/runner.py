@@ -348,10 +348,9 @@ class Runner:
     ) -> int:
         """Deliver what is due (everything when force); returns how many messages remain.
 
-        With workers > 1 the queue is shared by that many threads, each with its
-        own connection to the smarthost (the disk syncs and network waits of one
-        overlap with the others' work). -v keeps one worker so the dialogue reads
-        in order.
+        With workers > 1 the queue is shared by that many processes, each with
+        its own connection to the smarthost. -v keeps one worker so the dialogue
+        reads in order.
         """
         try:
             self.spool.sweep()
@@ -371,36 +370,39 @@ class Runner:
     def _run_parallel(
         self, ids: list[str], force: bool, sels: list[selector.Selector], workers: int
     ) -> int:
-        import threading
-
-        todo = iter(ids)
-        lock = threading.Lock()
-        left = [0]
-        helpers = [Runner(self.cfg, self.spool, self.log, self.ctx) for _ in range(workers - 1)]
-
-        def work(runner: Runner) -> None:
-            mine = 0
-            while True:
-                with lock:
-                    qid = next(todo, None)
-                if qid is None:
-                    break
-                mine += runner.process(qid, force, sels)
-            mine += runner.deliver_bounces()
-            with lock:
-                left[0] += mine
-
-        threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in helpers]
-        for t in threads:
-            t.start()
-        try:
-            work(self)
-        finally:
-            for t in threads:
-                t.join()
-            for r in helpers:
-                r.close()
-        return left[0]
+        """Share the queue among forked workers (processes, not threads: the work
+        per message is mostly Python, and threads would queue on the GIL)."""
+        children: dict[int, int] = {}  # pid -> read end of its result pipe
+        for n in range(workers):
+            share = ids[n::workers]
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                os.close(r)
+                code, left = 0, len(share)
+                try:
+                    runner = Runner(self.cfg, self.spool, self.log, self.ctx)
+                    try:
+                        left = sum(runner.process(q, force, sels) for q in share)
+                        left += runner.deliver_bounces()
+                    finally:
+                        runner.close()
+                except BaseException as exc:
+                    self.log.error(f"queue run worker failed: {type(exc).__name__}: {exc}")
+                    code = 1
+                try:
+                    os.write(w, str(left).encode())
+                finally:
+                    os._exit(code)
+            os.close(w)
+            children[pid] = r
+        left = 0
+        for pid, r in children.items():
+            with os.fdopen(r, "rb") as f:
+                out = f.read()
+            os.waitpid(pid, 0)
+            left += int(out) if out.isdigit() else 1  # a worker that died: assume mail left
+        return left
 
     def deliver_bounces(self) -> int:
         """Send the bounces this runner created, over the same connection."""

@@ -439,8 +439,9 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
         os.close(fd)
         return
     if pid:
+        # One fork is enough: this process exits at once, so the child is
+        # re-parented to init and never lingers as a zombie of the caller.
         os.close(fd)  # the child's copy keeps the flock
-        os.waitpid(pid, 0)  # the intermediate child exits at once
         return
     code = 0
     try:
@@ -448,8 +449,6 @@ def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd:
         null = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
-        if os.fork():  # never become a zombie of a caller that does not wait
-            os._exit(0)
         from relayq.runner import Runner
 
         runner = Runner(cfg, spool, log, ctx)
