@@ -681,37 +681,16 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
 
 def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: str) -> None:
     """Deliver what a -bs session queued: background child, in process, or not at all."""
+    from relayq.runner import Runner, deliver_detached
+    from relayq.spool import Spool
+
+    spool = Spool(cfg.queue_dir)
     if mode in "qd":
         return
     if mode == "b":
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            log.warning(f"cannot fork for background delivery ({exc.strerror}); queued")
-            return
-        if pid:
-            os.waitpid(pid, 0)
-            return
-        code = 0
-        try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for target in (0, 1, 2):
-                os.dup2(null, target)
-            if os.fork():
-                os._exit(0)
-            _deliver(cfg, log, ctx, qids)
-        except BaseException:
-            code = 1
-        os._exit(code)
-    _deliver(cfg, log, ctx, qids)
-
-
-def _deliver(cfg: Config, log: Log, ctx: Context, qids: list[str]) -> None:
-    from relayq.runner import Runner
-    from relayq.spool import Spool
-
-    runner = Runner(cfg, Spool(cfg.queue_dir), log, ctx)
+        deliver_detached(cfg, spool, log, ctx, qids)
+        return
+    runner = Runner(cfg, spool, log, ctx)
     try:
         for qid in qids:
             runner.process(qid, False, [])

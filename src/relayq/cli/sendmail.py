@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from relayq.config import Config
     from relayq.log import Log
-    from relayq.spool import Claim, Spool
+    from relayq.spool import Claim
     from relayq.submit import Context
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
@@ -425,49 +425,11 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         msg.release()
         return EX_OK
     if mode == "b":
-        _background(cfg, log, ctx, spool, msg.qid, msg.detach())
+        from relayq.runner import deliver_detached
+
+        deliver_detached(cfg, spool, log, ctx, [msg.qid], {msg.qid: msg.detach()})
         return EX_OK
     return _interactive(cfg, log, ctx, spool.adopt(msg.qid, msg.detach()), args)
-
-
-def _background(cfg: Config, log: Log, ctx: Context, spool: Spool, qid: str, fd: int) -> None:
-    """Deliver in a detached child that inherits the message's lock."""
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        log.warning(f"{qid}: cannot fork for background delivery ({exc.strerror}); queued")
-        os.close(fd)
-        return
-    if pid:
-        # One fork is enough: this process exits at once, so the child is
-        # re-parented to init and never lingers as a zombie of the caller.
-        os.close(fd)  # the child's copy keeps the flock
-        return
-    code = 0
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for target in (0, 1, 2):
-            os.dup2(null, target)
-        from relayq.runner import Runner
-
-        runner = Runner(cfg, spool, log, ctx)
-        try:
-            claim = spool.adopt(qid, fd)
-            try:
-                runner.deliver(claim)
-            finally:
-                claim.release()
-            runner.deliver_bounces()
-        finally:
-            runner.close()
-    except BaseException as exc:
-        try:
-            log.error(f"{qid}: background delivery failed: {type(exc).__name__}: {exc}")
-        except BaseException:
-            pass
-        code = 1
-    os._exit(code)
 
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
