@@ -681,7 +681,8 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
 
 def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: str) -> None:
     """Deliver what a -bs session queued: background child, in process, or not at all."""
-    from relayq.runner import Runner, deliver_detached
+    from relayq.background import deliver_detached
+    from relayq.runner import Runner
     from relayq.spool import Spool
 
     spool = Spool(cfg.queue_dir)

@@ -61,3 +61,12 @@ def test_config_cache_spares_the_toml_parser_and_follows_changes(tmp_path: Path)
     assert submit() == "0 ['tomllib']"
     domains = [env.sender.split("@")[1] for env, _ in rq.queued()]
     assert domains == ["host.example.org"] * 2 + ["other.example.org"] * 2
+
+
+def test_background_submission_leaves_delivery_imports_to_the_child(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path)  # smarthost [127.0.0.1]:9: the child's attempt just fails
+    probe = PROBE.replace(f"{HEAVY!r}", repr((*HEAVY, "relayq.runner", "relayq.transport.smtp")))
+    r = subprocess.run([sys.executable, "-I", "-c", probe, "-odb", "a@example.org"],
+                       input=b"\nx\n", env=rq.env, capture_output=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split(" ", 1) == ["0", "[]\n"]

@@ -425,7 +425,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         msg.release()
         return EX_OK
     if mode == "b":
-        from relayq.runner import deliver_detached
+        from relayq.background import deliver_detached
 
         deliver_detached(cfg, spool, log, ctx, [msg.qid], {msg.qid: msg.detach()})
         return EX_OK

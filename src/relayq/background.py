@@ -1,0 +1,75 @@
+"""Background delivery: a child process that delivers what was just committed.
+
+Kept apart from relayq.runner so that `sendmail` in its default (background)
+mode imports none of the delivery code before it exits: the child imports it
+after the fork, when the caller already has its answer.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
+
+if TYPE_CHECKING:
+    from relayq.config import Config
+    from relayq.log import Log
+    from relayq.spool import Spool
+    from relayq.submit import Context
+
+
+def deliver_detached(
+    cfg: Config,
+    spool: Spool,
+    log: Log,
+    ctx: Context,
+    qids: list[str],
+    held: dict[str, int] | None = None,
+) -> None:
+    """Deliver in a child process nobody waits for (sendmail's background mode).
+
+    The caller exits right after, so one fork is enough: the child is
+    re-parented to init and never lingers as the caller's zombie. A lock the
+    caller already holds (`held`: qid -> the submitter's locked data file) is
+    inherited across fork, so no queue run can race the first attempt.
+    """
+    held = held or {}
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        log.warning(f"cannot fork for background delivery ({exc.strerror}); queued")
+        pid = 1
+    if pid:
+        for fd in held.values():
+            os.close(fd)  # the child's copies keep the locks
+        return
+    code = 0  # pragma: no cover - the rest runs in the child
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        from relayq.runner import Runner  # only now: the caller must not pay for it
+
+        runner = Runner(cfg, spool, log, ctx)
+        try:
+            for qid in qids:
+                if qid in held:
+                    claim = spool.adopt(qid, held.pop(qid))
+                    try:
+                        runner.deliver(claim)
+                    finally:
+                        claim.release()
+                else:
+                    runner.process(qid, False, [])
+            runner.deliver_bounces()
+        finally:
+            runner.close()
+    except BaseException as exc:
+        try:
+            log.error(f"background delivery of {' '.join(qids)} failed: "
+                      f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            pass
+        code = 1
+    os._exit(code)
