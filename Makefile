@@ -40,3 +40,4 @@ bench: venv
 	$(BIN)/python bench/submit.py --sendmail /var/tmp/relayq-bench/root/usr/sbin/sendmail
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/wakeup.py
+	$(BIN)/python bench/scale.py

@@ -55,6 +55,26 @@ def make_qid(now: float, pid: int) -> str:
     return head + _b60(int((now % 1) * 1_000_000), 4) + _b60(pid, 4)
 
 
+def qid_time(qid: str, now: float) -> float:
+    """When a queue id was made (UTC seconds): the inverse of make_qid, with the
+    year taken as the latest one not after `now` that matches year % 60."""
+    import calendar
+
+    try:
+        y, mo, d, h, mi, sec = (ALPHABET.index(c) for c in qid[:6])
+        micro = 0
+        for c in qid[6:10]:
+            micro = micro * 60 + ALPHABET.index(c)
+    except ValueError:
+        return 0.0
+    this_year = time.gmtime(now).tm_year
+    year = this_year - ((this_year - y) % 60)
+    try:
+        return calendar.timegm((year, mo, d, h, mi, sec, 0, 0, 0)) + micro / 1_000_000
+    except (ValueError, OverflowError):
+        return 0.0
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -111,3 +111,30 @@ def test_100mb_message_is_relayed_intact(
     [t] = sh.transactions
     body = t.content.split(b"\r\n\r\n", 1)[1]
     assert hashlib.sha256(body).hexdigest() == digest.hexdigest()
+
+
+def test_status_counts_without_reading_envelopes(rq: Relayq) -> None:
+    import json
+    import time
+
+    before = time.time()
+    for _ in range(3):
+        rq.sendmail("a@example.org", input=b"\nx\n")
+    damaged = sorted((rq.queue_dir / "queue").glob("*.e"))[-1]
+    damaged.write_text("garbage")  # status must not parse it (and a run quarantines it)
+    r = rq.run("relayq", "status")
+    assert r.returncode == EX_OK, r.stderr
+    assert "messages:     3, oldest " in r.stdout.decode()
+    assert "daemon:       not running" in r.stdout.decode()
+    rq.sendmail("-q")  # port 9: the two good ones stay, the damaged one is quarantined
+    info = json.loads(rq.run("relayq", "status", "--json").stdout)
+    assert (info["messages"], info["quarantined"], info["daemon_pid"]) == (2, 1, None)
+    assert 0 <= info["oldest_age_seconds"] <= time.time() - before + 2
+
+
+def test_qid_time_inverts_make_qid() -> None:
+    from relayq.spool import make_qid, qid_time
+
+    for t in (1_795_657_340.123456, 1_700_000_000.0, 1_800_000_000.999):
+        assert abs(qid_time(make_qid(t, 4242), t + 10) - t) < 1e-5
+    assert qid_time("not-a-qid!", 0) == 0.0

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("submit.py", ["--runs", "2", "--max-mib", "1"], "peak RSS"),
         ("drain.py", ["--count", "5"], "5 delivered"),
         ("wakeup.py", ["--count", "2"], "SMTP listener"),
+        ("scale.py", ["--count", "20", "--runs", "1"], "relayq status"),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.errors import EX_OK, EX_TEMPFAIL
+from relayq.errors import EX_OK, EX_TEMPFAIL, RelayqError
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from relayq.config import Config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="time between queue runs, e.g. 30m (default: queue_interval)")
     sub.add_parser("run", help="deliver the messages whose retry time has come")
     sub.add_parser("check-config", help="print the effective configuration, secrets masked")
+    st = sub.add_parser("status", help="queue size, oldest message, daemon (fast at any size)")
+    st.add_argument("--json", action="store_true")
     sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
     i = sub.add_parser("install", help="link /usr/sbin/sendmail, mailq, newaliases to relayq")
     i.add_argument("--force", action="store_true",
@@ -64,6 +72,8 @@ def _main(argv: list[str]) -> int:
     cfg = config.load(args.config, explicit=args.config is not None)
     if args.command == "check-config":
         return check_config(cfg)
+    if args.command == "status":
+        return status(cfg, args.json)
     if args.command == "newaliases":
         from relayq.cli.newaliases import check
 
@@ -89,6 +99,61 @@ def _main(argv: list[str]) -> int:
             log.info(f"flush: {left} message(s) left; told the daemon (pid {pid}) to run "
                      "the queue")
     return EX_TEMPFAIL if left else EX_OK
+
+
+def status(cfg: Config, as_json: bool) -> int:
+    """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
+    import time
+
+    from relayq.daemon import PidFile, pid_path
+    from relayq.spool import Spool, qid_time
+
+    spool = Spool(cfg.queue_dir)
+    now = time.time()
+    try:
+        names = os.listdir(spool.queue)
+    except FileNotFoundError:
+        names = []
+    except OSError as exc:
+        raise RelayqError(f"{spool.queue}: {exc.strerror}", 77 if exc.errno == 13 else 74) \
+            from None
+    ids = [n[:-2] for n in names if n.endswith(".e")]
+    oldest = qid_time(min(ids), now) if ids else 0.0  # queue ids sort by time
+    try:
+        quarantined = len({n.split(".", 1)[0] for n in os.listdir(spool.quarantine_dir)})
+    except OSError:
+        quarantined = 0
+    pid = PidFile.running(pid_path(cfg))
+    info = {
+        "queue": spool.queue,
+        "messages": len(ids),
+        "oldest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest)) if ids else None,
+        "oldest_age_seconds": round(now - oldest) if ids else None,
+        "quarantined": quarantined,
+        "daemon_pid": pid if pid is not None and pid > 0 else None,
+        "delivery_mode": cfg.effective()["delivery_mode"],
+        "smarthost": cfg.smarthost,
+    }
+    if as_json:
+        import json
+
+        print(json.dumps(info, indent=2))
+        return EX_OK
+    print(f"queue:        {info['queue']}")
+    age = f", oldest {info['oldest']} ({_age(now - oldest)} ago)" if ids else ""
+    print(f"messages:     {len(ids)}{age}")
+    print(f"quarantined:  {quarantined}")
+    print("daemon:       " + (f"running, pid {pid}" if pid is not None else "not running"))
+    print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
+    return EX_OK
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}d {hours}h" if days else f"{hours}h {rest // 60}m" if hours else \
+        f"{rest // 60}m {rest % 60}s"
 
 
 def check_config(cfg: object) -> int:
