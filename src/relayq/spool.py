@@ -310,15 +310,47 @@ class Spool:
             return None
         return fd
 
-    def iter_envelopes(self) -> Iterator[tuple[str, Envelope | None, str]]:
-        """(qid, envelope or None, problem) for listing; never raises for one bad file."""
-        for qid in self.ids():
+    def listing(
+        self, ids: list[str] | None = None
+    ) -> Iterator[tuple[str, Envelope | None, str, int, bool]]:
+        """(qid, envelope or None, problem, data size, locked) for each message, for mailq.
+
+        One open of the data file gives both its size and its lock state. A
+        message delivered since the directory was listed comes back with the
+        problem "job completed" (sendmail's words); one bad file never stops
+        the listing.
+        """
+        for qid in self.ids() if ids is None else ids:
             try:
-                yield qid, self.read_envelope(qid), ""
+                with open(self._path(qid, ".e"), "rb") as f:
+                    raw = f.read()
             except FileNotFoundError:
+                yield qid, None, "job completed", 0, False
                 continue
+            except OSError as exc:
+                yield qid, None, f"cannot read envelope: {exc.strerror}", 0, False
+                continue
+            try:
+                env = Envelope.loads(raw, qid)
             except DamagedQueueFile as exc:
-                yield qid, None, exc.message
+                yield qid, None, exc.message, 0, False
+                continue
+            try:
+                fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                gone = not os.path.exists(self._path(qid, ".e"))
+                yield qid, None, "job completed" if gone else "envelope without data file", 0, False
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    locked = False
+                except BlockingIOError:
+                    locked = True
+            finally:
+                os.close(fd)
+            yield qid, env, "", size, locked
 
 
 class NewMessage:

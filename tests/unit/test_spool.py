@@ -127,3 +127,18 @@ def test_envelope_round_trip_and_newer_format() -> None:
         Envelope.loads(newer, "QID0000000000A")
     with pytest.raises(DamagedQueueFile):
         Envelope.loads(env.dumps(), "OTHER000000000")
+
+
+def test_listing_reports_size_lock_and_vanished_messages(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path))
+    spool.ensure()
+    kept = commit(spool, b"12345\n")
+    held = commit(spool)
+    claim = spool.claim(held)
+    assert claim is not None
+    rows = {q: (env is not None, problem, size, locked)
+            for q, env, problem, size, locked in spool.listing([kept, held, "GONE0000000000"])}
+    claim.release()
+    assert rows[kept] == (True, "", 6, False)
+    assert rows[held][0] and rows[held][3]  # locked by a runner: mailq's "*"
+    assert rows["GONE0000000000"] == (False, "job completed", 0, False)

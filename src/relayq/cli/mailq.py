@@ -31,6 +31,7 @@ from relayq.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from relayq.envelope import Envelope
@@ -156,6 +157,17 @@ def _main(args: list[str]) -> int:
 
     cfg = config.load(opts.config, explicit=opts.config is not None)
     spool = Spool(cfg.queue_dir)
+    if not opts.json and not opts.selectors:
+        buffered: list[bytes] = []
+        size = 0
+        for chunk in stream_text(spool, opts.verbose):
+            buffered.append(chunk)
+            size += len(chunk)
+            if size >= 1 << 16 or len(buffered) == 2:  # the header goes out at once
+                _write(b"".join(buffered))
+                buffered, size = [], 0
+        _write(b"".join(buffered))
+        return 0
     items = collect(spool, opts.selectors)
     if opts.json:
         data = render_json(spool.queue, items)
@@ -171,24 +183,50 @@ def collect(spool: Spool, selectors: list[Selector]) -> list[Item]:
 
     has_rs = any(s.kind in "RS" for s in selectors)
     items: list[Item] = []
+    for qid, env, problem, size, locked in spool.listing(_ids(spool)):
+        if env is None:
+            if problem == "job completed" or has_rs or not matches(selectors, qid, "", []):
+                continue
+            items.append(Item(qid, None, _why(qid, problem), 0, False))
+            continue
+        if not matches(selectors, qid, env.sender, [r.address for r in env.pending()]):
+            continue
+        items.append(Item(qid, env, "", size, locked))
+    return items
+
+
+def _ids(spool: Spool) -> list[str]:
     try:
-        entries = list(spool.iter_envelopes())
+        return spool.ids()
     except QueueError:
         if not os.access(spool.queue, os.R_OK | os.X_OK):
             raise PermissionRefused(f"{spool.queue}: permission denied") from None
         raise
-    for qid, env, problem in entries:
-        if env is None:
-            if has_rs or not matches(selectors, qid, "", []):
-                continue
-            prefix = f"{qid}: "
-            why = problem[len(prefix) :] if problem.startswith(prefix) else problem
-            items.append(Item(qid, None, why, 0, False))
-            continue
-        if not matches(selectors, qid, env.sender, [r.address for r in env.pending()]):
-            continue
-        items.append(Item(qid, env, "", spool.data_size(qid), spool.is_locked(qid)))
-    return items
+
+
+def _why(qid: str, problem: str) -> str:
+    prefix = f"{qid}: "
+    return problem[len(prefix) :] if problem.startswith(prefix) else problem
+
+
+def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
+    """The whole-queue listing, printed as it is read: the first line comes at
+    once however large the queue. The count is the directory's; a message
+    delivered meanwhile shows as "(job completed)", as in sendmail."""
+    ids = _ids(spool)
+    path = spool.queue
+    if not ids:
+        yield _b(f"{path} is empty\n\t\tTotal requests: 0\n")
+        return
+    n = len(ids)
+    yield _b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")
+    yield HEADER_V if verbose else HEADER
+    for qid, env, problem, size, locked in spool.listing(ids):
+        if env is None and problem == "job completed":
+            yield _b(f"{qid:>13} (job completed)\n")
+        else:
+            yield render_item(Item(qid, env, _why(qid, problem), size, locked), verbose)
+    yield _b(f"\t\tTotal requests: {n}\n")
 
 
 def prtstr(text: str, limit: int) -> bytes:
@@ -223,36 +261,38 @@ def render_text(path: str, items: list[Item], verbose: bool = False) -> bytes:
     n = len(items)
     out = [_b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")]
     out.append(HEADER_V if verbose else HEADER)
-    for item in items:
-        env = item.env
-        if env is None:
-            out.append(_b(f"{item.qid:>13} (damaged: {item.problem})\n"))
-            continue
-        pending = env.pending()
-        stamp = time.ctime(env.created)
-        line = [_b(f"{item.qid:>13}{'*' if item.locked else ' '}")]
-        sender = env.sender or "<>"
-        if verbose:
-            priority = 30000 * len(pending) + item.size
-            line.append(_b(f"{item.size:8d} {priority:10d} {stamp[4:16]} "))
-            line.append(prtstr(sender, 78))
-        else:
-            line.append(_b(f"{item.size:8d} {stamp[:16]} "))
-            line.append(prtstr(sender, 39))
-        body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
-        if env.error or body:
-            line.append(_b(f"\n    {body[:10]:>10}"))
-            if env.error:
-                line.append(b"   (" + _b(env.error)[: 100 if verbose else 60] + b")")
-        for r in pending:
-            if verbose:
-                line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
-            else:
-                line.append(b"\n\t\t\t\t\t " + prtstr(r.address, 38))
-        line.append(b"\n")
-        out.append(b"".join(line))
+    out.extend(render_item(item, verbose) for item in items)
     out.append(_b(f"\t\tTotal requests: {n}\n"))
     return b"".join(out)
+
+
+def render_item(item: Item, verbose: bool) -> bytes:
+    env = item.env
+    if env is None:
+        return _b(f"{item.qid:>13} (damaged: {item.problem})\n")
+    pending = env.pending()
+    stamp = time.ctime(env.created)
+    line = [_b(f"{item.qid:>13}{'*' if item.locked else ' '}")]
+    sender = env.sender or "<>"
+    if verbose:
+        priority = 30000 * len(pending) + item.size
+        line.append(_b(f"{item.size:8d} {priority:10d} {stamp[4:16]} "))
+        line.append(prtstr(sender, 78))
+    else:
+        line.append(_b(f"{item.size:8d} {stamp[:16]} "))
+        line.append(prtstr(sender, 39))
+    body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
+    if env.error or body:
+        line.append(_b(f"\n    {body[:10]:>10}"))
+        if env.error:
+            line.append(b"   (" + _b(env.error)[: 100 if verbose else 60] + b")")
+    for r in pending:
+        if verbose:
+            line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
+        else:
+            line.append(b"\n\t\t\t\t\t " + prtstr(r.address, 38))
+    line.append(b"\n")
+    return b"".join(line)
 
 
 def _iso(t: float) -> str | None:
