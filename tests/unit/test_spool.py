@@ -142,3 +142,27 @@ def test_listing_reports_size_lock_and_vanished_messages(tmp_path: Path) -> None
     assert rows[kept] == (True, "", 6, False)
     assert rows[held][0] and rows[held][3]  # locked by a runner: mailq's "*"
     assert rows["GONE0000000000"] == (False, "job completed", 0, False)
+
+
+def test_concurrent_directory_syncs_are_shared(tmp_path: Path) -> None:
+    import threading
+    import time as _time
+
+    from relayq.spool import _GroupSync
+
+    sync = _GroupSync(str(tmp_path))
+    with sync.cond:
+        sync.running = True  # as if an fsync were under way: newcomers must wait for the next
+    threads = [threading.Thread(target=sync.sync) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = _time.monotonic() + 10
+    while sync.asked < 8 and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    with sync.cond:  # the "fsync under way" ends without covering them
+        sync.running = False
+        sync.cond.notify_all()
+    for t in threads:
+        t.join(10)
+    assert sync.done == sync.asked == 8  # all served by a sync that began after they asked
+    assert sync.rounds == 1  # one fsync for the eight
