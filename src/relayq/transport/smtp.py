@@ -20,6 +20,7 @@ from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
     AuthFailed,
     ConnectFailed,
+    ConnectionLost,
     ProtocolViolation,
     SmtpClient,
     SmtpError,
@@ -157,10 +158,12 @@ class SmtpTransport:
                 return MessageResult([early(a) for a, _, _ in msg.recipients], "", client.relay)
             step = self.config.max_recipients or n
             for start in range(0, n, step):
-                if client.dirty:
+                reset = client.dirty
+                if reset and not client.caps.pipelining:
                     client.rset()
+                    reset = False
                 err = self._transaction(client, msg, list(range(start, min(n, start + step))),
-                                        outcomes)
+                                        outcomes, reset)
                 error = error or err
         except SmtpError as exc:
             client.close()
@@ -203,8 +206,13 @@ class SmtpTransport:
         msg: OutgoingMessage,
         idx: list[int],
         outcomes: list[Outcome | None],
+        reset: bool = False,
     ) -> str:
-        """One MAIL/RCPT.../DATA transaction for recipients `idx`; returns a deferral reason."""
+        """One MAIL/RCPT.../DATA transaction for recipients `idx`; returns a deferral reason.
+
+        `reset`: the connection carried an earlier transaction; its RSET goes in
+        the same pipelined write as MAIL (one round trip per message, not two).
+        """
         caps = client.caps
         try:
             mail_line = proto.mail(msg.sender, proto.mail_params(
@@ -224,12 +232,21 @@ class SmtpTransport:
             except proto.CommandError as exc:
                 outcomes[i] = Outcome(addr, FAILED, f"553 5.1.3 bad recipient: {exc}", "5.1.3")
         if not rcpts:
+            if reset:
+                client.rset()
             return ""
         client.dirty = True
         data_reply: Reply | None
         if caps.pipelining:
             group = [(mail_line, "MAIL FROM")] + [(line, "RCPT TO") for _, line in rcpts]
+            if reset:
+                group.insert(0, (proto.RSET, "RSET"))
             replies = client.pipeline([*group, (proto.DATA, "DATA")])
+            if reset:
+                rset_reply, *replies = replies
+                if not rset_reply.positive:
+                    client.close()
+                    raise ConnectionLost(f"{client.where} refused RSET: {rset_reply}")
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply = client.command(mail_line, "MAIL FROM")
@@ -288,10 +305,11 @@ class SmtpTransport:
     # --- connections ------------------------------------------------------------
 
     def _ready_client(self) -> SmtpClient | None:
-        """The cached connection after a successful RSET, else a new one."""
+        """The cached connection if it is still alive and quiet, else a new one."""
         if self._client is not None:
-            try:
-                self._client.rset()
+            try:  # alive and quiet? Its RSET then rides with the next MAIL
+                self._client.ensure_quiet("RSET")
+                self._client.dirty = True
                 return self._client
             except SmtpError as exc:
                 self._say(f"cached connection to {self._client.relay} unusable: {exc}")
