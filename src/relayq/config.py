@@ -374,7 +374,8 @@ def load(path: str | None = None, *, explicit: bool = False) -> Config:
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError(f"{path}: cannot read: {exc}") from None
                 cfg = parse(text, path)
-                cache.put(key, cfg.values)
+                if not any(cfg.values.get(k) for k in SECRET_KEYS):
+                    cache.put(key, cfg.values)  # a secret is never copied out of its file
     if not cfg.queue_dir:
         cfg.queue_dir = default_queue(os.environ, uid, home)
     return cfg
@@ -386,7 +387,8 @@ class _Cache:
     One file per config path in RELAYQ_CACHE_DIR, /var/cache/relayq (root) or
     $XDG_CACHE_HOME/relayq. marshal holds only plain values and cannot run
     code; a cache is trusted only when it and its directory belong to us and
-    nobody else can write them. Any doubt means a normal parse.
+    nobody else can write them. Any doubt means a normal parse. A config that
+    holds a password is never cached: a secret stays in its one file.
     """
 
     def __init__(self, path: str, uid: int, home: str) -> None:

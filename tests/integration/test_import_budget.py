@@ -70,3 +70,13 @@ def test_background_submission_leaves_delivery_imports_to_the_child(tmp_path: Pa
                        input=b"\nx\n", env=rq.env, capture_output=True, timeout=30, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().split(" ", 1) == ["0", "[]\n"]
+
+
+def test_a_config_holding_a_password_is_never_cached(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path, user="alerts", password="s3cret-in-the-file")
+    for _ in range(2):
+        assert rq.sendmail("-odq", "a@example.org", input=b"\nx\n").returncode == 0
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(
+        b"s3cret" in f.read_bytes() for f in cache.iterdir())
+    assert not cache.exists() or list(cache.iterdir()) == []
