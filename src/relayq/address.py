@@ -205,17 +205,19 @@ def _mailbox(text: str, unit: list[_Token]) -> Found | None:
     return Found(span[0], span[1], text[span[0] : span[1]])
 
 
-def _units(tokens: list[_Token]) -> list[list[_Token]]:
+def _units(tokens: list[_Token]) -> tuple[list[list[_Token]], bool]:
     """Split the tokens of an address list into mailbox units.
 
     Commas separate mailboxes except inside an angle address where the comma
     belongs to an obsolete route ("<@a,@b:c@d>"). A ':' outside angle
     brackets opens a group whose display name is dropped; ';' closes it.
+    Also says whether a group was seen (the command line allows none).
     """
     units: list[list[_Token]] = []
     cur: list[_Token] = []
     in_angle = False
     in_group = False
+    grouped = False
     for k, tok in enumerate(tokens):
         kind = tok[0]
         if kind == "<":
@@ -232,7 +234,7 @@ def _units(tokens: list[_Token]) -> list[list[_Token]]:
             cur = []
             continue
         elif kind == ":" and not in_angle and not in_group:
-            in_group = True
+            in_group = grouped = True
             cur = []  # the group's display name
             continue
         elif kind == ";" and not in_angle:
@@ -242,7 +244,7 @@ def _units(tokens: list[_Token]) -> list[list[_Token]]:
             continue
         cur.append(tok)
     units.append(cur)
-    return units
+    return units, grouped
 
 
 def parse_list(value: str) -> list[Found]:
@@ -259,7 +261,7 @@ def parse_list(value: str) -> list[Found]:
     """
     tokens, _ok = _tokenize(value)
     found: list[Found] = []
-    for unit in _units(tokens):
+    for unit in _units(tokens)[0]:
         f = _mailbox(value, unit)
         if f is not None:
             found.append(f)
@@ -337,27 +339,10 @@ def _strict_elements(text: str, what: str) -> list[list[_Token]]:
     for t in tokens:
         if t[0] in (")", "]", ";"):
             raise _refuse(what, text, f"unexpected {t[0]!r}")
-    elements: list[list[_Token]] = []
-    cur: list[_Token] = []
-    in_angle = False
-    for k, t in enumerate(tokens):
-        kind = t[0]
-        if kind == "<":
-            in_angle = True
-        elif kind == ">":
-            in_angle = False
-        elif kind == ",":
-            nxt = tokens[k + 1][0] if k + 1 < len(tokens) else ""
-            if not (in_angle and nxt == "@"):
-                elements.append(cur)
-                cur = []
-                continue
-        elif kind == ":" and not in_angle:
-            raise _refuse(what, text, "unexpected ':' (groups are not allowed here)")
-        if kind != _COMMENT:
-            cur.append(t)
-    elements.append(cur)
-    return elements
+    units, grouped = _units(tokens)
+    if grouped:
+        raise _refuse(what, text, "unexpected ':' (groups are not allowed here)")
+    return [[t for t in unit if t[0] != _COMMENT] for unit in units]
 
 
 def parse_mailbox(text: str, what: str = "address") -> str:
