@@ -34,11 +34,14 @@ def _from_hosts(short: str, path: str = "/etc/hosts") -> str:
     return ""
 
 
+_FQDN: list[str] = []  # computed once per process: Context asks for it several times
+
+
 def fqdn() -> str:
-    node = os.uname().nodename
-    if "." in node:
-        return node
-    return _from_hosts(node) or node
+    if not _FQDN:
+        node = os.uname().nodename
+        _FQDN.append(node if "." in node else _from_hosts(node) or node)
+    return _FQDN[0]
 
 
 def mail_domain(configured: str = "") -> str:

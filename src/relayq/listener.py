@@ -464,8 +464,7 @@ class Handler:
         req.envid = envelope.dsn.get("ENVID", "")
         body = [o.split("=", 1)[1] for o in envelope.mail_options if o.startswith("BODY=")]
         req.body = body[0] if body and body[0] in ("7BIT", "8BITMIME") else ""
-        spool = Spool(st.cfg.queue_dir)
-        spool.ensure()
+        spool = Spool(st.cfg.queue_dir)  # create() makes the directories if they went away
         msg, _ = enqueue(st.cfg, spool, req, _chunks(content), st.log, st.ctx)
         msg.release()
         return msg.qid

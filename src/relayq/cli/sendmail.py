@@ -414,8 +414,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         args.notify, args.ret, args.envid, args.body, args.hops)
     if not args.recipients and not args.extract:
         raise UsageError("Recipient names must be specified")
-    spool = Spool(cfg.queue_dir)
-    spool.ensure()
+    spool = Spool(cfg.queue_dir)  # create() makes the directories the first time
     ctx = Context(cfg)
     msg, _ = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
     mode = args.delivery or cfg.delivery_mode
