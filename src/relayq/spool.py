@@ -258,12 +258,6 @@ class Spool:
     def data_path(self, qid: str) -> str:
         return self._path(qid, ".d")
 
-    def data_size(self, qid: str) -> int:
-        try:
-            return os.stat(self._path(qid, ".d")).st_size
-        except OSError:
-            return 0
-
     def is_locked(self, qid: str) -> bool:
         """True while a runner (or the submitting process) holds the message."""
         try:

@@ -428,7 +428,14 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
 
         deliver_detached(cfg, spool, log, ctx, [msg.qid], {msg.qid: msg.detach()})
         return EX_OK
-    return _interactive(cfg, log, ctx, spool.adopt(msg.qid, msg.detach()), args)
+    fd = msg.detach()
+    try:
+        claim = spool.adopt(msg.qid, fd)
+    except RelayqError as exc:  # committed all the same: the caller must hear 0
+        os.close(fd)
+        log.error(f"{msg.qid}: {exc.message}; queued for the next run")
+        return EX_OK
+    return _interactive(cfg, log, ctx, claim, args)
 
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
