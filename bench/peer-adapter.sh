@@ -44,9 +44,12 @@ case "${1:-}" in
     listener-stop)
         [ -s "$DIR/relayq.pid" ] && kill "$(cat "$DIR/relayq.pid")" 2>/dev/null
         for _ in $(seq 100); do [ -e "$DIR/relayq.pid" ] || break; sleep 0.1; done ;;
-    install|start)  # the launcher `relayq install` writes (python -IS), as a host would run it
+    install|start)  # the launchers `relayq install` writes (python -IS), as a host would run
+                    # them: with Debian's own python3 when it is relayq's version (a packaged
+                    # relayq uses it; pyenv's shared-libpython build starts ~1 ms slower)
                     [ -x "$BIN/sendmail" ] || make -C "$HERE" venv >/dev/null; configure
-                    "$BIN/relayq" install --root "$DIR/root" >/dev/null ;;
+                    "$BIN/relayq" install --root "$DIR/root" --python /usr/bin/python3 \
+                        >/dev/null 2>&1 || "$BIN/relayq" install --root "$DIR/root" >/dev/null ;;
     stop)           bash "$0" listener-stop ;;
     purge)          bash "$0" listener-stop; rm -rf "$DIR" ;;
     *) echo "unknown action ${1:-}" >&2; exit 2 ;;

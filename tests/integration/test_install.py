@@ -67,3 +67,28 @@ def test_command_line(tmp_path: Path) -> None:
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert b"written by relayq install" in (tmp_path / "usr/sbin/sendmail").read_bytes()
+
+
+def test_python_choice_must_be_the_same_version(tmp_path: Path) -> None:
+    import sys
+
+    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(tmp_path),
+                        "--python", "/bin/true"], capture_output=True, text=True, check=False)
+    assert r.returncode == 64 and "--python /bin/true" in r.stderr, r.stderr
+    assert not (tmp_path / "usr").exists()
+    install(str(tmp_path), str(BIN), force=False, python=sys.executable)
+    head = (tmp_path / "usr/sbin/sendmail").read_text().splitlines()[0]
+    assert head == f"#!{sys.executable} -IS"
+
+
+def test_launcher_exit_codes_and_messages_survive_the_fast_exit(tmp_path: Path) -> None:
+    """The launchers leave with os._exit: the code and stderr line must still arrive."""
+    install(str(tmp_path / "root"), str(BIN), force=False)
+    rq = Relayq(tmp_path)
+    sendmail = str(tmp_path / "root/usr/sbin/sendmail")
+    r = subprocess.run([sendmail, "-odq"], input=b"Subject: x\n\nx\n", env=rq.env,
+                       capture_output=True, timeout=30, check=False)
+    assert r.returncode == 64 and r.stderr == b"sendmail: Recipient names must be specified\n"
+    r = subprocess.run(f"{tmp_path}/root/usr/bin/mailq -v | head -c 1", shell=True, env=rq.env,
+                       capture_output=True, timeout=30, check=False)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr

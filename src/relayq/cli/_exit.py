@@ -51,6 +51,22 @@ def run(main: Callable[[], int], prog: str) -> int:
         return EX_SOFTWARE
 
 
+def leave(code: int) -> None:
+    """Exit without tearing the interpreter down (the command is finished).
+
+    Freeing every object at exit costs ~1 ms, and after sendmail's background
+    fork it writes to every shared page, copying them all (~3 ms): a cost each
+    caller of sendmail waits for. Nothing is left to flush but stdio.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            if code == 0:
+                code = EX_IOERR
+    os._exit(code)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
 

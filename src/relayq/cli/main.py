@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace another MTA's commands (they are kept aside)")
     i.add_argument("--uninstall", action="store_true", help="remove the links, restore originals")
     i.add_argument("--root", default="/", help="install below this directory (packaging)")
+    i.add_argument("--python", metavar="PATH",
+                   help="interpreter for the launchers (same Python version as relayq's; "
+                        "default: the one running relayq)")
     q = sub.add_parser("mailq", help="list the queue (as mailq)")
     q.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
@@ -60,7 +63,7 @@ def _main(argv: list[str]) -> int:
     if args.command == "install":
         from relayq.cli.install import run_install
 
-        return run_install(args.root, args.force, args.uninstall)
+        return run_install(args.root, args.force, args.uninstall, args.python)
     if args.command == "daemon":
         from relayq import daemon
 
