@@ -201,6 +201,8 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "listen_nonloopback": (False, _bool, "allow binding a non-loopback listener address"),
     "daemon_user": ("", _str, "user the daemon runs as after binding port 25 as root"),
     "smtp_max_connections": (20, _int, "listener: concurrent SMTP connections"),
+    "smtp_processes": (0, _int, "listener processes sharing the sockets (0: one per CPU, "
+                                "at most 4)"),
     "smtp_max_recipients": (1000, _int, "listener: recipients per message"),
     "smtp_max_line": (1000, _int, "listener: longest command or data line, in bytes"),
     "smtp_timeout": (300.0, _duration, "listener: idle time allowed between commands"),
@@ -254,6 +256,7 @@ class Config:
     listen_nonloopback: bool
     daemon_user: str
     smtp_max_connections: int
+    smtp_processes: int
     smtp_max_recipients: int
     smtp_max_line: int
     smtp_timeout: float

@@ -68,9 +68,11 @@ from relayq.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from relayq.agent import Agent
     from relayq.config import Config
     from relayq.listener import Listener
     from relayq.log import Log
+    from relayq.prefork import Listeners
     from relayq.runner import Runner
     from relayq.submit import Context
 
@@ -78,6 +80,7 @@ POLL = 0.25  # how often the queue directory is looked at
 RESCAN = 5.0  # a full listing at least this often (mtime granularity backstop)
 IDLE_CLOSE = 5.0  # a worker closes its smarthost connection after this idle time
 STOP_GRACE = 5.0  # how long SIGTERM waits for deliveries in flight
+AGENT_FAILURES = 3  # agents dying in a row before a worker delivers in-process
 RECHECK_MIN, RECHECK_MAX = 0.005, 30.0  # the submitter lets go within milliseconds
 ROOT_PID_FILE = "/run/relayq.pid"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -298,6 +301,8 @@ class Daemon:
         self.spool = Spool(cfg.queue_dir)
         self.generation = 0  # bumped by a reload: workers rebuild their Runner
         self.listener: Listener | None = None
+        self.listeners: Listeners | None = None  # more listener processes
+        self.private_fds: list[int] = []  # not for forked listeners (the pid file lock)
         self._work: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending: dict[str, bool] = {}  # queued for a worker -> force
@@ -310,6 +315,8 @@ class Daemon:
         self._flags: set[str] = set()
         self._stopping = False
         self._workers: list[threading.Thread] = []
+        self._agents: list[Agent | None] = []
+        self._closing: list[Agent] = []  # agents told to finish, reaped by stop()
         self.runs = 0
 
     @property
@@ -431,9 +438,26 @@ class Daemon:
 
         return Runner(self.cfg, self.spool, self.log, self.ctx)
 
-    def _worker(self) -> None:
+    def _spawn(self) -> Agent | None:
+        from relayq.agent import Agent
+
+        try:
+            return Agent(self.cfg, self.log)
+        except OSError as exc:
+            self.log.warning(f"cannot start a delivery agent ({exc}); delivering in-process")
+            return None
+
+    def _worker(self, n: int) -> None:
+        """Take queue ids and have this worker's agent deliver them (see relayq.agent).
+
+        Without an agent (none could be started, or they keep dying) the
+        worker delivers in this process with its own Runner, as before agents.
+        """
+        from relayq.agent import AgentGone
+
         runner: Runner | None = None
         generation = -1
+        failures = 0
         try:
             while True:
                 try:
@@ -452,12 +476,36 @@ class Daemon:
                     self._active.add(qid)
                 left = 1
                 try:
-                    if runner is None or generation != self.generation:
+                    if generation != self.generation:  # started, or the config was reloaded
                         if runner is not None:
                             runner.close()
-                        runner, generation = self._new_runner(), self.generation
-                    left = runner.process(qid, force, [])
-                    runner.deliver_bounces()
+                            runner = None
+                        if generation >= 0 or self._agents[n] is None:
+                            self._retire(n)
+                            self._agents[n] = self._spawn()
+                        generation, failures = self.generation, 0
+                    agent = self._agents[n] if failures < AGENT_FAILURES else None
+                    if agent is not None:
+                        try:
+                            left = agent.deliver(qid, force)
+                            failures = 0
+                        except AgentGone as exc:
+                            failures += 1
+                            self.log.error(f"{qid}: delivery agent {agent.proc.pid} died "
+                                           f"({exc}); left in the queue")
+                            self._retire(n)
+                            if self._stopping:
+                                continue
+                            if failures < AGENT_FAILURES:
+                                self._agents[n] = self._spawn()
+                            else:
+                                self.log.error("delivery agents keep dying; this worker "
+                                               "delivers in-process until a reload")
+                    else:
+                        if runner is None:
+                            runner = self._new_runner()
+                        left = runner.process(qid, force, [])
+                        runner.deliver_bounces()
                 except Exception as exc:  # a bug must not kill the worker
                     self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                                    "left in the queue")
@@ -468,6 +516,19 @@ class Daemon:
         finally:
             if runner is not None:
                 runner.close()
+            self._retire(n, wait=False)
+
+    def _retire(self, n: int, *, wait: bool = True) -> None:
+        """Close worker n's agent; it exits after its message in hand."""
+        agent, self._agents[n] = self._agents[n], None
+        if agent is None:
+            return
+        agent.close()
+        if wait and not agent.reap(STOP_GRACE):
+            agent.kill()
+            agent.reap(STOP_GRACE)
+        if not wait:
+            self._closing.append(agent)
 
     def watch_queue(self) -> None:
         """Dispatch new messages the moment their envelope is renamed into place.
@@ -498,9 +559,23 @@ class Daemon:
 
         threading.Thread(target=loop, name="relayq-inotify", daemon=True).start()
 
+    def start_agents(self) -> None:
+        """One delivery agent per worker, started ahead so the first message need not
+        wait; called before dropping privileges (each agent drops them itself)."""
+        self._agents = [self._spawn() for _ in range(max(1, self.cfg.concurrency))]
+
+    def kill_agents(self) -> None:
+        for agent in self._agents:
+            if agent is not None:
+                agent.kill()
+                agent.reap(1.0)
+
     def start_workers(self) -> None:
-        for n in range(max(1, self.cfg.concurrency)):
-            t = threading.Thread(target=self._worker, name=f"relayq-worker-{n}", daemon=True)
+        if not self._agents:
+            self._agents = [None] * max(1, self.cfg.concurrency)
+        for n in range(len(self._agents)):
+            t = threading.Thread(target=self._worker, args=(n,), name=f"relayq-worker-{n}",
+                                 daemon=True)
             t.start()
             self._workers.append(t)
 
@@ -533,13 +608,35 @@ class Daemon:
         self.generation += 1
         if self.listener is not None:
             self.listener.reload(cfg, ctx, self.log)
+        if self.listeners is not None:
+            self.listeners.reload()  # each reads the file itself
         self.log.info(f"configuration reloaded from {cfg.path}")
         sd_notify("READY=1\nSTATUS=configuration reloaded")
 
     # -- main loop ---------------------------------------------------------------------
 
+    def fork_listeners(self) -> None:
+        """More listener processes (relayq.prefork), while this process has one thread."""
+        if self.listener is None:
+            return
+        from relayq import prefork
+
+        count = prefork.wanted(self.cfg) - 1
+        if count <= 0:
+            return
+        if threading.active_count() > 1:
+            self.log.warning("not forking listener processes: threads already running")
+            return
+        private = list(self.private_fds)
+        for agent in self._agents:
+            if agent is not None:
+                private += agent.fds()
+        self.listeners = prefork.Listeners(self.listener, self.log)
+        self.listeners.fork(count, self.opts.loader, private)
+
     def serve(self) -> int:
         """Run until SIGTERM; the caller has installed signals and bound sockets."""
+        self.fork_listeners()
         self.start_workers()
         self.watch_queue()
         if self.listener is not None:
@@ -569,6 +666,8 @@ class Daemon:
                 if self.wakeups:
                     self._scan_for_new()
                 self._due_rechecks()
+                if self.listeners is not None:
+                    self.listeners.check()
         finally:
             self.stop()
         return EX_OK
@@ -582,6 +681,8 @@ class Daemon:
         self.log.info("stopping daemon")
         if self.listener is not None:
             self.listener.stop()
+        if self.listeners is not None:
+            self.listeners.stop(15.0)
         while True:
             try:
                 self._work.get_nowait()
@@ -594,6 +695,11 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             stuck = sorted(self._active)
+        for agent in self._closing + [a for a in self._agents if a is not None]:
+            agent.close()
+            if not agent.reap(max(0.0, deadline - time.monotonic())):
+                agent.kill()  # its lock goes with it; the message stays queued
+                agent.reap(1.0)
         if stuck:
             self.log.warning(f"abandoning {len(stuck)} delivery in flight ({', '.join(stuck)}); "
                              "it stays queued")
@@ -625,6 +731,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         else:
             sockets = listener.bind(cfg)
     pid = PidFile(pid_path(cfg))
+    daemon: Daemon | None = None
     try:
         pid.acquire()
         # import the delivery code now: after dropping privileges the install
@@ -632,14 +739,18 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         import relayq.runner
         import relayq.transport.smtp  # noqa: F401
 
+        daemon = Daemon(cfg, log, opts)
+        daemon.private_fds.append(pid.fd)
+        daemon.start_agents()  # as root they drop privileges themselves
         drop_privileges(cfg.daemon_user, log)
         Spool(cfg.queue_dir).ensure()
     except BaseException:
         pid.release()
         for s in sockets:
             s.close()
+        if daemon is not None:
+            daemon.kill_agents()
         raise
-    daemon = Daemon(cfg, log, opts)
     if sockets:
         from relayq.listener import Listener
 
