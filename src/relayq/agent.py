@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from relayq.log import Log
 
 IDLE_CLOSE = 5.0  # let the smarthost connection go after this idle time
+FRESH_LOCK_WAIT = 0.005  # a new message's writer holds its lock until the directory fsync
 _BOOT = "import sys; sys.path[:] = {path!r}; from relayq.agent import main; main()"
 
 
@@ -168,6 +169,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
             try:
                 if runner is None:
                     runner = Runner(cfg, spool, log, ctx)
+                    runner.claim_wait = FRESH_LOCK_WAIT
                 left = runner.process(qid, force == "1", [])
                 runner.deliver_bounces()
             except Exception as exc:  # a bug must not kill the agent

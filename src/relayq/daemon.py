@@ -307,6 +307,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._pending: dict[str, bool] = {}  # queued for a worker -> force
         self._active: set[str] = set()  # being delivered now
+        self._force_again: set[str] = set()  # forced while being delivered: once more
         self._recheck: dict[str, tuple[float, float]] = {}  # qid -> (when, delay)
         self._known: set[str] = set()
         self._dir_mtime = -1
@@ -349,7 +350,11 @@ class Daemon:
     def dispatch(self, qid: str, force: bool) -> None:
         """Queue one message for a worker unless one already has it."""
         with self._lock:
-            if self._stopping or qid in self._active:
+            if self._stopping:
+                return
+            if qid in self._active:  # a forced run must not be lost to a normal one in flight
+                if force:
+                    self._force_again.add(qid)
                 return
             if qid in self._pending:
                 self._pending[qid] = self._pending[qid] or force
@@ -512,7 +517,12 @@ class Daemon:
                 finally:
                     with self._lock:
                         self._active.discard(qid)
-                self._after(qid, left, force)
+                        again = qid in self._force_again
+                        self._force_again.discard(qid)
+                if again and left:
+                    self.dispatch(qid, True)
+                else:
+                    self._after(qid, left, force)
         finally:
             if runner is not None:
                 runner.close()

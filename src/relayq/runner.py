@@ -59,6 +59,7 @@ class Runner:
         self.spool = spool
         self.log = log
         self.ctx = ctx
+        self.claim_wait = 0.0  # see Spool.claim (the daemon's agents wait a little)
         self.verbose = verbose
         self._transport: SmtpTransport | None = None
         self._local: LocalTransport | None = None
@@ -414,7 +415,7 @@ class Runner:
     def process(self, qid: str, force: bool, selectors: list[selector.Selector]) -> int:
         """Claim and deliver one message if it is due; 1 if it is still queued after."""
         try:
-            claim = self.spool.claim(qid)
+            claim = self.spool.claim(qid, self.claim_wait)
         except NewerFormat as exc:
             self.log.warning(f"{exc.message}; left alone")
             return 1

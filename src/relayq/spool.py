@@ -274,11 +274,14 @@ class Spool:
 
     # -- claiming for delivery ------------------------------------------------
 
-    def claim(self, qid: str) -> Claim | None:
+    def claim(self, qid: str, wait: float = 0.0) -> Claim | None:
         """Lock a message for delivery, or None if another process holds it or it is gone.
 
         The envelope is read only after the lock is held: a record read before
-        could already have been replaced by the previous holder.
+        could already have been replaced by the previous holder. `wait` gives
+        a holder that long to let go: the daemon learns of a new message at
+        its rename, while the writer still holds the lock for the directory
+        fsync, about a millisecond.
         """
         try:
             fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
@@ -286,11 +289,16 @@ class Spool:
             if os.path.exists(self._path(qid, ".e")):
                 raise DamagedQueueFile(f"{qid}: envelope without data file") from None
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.0005)
         try:
             env = self.read_envelope(qid)
         except FileNotFoundError:
