@@ -152,11 +152,13 @@ class Envelope:
             raise DamagedQueueFile(f"{qid}: not a relayq envelope")
         if int(head[1]) > FORMAT_VERSION:
             raise NewerFormat(f"{qid}: envelope format {head[1]} is newer than this relayq")
-        if "end" not in lines[1:]:
-            raise DamagedQueueFile(f"{qid}: truncated envelope")
-        fields: dict[str, list[str]] = {}
+        try:
+            end = lines.index("end", 1)
+        except ValueError:
+            raise DamagedQueueFile(f"{qid}: truncated envelope") from None
+        fields: dict[str, str] = {}
         rcpts: list[Recipient] = []
-        for line in lines[1 : lines.index("end", 1)]:
+        for line in lines[1:end]:
             key, _, rest = line.partition("\t")
             if key == "rcpt":
                 state, notify, orcpt, address, reply = rest.split("\t")
@@ -164,29 +166,28 @@ class Envelope:
                     raise DamagedQueueFile(f"{qid}: bad recipient line")
                 rcpts.append(Recipient(address, state, notify, orcpt, reply))
             else:
-                fields[key] = rest.split("\t")
-        if fields.get("id", [""])[0] != qid:
+                fields[key] = rest
+        # a field's first column is its value: later formats may add columns
+        get = fields.get
+        if get("id", "").partition("\t")[0] != qid:
             raise DamagedQueueFile(f"{qid}: envelope names another message")
         if not rcpts:
             raise DamagedQueueFile(f"{qid}: envelope without recipients")
-        env = cls(qid, fields["sender"][0], rcpts, float(fields["created"][0]))
-
-        def one(key: str, default: str = "") -> str:
-            return fields.get(key, [default])[0]
-
-        user = fields.get("user", ["", "-1"])
-        env.user, env.uid = user[0], int(user[1]) if len(user) > 1 else -1
-        env.size = int(one("size", "0"))
-        env.body = one("body")
-        env.smtputf8 = one("smtputf8", "0") == "1"
-        env.envid = one("envid")
-        env.ret = one("ret")
-        env.msgid = one("msgid")
-        env.is_dsn = one("dsn", "0") == "1"
-        env.attempts = int(one("attempts", "0"))
-        env.last_try = float(one("last_try", "0"))
-        env.next_try = float(one("next_try", "0"))
-        env.error = one("error")
+        env = cls(qid, fields["sender"].partition("\t")[0], rcpts,
+                  float(fields["created"].partition("\t")[0]))
+        user, _, uid = get("user", "\t-1").partition("\t")
+        env.user, env.uid = user, int(uid.partition("\t")[0] or -1)
+        env.size = int(get("size", "0").partition("\t")[0])
+        env.body = get("body", "").partition("\t")[0]
+        env.smtputf8 = get("smtputf8", "0").partition("\t")[0] == "1"
+        env.envid = get("envid", "").partition("\t")[0]
+        env.ret = get("ret", "").partition("\t")[0]
+        env.msgid = get("msgid", "").partition("\t")[0]
+        env.is_dsn = get("dsn", "0").partition("\t")[0] == "1"
+        env.attempts = int(get("attempts", "0").partition("\t")[0])
+        env.last_try = float(get("last_try", "0").partition("\t")[0])
+        env.next_try = float(get("next_try", "0").partition("\t")[0])
+        env.error = get("error", "").partition("\t")[0]
         return env
 
 

@@ -231,6 +231,8 @@ def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
 
 def prtstr(text: str, limit: int) -> bytes:
     """sendmail's prtstr(): at most `limit` columns, `\\` doubled, the rest as \\ooo."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text[:limit].encode()  # the usual address: nothing to escape
     out = bytearray()
     ml = limit
     for c in text.encode("utf-8", "surrogateescape"):
