@@ -24,9 +24,9 @@ BIN = os.path.dirname(sys.executable)
 
 def fill(queue: str, count: int) -> None:
     os.makedirs(queue, exist_ok=True)
-    now = time.time() - count / 1_000_000 - 60
-    for n in range(count):
-        qid = make_qid(now + n / 1_000_000, 4242)
+    now = float(int(time.time()) - 60 - count // 1_000_000)
+    for n in range(count):  # one id a microsecond (+0.5: float rounding never collides)
+        qid = make_qid(now + (n + 0.5) / 1_000_000, 4242)
         env = Envelope(qid, "bench@example.org", [Recipient(f"r{n}@example.org")], now)
         env.size = 40
         env.error = "Deferred: Connection refused by [127.0.0.1]"

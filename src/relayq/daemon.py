@@ -1,20 +1,24 @@
 """The long-running relayq: periodic queue runs, wake-ups for new mail, signals.
 
-One process, three kinds of thread:
+One process with three kinds of thread, and its helper processes:
 
 - the main thread schedules: a queue run every `interval` (from `-q29m` or
-  `queue_interval`), a wake-up when a new message appears in the queue (the
-  queue directory's mtime is polled every 0.25 s, with a full listing every
-  5 s as a backstop; the submitting `sendmail` never talks to the daemon, so
-  it can never block on it), and the signals: SIGTERM/SIGINT stop, SIGHUP
-  reloads the configuration, SIGUSR1 runs the whole queue now (force);
-- `concurrency` worker threads, each with its own Runner and so its own
-  smarthost connection, reused across messages and closed after a few idle
-  seconds; they take queue ids from one shared queue, and a qid is never
-  handed to two workers at once (the message's flock guards against other
-  processes anyway);
+  `queue_interval`), a wake-up when a new message appears in the queue
+  (inotify on the queue directory, with an mtime poll every 0.25 s and a
+  full listing every 5 s as a backstop; the submitting `sendmail` never
+  talks to the daemon, so it can never block on it), and the signals:
+  SIGTERM/SIGINT stop, SIGHUP reloads the configuration, SIGUSR1 runs the
+  whole queue now (force);
+- `concurrency` worker threads take queue ids from one shared queue (a qid is
+  never handed to two workers at once; the message's flock guards against
+  other processes anyway). Each drives its own delivery agent process
+  (relayq.agent), which keeps its smarthost connection across messages and
+  closes it after a few idle seconds: delivery is mostly Python, and in
+  threads it would share one GIL with the listener;
 - optionally the SMTP listener (relayq.listener), an asyncio loop in its own
-  thread, which hands every committed message straight to the workers.
+  thread, which hands every committed message straight to the workers, plus
+  one forked listener process per further CPU (relayq.prefork) on the same
+  sockets, whose messages the inotify wake-up finds.
 
 Periodic and wake-up runs never retry a message early (force=False); only
 SIGUSR1 and `relayq flush` do. A message that is due but locked by another
@@ -22,8 +26,8 @@ process (the submitter between commit and unlock, a background child, a cron
 `sendmail -q`) is looked at again shortly after, backing off to 30 s.
 
 Stopping: SIGTERM lets every worker finish the message in flight and exits.
-A delivery still stuck after STOP_GRACE seconds is abandoned: the process
-exits, the kernel drops its lock, and the message stays queued with its last
+A delivery still stuck after STOP_GRACE seconds is abandoned: its agent is
+killed, the kernel drops its lock, and the message stays queued with its last
 recorded state (records are replaced by rename, so no record is ever half
 written). The only risk is the usual duplicate window: a relay that had
 already answered 250 to the final dot when we gave up.
@@ -371,14 +375,16 @@ class Daemon:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
         try:
-            self.spool.sweep()
-        except OSError as exc:
-            self.log.warning(f"queue sweep failed: {exc}")
-        try:
-            ids = self.spool.ids()
+            names = self.spool.names()
         except RelayqError as exc:
             self.log.error(f"queue run: {exc.message}")
             return
+        try:
+            self.spool.sweep(names=names)
+        except OSError as exc:
+            self.log.warning(f"queue sweep failed: {exc}")
+        ids = self.spool.ids(names)
+        del names
         self._known = set(ids)
         self._last_scan = time.monotonic()
         for qid in ids:

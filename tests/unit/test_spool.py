@@ -129,7 +129,12 @@ def test_envelope_round_trip_and_newer_format() -> None:
         Envelope.loads(env.dumps(), "OTHER000000000")
 
 
-def test_listing_reports_size_lock_and_vanished_messages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proc_locks", [True, False], ids=["/proc/locks", "test-lock"])
+def test_listing_reports_size_lock_and_vanished_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_locks: bool
+) -> None:
+    if not proc_locks:  # the fallback where /proc is not mounted
+        monkeypatch.setattr("relayq.spool._held_inodes", lambda dev: None)
     spool = Spool(str(tmp_path))
     spool.ensure()
     kept = commit(spool, b"12345\n")
@@ -142,6 +147,8 @@ def test_listing_reports_size_lock_and_vanished_messages(tmp_path: Path) -> None
     assert rows[kept] == (True, "", 6, False)
     assert rows[held][0] and rows[held][3]  # locked by a runner: mailq's "*"
     assert rows["GONE0000000000"] == (False, "job completed", 0, False)
+    after = {q: locked for q, _, _, _, locked in spool.listing([kept, held])}
+    assert after == {kept: False, held: False}  # the listing itself holds no lock
 
 
 def test_concurrent_directory_syncs_are_shared(tmp_path: Path) -> None:
