@@ -565,6 +565,18 @@ def _peer(session: Any) -> str:
 # --- the TCP listener ------------------------------------------------------------------
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed: the listener's time per session
+    is mostly the event loop's own Python, which uvloop does in C."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+
 class Listener:
     """An asyncio loop in its own thread serving the bound sockets."""
 
@@ -602,7 +614,7 @@ class Listener:
         return proto
 
     def start(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self.thread = threading.Thread(target=self._run, name="relayq-smtp", daemon=True)
         self.thread.start()
         self._ready.wait(10)
