@@ -37,7 +37,7 @@ case "${1:-}" in
     flush-cmd)      echo "$BIN/sendmail -C $CONF -q" ;;
     queue-count)    find "$DIR/spool/queue" -name '*.e' 2>/dev/null | wc -l ;;
     drain-cleanup)  : ;;
-    clear-queue)    rm -f "$DIR"/spool/queue/* ;;
+    clear-queue)    find "$DIR/spool/queue" -mindepth 1 -delete 2>/dev/null; : ;;
     listener-start)
         "$BIN/relayq" -C "$CONF" daemon --listen >/dev/null || exit 1
         echo "127.0.0.1:$LISTEN_PORT" ;;

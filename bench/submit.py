@@ -38,6 +38,36 @@ def message(size: int) -> str:
     return path
 
 
+# One durable commit, as bench/disk_floor in the shared harness does it: the
+# least any queueing submission must do after starting Python.
+COMMIT = """
+import os, sys
+d = sys.argv[1]
+data = sys.stdin.buffer.read()
+tmp = os.path.join(d, "m.%d" % os.getpid())
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, data)
+os.fsync(fd)
+os.close(fd)
+os.rename(tmp, tmp + ".q")
+dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(dfd)
+os.close(dfd)
+"""
+
+
+def interpreter(script: str) -> str:
+    """The Python a launcher starts (its #! line), or this one."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline().decode()
+    except OSError:
+        return sys.executable
+    if first.startswith("#!") and "python" in first:
+        return first[2:].split()[0]
+    return sys.executable
+
+
 def run_child(cmd: list[str], path: str, env: dict[str, str]) -> tuple[float, int]:
     """(wall seconds, peak RSS KiB) of one child, measured with wait4."""
     with open(path, "rb") as f:
@@ -67,13 +97,21 @@ def main() -> None:
             f.write(f'queue_dir = "{work}/queue"\ndomain = "bench.example.org"\nsyslog = false\n')
         env = dict(os.environ, RELAYQ_CONFIG=conf, RELAYQ_CACHE_DIR=f"{work}/cache")
         cmd = [args.sendmail, "-odq", "-t", "-i"]
+        floor = [interpreter(args.sendmail), "-I", "-S", "-c", COMMIT, f"{work}/floor"]
+        os.makedirs(f"{work}/floor")
         small = message(2048)
         run_child(cmd, small, env)  # warm the page cache
-        walls = [run_child(cmd, small, env)[0] * 1000 for _ in range(args.runs)]
+        walls, floors = [], []
+        for _ in range(args.runs):  # interleaved: the same noise for both
+            walls.append(run_child(cmd, small, env)[0] * 1000)
+            floors.append(run_child(floor, small, env)[0] * 1000)
         os.unlink(small)
         print(f"sendmail -odq -t -i, 2 KiB, {args.runs} runs: "
               f"median {statistics.median(walls):.1f} ms, "
               f"p90 {sorted(walls)[int(len(walls) * 0.9) - 1]:.1f} ms")
+        print(f"floor (the same Python, -I -S, one durable commit of the message): median "
+              f"{statistics.median(floors):.1f} ms; sendmail / floor = "
+              f"{statistics.median(walls) / statistics.median(floors):.2f}x")
         true_walls = [run_child(["/bin/true"], os.devnull, env) for _ in range(10)]
         print(f"process spawn floor (/bin/true): median "
               f"{statistics.median(w for w, _ in true_walls) * 1000:.1f} ms, "

@@ -394,8 +394,8 @@ class Spool:
     ) -> Iterator[tuple[str, Envelope | None, str, int, bool]]:
         """(qid, envelope or None, problem, data size, locked) for each message, for mailq.
 
-        The lock state comes from /proc/locks, read once per LOCKS_EVERY
-        messages: mailq takes no lock itself (a test lock could make a queue
+        The lock state comes from /proc/locks, read again every LOCKS_EVERY
+        seconds: mailq takes no lock itself (a test lock could make a queue
         run skip the message), and one stat of the data file is all it costs
         per message. Without /proc each data file is test-locked instead. A
         message delivered since the directory was listed comes back with the
@@ -404,6 +404,7 @@ class Spool:
         """
         queue = self.queue + "/"
         held: set[int] | None = None
+        fresh_until = 0.0
         for n, qid in enumerate(self.ids() if ids is None else ids):
             try:
                 raw = _read_small(queue + qid + ".e")
@@ -424,8 +425,9 @@ class Spool:
                 gone = not os.path.exists(self._path(qid, ".e"))
                 yield qid, None, "job completed" if gone else "envelope without data file", 0, False
                 continue
-            if n % LOCKS_EVERY == 0:
-                held = _held_inodes(st.st_dev)
+            if n % 64 == 0 and time.monotonic() >= fresh_until:
+                held = _held_inodes(st.st_dev)  # can cost milliseconds: not too often
+                fresh_until = time.monotonic() + LOCKS_EVERY
             locked = st.st_ino in held if held is not None else self._test_lock(qid)
             yield qid, env, "", st.st_size, locked
 
@@ -443,7 +445,7 @@ class Spool:
             os.close(fd)
 
 
-LOCKS_EVERY = 500  # a long listing reads /proc/locks again this often
+LOCKS_EVERY = 0.25  # seconds: a long listing reads /proc/locks again this often
 
 
 def _held_inodes(dev: int) -> set[int] | None:
