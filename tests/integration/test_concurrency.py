@@ -257,3 +257,33 @@ def test_damaged_envelope_is_quarantined(
               "rb") as f:
         bad_id = MSGID.search(f.read())
     assert bad_id is not None and bad_id.group(1) not in got
+
+
+def test_a_killed_queue_run_takes_its_workers_along(
+    tmp_path: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """Workers die with `sendmail -q` (cron's timeout, an admin's kill): no delivery
+    goes on behind a run that is gone, and every message stays queued for the next."""
+    stalled = smarthost_factory(stall="eod")
+    rq = Relayq(tmp_path, smarthost=stalled.smarthost, delivery_mode="queue", timeout=600,
+                concurrency=3)
+    submit_many(rq, 6)
+    runner = popen(rq, "-q")
+    try:
+        wait_for(lambda: stalled.verbs().count("DATA") == 3, what="three workers at DATA")
+        time.sleep(0.3)
+        workers = [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(runner.pid)], capture_output=True, text=True,
+            check=False).stdout.split()]
+        assert len(workers) == 3
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        finish(runner)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers),
+             what="the workers to follow their run")
+    assert stalled.transactions == []
+    assert len(rq.spool.ids()) == 6 and not any(rq.spool.is_locked(q) for q in rq.spool.ids())
+    healthy = smarthost_factory()
+    rq.configure(smarthost=healthy.smarthost)
+    assert rq.sendmail("-q").returncode == EX_OK
+    assert sorted(received_ids(healthy).values()) == [1] * 6 and rq.spool.ids() == []
