@@ -5,12 +5,16 @@ can deliver in time) against the in-process test smarthost on loopback,
 submits N messages one at a time with `sendmail -odq`, and prints the
 latency from each submission's exit to its arrival at the smarthost, and the
 same for the SMTP listener (250 to DATA -> arrival). Asserts nothing.
-Run: .venv/bin/python bench/wakeup.py [--count N]
+With --peer-sendmail (e.g. Postfix's /usr/sbin/sendmail relaying to
+127.0.0.1:2525) a second sink listens on --peer-port and the peer's
+submissions are interleaved with relayq's, so the two figures share the noise.
+Run: .venv/bin/python bench/wakeup.py [--count N] [--peer-sendmail CMD]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -61,7 +65,11 @@ def _show(label: str, values: list[float]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20)
+    ap.add_argument("--peer-sendmail", help="another MTA's sendmail, timed beside relayq")
+    ap.add_argument("--peer-port", type=int, default=2525, help="where the peer relays to")
     args = ap.parse_args()
+    stack = contextlib.ExitStack()
+    peer_sh = stack.enter_context(Smarthost(port=args.peer_port)) if args.peer_sendmail else None
     work = tempfile.mkdtemp(prefix="relayq-wakeup-")
     port = _free_port()
     try:
@@ -83,11 +91,17 @@ def main() -> None:
                         raise SystemExit("the daemon did not start")
                     time.sleep(0.02)
                 cli: list[float] = []
+                peer: list[float] = []
                 for n in range(1, args.count + 1):
                     subprocess.run([os.path.join(BIN, "sendmail"), "-odq", "sink@example.org"],
                                    input=MSG, env=env, check=True)
                     committed = time.perf_counter()
                     cli.append(_arrival(sh, n) - committed)
+                    if peer_sh is not None:
+                        subprocess.run([*args.peer_sendmail.split(), "sink@example.org"],
+                                       input=MSG, check=True)
+                        committed = time.perf_counter()
+                        peer.append(_arrival(peer_sh, n) - committed)
                 smtp: list[float] = []
                 with smtplib.SMTP("127.0.0.1", port) as client:
                     for n in range(args.count + 1, 2 * args.count + 1):
@@ -101,7 +115,12 @@ def main() -> None:
         print("daemon wake-up latency (commit -> smarthost has it), queue_interval = 1h:")
         _show("sendmail -odq (inotify)", cli)
         _show("SMTP listener (direct hand-off)", smtp)
+        if peer_sh is not None:
+            _show(f"peer: {args.peer_sendmail}"[:30], peer)
+            print(f"relayq / peer (medians): "
+                  f"{statistics.median(cli) / statistics.median(peer):.2f}x")
     finally:
+        stack.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

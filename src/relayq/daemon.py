@@ -374,21 +374,21 @@ class Daemon:
     def queue_run(self, force: bool) -> None:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
+        counts = {".d": 0, ".e": 0, ".t": 0}
+        known: set[str] = set()
         try:
-            names = self.spool.names()
+            for qid in self.spool.stream_ids(counts):  # the workers start on the first
+                known.add(qid)
+                self.dispatch(qid, force)
         except RelayqError as exc:
             self.log.error(f"queue run: {exc.message}")
-            return
-        try:
-            self.spool.sweep(names=names)
-        except OSError as exc:
-            self.log.warning(f"queue sweep failed: {exc}")
-        ids = self.spool.ids(names)
-        del names
-        self._known = set(ids)
+        self._known = known
         self._last_scan = time.monotonic()
-        for qid in ids:
-            self.dispatch(qid, force)
+        if self.spool.debris_suspected(counts):
+            try:
+                self.spool.sweep()
+            except (OSError, RelayqError) as exc:
+                self.log.warning(f"queue sweep failed: {exc}")
 
     def _scan_for_new(self) -> None:
         """Wake-up: dispatch messages that appeared since the last look."""

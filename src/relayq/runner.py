@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from relayq import address, dsn, policy, selector
 from relayq.envelope import FAILED, PENDING, SENT, Envelope, NewerFormat, Recipient
-from relayq.errors import DamagedQueueFile, QueueError, RelayqError
+from relayq.errors import DamagedQueueFile, RelayqError
 from relayq.log import delay
 
 if TYPE_CHECKING:
@@ -406,33 +406,23 @@ class Runner:
         counts = {".d": 0, ".e": 0, ".t": 0}
         batch: list[bytes] = []
         try:
-            with os.scandir(self.spool.queue) as entries:
-                for entry in entries:
-                    name = entry.name
-                    ext = name[-2:]
-                    if ext not in counts:
-                        continue
-                    counts[ext] += 1
-                    if ext != ".e" or len(name) > RECORD + 1:
-                        continue
-                    if len(children) < workers:
-                        self._fork_worker(r, w, children, force, sels)
-                    batch.append(name[:-2].encode().ljust(RECORD - 1) + b"\n")
-                    if len(batch) >= BATCH or len(children) < workers:
-                        os.write(w, b"".join(batch))  # at most PIPE_BUF: never interleaved
-                        batch = []
+            for qid in self.spool.stream_ids(counts):
+                if len(qid) >= RECORD:
+                    continue  # not one of our ids
+                if len(children) < workers:
+                    self._fork_worker(r, w, children, force, sels)
+                batch.append(qid.encode().ljust(RECORD - 1) + b"\n")
+                if len(batch) >= BATCH or len(children) < workers:
+                    os.write(w, b"".join(batch))  # at most PIPE_BUF: never interleaved
+                    batch = []
             if batch:
                 os.write(w, b"".join(batch))
-        except FileNotFoundError:
-            pass  # no queue directory yet: nothing queued
         except BrokenPipeError:
             self.log.error("queue run: every worker died; the rest waits for the next run")
-        except OSError as exc:
-            raise QueueError(f"cannot read the queue directory: {exc.strerror}") from None
         finally:
             os.close(w)
             os.close(r)
-        if counts[".d"] != counts[".e"] or counts[".t"]:
+        if self.spool.debris_suspected(counts):
             try:
                 self.spool.sweep()  # debris of a crashed writer somewhere: look closer
             except (OSError, RelayqError) as exc:

@@ -241,6 +241,34 @@ class Spool:
         except OSError as exc:
             raise _io_error("read the queue directory", exc) from None
 
+    def stream_ids(self, counts: dict[str, int] | None = None) -> Iterator[str]:
+        """Committed queue ids in directory order, as the directory is read.
+
+        For queue runs: the first id comes at once and no listing the size
+        of the queue is held. `counts` (keys ".d", ".e", ".t") ends up with
+        how many of each the directory held, for debris_suspected().
+        Entries removed meanwhile (by deliveries) may or may not appear;
+        every other entry appears once.
+        """
+        try:
+            with os.scandir(self.queue) as entries:
+                for entry in entries:
+                    name = entry.name
+                    ext = name[-2:]
+                    if counts is not None and ext in counts:
+                        counts[ext] += 1
+                    if ext == ".e":
+                        yield name[:-2]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error("read the queue directory", exc) from None
+
+    @staticmethod
+    def debris_suspected(counts: dict[str, int]) -> bool:
+        """After stream_ids(): a data file without envelope, or a temp file, may be debris."""
+        return counts.get(".d", 0) != counts.get(".e", 0) or counts.get(".t", 0) > 0
+
     def ids(self, names: list[str] | None = None) -> list[str]:
         """Queue ids of committed messages, oldest first."""
         if names is None:
