@@ -22,6 +22,7 @@ Importing this module costs little: json is imported only for --json.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -158,6 +159,9 @@ def _main(args: list[str]) -> int:
     cfg = config.load(opts.config, explicit=opts.config is not None)
     spool = Spool(cfg.queue_dir)
     if not opts.json and not opts.selectors:
+        # each entry is parsed, printed and dropped: nothing for the cycle
+        # collector to find, which at 100,000 entries costs 5 % to look for
+        gc.disable()
         buffered: list[bytes] = []
         size = 0
         for chunk in stream_text(spool, opts.verbose):
@@ -196,8 +200,12 @@ def collect(spool: Spool, selectors: list[Selector]) -> list[Item]:
 
 
 def _ids(spool: Spool) -> list[str]:
+    return spool.ids(_names(spool))
+
+
+def _names(spool: Spool) -> list[str]:
     try:
-        return spool.ids()
+        return spool.names()
     except QueueError:
         if not os.access(spool.queue, os.R_OK | os.X_OK):
             raise PermissionRefused(f"{spool.queue}: permission denied") from None
@@ -213,14 +221,16 @@ def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
     """The whole-queue listing, printed as it is read: the first line comes at
     once however large the queue. The count is the directory's; a message
     delivered meanwhile shows as "(job completed)", as in sendmail."""
-    ids = _ids(spool)
+    names = _names(spool)
     path = spool.queue
-    if not ids:
+    n = sum(1 for name in names if name.endswith(".e"))
+    if not n:
         yield _b(f"{path} is empty\n\t\tTotal requests: 0\n")
         return
-    n = len(ids)
     yield _b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")
-    yield HEADER_V if verbose else HEADER
+    yield HEADER_V if verbose else HEADER  # out before the sort (40 ms at 100,000)
+    ids = spool.ids(names)
+    del names
     for qid, env, problem, size, locked in spool.listing(ids):
         if env is None and problem == "job completed":
             yield _b(f"{qid:>13} (job completed)\n")
