@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks
+TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace
 
 .PHONY: demo test venv test-deps lint clean bench
 

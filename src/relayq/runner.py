@@ -81,6 +81,7 @@ class Runner:
         self.verbose = verbose
         self._transport: SmtpTransport | None = None
         self._local: LocalTransport | None = None
+        self._held: list[str] | None = None  # outcome log lines waiting for the record
         self.bounces: list[str] = []
 
     def transport(self) -> SmtpTransport:
@@ -103,6 +104,11 @@ class Runner:
         now = time.time()
         pending = env.pending()
         newly_failed: list[Recipient] = []
+        if claim.was_cut_off():
+            self.log.warning(f"{env.qid}: possible duplicate: an earlier attempt ended between "
+                             "sending the message and recording the outcome; the smarthost "
+                             "may have it already")
+        self._held = []  # the outcome lines wait until the outcome is recorded
         if pending and policy.expired(env.created, now, self.cfg.max_queue_age):
             days = self.cfg.max_queue_age / 86400
             for r in pending:
@@ -119,10 +125,15 @@ class Runner:
         codes = [_code(r.reply) for r in newly_failed]
         if newly_failed:
             self._bounce(claim, newly_failed, now)
-        if env.pending():
-            claim.record()
-        else:
-            claim.finish()
+        try:
+            if env.pending():
+                claim.record()
+            else:
+                claim.finish()
+        finally:
+            held, self._held = self._held, None
+            for line in held or []:
+                self.log.info(line)
         return codes
 
     def _attempt(self, claim: Claim, pending: list[Recipient], now: float) -> list[Recipient]:
@@ -173,6 +184,7 @@ class Runner:
                 envid=env.envid,
                 ret=env.ret,
             )
+            claim.mark_sending()
             result = self.transport().deliver(msg)
         failed: list[Recipient] = []
         first_deferral = ""
@@ -197,14 +209,18 @@ class Runner:
             f"xdelay={delay(time.time() - start)}, mailer={mailer}, dsn={dsn_code}"
         )
         if status == "sent":
-            self.log.info(f"{head}, stat=Sent ({_text(reply)})")
+            line = f"{head}, stat=Sent ({_text(reply)})"
             shown = f"Sent ({_text(reply)})"
         elif status == "failed":
-            self.log.info(f"{head}, stat={reply}")
+            line = f"{head}, stat={reply}"
             shown = reply
         else:
-            self.log.info(f"{head}, stat=Deferred: {reply}")
+            line = f"{head}, stat=Deferred: {reply}"
             shown = f"Deferred: {reply}"
+        if self._held is not None:
+            self._held.append(line)  # logged once the outcome is on disk
+        else:
+            self.log.info(line)
         if self.verbose:
             self.verbose(f"{r.address}... {shown}")
 
@@ -403,7 +419,7 @@ class Runner:
         """
         r, w = os.pipe()
         children: dict[int, int] = {}  # pid -> read end of its result pipe
-        counts = {".d": 0, ".e": 0, ".t": 0}
+        counts = {".d": 0, ".e": 0, ".t": 0, ".f": 0}
         batch: list[bytes] = []
         try:
             for qid in self.spool.stream_ids(counts):

@@ -267,7 +267,8 @@ class Spool:
     @staticmethod
     def debris_suspected(counts: dict[str, int]) -> bool:
         """After stream_ids(): a data file without envelope, or a temp file, may be debris."""
-        return counts.get(".d", 0) != counts.get(".e", 0) or counts.get(".t", 0) > 0
+        return (counts.get(".d", 0) != counts.get(".e", 0) or counts.get(".t", 0) > 0
+                or counts.get(".f", 0) > 0)
 
     def ids(self, names: list[str] | None = None) -> list[str]:
         """Queue ids of committed messages, oldest first."""
@@ -372,17 +373,17 @@ class Spool:
         removed: list[str] = []
         if names is None:
             names = self.names()
-        counts = {".d": 0, ".e": 0, ".t": 0}
+        counts = {".d": 0, ".e": 0, ".t": 0, ".f": 0}
         for name in names:
             ext = name[-2:]
             if ext in counts:
                 counts[ext] += 1
-        if counts[".d"] == counts[".e"] and not counts[".t"]:
+        if counts[".d"] == counts[".e"] and not counts[".t"] and not counts[".f"]:
             return removed
         committed = {n[:-2] for n in names if n.endswith(".e")}
         for name in names:
             qid, ext = name[:-2], name[-2:]
-            if ext not in (".d", ".t") or (ext == ".d" and qid in committed):
+            if ext not in (".d", ".t", ".f") or (ext in (".d", ".f") and qid in committed):
                 continue
             path = os.path.join(self.queue, name)
             try:
@@ -591,6 +592,29 @@ class Claim:
     def record(self) -> None:
         """Make the envelope's new state durable (atomic replace)."""
         self.spool.write_envelope(self.envelope)
+        self._unmark()
+
+    # The in-flight marker (QID.f, empty, not synced): made before the message
+    # goes to the smarthost and removed once the outcome is recorded. A runner
+    # killed in between leaves it, and the next attempt logs a possible
+    # duplicate: the smarthost may have accepted the message already.
+
+    def mark_sending(self) -> None:
+        try:
+            os.close(os.open(self.spool._path(self.qid, ".f"),
+                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass  # only a log line depends on it
+
+    def was_cut_off(self) -> bool:
+        """An earlier attempt died between sending and recording."""
+        return os.path.exists(self.spool._path(self.qid, ".f"))
+
+    def _unmark(self) -> None:
+        try:
+            os.unlink(self.spool._path(self.qid, ".f"))
+        except OSError:
+            pass
 
     def finish(self) -> None:
         """Remove a message whose every recipient is final.
@@ -605,6 +629,7 @@ class Claim:
             pass
         except OSError as exc:
             raise _io_error(f"remove delivered message {self.qid}", exc) from None
+        self._unmark()
         try:
             os.unlink(self.spool._path(self.qid, ".d"))
         except OSError:
