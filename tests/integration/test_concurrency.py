@@ -287,3 +287,51 @@ def test_a_killed_queue_run_takes_its_workers_along(
     rq.configure(smarthost=healthy.smarthost)
     assert rq.sendmail("-q").returncode == EX_OK
     assert sorted(received_ids(healthy).values()) == [1] * 6 and rq.spool.ids() == []
+
+
+@pytest.mark.parametrize("how", ["sendmail -q", "daemon start"])
+def test_start_up_recovery_cleans_quarantines_and_delivers_the_rest_in_one_run(
+    tmp_path: Path, smarthost_factory: SmarthostFactory, how: str
+) -> None:
+    """reliability-security.md A6: debris removed, damage quarantined with one log line
+    each, a newer format left alone, everything else delivered in the same run."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, delivery_mode="queue", concurrency=2,
+                pid_file=str(tmp_path / "relayq.pid"), queue_interval="1h")
+    for n in range(6):
+        assert rq.sendmail("-odq", "bob@example.org", input=message(n)).returncode == EX_OK
+    no_data, garbage, newer = rq.spool.ids()[2:5]
+    q = rq.spool.queue
+    os.unlink(os.path.join(q, no_data + ".d"))  # an envelope without data
+    with open(os.path.join(q, garbage + ".e"), "wb") as f:
+        f.write(b"\x00\xff not an envelope\n")
+    with open(os.path.join(q, newer + ".e"), "r+b") as f:
+        text = f.read().replace(b"relayq-envelope\t1", b"relayq-envelope\t9")
+        f.seek(0)
+        f.write(text)
+    for name in ("ORPHANDATA0001.d", "HALFENVELOPE1.t", "GONEMESSAGE01.f"):
+        with open(os.path.join(q, name), "wb") as f:
+            f.write(b"debris\n")
+    past = time.time() - 2 * STALE_SECONDS
+    for name in ("ORPHANDATA0001.d", "HALFENVELOPE1.t", "GONEMESSAGE01.f"):
+        os.utime(os.path.join(q, name), (past, past))
+    if how == "sendmail -q":
+        assert rq.sendmail("-q").returncode == EX_TEMPFAIL  # the newer one stays
+    else:
+        d = subprocess.Popen([str(BIN / "relayq"), "daemon", "--foreground"], env=rq.env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: len(sh.transactions) == 3, what="the start-up run")
+            time.sleep(0.3)
+        finally:
+            d.terminate()
+            finish(d)
+    assert len(sh.transactions) == 3  # the two good ones and the sixth
+    assert sorted(queue_files(rq)) == [newer + ".d", newer + ".e"]
+    moved = sorted(n.split(".")[0] for n in os.listdir(rq.spool.quarantine_dir))
+    assert sorted(set(moved)) == sorted([no_data, garbage])
+    log = rq.log()
+    for qid in (no_data, garbage):
+        assert sum(qid in ln and "quarantine" in ln for ln in log.splitlines()) == 1, log
+    assert f"{newer}: envelope format 9 is newer" in log and "left alone" in log
