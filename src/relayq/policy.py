@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from relayq.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
 
+JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
 
-def next_delay(attempts: int, minimum: float, maximum: float) -> float:
-    """Capped exponential backoff: min, 2*min, 4*min ... never above max."""
+
+def next_delay(attempts: int, minimum: float, maximum: float, spread: float = 0.5) -> float:
+    """Capped exponential backoff: min, 2*min, 4*min ... never above max.
+
+    `spread` (a uniform draw in [0, 1) from the caller; 0.5 means none)
+    scales the delay by 1 +/- JITTER, so that messages deferred together by
+    one outage do not all come back in the same second.
+    """
     if attempts <= 0:
         return 0.0
-    return float(min(maximum, minimum * (2 ** min(attempts - 1, 32))))
+    base = min(maximum, minimum * (2 ** min(attempts - 1, 32)))
+    return float(min(maximum, base * (1 - JITTER + 2 * JITTER * spread)))
 
 
 def expired(created: float, now: float, max_age: float) -> bool:

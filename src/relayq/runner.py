@@ -20,6 +20,7 @@ sendmail and Postfix.
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import TYPE_CHECKING
 
@@ -157,7 +158,7 @@ class Runner:
         env.last_try = now
         if any(r.state == PENDING for r in env.recipients):
             env.next_try = now + policy.next_delay(
-                env.attempts, self.cfg.retry_min, self.cfg.retry_max
+                env.attempts, self.cfg.retry_min, self.cfg.retry_max, random.random()
             )
             env.error = "Deferred: " + (error or deferral)
         return failed

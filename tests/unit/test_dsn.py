@@ -506,3 +506,4 @@ def test_golden_failure_report() -> None:
     if os.environ.get("RELAYQ_UPDATE_GOLDEN") == "1":
         path.write_bytes(raw)
     assert raw == path.read_bytes()
+
