@@ -434,7 +434,7 @@ class Daemon:
             except (OSError, RelayqError):
                 env = None
         with self._lock:
-            if env is None or not env.pending() or env.next_try > time.time():
+            if env is None or env.held or not env.pending() or env.next_try > time.time():
                 self._recheck.pop(qid, None)
                 return
             _, delay = self._recheck.get(qid, (0.0, RECHECK_MIN / 2))

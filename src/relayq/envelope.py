@@ -19,6 +19,7 @@ read without a parser library and survives a hex editor:
     last_try<TAB>1764120300.0
     next_try<TAB>1764120600.0
     error<TAB>Deferred: Connection refused by [127.0.0.1]
+    held<TAB>1                            (only when held by the administrator)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -74,6 +75,7 @@ class Envelope:
         "created",
         "envid",
         "error",
+        "held",
         "is_dsn",
         "last_try",
         "msgid",
@@ -106,6 +108,7 @@ class Envelope:
         self.last_try = 0.0
         self.next_try = 0.0
         self.error = ""
+        self.held = False  # by the administrator: no run delivers it (relayq hold)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -129,6 +132,8 @@ class Envelope:
             f"next_try\t{self.next_try:.6f}",
             f"error\t{flatten(self.error)}",
         ]
+        if self.held:
+            out.append("held\t1")
         for r in self.recipients:
             out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{flatten(r.reply)}")
         out.append("end\n")
@@ -188,6 +193,7 @@ class Envelope:
         env.last_try = float(get("last_try", "0").partition("\t")[0])
         env.next_try = float(get("next_try", "0").partition("\t")[0])
         env.error = get("error", "").partition("\t")[0]
+        env.held = get("held", "0").partition("\t")[0] == "1"
         return env
 
 

@@ -512,8 +512,8 @@ class Runner:
                 selectors, qid, env.sender, [r.address for r in env.pending()]
             ):
                 return 1
-            if not force and env.next_try > time.time():
-                return 1
+            if env.held or (not force and env.next_try > time.time()):
+                return 1  # held: not even a forced run delivers it
             try:
                 self.deliver(claim)
             except RelayqError as exc:

@@ -294,10 +294,11 @@ def render_item(item: Item, verbose: bool) -> bytes:
         line.append(_b(f"{item.size:8d} {stamp[:16]} "))
         line.append(prtstr(sender, 39))
     body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
-    if env.error or body:
+    error = "Held by the administrator (relayq release)" if env.held else env.error
+    if error or body:
         line.append(_b(f"\n    {body[:10]:>10}"))
-        if env.error:
-            line.append(b"   (" + _b(env.error)[: 100 if verbose else 60] + b")")
+        if error:
+            line.append(b"   (" + _b(error)[: 100 if verbose else 60] + b")")
     for r in pending:
         if verbose:
             line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
@@ -342,6 +343,7 @@ def render_json(path: str, items: list[Item]) -> bytes:
                 "last_try": _iso(env.last_try),
                 "next_try": _iso(env.next_try),
                 "error": env.error,
+                "held": env.held,
                 "recipients": [
                     {
                         "address": r.address,

@@ -1,4 +1,5 @@
-"""`relayq`: the administrator's command (flush, run, daemon, check-config, mailq, install)."""
+"""`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
+check-config, status, mailq, install)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="queue size, oldest message, daemon (fast at any size)")
     st.add_argument("--json", action="store_true")
     sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
+    for action, what in (("hold", "keep messages queued: no run delivers them"),
+                         ("release", "undo hold: deliver at the next run"),
+                         ("delete", "remove messages from the queue, undelivered"),
+                         ("requeue", "make messages due and try them now")):
+        a = sub.add_parser(action, help=what)
+        a.add_argument("qids", nargs="+", metavar="QID", help="queue ids, as mailq shows them")
     i = sub.add_parser("install", help="link /usr/sbin/sendmail, mailq, newaliases to relayq")
     i.add_argument("--force", action="store_true",
                    help="replace another MTA's commands (they are kept aside)")
@@ -82,6 +89,13 @@ def _main(argv: list[str]) -> int:
 
         return check(cfg)
     from relayq.log import Log
+
+    if args.command in ("hold", "release", "delete", "requeue"):
+        from relayq import admin
+        from relayq.spool import Spool
+
+        log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
+        return admin.run(cfg, Spool(cfg.queue_dir), log, args.command, args.qids)
     from relayq.runner import Runner
     from relayq.spool import Spool
     from relayq.submit import Context

@@ -1,0 +1,98 @@
+"""The administrator's hands on single messages: hold, release, delete, requeue.
+
+Each takes the message's lock first (a delivery in progress is given a few
+seconds to finish), changes the envelope with the same atomic replace as a
+delivery, and writes one log line naming the action and who asked. A held
+message stays queued and listed, but no run, flush or wake-up delivers it
+until it is released (it is then due at the next run); requeue makes it due
+and tries it at once, in this process, as `sendmail -qI` would.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+from relayq.errors import EX_NOINPUT, EX_OK, EX_TEMPFAIL, RelayqError
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from relayq.config import Config
+    from relayq.log import Log
+    from relayq.spool import Claim, Spool
+
+ACTIONS = ("hold", "release", "delete", "requeue")
+LOCK_WAIT = 5.0  # seconds a delivery in progress has to finish
+
+
+def who() -> str:
+    uid = os.getuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def apply(action: str, claim: Claim) -> str:
+    """Change one claimed message; returns what was done, for the log."""
+    env = claim.envelope
+    if action == "hold":
+        env.held = True
+        claim.record()
+        return "held"
+    if action == "release":
+        env.held = False
+        env.next_try = 0.0
+        claim.record()
+        return "released"
+    if action == "requeue":
+        env.next_try = 0.0
+        claim.record()
+        return "requeued (due now)"
+    if action == "delete":
+        claim.finish()
+        return "deleted"
+    raise ValueError(action)
+
+
+def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> int:
+    """`relayq hold|release|delete|requeue QID...`: one line per message on stdout."""
+    code = EX_OK
+    requeued: list[str] = []
+    for qid in qids:
+        try:
+            claim = spool.claim(qid, LOCK_WAIT)
+        except RelayqError as exc:
+            print(f"{qid}: {exc.message}")
+            code = code or exc.code
+            continue
+        if claim is None:
+            if os.path.exists(spool.data_path(qid)):
+                print(f"{qid}: busy (being delivered); try again")
+                code = code or EX_TEMPFAIL
+            else:
+                print(f"{qid}: no such message")
+                code = code or EX_NOINPUT
+            continue
+        try:
+            done = apply(action, claim)
+        finally:
+            claim.release()
+        log.notice(f"{qid}: {done} by {who()}")
+        print(f"{qid}: {done}")
+        if action == "requeue":
+            requeued.append(qid)
+    if requeued:
+        from relayq.runner import Runner
+        from relayq.submit import Context
+
+        runner = Runner(cfg, spool, log, Context(cfg))
+        try:
+            left = sum(runner.process(qid, True, []) for qid in requeued)
+            left += runner.deliver_bounces()
+        finally:
+            runner.close()
+        if left:
+            code = code or EX_TEMPFAIL
+    return code
