@@ -684,3 +684,20 @@ def test_smarthost_command_line(tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
+
+
+def test_host_status_ages_out(smarthost_factory: SmarthostFactory) -> None:
+    """A daemon's transport lives long: a relay that was down is tried again later."""
+    port = closed_port()
+    run = Run(config(f"[127.0.0.1]:{port}"))
+    run.t.DOWN_FOR = 0.3
+    try:
+        assert statuses(run.deliver()) == ["deferred"]
+        sh = smarthost_factory(port=port)  # the relay comes back on the same port
+        assert statuses(run.deliver()) == ["deferred"]  # still remembered as down
+        assert run.t.connections == 1
+        time.sleep(0.4)
+        assert statuses(run.deliver()) == ["sent"]
+        assert len(sh.transactions) == 1
+    finally:
+        run.close()

@@ -13,6 +13,7 @@ import ipaddress
 import shlex
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -91,10 +92,13 @@ class SmtpTransport:
     """Delivers messages over one cached connection per queue run.
 
     If no smarthost could be reached, the failure is remembered and every
-    later deliver() defers at once with the same reason (a host status cache
-    for one run, as sendmail keeps), so a queue of 1000 messages does not
-    make 1000 connection attempts to a dead relay.
+    later deliver() defers at once with the same reason (sendmail's host
+    status, Postfix's dead-host cache), so a queue of 1000 messages does not
+    make 1000 connection attempts to a dead relay. The memory lasts DOWN_FOR
+    seconds: a daemon's long-lived transport tries the relay again after it.
     """
+
+    DOWN_FOR = 60.0
 
     def __init__(
         self,
@@ -108,6 +112,7 @@ class SmtpTransport:
         self.log = log
         self._client: SmtpClient | None = None
         self._down: SmtpError | None = None
+        self._down_until = 0.0
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
         self._ehlo_name = ""
@@ -144,6 +149,8 @@ class SmtpTransport:
         n = len(msg.recipients)
         if n == 0:
             return MessageResult([])
+        if self._down is not None and time.monotonic() >= self._down_until:
+            self._down = None  # aged out: try the relay again
         if self._down is not None:
             return self._all_deferred(msg, self._down, "")
         client = self._ready_client()
@@ -318,7 +325,7 @@ class SmtpTransport:
         try:
             self._client = self._connect()
         except SmtpError as exc:
-            self._down = exc
+            self._down, self._down_until = exc, time.monotonic() + self.DOWN_FOR
             return None
         return self._client
 
