@@ -187,6 +187,8 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "delivery_mode": ("b", _mode, "background | interactive | queue | deferred"),
     "queue_dir": ("", _str, "queue directory"),
     "max_queue_age": (5 * 86400.0, _duration, "bounce what is still queued after this"),
+    "delay_warning": (0.0, _duration, "warn the sender once after this long queued (0: never)"),
+    "postmaster": ("", _str, "gets a bounce that could not be delivered (empty: logged, dropped)"),
     "retry_min": (300.0, _duration, "first retry delay"),
     "retry_max": (4000.0, _duration, "longest retry delay"),
     "max_message_size": (0, _int, "refuse larger messages (0: no limit)"),
@@ -242,6 +244,8 @@ class Config:
     delivery_mode: str
     queue_dir: str
     max_queue_age: float
+    delay_warning: float
+    postmaster: str
     retry_min: float
     retry_max: float
     max_message_size: int

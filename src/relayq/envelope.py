@@ -20,6 +20,8 @@ read without a parser library and survives a hex editor:
     next_try<TAB>1764120600.0
     error<TAB>Deferred: Connection refused by [127.0.0.1]
     held<TAB>1                            (only when held by the administrator)
+    warned<TAB>1                          (only once the delay warning went out)
+    double<TAB>1                          (only on a postmaster copy of a failed bounce)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -73,6 +75,7 @@ class Envelope:
         "attempts",
         "body",
         "created",
+        "double_bounce",
         "envid",
         "error",
         "held",
@@ -88,6 +91,7 @@ class Envelope:
         "smtputf8",
         "uid",
         "user",
+        "warned",
     )
 
     def __init__(self, qid: str, sender: str, recipients: list[Recipient], created: float) -> None:
@@ -109,6 +113,8 @@ class Envelope:
         self.next_try = 0.0
         self.error = ""
         self.held = False  # by the administrator: no run delivers it (relayq hold)
+        self.warned = False  # the sender has had its delay warning
+        self.double_bounce = False  # a report about an undeliverable bounce (postmaster)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -132,8 +138,10 @@ class Envelope:
             f"next_try\t{self.next_try:.6f}",
             f"error\t{flatten(self.error)}",
         ]
-        if self.held:
-            out.append("held\t1")
+        for key, on in (("held", self.held), ("warned", self.warned),
+                        ("double", self.double_bounce)):
+            if on:
+                out.append(f"{key}\t1")
         for r in self.recipients:
             out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{flatten(r.reply)}")
         out.append("end\n")
@@ -194,6 +202,8 @@ class Envelope:
         env.next_try = float(get("next_try", "0").partition("\t")[0])
         env.error = get("error", "").partition("\t")[0]
         env.held = get("held", "0").partition("\t")[0] == "1"
+        env.warned = get("warned", "0").partition("\t")[0] == "1"
+        env.double_bounce = get("double", "0").partition("\t")[0] == "1"
         return env
 
 

@@ -126,6 +126,8 @@ class Runner:
         codes = [_code(r.reply) for r in newly_failed]
         if newly_failed:
             self._bounce(claim, newly_failed, now)
+        if env.pending():
+            self._warn(claim, now)
         try:
             if env.pending():
                 claim.record()
@@ -332,20 +334,48 @@ class Runner:
     def _bounce(self, claim: Claim, failed: list[Recipient], now: float) -> None:
         env = claim.envelope
         if not dsn.should_bounce(env):
+            if env.is_dsn and self.cfg.postmaster and not env.double_bounce:
+                self._report(claim, failed or env.recipients, [], now,
+                             to=self.cfg.postmaster, double=True)
+                return
             what = "a bounce" if env.is_dsn else "the null sender"
             self.log.notice(f"{env.qid}: no DSN for {what}: discarded (a bounce never bounces)")
             return
         failed = [r for r in failed if dsn.wanted(r, "failed")]
-        if not failed:
+        if failed:
+            self._report(claim, failed, [], now, to=env.sender)
+
+    def _warn(self, claim: Claim, now: float) -> None:
+        """Once per message, after delay_warning: tell the sender it is still queued."""
+        env = claim.envelope
+        if (not self.cfg.delay_warning or env.warned or not dsn.should_bounce(env)
+                or now - env.created < self.cfg.delay_warning):
             return
+        delayed = [r for r in env.pending() if dsn.wanted(r, "delayed")]
+        env.warned = True  # recorded with the attempt: never a second warning
+        if delayed:
+            self._report(claim, [], delayed, now, to=env.sender)
+
+    def _report(self, claim: Claim, failed: list[Recipient], delayed: list[Recipient],
+                now: float, *, to: str, double: bool = False) -> None:
+        """Queue an RFC 3464 report about the claimed message, addressed to `to`.
+
+        `double`: the report is about a bounce that could not be delivered,
+        for the postmaster; if that fails too it is logged and dropped.
+        """
+        env = claim.envelope
+        about = env
+        if double:  # the report goes to the postmaster, about the failed bounce
+            about = Envelope(env.qid, to, env.recipients, env.created)
+            about.size, about.msgid = env.size, env.msgid
         msg = self.spool.create()
         eight_bit = False
         try:
             with claim.open_data() as data:
                 for chunk in dsn.build(
-                    env=env,
+                    env=about,
                     failed=failed,
-                    delayed=[],
+                    delayed=delayed,
                     reporting_mta=self.ctx.fqdn,
                     postmaster_domain=self.ctx.domain,
                     original=_chunks(data),
@@ -356,21 +386,28 @@ class Runner:
                 ):
                     eight_bit = eight_bit or not chunk.isascii()
                     msg.write(chunk)
-            bounce = Envelope(msg.qid, "", [Recipient(env.sender)], now)
-            bounce.is_dsn = True
-            bounce.size = msg.size
-            bounce.body = "8BITMIME" if eight_bit else ""
-            bounce.smtputf8 = address.needs_smtputf8(env.sender)
-            bounce.user = "MAILER-DAEMON"
-            msg.commit(bounce)
+            report = Envelope(msg.qid, "", [Recipient(to)], now)
+            report.is_dsn = True
+            report.double_bounce = double
+            report.size = msg.size
+            report.body = "8BITMIME" if eight_bit else ""
+            report.smtputf8 = address.needs_smtputf8(to)
+            report.user = "MAILER-DAEMON"
+            msg.commit(report)
         except BaseException:
             msg.abort()
             raise
         msg.release()
         self.bounces.append(msg.qid)
-        self.log.info(f"{msg.qid}: {env.qid}: DSN: {_text(failed[0].reply)}")
+        if double:
+            what = f"undeliverable bounce, copy to the postmaster <{to}>"
+        elif failed:
+            what = f"DSN: {_text(failed[0].reply)}"
+        else:
+            what = f"delay warning: {_text(delayed[0].reply or env.error)}"
+        self.log.info(f"{msg.qid}: {env.qid}: {what}")
         self.log.info(
-            f"{msg.qid}: from=<>, size={bounce.size}, class=0, nrcpts=1, relay=MAILER-DAEMON"
+            f"{msg.qid}: from=<>, size={report.size}, class=0, nrcpts=1, relay=MAILER-DAEMON"
         )
 
     # -- a queue run ----------------------------------------------------------
