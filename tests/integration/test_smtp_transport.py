@@ -701,3 +701,23 @@ def test_host_status_ages_out(smarthost_factory: SmarthostFactory) -> None:
         assert len(sh.transactions) == 1
     finally:
         run.close()
+
+
+@pytest.mark.parametrize("reply", [b"250-" + b"x" * 4_000_000 + b"\r\n250 ok\r\n",
+                                   b"250-x\r\n" * 400_000 + b"250 ok\r\n"],
+                         ids=["4MB-line", "400k-lines"])
+def test_a_huge_reply_is_refused_with_bounded_memory(
+    smarthost_factory: SmarthostFactory, reply: bytes
+) -> None:
+    """The client gives up at 64 KiB or 512 lines: memory does not follow the relay."""
+    import tracemalloc
+
+    srv = smarthost_factory.scripted(replies={"EHLO": reply})
+    tracemalloc.start()
+    try:
+        r, _ = one(config(srv.smarthost))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert statuses(r) == ["deferred"] and "reply" in r.error, r.error
+    assert peak < 2 * 1024 * 1024, peak  # the reply is 2 to 4 MB
