@@ -168,7 +168,8 @@ def _duration(v: object, key: str) -> float:
 SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "smarthost": (["[127.0.0.1]"], _hosts, "relay host(s), tried in order; [host] = no MX"),
     "port": (0, _int, "port for hosts given without one (0: 465 for implicit TLS, else 25)"),
-    "tls": ("opportunistic", _choice(TLS_MODES), "required | opportunistic | none | implicit"),
+    "tls": ("opportunistic", _choice(TLS_MODES),
+            "required | opportunistic | none | implicit (required when a password is set)"),
     "tls_verify": (True, _bool, "verify the relay's certificate and name"),
     "ca_file": ("", _str, "CA bundle for the relay's certificate (default: system store)"),
     "client_cert": ("", _str, "client certificate (PEM)"),
@@ -278,8 +279,13 @@ class Config:
         for key, (default, _, _) in SCHEMA.items():
             value = values.get(key, default)
             setattr(self, key, list(value) if isinstance(value, list) else value)
+        if "tls" not in values and self.has_secret():
+            self.tls = "required"  # a password never travels in clear unless asked to
         self.path = path
         self.values = values  # what the file set, checked (cached by load())
+
+    def has_secret(self) -> bool:
+        return bool(self.password or self.password_file or self.password_command)
 
     def smarthosts(self) -> list[Smarthost]:
         default = self.port or (465 if self.tls == "implicit" else 25)
@@ -383,9 +389,38 @@ def load(path: str | None = None, *, explicit: bool = False) -> Config:
                 cfg = parse(text, path)
                 if not any(cfg.values.get(k) for k in SECRET_KEYS):
                     cache.put(key, cfg.values)  # a secret is never copied out of its file
+            if cfg.password:
+                _check_private(path, st, "holds a password")
+    if cfg.password_file:
+        try:
+            _check_private(cfg.password_file, os.stat(cfg.password_file), "is a password file")
+        except FileNotFoundError:
+            pass  # reported when it is needed, as a deferral with the reason
     if not cfg.queue_dir:
         cfg.queue_dir = default_queue(os.environ, uid, home)
     return cfg
+
+
+PRIVATE_GROUPS = ("root", "relayq")
+
+
+def _check_private(path: str, st: os.stat_result, what: str) -> None:
+    """A file holding a secret is readable by its owner, root and the relayq group only."""
+    import stat
+
+    mode = stat.S_IMODE(st.st_mode)
+    loose = bool(mode & 0o004)
+    if mode & 0o040 and not loose:
+        import grp
+
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        loose = group not in PRIVATE_GROUPS
+    if loose:
+        raise ConfigError(f"{path} {what} but its mode is {mode:04o}: make it readable "
+                          f"by its owner (and the relayq group) only, e.g. chmod 600 {path}")
 
 
 class _Cache:

@@ -56,6 +56,7 @@ class Relayq:
         """Replace the config atomically: a running daemon may reload it at any moment."""
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(text)
+        tmp.chmod(0o600)  # as a config holding a password must be
         os.replace(tmp, self.config)
 
     @property

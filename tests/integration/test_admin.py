@@ -138,3 +138,32 @@ def test_qid_time_inverts_make_qid() -> None:
     for t in (1_795_657_340.123456, 1_700_000_000.0, 1_800_000_000.999):
         assert abs(qid_time(make_qid(t, 4242), t + 10) - t) < 1e-5
     assert qid_time("not-a-qid!", 0) == 0.0
+
+
+def test_a_secret_readable_by_others_is_refused_naming_file_and_mode(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path, user="alerts", password="hunter2-secret")
+    rq.config.chmod(0o644)
+    r = rq.sendmail("-odq", "a@example.org", input=b"\nx\n")
+    assert r.returncode == 78
+    line = assert_one_line_error(r)
+    assert str(rq.config) in line and "0644" in line and "hunter2" not in line
+    rq.config.chmod(0o640)  # group root: the relayq group model allows it
+    assert rq.sendmail("-odq", "a@example.org", input=b"\nx\n").returncode == 0
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2-secret\n")
+    secret.chmod(0o604)
+    rq.settings.pop("password")
+    rq.configure(password_file=str(secret))
+    r = rq.sendmail("-odq", "a@example.org", input=b"\nx\n")
+    assert r.returncode == 78 and "is a password file" in assert_one_line_error(r)
+    secret.chmod(0o600)
+    assert rq.sendmail("-odq", "a@example.org", input=b"\nx\n").returncode == 0
+
+
+def test_tls_is_required_by_default_once_a_password_is_configured(tmp_path: Path) -> None:
+    from relayq.config import parse
+
+    assert parse("").tls == "opportunistic"
+    assert parse("user = 'u'\npassword = 'p'\n").tls == "required"
+    assert parse("user = 'u'\npassword_command = 'pass show x'\n").tls == "required"
+    assert parse("user = 'u'\npassword = 'p'\ntls = 'opportunistic'\n").tls == "opportunistic"

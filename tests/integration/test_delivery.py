@@ -229,6 +229,7 @@ def test_starttls_with_auth(rq: Relayq, smarthost_factory: SmarthostFactory, pki
                            auth_required=True)
     secret = tmp_path / "password"
     secret.write_text("s3cret pass\n")
+    secret.chmod(0o600)
     rq.configure(smarthost=f"[localhost]:{sh.port}", tls="required", ca_file=str(ca),
                  user="alerts", password_file=str(secret))
     rq.sendmail("a@example.org", input=MSG)
