@@ -721,3 +721,26 @@ def test_a_huge_reply_is_refused_with_bounded_memory(
         tracemalloc.stop()
     assert statuses(r) == ["deferred"] and "reply" in r.error, r.error
     assert peak < 2 * 1024 * 1024, peak  # the reply is 2 to 4 MB
+
+
+def test_tls_below_1_2_is_refused(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                                  tmp_path: Path) -> None:
+    import ssl
+    import warnings
+
+    from relayq.smtp.client import tls_context
+
+    assert tls_context().minimum_version >= ssl.TLSVersion.TLSv1_2
+    old = pki.server_context()
+    try:
+        with warnings.catch_warnings():  # the old versions are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot even offer TLS 1.1")
+    sh = smarthost_factory(tls_context=old)
+    r, _ = one(config(sh.smarthost, **tls_keys(pki, tmp_path)))
+    assert statuses(r) == ["deferred"] and "TLS handshake" in r.error, r.error
+    assert sh.transactions == []

@@ -95,6 +95,7 @@ def tls_context(
         ctx = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
         raise TlsFailed(f"cannot load ca_file {ca_file}: {_why(exc)}") from None
+    ctx.minimum_version = max(ctx.minimum_version, ssl.TLSVersion.TLSv1_2)
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
