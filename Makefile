@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace
 
-.PHONY: demo test venv test-deps lint clean bench
+.PHONY: demo test venv test-deps lint clean bench fuzz
 
 $(BIN)/python:
 	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
@@ -24,12 +24,12 @@ test-deps:
 	@scripts/apt-install.sh $(TEST_PACKAGES)
 
 test: venv test-deps
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
 	$(BIN)/pytest -n 2 -q
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
 
 clean:
@@ -41,3 +41,12 @@ bench: venv
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/wakeup.py
 	$(BIN)/python bench/scale.py
+
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	@mkdir -p fuzz/artifacts
+	@for t in address headers envelope aliases reply flags; do \
+		echo "== fuzz/$$t.py for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python fuzz/$$t.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/artifacts/ \
+			2>&1 | tail -2 || exit 1; \
+	done

@@ -1,0 +1,16 @@
+"""Fuzz the aliases parser."""
+
+import atheris
+
+with atheris.instrument_imports():
+    from harness import run, text
+
+    from relayq import aliases
+
+
+def target(data: bytes) -> None:
+    aliases.parse(text(data))
+
+
+if __name__ == "__main__":
+    run(target, (aliases.AliasError,))
