@@ -21,6 +21,7 @@ from relayq.cli._exit import run
 from relayq.errors import (
     EX_OK,
     EX_TEMPFAIL,
+    DataError,
     PermissionRefused,
     RelayqError,
     UsageError,
@@ -135,8 +136,18 @@ def _short_option(args: Args, value: str, shown: str) -> None:
         _long_option(args, name, rest.lstrip("="), shown)
 
 
+MAX_ARG = 4096  # no flag, address or name is longer; a flood is an attack, not mail
+
+
 def parse(argv: list[str]) -> Args:
     """argv (without the program name) -> Args; raises UsageError / PermissionRefused."""
+    for n, arg in enumerate(argv, 1):
+        # no argument may carry a line break (header or SMTP command injection,
+        # CVE-2015-8476) or be a flood, whatever the flag it belongs to
+        if "\r" in arg or "\n" in arg:
+            raise DataError(f"argument {n} contains a line break")
+        if len(arg) > MAX_ARG:
+            raise DataError(f"argument {n} is longer than {MAX_ARG} characters")
     args = Args()
     positional: list[str] = []
     seen_sender = False
