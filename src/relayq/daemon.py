@@ -374,7 +374,7 @@ class Daemon:
     def queue_run(self, force: bool) -> None:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
-        counts = {".d": 0, ".e": 0, ".t": 0, ".f": 0}
+        counts: dict[str, int] = {}
         known: set[str] = set()
         try:
             for qid in self.spool.stream_ids(counts):  # the workers start on the first

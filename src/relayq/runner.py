@@ -457,7 +457,7 @@ class Runner:
         """
         r, w = os.pipe()
         children: dict[int, int] = {}  # pid -> read end of its result pipe
-        counts = {".d": 0, ".e": 0, ".t": 0, ".f": 0}
+        counts: dict[str, int] = {}
         batch: list[bytes] = []
         try:
             for qid in self.spool.stream_ids(counts):

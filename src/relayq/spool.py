@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
+KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
 
 
 def _b60(value: int, width: int) -> str:
@@ -245,8 +246,8 @@ class Spool:
         """Committed queue ids in directory order, as the directory is read.
 
         For queue runs: the first id comes at once and no listing the size
-        of the queue is held. `counts` (keys ".d", ".e", ".t") ends up with
-        how many of each the directory held, for debris_suspected().
+        of the queue is held. `counts` (pass {}) ends up with how many files
+        of each KINDS the directory held, for debris_suspected().
         Entries removed meanwhile (by deliveries) may or may not appear;
         every other entry appears once.
         """
@@ -255,8 +256,8 @@ class Spool:
                 for entry in entries:
                     name = entry.name
                     ext = name[-2:]
-                    if counts is not None and ext in counts:
-                        counts[ext] += 1
+                    if counts is not None and ext in KINDS:
+                        counts[ext] = counts.get(ext, 0) + 1
                     if ext == ".e":
                         yield name[:-2]
         except FileNotFoundError:
@@ -373,12 +374,12 @@ class Spool:
         removed: list[str] = []
         if names is None:
             names = self.names()
-        counts = {".d": 0, ".e": 0, ".t": 0, ".f": 0}
+        counts: dict[str, int] = {}
         for name in names:
             ext = name[-2:]
-            if ext in counts:
-                counts[ext] += 1
-        if counts[".d"] == counts[".e"] and not counts[".t"] and not counts[".f"]:
+            if ext in KINDS:
+                counts[ext] = counts.get(ext, 0) + 1
+        if not self.debris_suspected(counts):
             return removed
         committed = {n[:-2] for n in names if n.endswith(".e")}
         for name in names:
@@ -457,21 +458,8 @@ class Spool:
             if n % 64 == 0 and time.monotonic() >= fresh_until:
                 held = _held_inodes(st.st_dev)  # can cost milliseconds: not too often
                 fresh_until = time.monotonic() + LOCKS_EVERY
-            locked = st.st_ino in held if held is not None else self._test_lock(qid)
+            locked = st.st_ino in held if held is not None else self.is_locked(qid)
             yield qid, env, "", st.st_size, locked
-
-    def _test_lock(self, qid: str) -> bool:
-        try:
-            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
 
 
 LOCKS_EVERY = 0.25  # seconds: a long listing reads /proc/locks again this often
