@@ -195,6 +195,11 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "max_message_size": (0, _int, "refuse larger messages (0: no limit)"),
     "max_recipients": (100, _int, "recipients per SMTP transaction"),
     "log_file": ("", _str, "also append log lines to this file"),
+    # who may do what (SECURITY.md)
+    "trusted_users": (["root", "daemon", "relayq"], _strlist,
+                      "may set the envelope sender (-f) without a warning header"),
+    "auth_warnings": (True, _bool, "add X-Authentication-Warning when others use -f or -bs"),
+    "admin_group": ("relayq", _str, "its members see every user's mail in mailq"),
     "syslog": (True, _bool, "log to syslog (facility mail)"),
     # daemon: periodic queue runs and the loopback SMTP listener
     "queue_interval": (1800.0, _duration, "relayq daemon: time between queue runs"),
@@ -251,6 +256,9 @@ class Config:
     retry_max: float
     max_message_size: int
     max_recipients: int
+    trusted_users: list[str]
+    auth_warnings: bool
+    admin_group: str
     log_file: str
     syslog: bool
     values: dict[str, Any]
@@ -338,16 +346,24 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
 
 
 def default_path(env: dict[str, str] | os._Environ[str], uid: int, home: str) -> str:
+    """RELAYQ_CONFIG; for root the system file; for others their own file if they
+    have one (a private queue of their own), else the system's (a handover)."""
     if env.get("RELAYQ_CONFIG"):
         return env["RELAYQ_CONFIG"]
     if uid == 0:
         return SYSTEM_CONFIG
     base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return os.path.join(base, "relayq", "relayq.toml")
+    personal = os.path.join(base, "relayq", "relayq.toml")
+    if not os.path.exists(personal) and (
+        os.path.exists(SYSTEM_CONFIG) or os.path.isdir(SYSTEM_QUEUE)
+    ):
+        return SYSTEM_CONFIG
+    return personal
 
 
-def default_queue(env: dict[str, str] | os._Environ[str], uid: int, home: str) -> str:
-    if uid == 0:
+def default_queue(env: dict[str, str] | os._Environ[str], uid: int, home: str,
+                  path: str = "") -> str:
+    if uid == 0 or path == SYSTEM_CONFIG:
         return SYSTEM_QUEUE
     base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
     return os.path.join(base, "relayq")
@@ -371,6 +387,10 @@ def load(path: str | None = None, *, explicit: bool = False) -> Config:
         if explicit:
             raise ConfigError(f"{path}: no such configuration file") from None
         cfg = parse("", path)
+    except PermissionError:
+        if uid == 0 or path != SYSTEM_CONFIG:
+            raise ConfigError(f"{path}: cannot read: permission denied") from None
+        cfg = parse("", path)  # private to relayq: users only hand mail over to it
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     else:
@@ -397,7 +417,7 @@ def load(path: str | None = None, *, explicit: bool = False) -> Config:
         except FileNotFoundError:
             pass  # reported when it is needed, as a deferral with the reason
     if not cfg.queue_dir:
-        cfg.queue_dir = default_queue(os.environ, uid, home)
+        cfg.queue_dir = default_queue(os.environ, uid, home, path)
     return cfg
 
 

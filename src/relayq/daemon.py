@@ -72,6 +72,7 @@ from relayq.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from relayq import control
     from relayq.agent import Agent
     from relayq.config import Config
     from relayq.listener import Listener
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
 
 POLL = 0.25  # how often the queue directory is looked at
 RESCAN = 5.0  # a full listing at least this often (mtime granularity backstop)
+FLUSH_GAP = 5.0  # users' flush requests start at most one forced run this often
 IDLE_CLOSE = 5.0  # a worker closes its smarthost connection after this idle time
 STOP_GRACE = 5.0  # how long SIGTERM waits for deliveries in flight
 AGENT_FAILURES = 3  # agents dying in a row before a worker delivers in-process
@@ -323,6 +325,9 @@ class Daemon:
         self._agents: list[Agent | None] = []
         self._closing: list[Agent] = []  # agents told to finish, reaped by stop()
         self.runs = 0
+        self.control: control.Server | None = None
+        self._drop_mtime = -1
+        self._last_flush = 0.0
 
     @property
     def interval(self) -> float:
@@ -374,6 +379,7 @@ class Daemon:
     def queue_run(self, force: bool) -> None:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
+        self.take_drops(force=True)
         counts: dict[str, int] = {}
         known: set[str] = set()
         try:
@@ -389,6 +395,71 @@ class Daemon:
                 self.spool.sweep()
             except (OSError, RelayqError) as exc:
                 self.log.warning(f"queue sweep failed: {exc}")
+
+    # -- users' mail (maildrop/) and requests (relayq.control) ---------------------------
+
+    def take_drops(self, force: bool = False) -> None:
+        """Copy users' maildrop/ files into the queue (when its mtime moved, or force)."""
+        from relayq.maildrop import Taker
+
+        try:
+            mtime = os.stat(self.spool.maildrop).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._drop_mtime and not force:
+            return
+        self._drop_mtime = mtime
+        try:
+            taken = Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
+        except OSError as exc:
+            self.log.error(f"maildrop: {exc}")
+            return
+        for qid, mode in taken:
+            if mode not in ("q", "d"):
+                self.committed(qid)
+
+    def start_control(self) -> None:
+        """The local socket, for a queue users hand mail to (one with maildrop/)."""
+        from relayq import control
+
+        if not os.path.isdir(self.spool.maildrop):
+            return
+        try:
+            self.control = control.Server(self.spool.socket_path, self.answer, self.log.warning)
+        except OSError as exc:
+            self.log.warning(f"no local socket {self.spool.socket_path} ({exc.strerror}): "
+                             "users' mail waits in maildrop/ for the next look")
+            return
+        self.control.start()
+
+    def answer(self, uid: int, gid: int, request: str) -> control.Reply:
+        """One request on the local socket (relayq.control), from uid/gid (kernel's word)."""
+        from relayq.control import Reply
+
+        verb, _, arg = request.partition(" ")
+        try:
+            if verb == "take":
+                from relayq.maildrop import Taker
+
+                qid, mode = Taker(self.cfg, self.spool, self.log, self.ctx).take(arg, uid)
+                if mode not in ("q", "d"):
+                    self.committed(qid)
+                return Reply(0, qid)
+            if verb == "mailq":
+                from relayq.cli.mailq import listing_for
+
+                return Reply(0, "listing", listing_for(self.cfg, self.spool, uid, gid, arg))
+            if verb == "flush":
+                now = time.monotonic()
+                if now - self._last_flush >= FLUSH_GAP:
+                    self._last_flush = now
+                    self.log.info(f"queue run requested by uid {uid}")
+                    self._flags.add("usr1")
+                    self._event.set()
+                return Reply(0, "queue run started")
+        except RelayqError as exc:
+            return Reply(exc.code, exc.message)
+        return Reply(64, f"unknown request {verb[:20]!r}")
 
     def _scan_for_new(self) -> None:
         """Wake-up: dispatch messages that appeared since the last look."""
@@ -679,6 +750,9 @@ class Daemon:
                 if time.monotonic() >= next_run:
                     self.queue_run(force=False)
                     next_run = time.monotonic() + self.interval
+                    if self.control is None:  # after the start-up run has taken maildrop/
+                        self.start_control()
+                self.take_drops()
                 if self.wakeups:
                     self._scan_for_new()
                 self._due_rechecks()
@@ -695,6 +769,8 @@ class Daemon:
             self._stopping = True
             self._pending.clear()
         self.log.info("stopping daemon")
+        if self.control is not None:
+            self.control.close()
         if self.listener is not None:
             self.listener.stop()
         if self.listeners is not None:
@@ -862,7 +938,7 @@ def config_loader(path: str | None, explicit: bool) -> Callable[[], Config]:
     if path is None:
         path = config.default_path(os.environ, uid, home)
         explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
-    queue_default = config.default_queue(os.environ, uid, home)
+    queue_default = config.default_queue(os.environ, uid, home, path)
     fixed_path: str = path
 
     def load() -> Config:

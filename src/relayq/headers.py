@@ -174,6 +174,7 @@ class Options:
     """What `rewrite` needs to know about the submission; all strings, no I/O."""
 
     __slots__ = (
+        "auth_warning",
         "domain",
         "extract",
         "full_name",
@@ -203,7 +204,9 @@ class Options:
         full_name: str = "",
         extract: bool = False,
         received_from: str = "",
+        auth_warning: str = "",
     ) -> None:
+        self.auth_warning = auth_warning  # sendmail's X-Authentication-Warning text, if any
         self.domain = domain
         self.masquerade_as = masquerade_as
         self.local_domains = local_domains
@@ -434,6 +437,8 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
     else:
         trace = f"(from {opts.user}@localhost)\n\tby {opts.hostname} (relayq) id {opts.qid}"
     received = _make("Received", f"{trace}{for_clause}; {date}")
+    if opts.auth_warning:
+        added.insert(0, _make("X-Authentication-Warning", opts.auth_warning))
     final = [received, *added, *out]
     eight_bit = any(not f.raw.isascii() for f in final)
     return Result(final, recipients, hops, resent, msgid, eight_bit)

@@ -176,6 +176,7 @@ class State:
         self.uid = uid
         self.strict = strict  # TCP: refuse bare LF / CR; -bs: normalise
         self.on_commit = on_commit
+        self.handover = False  # -bs by a user who may not write the queue: via maildrop/
         # connections per listener process, one slot each in memory the
         # processes share (relayq.prefork), so the limit holds for them all
         self.counts = memoryview(bytearray(8)).cast("q")
@@ -519,7 +520,12 @@ class Handler:
         req.envid = envelope.dsn.get("ENVID", "")
         body = [o.split("=", 1)[1] for o in envelope.mail_options if o.startswith("BODY=")]
         req.body = body[0] if body and body[0] in ("7BIT", "8BITMIME") else ""
+        req.bs = not st.strict
         spool = Spool(st.cfg.queue_dir)  # create() makes the directories if they went away
+        if st.handover:
+            from relayq import maildrop
+
+            return maildrop.hand_over_request(st.cfg, spool, req, _chunks(content))
         msg, _ = enqueue(st.cfg, spool, req, _chunks(content), st.log, st.ctx)
         msg.release()
         return msg.qid
@@ -709,10 +715,12 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
     The protocol runs on one end of a socketpair; two threads copy stdin to
     it and it to stdout, so any stdin works (pipe, file, terminal).
     """
+    from relayq.spool import Spool
     from relayq.submit import Context
 
     ctx = Context(cfg)
     state = State(cfg, log, ctx, user=user, uid=uid, strict=False, on_commit=None)
+    state.handover = not Spool(cfg.queue_dir).writable()
     ours, theirs = socket.socketpair()
     eof = threading.Event()
     t_in = threading.Thread(target=_pump_in, args=(0, theirs, eof), daemon=True)
@@ -751,7 +759,7 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
         loop.close()
     t_out.join(5)
     theirs.close()
-    if state.committed:
+    if state.committed and not state.handover:  # else the daemon delivers
         deliver_after(cfg, log, ctx, state.committed, mode)
     return EX_OK
 

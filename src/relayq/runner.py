@@ -426,6 +426,7 @@ class Runner:
         reads in order.
         """
         sels = selectors or []
+        self.take_drops()
         if workers > 1 and not self.verbose:
             return self._run_parallel(force, sels, workers)
         names = self.spool.names()
@@ -441,6 +442,17 @@ class Runner:
                 self.verbose(f"Running {self.spool.queue}/{qid} (sequence {n} of {len(ids)})")
             left += self.process(qid, force, sels)
         return left + self.deliver_bounces()
+
+    def take_drops(self) -> None:
+        """Users' mail waiting in maildrop/ (no daemon took it) joins the queue first."""
+        if not os.path.isdir(self.spool.maildrop) or not self.spool.writable():
+            return
+        from relayq.maildrop import Taker
+
+        try:
+            Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
+        except OSError as exc:
+            self.log.error(f"maildrop: {exc}")
 
     def _run_parallel(self, force: bool, sels: list[selector.Selector], workers: int) -> int:
         """Share the queue among forked workers (processes, not threads: the work

@@ -7,6 +7,15 @@ Layout under the queue directory:
     queue/QID.e    the envelope record (relayq.envelope), replaced atomically
     queue/QID.t    a new envelope being written (ignored by readers)
     quarantine/    damaged files moved out of the way, with a log line
+    maildrop/      (system queues only) where users who may not write queue/
+                   leave mail for the daemon or a root queue run (relayq.maildrop)
+    relayq.sock    (while the daemon runs) its local socket (relayq.control)
+
+Who may write: root, or the user owning queue/, commits directly. A queue
+made by root is public: its top directory is 0711 (no listing), queue/ and
+quarantine/ stay 0700, and maildrop/ is 1733 (anyone may create a file there,
+nobody but its owner may list it or remove another user's file). A queue made
+by an ordinary user is that user's private queue and has no maildrop/.
 
 Commit point: the data file is written and fsynced, the envelope is written to
 QID.t, fsynced and renamed to QID.e, and the directory is fsynced. A crash
@@ -162,9 +171,12 @@ class Spool:
         self.root = root
         self.queue = os.path.join(root, "queue")
         self.quarantine_dir = os.path.join(root, "quarantine")
+        self.maildrop = os.path.join(root, "maildrop")
+        self.socket_path = os.path.join(root, "relayq.sock")
 
     def ensure(self) -> None:
-        """Create the queue directories (private to the owner) if missing."""
+        """Create the queue directories (private to the owner) if missing; as
+        root, also the public drop directory (see the module docstring)."""
         for path in (self.root, self.queue, self.quarantine_dir):
             if os.path.isdir(path):
                 continue
@@ -173,6 +185,39 @@ class Spool:
                 _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
                 raise _io_error(f"create queue directory {path}", exc) from None
+        if os.geteuid() == 0 and not os.path.isdir(self.maildrop):
+            self._publish()
+
+    def _publish(self) -> None:
+        try:
+            st = os.stat(self.root)
+            if st.st_uid == 0 and st.st_mode & 0o777 == 0o700:
+                os.chmod(self.root, 0o711)  # users reach maildrop/ and the socket, list nothing
+            os.mkdir(self.maildrop, 0o700)
+            os.chmod(self.maildrop, 0o1733)
+            _fsync_dir(self.root)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _io_error(f"create the drop directory {self.maildrop}", exc) from None
+
+    def writable(self) -> bool:
+        """May this process commit to the queue itself (root, or the queue's owner)?
+
+        False means: hand the message over through maildrop/ (relayq.maildrop).
+        A queue that does not exist yet will be created by, and belong to, us.
+        """
+        euid = os.geteuid()
+        if euid == 0:
+            return True
+        for path in (self.queue, self.root):
+            try:
+                return os.stat(path).st_uid == euid
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        return os.access(os.path.dirname(os.path.abspath(self.root)) or "/", os.W_OK)
 
     def _path(self, qid: str, ext: str) -> str:
         return os.path.join(self.queue, qid + ext)

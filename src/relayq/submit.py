@@ -33,6 +33,7 @@ class Request:
 
     __slots__ = (
         "body",
+        "bs",
         "envid",
         "extract",
         "full_name",
@@ -64,6 +65,7 @@ class Request:
         self.envid = ""
         self.body = ""
         self.hops: int | None = None
+        self.bs = False  # an SMTP session on stdin (sendmail -bs), not the listener
 
 
 class Context:
@@ -119,6 +121,7 @@ def enqueue(
     else:
         sender = ""
     address.check_text(req.full_name, "full name")
+    warning = _auth_warning(cfg, ctx, req, sender)
 
     source = iter(source)
     norm = Normalizer(req.ignore_dots)
@@ -143,6 +146,7 @@ def enqueue(
             tz_offset=-time.timezone if time.localtime(now).tm_isdst <= 0 else -time.altzone,
             hostname=ctx.fqdn,
             received_from=req.received_from,
+            auth_warning=warning if cfg.auth_warnings else "",
         )
         result = headers.rewrite(fields, opts, argv_rcpts)
         if not result.recipients:
@@ -195,4 +199,21 @@ def enqueue(
         f"{msg.qid}: from=<{sender}>, size={msg.size}, class=0, nrcpts={len(env.recipients)}, "
         f"msgid={env.msgid}, relay={req.user}@localhost"
     )
+    if warning:
+        log.info(f"{msg.qid}: authentication warning: {warning} (uid {req.uid})")
     return msg, env
+
+
+def _auth_warning(cfg: Config, ctx: Context, req: Request, sender: str) -> str:
+    """sendmail's X-Authentication-Warning: an untrusted user chose the sender."""
+    if req.uid == 0 or req.user in cfg.trusted_users:
+        return ""
+    if req.bs:
+        return f"{ctx.fqdn}: {req.user} owned process doing -bs"
+    if req.received_from or req.sender is None:  # the listener: no -f there
+        return ""
+    local, domain = address.split(sender) if sender else ("", "")
+    if local == req.user and (not domain or domain.lower() in ctx.local
+                              or domain.lower() == ctx.masquerade.lower()):
+        return ""
+    return f"{ctx.fqdn}: {req.user} set sender to {sender or '<>'} using -f"

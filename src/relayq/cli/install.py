@@ -161,7 +161,19 @@ def install(root: str, bindir: str, force: bool, python: str | None = None) -> l
         else:
             os.symlink(source, path)
             done.append(f"{path} -> {source}")
+    if root == "/" and os.geteuid() == 0:
+        done.append(_make_system_queue())
     return done
+
+
+def _make_system_queue() -> str:
+    """Users hand mail to the system queue from the first message on (SECURITY.md)."""
+    from relayq import config
+    from relayq.spool import Spool
+
+    cfg = config.load()
+    Spool(cfg.queue_dir).ensure()
+    return f"{cfg.queue_dir}: the queue, with maildrop/ for users' mail"
 
 
 def uninstall(root: str, bindir: str) -> list[str]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
+    from relayq.config import Config
     from relayq.envelope import Envelope
     from relayq.selector import Selector
     from relayq.spool import Spool
@@ -156,8 +157,13 @@ def _main(args: list[str]) -> int:
     from relayq import config
     from relayq.spool import Spool
 
+    if opts.config is not None and os.getuid() != 0:
+        raise PermissionRefused("-C: only root may name a configuration file "
+                                "(set RELAYQ_CONFIG for a queue of your own)")
     cfg = config.load(opts.config, explicit=opts.config is not None)
     spool = Spool(cfg.queue_dir)
+    if not spool.writable():
+        return _ask_daemon(spool, args)
     if not opts.json and not opts.selectors:
         # each entry is parsed, printed and dropped: nothing for the cycle
         # collector to find, which at 100,000 entries costs 5 % to look for
@@ -179,6 +185,71 @@ def _main(args: list[str]) -> int:
         data = render_text(spool.queue, items, opts.verbose)
     _write(data)
     return 0
+
+
+def _ask_daemon(spool: Spool, args: list[str]) -> int:
+    """A queue we may not read: the daemon lists our own messages (relayq.control)."""
+    import json
+
+    from relayq.control import Connection
+
+    conn = Connection.open(spool.socket_path, "mailq " + json.dumps(args), 60.0)
+    if conn is None:
+        raise RelayqError("the queue report is unavailable: the relayq daemon is not "
+                          "running (only root may read the queue itself)", 69)
+    try:
+        status = conn.status()
+        if status is None:
+            raise RelayqError("the relayq daemon went away before answering", 69)
+        code, text = status
+        if code:
+            raise RelayqError(text, code)
+        for chunk in conn.body():
+            _write(chunk)
+    finally:
+        conn.close()
+    return 0
+
+
+def listing_for(cfg: Config, spool: Spool, uid: int, gid: int, request: str) -> Iterator[bytes]:
+    """For the daemon: the listing a user asked for; their own messages only,
+    unless they are root or in the admin group. Errors are raised before the
+    first byte, so they become the reply's status."""
+    import json
+
+    try:
+        args = json.loads(request or "[]")
+    except ValueError:
+        args = None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise UsageError("malformed listing request")
+    opts = parse_args(args)
+    if opts.config is not None:
+        raise PermissionRefused("-C: only root may name a configuration file")
+    items = collect(spool, opts.selectors)
+    if not _sees_all(cfg, uid, gid):
+        items = [i for i in items if i.env is not None and i.env.uid == uid]
+    if opts.json:
+        data = render_json(spool.queue, items)
+    else:
+        data = render_text(spool.queue, items, opts.verbose)
+    return iter([data])
+
+
+def _sees_all(cfg: Config, uid: int, gid: int) -> bool:
+    import grp
+    import pwd
+
+    if uid == 0:
+        return True
+    if not cfg.admin_group:
+        return False
+    try:
+        admin = grp.getgrnam(cfg.admin_group).gr_gid
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return admin == gid or admin in os.getgrouplist(name, gid)
 
 
 def collect(spool: Spool, selectors: list[Selector]) -> list[Item]:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.errors import EX_OK, EX_TEMPFAIL, RelayqError
+from relayq.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqError
 
 TYPE_CHECKING = False
 
@@ -89,20 +89,26 @@ def _main(argv: list[str]) -> int:
 
         return check(cfg)
     from relayq.log import Log
+    from relayq.spool import Spool
 
+    spool = Spool(cfg.queue_dir)
     if args.command in ("hold", "release", "delete", "requeue"):
         from relayq import admin
-        from relayq.spool import Spool
 
+        if not spool.writable():
+            raise PermissionRefused(f"{args.command}: only root may change queued mail")
         log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
-        return admin.run(cfg, Spool(cfg.queue_dir), log, args.command, args.qids)
+        return admin.run(cfg, spool, log, args.command, args.qids)
+    if not spool.writable():  # flush, run: the daemon runs the queue for users
+        from relayq.cli.sendmail import ask_flush
+
+        return ask_flush(spool)
     from relayq.runner import Runner
-    from relayq.spool import Spool
     from relayq.submit import Context
 
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
-    runner = Runner(cfg, Spool(cfg.queue_dir), log, Context(cfg), verbose=verbose)
+    runner = Runner(cfg, spool, log, Context(cfg), verbose=verbose)
     try:
         left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
     finally:

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from relayq.config import Config
     from relayq.log import Log
-    from relayq.spool import Claim
-    from relayq.submit import Context
+    from relayq.spool import Claim, Spool
+    from relayq.submit import Context, Request
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
 FLAGS = set("cGIimnsTtUv")
@@ -314,8 +314,10 @@ def _open(args: Args) -> tuple[Config, Log]:
     from relayq.log import Log
 
     if args.config is not None:
-        if os.geteuid() != os.getuid() or os.getegid() != os.getgid():
-            raise PermissionRefused("-C is not allowed in a set-id program")
+        if os.getuid() != 0 or os.geteuid() != 0:
+            # a web application's caller may control argv (D1): no file it names is read
+            raise PermissionRefused("-C: only root may name a configuration file "
+                                    "(set RELAYQ_CONFIG for a queue of your own)")
         cfg = config.load(args.config, explicit=True)
     else:
         cfg = config.load()
@@ -401,12 +403,29 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
 
     sels = [selector.parse(s) for s in args.selectors]
     spool = Spool(cfg.queue_dir)
+    if not spool.writable():
+        return ask_flush(spool)
     runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))
     try:
         left = runner.run(force=True, selectors=sels, workers=cfg.concurrency)
     finally:
         runner.close()
     return EX_TEMPFAIL if left else EX_OK
+
+
+def ask_flush(spool: Spool) -> int:
+    """`sendmail -q` by a user who may not run the queue: the daemon runs it (like
+    `postqueue -f`), or, with no daemon, a clear refusal."""
+    from relayq.control import ask
+
+    status = ask(spool.socket_path, "flush", 60.0)
+    if status is None:
+        raise RelayqError("cannot flush the queue: the relayq daemon is not running "
+                          "(only root may run the queue itself)", 69)
+    code, text = status
+    if code:
+        raise RelayqError(text, code)
+    return EX_OK
 
 
 def submit(cfg: Config, log: Log, args: Args) -> int:
@@ -426,6 +445,8 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
     if not args.recipients and not args.extract:
         raise UsageError("Recipient names must be specified")
     spool = Spool(cfg.queue_dir)  # create() makes the directories the first time
+    if not spool.writable():
+        return _hand_over(cfg, spool, req, args)
     ctx = Context(cfg)
     msg, _ = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
     mode = args.delivery or cfg.delivery_mode
@@ -447,6 +468,24 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         log.error(f"{msg.qid}: {exc.message}; queued for the next run")
         return EX_OK
     return _interactive(cfg, log, ctx, claim, args)
+
+
+def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
+    """A queue we may not write (a user's mail, a root-owned queue): via maildrop/."""
+    from relayq import address, maildrop
+
+    for arg in req.recipients:  # refuse a bad address now, not after exit 0
+        address.parse_recipient_args(arg)
+    if req.sender:
+        address.parse_mailbox(req.sender, "sender")
+    name = maildrop.hand_over_request(cfg, spool, req, _stdin_chunks(), args.delivery or "")
+    if args.verbose:
+        if maildrop.valid_name(name):
+            print(f"relayq: no daemon took the message; it waits in {spool.maildrop} "
+                  "for the next queue run", flush=True)
+        else:
+            print(f"relayq: handed to the relayq daemon as {name}", flush=True)
+    return EX_OK
 
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:

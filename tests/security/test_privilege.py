@@ -1,0 +1,379 @@
+"""Unprivileged submission into a root-owned queue (issue 7 §1; research §C4).
+
+Real users (tests/helpers/users.py) submit through launchers, as on a host
+where relayq is installed for everyone. Root and the queue's owner commit
+directly; everyone else writes maildrop/ and asks the daemon over its
+socket (SO_PEERCRED) to take the file; with no daemon the file waits,
+durable, for the daemon's start or root's next queue run.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from email import message_from_bytes
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.helpers.relayq_env import BIN, assert_one_line_error
+from tests.helpers.users import ADMIN_GROUP, SERVICE, System, ensure_users, install_launchers
+from tests.integration.test_daemon import DaemonProcess, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from relayq.testing.smarthost import Smarthost, SmarthostFactory
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates users: needs root")
+
+ALICE, BOB, ADMIN = "rqtest-alice", "rqtest-bob", "rqtest-admin"
+SUBMITTERS = [ALICE, SERVICE, "www-data"]
+
+
+def message(tag: str) -> bytes:
+    return f"Subject: {tag}\n\nbody of {tag}\n".encode()
+
+
+@pytest.fixture(scope="module")
+def launchers() -> Iterator[Path]:
+    ensure_users()
+    root = install_launchers()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def system(launchers: Path, smarthost_factory: SmarthostFactory) -> Iterator[System]:
+    sh = smarthost_factory()
+    sysq = System(launchers, smarthost=sh.smarthost, delivery_mode="background",
+                  admin_group=ADMIN_GROUP, queue_interval="1h")
+    sysq.smarthost = sh  # type: ignore[attr-defined]
+    yield sysq
+    sysq.cleanup()
+
+
+def smarthost_of(system: System) -> Smarthost:
+    return system.smarthost  # type: ignore[attr-defined, no-any-return]
+
+
+def start_daemon(system: System) -> DaemonProcess:
+    d = DaemonProcess(system.rq).wait_started()
+    wait_for(lambda: (system.spool_root / "relayq.sock").exists(), what="the local socket")
+    return d
+
+
+def root_queue_run(system: System) -> subprocess.CompletedProcess[bytes]:
+    return system.rq.sendmail("-q")
+
+
+def test_a_root_made_queue_has_the_documented_modes(system: System) -> None:
+    """SECURITY.md's table: top 0711, queue/ and quarantine/ 0700, maildrop/ 1733,
+    the socket 0666, a drop file 0640 owned by its writer."""
+    d = start_daemon(system)
+    try:
+        root = system.spool_root
+        modes = {p: stat.S_IMODE(os.stat(root / p).st_mode)
+                 for p in ("", "queue", "quarantine", "maildrop", "relayq.sock")}
+        assert modes == {"": 0o711, "queue": 0o700, "quarantine": 0o700, "maildrop": 0o1733,
+                         "relayq.sock": 0o666}
+        assert all(os.stat(root / p).st_uid == 0 for p in modes)
+    finally:
+        d.stop()
+    # with the daemon stopped, a user's message waits as a file of theirs
+    r = system.sendmail_as(ALICE, "bob@example.org", input=message("modes"))
+    assert r.returncode == 0, r.stderr
+    [name] = system.drops()
+    st = os.stat(system.spool_root / "maildrop" / name)
+    assert name.startswith("d") and stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_uid == pwd.getpwnam(ALICE).pw_uid
+
+
+@pytest.mark.parametrize("user", SUBMITTERS)
+def test_a_user_submits_with_the_daemon_running(system: System, user: str) -> None:
+    """The daemon takes the file at once; the trace names the real user."""
+    d = start_daemon(system)
+    try:
+        r = system.sendmail_as(user, "-v", "carol@example.org", input=message("running"))
+        assert r.returncode == 0, r.stderr
+        assert b"handed to the relayq daemon as" in r.stdout
+        sh = smarthost_of(system)
+        wait_for(lambda: len(sh.transactions) == 1, what="the delivery")
+    finally:
+        d.stop()
+    [t] = sh.transactions
+    uid = pwd.getpwnam(user).pw_uid
+    msg = message_from_bytes(t.content)
+    assert f"(from {user}@localhost)" in msg["Received"]
+    assert msg["X-Authentication-Warning"] is None
+    assert t.mail_from == f"{user}@host.example.org" and t.rcpt_tos == ["carol@example.org"]
+    assert f"submitted by uid {uid} ({user})" in system.rq.log()
+    assert system.drops() == [] and system.rq.spool.ids() == []
+
+
+@pytest.mark.parametrize("user", SUBMITTERS)
+def test_a_user_submits_with_the_daemon_stopped(system: System, user: str) -> None:
+    """No daemon: exit 0 with the message durable in maildrop/; root's next queue
+    run delivers it exactly once, and a second run finds nothing."""
+    r = system.sendmail_as(user, "carol@example.org", input=message("stopped"))
+    assert r.returncode == 0, r.stderr
+    assert len(system.drops()) == 1
+    sh = smarthost_of(system)
+    assert sh.transactions == []
+    assert root_queue_run(system).returncode == 0
+    assert root_queue_run(system).returncode == 0
+    [t] = sh.transactions
+    assert t.rcpt_tos == ["carol@example.org"]
+    assert f"(from {user}@localhost)" in message_from_bytes(t.content)["Received"]
+    assert system.drops() == []
+
+
+def test_the_daemon_takes_waiting_mail_when_it_starts(system: System) -> None:
+    for n in range(3):
+        r = system.sendmail_as(ALICE, "carol@example.org", input=message(f"wait {n}"))
+        assert r.returncode == 0, r.stderr
+    assert len(system.drops()) == 3
+    d = start_daemon(system)
+    try:
+        sh = smarthost_of(system)
+        wait_for(lambda: len(sh.transactions) == 3, what="three deliveries")
+    finally:
+        d.stop()
+    assert system.drops() == []
+
+
+def test_f_from_an_untrusted_user_is_allowed_logged_and_marked(system: System) -> None:
+    """sendmail's X-Authentication-Warning: the sender is the user's choice, the
+    trace and the log keep the real uid."""
+    d = start_daemon(system)
+    try:
+        r = system.sendmail_as(ALICE, "-f", "root@example.org", "carol@example.org",
+                               input=message("spoof"))
+        assert r.returncode == 0, r.stderr
+        r = system.sendmail_as(ALICE, "-f", ALICE, "carol@example.org", input=message("own"))
+        assert r.returncode == 0, r.stderr
+        sh = smarthost_of(system)
+        wait_for(lambda: len(sh.transactions) == 2, what="the deliveries")
+    finally:
+        d.stop()
+    by_subject = {message_from_bytes(t.content)["Subject"]: t for t in sh.transactions}
+    spoof = message_from_bytes(by_subject["spoof"].content)
+    assert by_subject["spoof"].mail_from == "root@example.org"
+    assert spoof["X-Authentication-Warning"] == (
+        f"{_fqdn()}: {ALICE} set sender to root@example.org using -f")
+    assert f"(from {ALICE}@localhost)" in spoof["Received"]
+    assert message_from_bytes(by_subject["own"].content)["X-Authentication-Warning"] is None
+    uid = pwd.getpwnam(ALICE).pw_uid
+    assert f"set sender to root@example.org using -f (uid {uid})" in system.rq.log()
+
+
+def test_root_may_set_any_sender_without_a_warning(system: System) -> None:
+    r = system.rq.sendmail("-odq", "-f", "ceo@example.org", "carol@example.org",
+                           input=message("root"))
+    assert r.returncode == 0, r.stderr
+    [(env, data)] = system.rq.queued()
+    assert env.sender == "ceo@example.org" and b"X-Authentication-Warning" not in data
+
+
+def test_the_warning_can_be_turned_off_but_the_log_line_stays(system: System) -> None:
+    system.configure(auth_warnings=False)
+    r = system.sendmail_as(ALICE, "-odq", "-f", "root@example.org", "carol@example.org",
+                           input=message("quiet"))
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert b"X-Authentication-Warning" not in t.content
+    assert "authentication warning" in system.rq.log()
+
+
+def test_bs_from_a_user_is_handed_over_and_marked(system: System) -> None:
+    d = start_daemon(system)
+    try:
+        dialogue = (b"EHLO client.example.org\r\nMAIL FROM:<boss@example.org>\r\n"
+                    b"RCPT TO:<carol@example.org>\r\nDATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\n"
+                    b"QUIT\r\n")
+        r = system.sendmail_as(ALICE, "-bs", input=dialogue)
+        assert r.returncode == 0, r.stderr
+        assert b"250 2.0.0" in r.stdout
+        sh = smarthost_of(system)
+        wait_for(lambda: len(sh.transactions) == 1, what="the delivery")
+    finally:
+        d.stop()
+    msg = message_from_bytes(sh.transactions[0].content)
+    assert msg["X-Authentication-Warning"] == f"{_fqdn()}: {ALICE} owned process doing -bs"
+
+
+def _fqdn() -> str:
+    from relayq import hostname
+
+    name = hostname.fqdn()
+    return name if "." in name else "host.example.org"
+
+
+# -- reading, changing and running the queue ---------------------------------------------
+
+
+def _queue_three(system: System) -> None:
+    for user, tag in ((ALICE, "alice-1"), (ALICE, "alice-2"), (BOB, "bob-1")):
+        r = system.sendmail_as(user, "-odq", f"{tag}@example.org", input=message(tag))
+        assert r.returncode == 0, r.stderr
+
+
+def test_mailq_shows_users_their_own_messages_only(system: System) -> None:
+    system.configure(delivery_mode="deferred")  # nothing leaves: we look at the queue
+    d = start_daemon(system)
+    try:
+        _queue_three(system)
+        wait_for(lambda: len(system.rq.spool.ids()) == 3, what="three queued")
+        alice = system.mailq_as(ALICE)
+        bob = system.mailq_as(BOB)
+        admin = system.mailq_as(ADMIN)
+        svc = system.mailq_as(SERVICE, "--json")
+    finally:
+        d.stop()
+    for r in (alice, bob, admin, svc):
+        assert r.returncode == 0, r.stderr
+    assert b"Total requests: 2" in alice.stdout and b"bob-1" not in alice.stdout
+    assert b"alice-1@example.org" in alice.stdout and b"alice-2@example.org" in alice.stdout
+    assert b"Total requests: 1" in bob.stdout and b"alice" not in bob.stdout
+    assert b"Total requests: 3" in admin.stdout  # the admin group sees everyone's
+    assert b'"total": 0' in svc.stdout
+    root = system.rq.run("mailq")
+    assert b"Total requests: 3" in root.stdout, system.rq.log()
+
+
+def test_mailq_without_a_daemon_says_so(system: System) -> None:
+    r = system.mailq_as(ALICE)
+    assert r.returncode == 69
+    assert "daemon is not running" in assert_one_line_error(r)
+
+
+def test_a_user_cannot_read_change_or_delete_anothers_mail(system: System) -> None:
+    system.configure(delivery_mode="deferred")
+    d = start_daemon(system)
+    try:
+        _queue_three(system)
+        wait_for(lambda: len(system.rq.spool.ids()) == 3, what="three queued")
+        [bob_qid] = [e.qid for e, _ in system.rq.queued() if e.user == BOB]
+        queue = system.spool_root / "queue"
+        for argv in (["ls", str(queue)], ["cat", str(queue / f"{bob_qid}.d")],
+                     ["rm", "-f", str(queue / f"{bob_qid}.e")],
+                     ["mv", str(queue / f"{bob_qid}.d"), "/tmp/stolen"],
+                     ["ls", str(system.spool_root)], ["ls", str(system.spool_root / "maildrop")]):
+            r = system.run_as(ALICE, argv)
+            assert r.returncode != 0 and b"Permission denied" in r.stderr, argv
+        r = system.relayq_as(ALICE, "delete", bob_qid)
+        assert r.returncode == 77, r.stderr
+        assert_one_line_error(r)
+        assert len(system.rq.spool.ids()) == 3
+    finally:
+        d.stop()
+
+
+def test_a_user_cannot_have_the_daemon_take_anothers_file(system: System) -> None:
+    """SO_PEERCRED, not the request, says who asks: bob naming alice's file is refused;
+    alice naming it gets it queued as hers."""
+    d = start_daemon(system)
+    try:
+        name = "t" + os.urandom(16).hex()
+        path = system.spool_root / "maildrop" / name
+        write = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_EXCL, 0o640);"
+                 "os.write(fd, b'relayq-drop 1\\nrcpt carol@example.org\\nmode q\\n\\n"
+                 "Subject: planted\\n\\nhi\\n')")
+        r = system.run_as(ALICE, ["/usr/bin/python3", "-c", write, str(path)])
+        assert r.returncode == 0, r.stderr
+        ask = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+               "s.sendall(sys.argv[2].encode()+b'\\n'); print(s.recv(4096).decode())")
+        sock = str(system.spool_root / "relayq.sock")
+        r = system.run_as(BOB, ["/usr/bin/python3", "-c", ask, sock, f"take {name}"])
+        assert r.stdout.startswith(b"77 ") and b"not yours" in r.stdout, r
+        assert path.exists() and system.rq.spool.ids() == []
+        r = system.run_as(ALICE, ["/usr/bin/python3", "-c", ask, sock, f"take {name}"])
+        assert r.stdout.startswith(b"0 "), r
+        qid = r.stdout.split()[1].decode()
+        [(env, _)] = system.rq.queued()
+        assert env.qid == qid and env.user == ALICE and not path.exists()
+        r = system.run_as(BOB, ["/usr/bin/python3", "-c", ask, sock, "take ../queue/x"])
+        assert r.stdout.startswith(b"65 "), r
+    finally:
+        d.stop()
+
+
+def test_sendmail_q_by_a_user_asks_the_daemon_or_is_refused(system: System) -> None:
+    r = system.sendmail_as(ALICE, "-q")
+    assert r.returncode == 69 and "daemon is not running" in assert_one_line_error(r)
+    d = start_daemon(system)
+    try:
+        r = system.sendmail_as(ALICE, "-q")
+        assert r.returncode == 0, r.stderr
+        uid = pwd.getpwnam(ALICE).pw_uid
+        wait_for(lambda: f"queue run requested by uid {uid}" in system.rq.log(),
+                 what="the forced run")
+    finally:
+        d.stop()
+
+
+def test_C_from_a_user_is_refused_and_the_file_never_read(system: System,
+                                                         tmp_path: Path) -> None:
+    """D1(b) as a non-root user: -X, -C, -oQ and -OQueueDirectory= never act."""
+    ensure_users()
+    work = Path(system.dir / "attacker")
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)
+    evil = work / "evil.conf"
+    evil.write_text(f'queue_dir = "{work}/q"\nlog_file = "{work}/log"\n')
+    evil.chmod(0o644)
+    before = sorted(os.listdir(work))
+    for argv in (["-X", f"{work}/pwn", "-C", str(evil), f"-oQ{work}", 
+                  f"-OQueueDirectory={work}", "rcpt@example.org"],
+                 ["-C", str(evil), "rcpt@example.org"]):
+        r = system.sendmail_as(ALICE, *argv, input=message("d1b"))
+        assert r.returncode in (64, 77), r.stderr
+        assert_one_line_error(r)
+    r = system.mailq_as(ALICE, "-C", str(evil))
+    assert r.returncode == 77
+    assert sorted(os.listdir(work)) == before
+    assert system.drops() == [] and system.rq.spool.ids() == []
+
+
+def test_the_queue_owner_commits_directly(launchers: Path, tmp_path: Path) -> None:
+    """A queue made by (or for) a user is that user's: no maildrop, no daemon needed."""
+    sysq = System(launchers, install=False)
+    try:
+        uid = pwd.getpwnam(ALICE).pw_uid
+        os.chown(sysq.dir, uid, -1)
+        os.chown(sysq.rq.log_file, uid, -1)
+        r = sysq.sendmail_as(ALICE, "-odq", "carol@example.org", input=message("own queue"))
+        assert r.returncode == 0, r.stderr
+        assert not (sysq.spool_root / "maildrop").exists()
+        [name] = [n for n in os.listdir(sysq.spool_root / "queue") if n.endswith(".e")]
+        assert os.stat(sysq.spool_root / "queue" / name).st_uid == uid
+        assert stat.S_IMODE(os.stat(sysq.spool_root).st_mode) == 0o700
+    finally:
+        sysq.cleanup()
+
+
+def test_no_python_traceback_reaches_a_user(system: System) -> None:
+    """Every failure a user can cause here is one line with a sysexits code."""
+    cases = [
+        (["-q"], b""),
+        (["-bp"], b""),
+        (["nobody@@example.org"], message("bad")),
+        (["-f", "a@@b", "carol@example.org"], message("bad sender")),
+    ]
+    for argv, data in cases:
+        r = system.sendmail_as(ALICE, *argv, input=data)
+        assert r.returncode in (64, 65, 69, 77), (argv, r.stderr)
+        assert_one_line_error(r)
+    assert system.drops() == []
+
+
+def test_launchers_are_readable_by_users(launchers: Path) -> None:
+    """The fixture's own premise: the users run the real installed commands."""
+    r = subprocess.run(["ls", "-l", str(launchers / "usr/sbin/sendmail")],
+                       capture_output=True, check=False)
+    assert r.returncode == 0
+    assert (BIN / "relayq").exists()
