@@ -462,7 +462,14 @@ class Taker:
         what = f"maildrop: {name!r} (uid {st.st_uid}): {reason}"
         try:
             if stat.S_ISDIR(st.st_mode):
-                os.rmdir(name, dir_fd=dfd)
+                try:
+                    os.rmdir(name, dir_fd=dfd)
+                except OSError:  # not empty: out of the way, where only root looks
+                    aside = f"maildrop-{st.st_ino}-{int(time.time())}"
+                    os.rename(name, os.path.join(self.spool.quarantine_dir, aside),
+                              src_dir_fd=dfd)
+                    self.log.warning(f"{what}; moved to {self.spool.quarantine_dir}/{aside}")
+                    return
             else:
                 os.unlink(name, dir_fd=dfd)
         except OSError as exc:

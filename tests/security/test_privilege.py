@@ -327,7 +327,7 @@ def test_C_from_a_user_is_refused_and_the_file_never_read(system: System,
     evil.write_text(f'queue_dir = "{work}/q"\nlog_file = "{work}/log"\n')
     evil.chmod(0o644)
     before = sorted(os.listdir(work))
-    for argv in (["-X", f"{work}/pwn", "-C", str(evil), f"-oQ{work}", 
+    for argv in (["-X", f"{work}/pwn", "-C", str(evil), f"-oQ{work}",
                   f"-OQueueDirectory={work}", "rcpt@example.org"],
                  ["-C", str(evil), "rcpt@example.org"]):
         r = system.sendmail_as(ALICE, *argv, input=message("d1b"))
@@ -377,3 +377,226 @@ def test_launchers_are_readable_by_users(launchers: Path) -> None:
                        capture_output=True, check=False)
     assert r.returncode == 0
     assert (BIN / "relayq").exists()
+
+
+# -- hostile entries in maildrop/ (research §C4: Postfix pickup's rules) -------------------
+
+
+def _drop_name(kind: str = "d") -> str:
+    return kind + os.urandom(16).hex()
+
+
+def test_hostile_entries_in_maildrop_are_refused_logged_once_and_mail_flows(
+    system: System,
+) -> None:
+    """A symlink to /etc/shadow, hard links, a FIFO, a 1 GB file, NUL bytes in the
+    request, a directory and a stray name: none is followed or read past the limit,
+    each is logged once, and the good message beside them goes out once."""
+    drop = system.spool_root / "maildrop"
+    alice_home = Path(pwd.getpwnam(ALICE).pw_dir)
+    names = {k: _drop_name() for k in ("symlink", "hardlink", "fifo", "huge", "nul", "dir",
+                                       "dirfull", "rootlink")}
+    names["stray"] = "not-a-drop-file"
+    own = alice_home / "own-file"
+    script = f"""
+set -e
+cd {drop}
+ln -s /etc/shadow {names['symlink']}
+printf 'relayq-drop 1\\nrcpt carol@example.org\\n\\nSubject: linked\\n\\nx\\n' > {own}
+ln {own} {names['hardlink']}
+mkfifo {names['fifo']}
+truncate -s 1G {names['huge']}
+printf 'relayq-drop 1\\nrcpt car\\000ol@example.org\\n\\nSubject: nul\\n\\nx\\n' > {names['nul']}
+mkdir {names['dir']}
+mkdir {names['dirfull']}
+touch {names['dirfull']}/inside
+printf 'junk' > {names['stray']}
+ln /etc/passwd {names['rootlink']} 2>/dev/null || true
+"""
+    r = system.run_as(ALICE, ["/bin/sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    good = system.sendmail_as(ALICE, "carol@example.org", input=message("good"))
+    assert good.returncode == 0, good.stderr
+    shadow_before = Path("/etc/shadow").read_bytes()
+    for _ in range(2):  # a second run must neither log them again nor choke
+        r = root_queue_run(system)
+        assert r.returncode == 0, r.stderr
+    sh = smarthost_of(system)
+    assert [message_from_bytes(t.content)["Subject"] for t in sh.transactions] == ["good"]
+    assert Path("/etc/shadow").read_bytes() == shadow_before
+    log = system.rq.log()
+    for kind, name in names.items():
+        if kind == "rootlink" and not (drop / name).exists() and name not in log:
+            continue  # fs.protected_hardlinks stopped alice: nothing to see
+        assert log.count(f"{name}") == 1, (kind, log)
+    assert "a symbolic link" in log and "2 hard links" in log and "not a regular file" in log
+    assert "over the limit" in log and "refused: malformed request line" in log
+    assert system.drops() == []
+    assert own.exists()  # the link went, alice's own file stayed
+
+
+def test_a_file_still_being_written_is_left_alone_until_finished(system: System) -> None:
+    drop = system.spool_root / "maildrop"
+    name = _drop_name("t")
+    content = b"relayq-drop 1\nrcpt carol@example.org\n\nSubject: slow\n\nx\n"
+    write = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_EXCL, 0o640);"
+             "os.write(fd, sys.stdin.buffer.read())")
+    r = system.run_as(ALICE, ["/usr/bin/python3", "-c", write, str(drop / name)],
+                      input=content)
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    sh = smarthost_of(system)
+    assert sh.transactions == [] and system.drops() == [name]
+    assert name not in system.rq.log()
+    r = system.run_as(ALICE, ["mv", str(drop / name), str(drop / ("d" + name[1:]))])
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    assert [message_from_bytes(t.content)["Subject"] for t in sh.transactions] == ["slow"]
+
+
+def test_a_planted_request_is_the_planters_whatever_it_says(system: System) -> None:
+    """The file's owner is the submitter: a hand-written request claiming root's
+    sender gets alice's trace and the warning."""
+    name = _drop_name()
+    content = (b"relayq-drop 1\nsender root@example.org\nname Root\nrcpt carol@example.org\n\n"
+               b"Subject: planted\n\nx\n")
+    write = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_EXCL, 0o640);"
+             "os.write(fd, sys.stdin.buffer.read())")
+    r = system.run_as(ALICE, ["/usr/bin/python3", "-c", write,
+                              str(system.spool_root / "maildrop" / name)], input=content)
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    msg = message_from_bytes(t.content)
+    assert f"(from {ALICE}@localhost)" in msg["Received"]
+    assert "set sender to root@example.org" in msg["X-Authentication-Warning"]
+
+
+# -- D17: what a hostile caller controls around the submission path ----------------------
+# relayq ships no set-id program: the user's side runs with the user's rights only, and
+# the root side (the daemon's socket, the taker) reads only the request and the file.
+# These check that the caller's environment, descriptors, limits and signals can neither
+# steer relayq nor leave a partial message behind.
+
+
+def test_D17_a_hostile_environment_steers_nothing(system: System) -> None:
+    evil = system.dir / "evil"
+    evil.mkdir(mode=0o755)
+    marker = system.dir / "pwned"
+    for mod in ("sitecustomize.py", "usercustomize.py", "relayq.py", "os.py"):
+        (evil / mod).write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "os.py"),
+           "PYTHONHOME": str(evil), "LD_PRELOAD": str(evil / "missing.so"),
+           "IFS": "/", "PYTHONINSPECT": "1", "RELAYQ_CACHE_DIR": str(system.dir)}
+    r = system.sendmail_as(ALICE, "carol@example.org", input=message("env"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert f"(from {ALICE}@localhost)" in message_from_bytes(t.content)["Received"]
+
+
+def test_D17_closed_standard_descriptors_cannot_turn_the_drop_file_into_stdout(
+    system: System,
+) -> None:
+    """With 0, 1 and 2 closed, the drop file must not be opened as one of them."""
+    sendmail = str(system.launchers / "usr/sbin/sendmail")
+    code = ("import os,sys; [os.close(fd) for fd in (0,1,2)]; "
+            f"os.execv({sendmail!r}, [{sendmail!r}, '-v', 'carol@example.org'])")
+    r = system.run_as(ALICE, ["/usr/bin/python3", "-c", code])
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert b"no daemon took the message" not in t.content  # -v's line went nowhere
+
+
+def test_D17_a_tiny_file_size_limit_leaves_nothing_partial(system: System) -> None:
+    big = message("fsize") + b"x" * 200_000 + b"\n"
+    code = ("import resource,os,sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
+    r = system.run_as(ALICE, ["/usr/bin/python3", "-c", code,
+                              str(system.launchers / "usr/sbin/sendmail"), "carol@example.org"],
+                      input=big)
+    assert r.returncode not in (0, 70), r.stderr  # refused, and not as a crash
+    assert_one_line_error(r)
+    assert system.drops() == []
+    assert root_queue_run(system).returncode == 0
+    assert smarthost_of(system).transactions == []
+
+
+def test_D17_stopped_in_the_middle_of_the_write_gives_all_or_nothing(system: System) -> None:
+    pw = pwd.getpwnam(ALICE)
+    proc = subprocess.Popen([str(system.launchers / "usr/sbin/sendmail"), "carol@example.org"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=system.env_for(ALICE),
+                            user=pw.pw_uid, group=pw.pw_gid, cwd="/")
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(message("stopped") + b"first half\n")
+        proc.stdin.flush()
+        wait_for(lambda: len(system.drops()) == 1, what="the drop file to appear")
+        os.kill(proc.pid, 19)  # SIGSTOP mid-message
+        assert root_queue_run(system).returncode == 0
+        assert smarthost_of(system).transactions == []  # the unfinished file is not taken
+        os.kill(proc.pid, 18)  # SIGCONT
+        _, err = proc.communicate(b"second half\n", timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert t.content.endswith(b"first half\r\nsecond half\r\n")
+
+
+def test_D17_a_huge_argv_is_refused_whole(system: System) -> None:
+    r = system.sendmail_as(ALICE, "carol@example.org", *["x" * 100_000] * 10,
+                           input=message("argv"))
+    assert r.returncode in (64, 65), r.stderr
+    assert_one_line_error(r)
+    assert system.drops() == [] and system.rq.spool.ids() == []
+
+
+def test_D17_garbage_on_the_socket_is_answered_and_the_daemon_keeps_serving(
+    system: System,
+) -> None:
+    d = start_daemon(system)
+    try:
+        code = """
+import socket, sys
+path = sys.argv[1]
+def ask(data):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(path)
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    out = b""
+    try:
+        while chunk := s.recv(4096):
+            out += chunk
+    except OSError:
+        pass
+    return out.split(b"\\n")[0].decode()
+print(ask(b"rm -rf /\\n"))
+print(ask(b"take " + b"A" * 500 + b"\\n"))
+print(ask(b"mailq [1, 2]\\n"))
+print(ask(b"x" * 200000))
+print(ask(b"\\n"))
+"""
+        r = system.run_as(BOB, ["/usr/bin/python3", "-c", code,
+                                str(system.spool_root / "relayq.sock")])
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.decode().splitlines()
+        assert lines[0].startswith("64 ") and lines[1].startswith("65 ")
+        assert lines[2].startswith("64 ")  # mailq: a list of numbers is a usage error
+        assert lines[3] == "" and lines[4].startswith("64 ")
+        ok = system.sendmail_as(ALICE, "carol@example.org", input=message("after"))
+        assert ok.returncode == 0, ok.stderr
+        wait_for(lambda: len(smarthost_of(system).transactions) == 1, what="the delivery")
+    finally:
+        d.stop()

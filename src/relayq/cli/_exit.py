@@ -27,9 +27,11 @@ def run(main: Callable[[], int], prog: str) -> int:
     traceback in syslog (mail.err) where an admin can find it, never on the
     terminal of a cron job or a PHP page.
     """
+    _fill_std_fds()
     try:
         code = main()
-        sys.stdout.flush()  # a broken pipe surfaces here, not at interpreter exit
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a broken pipe surfaces here, not at interpreter exit
         return code
     except RelayqError as exc:
         _say(f"{prog}: {exc.message}")
@@ -51,6 +53,16 @@ def run(main: Callable[[], int], prog: str) -> int:
         return EX_SOFTWARE
 
 
+def _fill_std_fds() -> None:
+    """Open /dev/null on a closed 0, 1 or 2 (a caller may close them): else the first
+    file we open, a queue or drop file, would be read as stdin or written as stdout."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+
+
 def leave(code: int) -> None:
     """Exit without tearing the interpreter down (the command is finished).
 
@@ -59,6 +71,8 @@ def leave(code: int) -> None:
     caller of sendmail waits for. Nothing is left to flush but stdio.
     """
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # Python found the descriptor closed at start
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):
@@ -75,7 +89,7 @@ def _say(line: str) -> None:
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass  # nowhere left to complain
 
 
