@@ -240,6 +240,19 @@ def poke(cfg: Config) -> int | None:
     return pid
 
 
+def _service_owner(cfg: Config) -> tuple[int, int] | None:
+    """(uid, gid) of daemon_user when root will become it: the queue is made its."""
+    if not cfg.daemon_user or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(cfg.daemon_user)
+    except KeyError:
+        raise ConfigError(f"daemon_user: no such user {cfg.daemon_user!r}") from None
+    return pw.pw_uid, pw.pw_gid
+
+
 def drop_privileges(user: str, log: Log) -> None:
     """As root with `daemon_user` set: become that user after binding port 25."""
     if not user or os.geteuid() != 0:
@@ -828,12 +841,20 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         pid.acquire()
         # import the delivery code now: after dropping privileges the install
         # might not be readable, and the first delivery should not wait for it
+        import grp  # noqa: F401
+        import json  # noqa: F401
+        import pwd  # noqa: F401
+
+        import relayq.cli.mailq
+        import relayq.control
+        import relayq.maildrop
         import relayq.runner
         import relayq.transport.smtp  # noqa: F401
 
         daemon = Daemon(cfg, log, opts)
         daemon.private_fds.append(pid.fd)
         daemon.start_agents()  # as root they drop privileges themselves
+        Spool(cfg.queue_dir).ensure(_service_owner(cfg))
         drop_privileges(cfg.daemon_user, log)
         Spool(cfg.queue_dir).ensure()
     except BaseException:

@@ -173,10 +173,16 @@ class Spool:
         self.quarantine_dir = os.path.join(root, "quarantine")
         self.maildrop = os.path.join(root, "maildrop")
         self.socket_path = os.path.join(root, "relayq.sock")
+        self._give_to: tuple[int, int] | bool | None = False  # False: not looked yet
 
-    def ensure(self) -> None:
+    def ensure(self, owner: tuple[int, int] | None = None) -> None:
         """Create the queue directories (private to the owner) if missing; as
-        root, also the public drop directory (see the module docstring)."""
+        root, also the public drop directory (see the module docstring).
+
+        `owner` (uid, gid): the daemon's service user (daemon_user), who gets
+        the directories; maildrop/ becomes set-gid to its group, so users'
+        files there (mode 0640) are readable by it.
+        """
         for path in (self.root, self.queue, self.quarantine_dir):
             if os.path.isdir(path):
                 continue
@@ -187,6 +193,25 @@ class Spool:
                 raise _io_error(f"create queue directory {path}", exc) from None
         if os.geteuid() == 0 and not os.path.isdir(self.maildrop):
             self._publish()
+        if owner is not None:
+            try:
+                for path in (self.root, self.queue, self.quarantine_dir, self.maildrop):
+                    if os.stat(path).st_uid != owner[0]:
+                        os.chown(path, *owner)
+                os.chmod(self.maildrop, 0o3733)
+            except OSError as exc:
+                raise _io_error(f"give the queue to uid {owner[0]}", exc) from None
+
+    def _adopt(self, fd: int) -> None:
+        """As root in a queue that belongs to a service user, give it the new file."""
+        if self._give_to is False:
+            self._give_to = None
+            if os.geteuid() == 0:
+                st = os.stat(self.queue)
+                if st.st_uid != 0:
+                    self._give_to = (st.st_uid, st.st_gid)
+        if isinstance(self._give_to, tuple):
+            os.fchown(fd, *self._give_to)
 
     def _publish(self) -> None:
         try:
@@ -244,6 +269,12 @@ class Spool:
                 continue
             except OSError as exc:
                 raise _io_error("create a queue file", exc) from None
+            try:
+                self._adopt(fd)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(self._path(qid, ".d"))
+                raise _io_error("create a queue file", exc) from None
             fcntl.flock(fd, fcntl.LOCK_EX)
             return NewMessage(self, qid, fd)
         raise TempFailure("cannot allocate a queue id")
@@ -259,6 +290,7 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
+                self._adopt(fd)
                 data = env.dumps()
                 view = memoryview(data)
                 while view:

@@ -23,6 +23,7 @@ from tests.helpers.relayq_env import BIN, Relayq
 
 ORDINARY = ("rqtest-alice", "rqtest-bob", "rqtest-admin")
 SERVICE = "rqtest-svc"  # a system account: no home, no shell (like www-data or nagios)
+DAEMON_USER = "rqtest-relayq"  # the daemon's own service user (daemon_user)
 ADMIN_GROUP = "rqtest-adm"
 LOCK = "/tmp/relayq-test-users.lock"
 
@@ -49,10 +50,11 @@ def ensure_users() -> None:
             if not _exists(name):
                 subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name],
                                check=True, capture_output=True)
-        if not _exists(SERVICE):
-            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                            "/nonexistent", "--shell", "/usr/sbin/nologin", SERVICE],
-                           check=True, capture_output=True)
+        for name in (SERVICE, DAEMON_USER):
+            if not _exists(name):
+                subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                                "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                                name], check=True, capture_output=True)
         if not _exists("www-data"):
             subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
                             "/var/www", "--shell", "/usr/sbin/nologin", "www-data"],
@@ -129,14 +131,17 @@ class System:
     def mailq_as(self, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
         return self.run_as(name, [str(self.launchers / "usr/bin/mailq"), *args])
 
-    def relayq_as(self, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-        """`relayq ARGS` as that user: the admin command is a link into the venv,
-        so run it the way the launchers run sendmail (same interpreter and path)."""
+    def relayq_argv(self, *args: str) -> list[str]:
+        """`relayq ARGS` run the way the launchers run sendmail (same interpreter and
+        path): the installed `relayq` is a link into the venv, which lives under /root."""
         launcher = (self.launchers / "usr/sbin/sendmail").read_text().splitlines()
         [path_line] = [line for line in launcher if line.startswith("sys.path[:0]")]
         code = (f"import sys\n{path_line}\nfrom relayq.cli._exit import leave\n"
                 "from relayq.cli.main import main\nleave(main(sys.argv[1:]))\n")
-        return self.run_as(name, ["/usr/bin/python3", "-IS", "-c", code, *args])
+        return ["/usr/bin/python3", "-IS", "-c", code, *args]
+
+    def relayq_as(self, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return self.run_as(name, self.relayq_argv(*args))
 
     def drops(self) -> list[str]:
         try:

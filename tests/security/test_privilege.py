@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import BIN, assert_one_line_error
-from tests.helpers.users import ADMIN_GROUP, SERVICE, System, ensure_users, install_launchers
+from tests.helpers.users import (
+    ADMIN_GROUP,
+    DAEMON_USER,
+    SERVICE,
+    System,
+    ensure_users,
+    install_launchers,
+)
 from tests.integration.test_daemon import DaemonProcess, wait_for
 
 if TYPE_CHECKING:
@@ -600,3 +607,44 @@ print(ask(b"\\n"))
         wait_for(lambda: len(smarthost_of(system).transactions) == 1, what="the delivery")
     finally:
         d.stop()
+
+
+def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
+                                                              smarthost_factory: SmarthostFactory,
+                                                              ) -> None:
+    """daemon_user: root gives it the queue (maildrop/ set-gid to its group, so users'
+    0640 files are readable to it); root's own submissions are handed to it too; the
+    service user, owning the queue, commits directly."""
+    sh = smarthost_factory()
+    sysq = System(launchers, install=False, smarthost=sh.smarthost, queue_interval="1h",
+                  daemon_user=DAEMON_USER, delivery_mode="background")
+    try:
+        sysq.configure(pid_file=str(sysq.dir / "relayq.pid"))
+        svc = pwd.getpwnam(DAEMON_USER)
+        os.chown(sysq.rq.log_file, svc.pw_uid, svc.pw_gid)
+        d = DaemonProcess(sysq.rq, cmd=sysq.relayq_argv("daemon", "--foreground"))
+        d.wait_started()
+        try:
+            wait_for(lambda: (sysq.spool_root / "relayq.sock").exists(), what="the socket")
+            status = Path(f"/proc/{d.proc.pid}/status").read_text()
+            assert f"Uid:\t{svc.pw_uid}\t{svc.pw_uid}" in status
+            drop = os.stat(sysq.spool_root / "maildrop")
+            assert (drop.st_uid, drop.st_gid) == (svc.pw_uid, svc.pw_gid)
+            assert stat.S_IMODE(drop.st_mode) == 0o3733
+            r = sysq.sendmail_as(ALICE, "carol@example.org", input=message("from alice"))
+            assert r.returncode == 0, r.stderr
+            r = sysq.rq.sendmail("carol@example.org", input=message("from root"))
+            assert r.returncode == 0, r.stderr
+            r = sysq.sendmail_as(DAEMON_USER, "-odq", "carol@example.org",
+                                 input=message("from the service"))
+            assert r.returncode == 0, r.stderr
+            assert sysq.rq.sendmail("-q").returncode == 0  # root's run hands it over too
+            wait_for(lambda: len(sh.transactions) == 3, what="three deliveries")
+            assert d.stop() == 0
+        finally:
+            d.kill()
+        subjects = sorted(message_from_bytes(t.content)["Subject"] for t in sh.transactions)
+        assert subjects == ["from alice", "from root", "from the service"]
+        assert sysq.drops() == [] and sysq.rq.spool.ids() == []
+    finally:
+        sysq.cleanup()
