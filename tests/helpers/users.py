@@ -84,7 +84,7 @@ class System:
         self.dir = Path(tempfile.mkdtemp(prefix="relayq-sys-", dir="/tmp"))
         self.dir.chmod(0o755)
         self.launchers = launchers
-        self.rq = Relayq(self.dir, **settings)
+        self.rq = Relayq(self.dir, **{"pid_file": str(self.dir / "relayq.pid"), **settings})
         self.rq.log_file.touch()
         self.publish()
         if install:

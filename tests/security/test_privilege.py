@@ -619,7 +619,6 @@ def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
     sysq = System(launchers, install=False, smarthost=sh.smarthost, queue_interval="1h",
                   daemon_user=DAEMON_USER, delivery_mode="background")
     try:
-        sysq.configure(pid_file=str(sysq.dir / "relayq.pid"))
         svc = pwd.getpwnam(DAEMON_USER)
         os.chown(sysq.rq.log_file, svc.pw_uid, svc.pw_gid)
         d = DaemonProcess(sysq.rq, cmd=sysq.relayq_argv("daemon", "--foreground"))
@@ -639,7 +638,7 @@ def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
                                  input=message("from the service"))
             assert r.returncode == 0, r.stderr
             assert sysq.rq.sendmail("-q").returncode == 0  # root's run hands it over too
-            wait_for(lambda: len(sh.transactions) == 3, what="three deliveries")
+            wait_for(lambda: len(sh.transactions) == 3, timeout=30, what="three deliveries")
             assert d.stop() == 0
         finally:
             d.kill()
