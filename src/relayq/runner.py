@@ -111,11 +111,14 @@ class Runner:
                              "may have it already")
         self._held = []  # the outcome lines wait until the outcome is recorded
         if pending and policy.expired(env.created, now, self.cfg.max_queue_age):
-            days = self.cfg.max_queue_age / 86400
+            age = self.cfg.max_queue_age
+            span = (f"{age / 86400:g} days" if age >= 86400 and age % 3600 == 0
+                    else f"{age / 3600:g} hours" if age >= 3600 and age % 60 == 0
+                    else f"{age:g} seconds")
             for r in pending:
                 reason = r.reply or env.error or "no delivery attempt succeeded"
                 r.state = FAILED
-                r.reply = f"4.4.7 Message could not be delivered for {days:g} days: {reason}"
+                r.reply = f"4.4.7 Message could not be delivered for {span}: {reason}"
                 newly_failed.append(r)
                 self.log.info(
                     f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "

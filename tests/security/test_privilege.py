@@ -323,7 +323,7 @@ def test_sendmail_q_by_a_user_asks_the_daemon_or_is_refused(system: System) -> N
         d.stop()
 
 
-def test_C_from_a_user_is_refused_and_the_file_never_read(system: System,
+def test_D1b_X_C_oQ_from_a_user_never_act(system: System,
                                                          tmp_path: Path) -> None:
     """D1(b) as a non-root user: -X, -C, -oQ and -OQueueDirectory= never act."""
     ensure_users()
@@ -344,6 +344,19 @@ def test_C_from_a_user_is_refused_and_the_file_never_read(system: System,
     assert r.returncode == 77
     assert sorted(os.listdir(work)) == before
     assert system.drops() == [] and system.rq.spool.ids() == []
+
+
+def test_D1a_the_phpmailer_argv_from_www_data_writes_nothing(system: System) -> None:
+    """CVE-2016-10033 as it happens: PHP runs as www-data and hands sendmail this argv."""
+    web = system.dir / "web"
+    web.mkdir(mode=0o777)
+    web.chmod(0o777)
+    argv = ["-t", "-i", "-fattacker\\", f"-oQ{web}/", f"-X{web}/shell.php", 'some"@example.org']
+    r = system.sendmail_as("www-data", *argv,
+                           input=b"To: victim@example.org\nSubject: x\n\n<?php ?>\n")
+    assert r.returncode in (64, 65, 77), r.stderr
+    assert_one_line_error(r)
+    assert os.listdir(web) == [] and system.drops() == [] and system.rq.spool.ids() == []
 
 
 def test_the_queue_owner_commits_directly(launchers: Path, tmp_path: Path) -> None:
