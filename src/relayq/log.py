@@ -41,9 +41,15 @@ class Log:
         if self.path:
             stamp = time.strftime("%b %d %H:%M:%S")
             host = os.uname().nodename
+            text = f"{stamp} {host} {self.tag}[{os.getpid()}]: {line}\n"
             try:
-                with open(self.path, "a", encoding="utf-8", errors="replace") as f:
-                    f.write(f"{stamp} {host} {self.tag}[{os.getpid()}]: {line}\n")
+                # never through a symbolic link: the file may sit where others can write
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o640)
+                try:
+                    os.write(fd, text.encode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
             except OSError:
                 pass
         if self.echo:

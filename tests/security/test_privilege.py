@@ -660,3 +660,16 @@ def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
         assert sysq.drops() == [] and sysq.rq.spool.ids() == []
     finally:
         sysq.cleanup()
+
+
+def test_a_log_file_replaced_by_a_symlink_is_not_written_through(system: System) -> None:
+    """log_file in a directory others can write: root's log line must not land in
+    whatever file a symbolic link there points to."""
+    target = system.dir / "target"
+    target.write_text("precious\n")
+    system.rq.log_file.unlink()
+    system.rq.log_file.symlink_to(target)
+    r = system.rq.sendmail("-odq", "carol@example.org", input=message("log"))
+    assert r.returncode == 0, r.stderr
+    assert target.read_text() == "precious\n"
+    assert len(system.rq.spool.ids()) == 1
