@@ -13,13 +13,14 @@ from the kernel (SO_PEERCRED), never from the request. Requests:
 
 from __future__ import annotations
 
+# the C module: socket.py pulls in enum and friends, ~4 ms a user's sendmail would pay
+import _socket
 import os
-import socket
-import struct
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Iterator
 
 MAX_REQUEST = 1 << 16
@@ -51,14 +52,14 @@ def _address(path: str) -> tuple[str, int | None]:
 class Connection:
     """One request to the daemon; None from open() when no daemon listens."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buf = b""
 
     @classmethod
     def open(cls, path: str, request: str, timeout: float) -> Connection | None:
         name, dfd = _address(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
             sock.connect(name)
@@ -120,6 +121,9 @@ def ask(path: str, request: str, timeout: float = 300.0) -> tuple[int, str] | No
 
 def peer(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from the kernel."""
+    import socket
+    import struct
+
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
@@ -139,6 +143,7 @@ class Server:
         self.sock = self._bind()
 
     def _bind(self) -> socket.socket:
+        import socket
         import stat
 
         try:
