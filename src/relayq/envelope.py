@@ -27,8 +27,11 @@ read without a parser library and survives a hex editor:
 
 STATE is `pending`, `sent` or `failed`. Unknown keys are ignored so an older
 relayq can still list a newer queue; the trailing `end` line tells a complete
-record from a truncated one. Values never hold a tab, CR, LF or NUL: addresses
-are refused with them at submission, and free text is flattened here.
+record from a truncated one. Values never hold a CR, LF or NUL: addresses
+are refused with them at submission, and free text is flattened here. Nor a
+tab, except a recipient ADDRESS: a local target an alias names ("|cmd<TAB>arg",
+even with a CR) is recorded as written, and the columns around it are read
+from both ends.
 """
 
 from __future__ import annotations
@@ -174,7 +177,11 @@ class Envelope:
         for line in lines[1:end]:
             key, _, rest = line.partition("\t")
             if key == "rcpt":
-                state, notify, orcpt, address, reply = rest.split("\t")
+                # ADDRESS may hold a tab (an alias's "|command" or "/file" as written);
+                # REPLY never does (flattened), and the columns before it are
+                # checked tokens: so the address is whatever lies between them
+                state, notify, orcpt, tail = rest.split("\t", 3)
+                address, reply = tail.rsplit("\t", 1)
                 if state not in STATES or not address:
                     raise DamagedQueueFile(f"{qid}: bad recipient line")
                 rcpts.append(Recipient(address, state, notify, orcpt, reply))

@@ -44,7 +44,7 @@ import socket
 import threading
 from email import _header_value_parser as _vp  # what aiosmtpd parses addresses with
 from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 DEFAULT_SIZE = 32 << 20  # advertised in SIZE when max_message_size is 0
 CHUNK = 1 << 16
+RUNAWAY_LINE = 1 << 16  # a refused data line: no more of it is held (_LineCap)
 HTTP_VERBS = ("GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE")
 JUNK_LIMITS = {"NOOP": 100, "RSET": 100, "HELP": 20, "VRFY": 20, "EXPN": 20, "EHLO": 20,
                "HELO": 20, "*": 1_000_000}
@@ -417,8 +418,54 @@ class Server(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         self._reset_timeout(self.data_timeout)  # the whole message in this time
-        await super().smtp_DATA(arg)
+        reader = self._reader
+        # duck-typed: aiosmtpd's DATA loop calls only readuntil() and read()
+        self._reader = cast("asyncio.StreamReader", _LineCap(reader))
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reader = reader
         self._reset_timeout()
+
+
+class _LineCap:
+    """The stream aiosmtpd reads message data from, with a bound on a too-long line.
+
+    aiosmtpd 1.4.6 refuses a data line longer than the limit, but keeps every
+    piece of it until its CRLF arrives: one endless line grew the listener by
+    as much as the client cared to send (200 MB sent, 200 MB held). Past
+    RUNAWAY_LINE bytes, the rest of such a line is read and dropped here; the
+    caller still sees the line end where it really ends (its CRLF is handed
+    over on the next readuntil), so "\\r\\n.\\r\\n" is found exactly where it was.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._run = 0  # bytes of the current, still unterminated line handed out
+        self._owed = False  # the CRLF of a dropped line tail, still to be handed out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self._owed:
+            line = b"\r\n"
+            self._owed = False
+        else:
+            line = await self._reader.readuntil(separator)
+        self._run = 0
+        return line
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        self._run += len(data)
+        while self._run > RUNAWAY_LINE and not self._owed:
+            try:
+                await self._reader.readuntil(b"\r\n")  # the rest of the line: dropped
+                self._owed = True
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)  # dropped
+        return data
 
 
 class Handler:

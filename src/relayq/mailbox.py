@@ -356,6 +356,7 @@ def deliver_maildir(root: str, data: BinaryIO, *, sender: str, recipient: str,
                      0o600)
     except OSError as exc:
         raise MailboxError(f"{tmp}: {exc.strerror or exc}", "4.3.0") from None
+    linked = False
     try:
         try:
             _write_all(fd, trace_headers(sender, recipient))
@@ -370,16 +371,20 @@ def deliver_maildir(root: str, data: BinaryIO, *, sender: str, recipient: str,
             if exc.errno not in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
                 raise
             os.rename(tmp, new)  # file systems without hard links
+        linked = True
         dfd = os.open(os.path.join(root, "new"), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        # all or nothing, as for mbox: a failure reported (and so retried later)
+        # leaves no copy in new/, or the retry would deliver a second one
+        for path in (tmp, new) if linked else (tmp,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise _write_error(tmp, exc) from None
     try:
         os.unlink(tmp)

@@ -147,6 +147,7 @@ class SmtpClient:
         self.tls_info = ""
         self.peer_ip = ""
         self.dirty = False  # a transaction was started since the last RSET
+        self._hide: tuple[str, ...] = ()  # AUTH secrets, masked in every reply read after
 
     # --- naming ---------------------------------------------------------
 
@@ -265,6 +266,8 @@ class SmtpClient:
                     f"protocol error from {self.where} in reply to {what}: {exc}"
                 ) from None
             if reply is not None:
+                if self._hide:  # a server quoting our AUTH line must not put it in logs
+                    reply = _masked(reply, self._hide)
                 if self.transcript is not None:
                     last = len(reply.lines) - 1
                     for i, text in enumerate(reply.lines):
@@ -355,12 +358,17 @@ class SmtpClient:
     def ehlo(self, name: str) -> Reply:
         """EHLO, falling back to HELO on 5xx; sets `caps` from this reply only."""
         self.caps = Capabilities()
-        reply = self.command(proto.ehlo(name), "EHLO")
+        try:  # a host name (the kernel's node name) may hold anything: refuse before writing
+            ehlo, helo = proto.ehlo(name), proto.helo(name)
+        except proto.CommandError as exc:
+            raise SmtpError(f"cannot greet {self.where} as {name!r}: {exc} (set ehlo_name)",
+                            "4.3.5") from None
+        reply = self.command(ehlo, "EHLO")
         if reply.positive:
             self.caps = Capabilities.from_ehlo(reply)
             return reply
         if reply.permanent:
-            reply = self.command(proto.helo(name), "HELO")
+            reply = self.command(helo, "HELO")
             if reply.positive:
                 return reply
         raise ConnectFailed(f"{self.where} refused our greeting: {reply}", _temp(reply.dsn_code))
@@ -404,8 +412,15 @@ class SmtpClient:
 
     def auth(self, mechanism: str, user: str, secret: str) -> Reply:
         """AUTH with the given mechanism; raises AuthFailed unless 235."""
-        proto.check_arg(user, "AUTH user")
         mech = mechanism.upper()
+        self._hide = _secret_forms(user, secret)
+        try:
+            return self._auth(mech, user, secret)
+        except proto.CommandError as exc:  # raised before the offending line is written
+            raise AuthFailed(f"cannot send AUTH {mech} to {self.where}: {exc}") from None
+
+    def _auth(self, mech: str, user: str, secret: str) -> Reply:
+        proto.check_arg(user, "AUTH user")
         what = f"AUTH {mech}"
         if mech == "PLAIN":
             reply = self.command(
@@ -427,7 +442,7 @@ class SmtpClient:
             if reply.code == 334:  # error details; an empty line gets the final reply
                 reply = self.command(proto.CRLF, what, show="")
         else:
-            raise AuthFailed(f"unsupported AUTH mechanism {mechanism}")
+            raise AuthFailed(f"unsupported AUTH mechanism {mech}")
         if reply.code != 235:
             raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}")
         self._log(f"AUTH {mech} as {user} accepted by {self.relay}")
@@ -455,6 +470,24 @@ class SmtpClient:
         reply = self.read_reply("end of data")
         self._after("end of data")
         return reply
+
+
+def _secret_forms(user: str, secret: str) -> tuple[str, ...]:
+    """The secret and the base64 forms AUTH PLAIN, LOGIN and XOAUTH2 send of it."""
+    u, s = user.encode("utf-8", "replace"), secret.encode("utf-8", "replace")
+    forms = (secret, proto.b64(s), proto.b64(b"\0" + u + b"\0" + s),
+             proto.b64(b"user=" + u + b"\x01auth=Bearer " + s + b"\x01\x01"))
+    # longest first: one form may hold another; never mask "" or a letter everywhere
+    return tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+
+
+def _masked(reply: Reply, hide: tuple[str, ...]) -> Reply:
+    lines = []
+    for line in reply.lines:
+        for secret in hide:
+            line = line.replace(secret, MASK)
+        lines.append(line)
+    return Reply(reply.code, tuple(lines))
 
 
 def _temp(code: str) -> str:
