@@ -40,7 +40,7 @@ class Log:
                 pass
         if self.path:
             stamp = time.strftime("%b %d %H:%M:%S")
-            host = os.uname().nodename
+            host = "".join(c if " " <= c != "\x7f" else "?" for c in os.uname().nodename)
             text = f"{stamp} {host} {self.tag}[{os.getpid()}]: {line}\n"
             try:
                 # never through a symbolic link: the file may sit where others can write

@@ -121,6 +121,12 @@ def enqueue(
     else:
         sender = ""
     address.check_text(req.full_name, "full name")
+    for value, what in ((req.envid, "ENVID"), (req.ret, "RET"), (req.notify, "NOTIFY"),
+                        (req.body, "BODY")):
+        address.check_text(value, what)  # every caller checks; the envelope must not trust it
+    for notify, orcpt in req.rcpt_params.values():
+        address.check_text(notify, "NOTIFY")
+        address.check_text(orcpt, "ORCPT")
     warning = _auth_warning(cfg, ctx, req, sender)
 
     source = iter(source)

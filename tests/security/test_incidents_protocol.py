@@ -1005,6 +1005,8 @@ def test_D10_a_hostile_host_name_never_reaches_the_wire(
              what="the QUIT")
     assert srv.received == b"QUIT\r\n"
     assert "possible duplicate" not in rq.log()
+    log = rq.log()  # the host name in the log file's own prefix stays on its line too
+    assert all(line.startswith(log[:7]) for line in log.splitlines()), log
 
 
 @settings(max_examples=400, deadline=None)
