@@ -387,9 +387,9 @@ def load(path: str | None = None, *, explicit: bool = False) -> Config:
         if explicit:
             raise ConfigError(f"{path}: no such configuration file") from None
         cfg = parse("", path)
-    except PermissionError:
+    except PermissionError as exc:
         if uid == 0 or path != SYSTEM_CONFIG:
-            raise ConfigError(f"{path}: cannot read: permission denied") from None
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         cfg = parse("", path)  # private to relayq: users only hand mail over to it
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None

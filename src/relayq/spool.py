@@ -242,7 +242,10 @@ class Spool:
                 continue
             except OSError:
                 return False
-        return os.access(os.path.dirname(os.path.abspath(self.root)) or "/", os.W_OK)
+        parent = os.path.dirname(os.path.abspath(self.root))
+        while not os.path.exists(parent) and parent != "/":
+            parent = os.path.dirname(parent)  # makedirs will create the rest as us
+        return os.access(parent, os.W_OK)
 
     def _path(self, qid: str, ext: str) -> str:
         return os.path.join(self.queue, qid + ext)

@@ -6,6 +6,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,8 +16,6 @@ from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 from relayq.errors import EX_CONFIG, EX_OK
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from relayq.testing.smarthost import SmarthostFactory
 
 
@@ -71,11 +71,12 @@ def test_version(rq: Relayq) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root")
-def test_other_users_get_a_queue_in_their_xdg_state_dir(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_other_users_get_a_queue_in_their_xdg_state_dir() -> None:
+    work = Path(tempfile.mkdtemp(prefix="relayq-home-", dir="/tmp"))  # pytest's is 0700
+    work.chmod(0o755)
+    home = work / "home"
     home.mkdir()
     os.chown(home, 65534, 65534)
-    tmp_path.chmod(0o755)
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
     cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
            str(BIN / "sendmail"), "-odq", "a@example.org"]
@@ -88,6 +89,8 @@ def test_other_users_get_a_queue_in_their_xdg_state_dir(tmp_path: Path) -> None:
     assert len(os.listdir(queue)) == 2
     assert os.stat(queue).st_uid == 65534
     assert (os.stat(queue.parent).st_mode & 0o777) == 0o700
+    assert not (queue.parent / "maildrop").exists()  # a private queue takes no one's mail
+    shutil.rmtree(work)
 
 
 def test_100mb_message_is_relayed_intact(
