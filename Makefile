@@ -41,6 +41,7 @@ bench: venv
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/wakeup.py
 	$(BIN)/python bench/scale.py
+	if [ "$$(id -u)" = 0 ]; then $(BIN)/python bench/handover.py; fi
 
 FUZZ_SECONDS ?= 60
 fuzz: venv

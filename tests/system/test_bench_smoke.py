@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("drain.py", ["--count", "5"], "5 delivered"),
         ("wakeup.py", ["--count", "2"], "SMTP listener"),
         ("scale.py", ["--count", "20", "--runs", "1"], "relayq status"),
+        pytest.param("handover.py", ["--count", "2"], "user+daemon",
+                     marks=pytest.mark.skipif(os.geteuid() != 0, reason="creates users")),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], expect: str) -> None:
