@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MAX_REQUEST = 1 << 16
 READ_TIMEOUT = 10.0  # for the request line
 MAX_CLIENTS = 32
+MAX_PER_UID = 8  # so one user cannot take every slot
 SUN_PATH_MAX = 107
 
 
@@ -139,7 +140,8 @@ class Server:
         self.path = path
         self.handler = handler
         self.warn = warn
-        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.lock = threading.Lock()
+        self.busy: dict[int, int] = {}  # uid -> requests in progress
         self.sock = self._bind()
 
     def _bind(self) -> socket.socket:
@@ -189,16 +191,26 @@ class Server:
                 conn, _ = self.sock.accept()
             except OSError:
                 return  # closed
-            if not self.slots.acquire(blocking=False):
+            try:
+                _, uid, gid = peer(conn)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                mine = self.busy.get(uid, 0)
+                full = mine >= MAX_PER_UID or sum(self.busy.values()) >= MAX_CLIENTS
+                if not full:
+                    self.busy[uid] = mine + 1
+            if full:
+                conn.settimeout(1.0)
                 self._answer(conn, Reply(75, "too many requests; try again"))
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, uid, gid), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, uid: int, gid: int) -> None:
         try:
             conn.settimeout(READ_TIMEOUT)
-            _, uid, gid = peer(conn)
             request = self._read_line(conn)
             if request is None:
                 return
@@ -213,14 +225,23 @@ class Server:
             pass
         finally:
             conn.close()
-            self.slots.release()
+            with self.lock:
+                self.busy[uid] -= 1
+                if not self.busy[uid]:
+                    del self.busy[uid]
 
     @staticmethod
     def _read_line(conn: socket.socket) -> str | None:
+        """The request line, within READ_TIMEOUT in all (a byte now and then is not enough)."""
+        import time
+
+        deadline = time.monotonic() + READ_TIMEOUT
         buf = b""
         while b"\n" not in buf:
-            if len(buf) > MAX_REQUEST:
+            left = deadline - time.monotonic()
+            if len(buf) > MAX_REQUEST or left <= 0:
                 return None
+            conn.settimeout(left)
             chunk = conn.recv(4096)
             if not chunk:
                 return None

@@ -340,6 +340,7 @@ class Daemon:
         self.runs = 0
         self.control: control.Server | None = None
         self._drop_mtime = -1
+        self._drop_wanted: threading.Event | None = None
         self._last_flush = 0.0
 
     @property
@@ -392,7 +393,7 @@ class Daemon:
     def queue_run(self, force: bool) -> None:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
-        self.take_drops(force=True)
+        self._take_all_drops()  # now, so that this run sends them too
         counts: dict[str, int] = {}
         known: set[str] = set()
         try:
@@ -411,17 +412,34 @@ class Daemon:
 
     # -- users' mail (maildrop/) and requests (relayq.control) ---------------------------
 
-    def take_drops(self, force: bool = False) -> None:
-        """Copy users' maildrop/ files into the queue (when its mtime moved, or force)."""
-        from relayq.maildrop import Taker
-
+    def take_drops(self) -> None:
+        """Have users' maildrop/ files copied into the queue when its mtime moved, in a
+        thread of its own: a user planting many files delays nobody else."""
         try:
             mtime = os.stat(self.spool.maildrop).st_mtime_ns
         except OSError:
             return
-        if mtime == self._drop_mtime and not force:
+        if mtime == self._drop_mtime:
             return
         self._drop_mtime = mtime
+        if self._drop_wanted is None:
+            self._drop_wanted = threading.Event()
+            threading.Thread(target=self._drop_loop, name="relayq-maildrop",
+                             daemon=True).start()
+        self._drop_wanted.set()
+
+    def _drop_loop(self) -> None:
+        assert self._drop_wanted is not None
+        while True:
+            self._drop_wanted.wait()
+            self._drop_wanted.clear()
+            if self._stopping:
+                return
+            self._take_all_drops()
+
+    def _take_all_drops(self) -> None:
+        from relayq.maildrop import Taker
+
         try:
             taken = Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
         except OSError as exc:

@@ -314,14 +314,20 @@ class Taker:
             return []
         done: list[tuple[str, str]] = []
         try:
-            for name in os.listdir(dfd):
-                try:
-                    item = self._take_entry(dfd, name, now)
-                except RelayqError as exc:  # the queue's trouble, not the file's: later
-                    self.log.error(f"maildrop: {name}: {exc.message}; left for the next run")
-                    continue
-                if item is not None:
-                    done.append(item)
+            with os.scandir(dfd) as entries:  # read as we go: a user may plant millions
+                for entry in entries:
+                    name = entry.name
+                    try:
+                        item = self._take_entry(dfd, name, now)
+                    except RelayqError as exc:  # the queue's trouble, not the file's: later
+                        self.log.error(f"maildrop: {name}: {exc.message}; left for the next run")
+                        continue
+                    except Exception as exc:  # a bug must not stop the other users' mail
+                        self.log.error(f"maildrop: {name}: internal error: "
+                                       f"{type(exc).__name__}: {exc}; left for the next run")
+                        continue
+                    if item is not None:
+                        done.append(item)
         finally:
             os.close(dfd)
         return done

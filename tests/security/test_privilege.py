@@ -673,3 +673,41 @@ def test_a_log_file_replaced_by_a_symlink_is_not_written_through(system: System)
     assert r.returncode == 0, r.stderr
     assert target.read_text() == "precious\n"
     assert len(system.rq.spool.ids()) == 1
+
+
+def test_D17_one_user_holding_connections_does_not_lock_others_out(system: System) -> None:
+    """Eight idle connections are all one uid gets (the ninth hears 75 at once);
+    another user's submission is still taken by the daemon meanwhile."""
+    d = start_daemon(system)
+    try:
+        code = """
+import socket, sys, time
+held = []
+for _ in range(8):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+time.sleep(0.5)
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+print(s.recv(100).decode().strip())
+sys.stdout.flush()
+time.sleep(4)
+"""
+        bob = subprocess.Popen(
+            ["/usr/bin/python3", "-c", code, str(system.spool_root / "relayq.sock")],
+            stdout=subprocess.PIPE, user=pwd.getpwnam(BOB).pw_uid,
+            group=pwd.getpwnam(BOB).pw_gid, cwd="/")
+        try:
+            assert bob.stdout is not None
+            line = bob.stdout.readline().decode()
+            assert line.startswith("75 "), line
+            r = system.sendmail_as(ALICE, "-v", "carol@example.org", input=message("fair"))
+            assert r.returncode == 0, r.stderr
+            assert b"handed to the relayq daemon" in r.stdout
+        finally:
+            bob.kill()
+            bob.communicate(timeout=5)
+    finally:
+        d.stop()
