@@ -154,6 +154,21 @@ def _group_sync(path: str) -> _GroupSync:
     return sync
 
 
+def _become(uid: int, gid: int) -> None:
+    import pwd
+
+    try:
+        try:
+            os.initgroups(pwd.getpwuid(uid).pw_name, gid)
+        except KeyError:
+            os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
+                          71) from None
+
+
 def _io_error(action: str, exc: OSError) -> RelayqError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return TempFailure(f"cannot {action}: no space left on the queue file system")
@@ -173,7 +188,6 @@ class Spool:
         self.quarantine_dir = os.path.join(root, "quarantine")
         self.maildrop = os.path.join(root, "maildrop")
         self.socket_path = os.path.join(root, "relayq.sock")
-        self._give_to: tuple[int, int] | bool | None = False  # False: not looked yet
 
     def ensure(self, owner: tuple[int, int] | None = None) -> None:
         """Create the queue directories (private to the owner) if missing; as
@@ -191,27 +205,50 @@ class Spool:
                 _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
                 raise _io_error(f"create queue directory {path}", exc) from None
-        if os.geteuid() == 0 and not os.path.isdir(self.maildrop):
+        if os.geteuid() == 0 and not os.path.lexists(self.maildrop):
             self._publish()
         if owner is not None:
-            try:
-                for path in (self.root, self.queue, self.quarantine_dir, self.maildrop):
-                    if os.stat(path).st_uid != owner[0]:
-                        os.chown(path, *owner)
-                os.chmod(self.maildrop, 0o3733)
-            except OSError as exc:
-                raise _io_error(f"give the queue to uid {owner[0]}", exc) from None
+            self._give(owner)
 
-    def _adopt(self, fd: int) -> None:
-        """As root in a queue that belongs to a service user, give it the new file."""
-        if self._give_to is False:
-            self._give_to = None
-            if os.geteuid() == 0:
-                st = os.stat(self.queue)
-                if st.st_uid != 0:
-                    self._give_to = (st.st_uid, st.st_gid)
-        if isinstance(self._give_to, tuple):
-            os.fchown(fd, *self._give_to)
+    def _give(self, owner: tuple[int, int]) -> None:
+        """Hand the directories to the service user, through descriptors opened without
+        following links: once it owns the queue, any entry in it may be its trap."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            top = os.open(self.root, flags)
+            try:
+                for name in ("", "queue", "quarantine", "maildrop"):
+                    fd = os.open(name, flags, dir_fd=top) if name else top
+                    try:
+                        st = os.fstat(fd)
+                        if (st.st_uid, st.st_gid) != owner:
+                            os.fchown(fd, *owner)
+                        if name == "maildrop":
+                            os.fchmod(fd, 0o3733)
+                    finally:
+                        if fd != top:
+                            os.close(fd)
+            finally:
+                os.close(top)
+        except OSError as exc:
+            raise _io_error(f"give the queue to uid {owner[0]}", exc) from None
+
+    def enter(self) -> None:
+        """Root in a queue that belongs to another user (daemon_user) becomes that user
+        for the rest of the process: that user can plant links and files in the queue,
+        and root must never follow or write them (SECURITY.md)."""
+        if os.geteuid() != 0:
+            return
+        for path in (self.queue, self.root):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return
+            if st.st_uid != 0:
+                _become(st.st_uid, st.st_gid)
+            return
 
     def _publish(self) -> None:
         try:
@@ -219,7 +256,12 @@ class Spool:
             if st.st_uid == 0 and st.st_mode & 0o777 == 0o700:
                 os.chmod(self.root, 0o711)  # users reach maildrop/ and the socket, list nothing
             os.mkdir(self.maildrop, 0o700)
-            os.chmod(self.maildrop, 0o1733)
+            fd = os.open(self.maildrop, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o1733)
+            finally:
+                os.close(fd)
             _fsync_dir(self.root)
         except FileExistsError:
             pass
@@ -272,12 +314,6 @@ class Spool:
                 continue
             except OSError as exc:
                 raise _io_error("create a queue file", exc) from None
-            try:
-                self._adopt(fd)
-            except OSError as exc:
-                os.close(fd)
-                os.unlink(self._path(qid, ".d"))
-                raise _io_error("create a queue file", exc) from None
             fcntl.flock(fd, fcntl.LOCK_EX)
             return NewMessage(self, qid, fd)
         raise TempFailure("cannot allocate a queue id")
@@ -291,9 +327,9 @@ class Spool:
         tmp = self._path(env.qid, ".t")
         final = self._path(env.qid, ".e")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
             try:
-                self._adopt(fd)
                 data = env.dumps()
                 view = memoryview(data)
                 while view:
@@ -670,7 +706,7 @@ class Claim:
     def mark_sending(self) -> None:
         try:
             os.close(os.open(self.spool._path(self.qid, ".f"),
-                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         except OSError:
             pass  # only a log line depends on it
 

@@ -30,6 +30,8 @@ from tests.helpers.users import (
 )
 from tests.integration.test_daemon import DaemonProcess, wait_for
 
+from relayq.errors import RelayqError
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -645,12 +647,15 @@ def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
             assert stat.S_IMODE(drop.st_mode) == 0o3733
             r = sysq.sendmail_as(ALICE, "carol@example.org", input=message("from alice"))
             assert r.returncode == 0, r.stderr
-            r = sysq.rq.sendmail("carol@example.org", input=message("from root"))
+            # root works as the service user in its queue: through the launcher, whose
+            # Python (unlike the test venv's, under /root) that user can read
+            r = sysq.sendmail_as("root", "carol@example.org", input=message("from root"))
             assert r.returncode == 0, r.stderr
             r = sysq.sendmail_as(DAEMON_USER, "-odq", "carol@example.org",
                                  input=message("from the service"))
             assert r.returncode == 0, r.stderr
-            assert sysq.rq.sendmail("-q").returncode == 0  # root's run hands it over too
+            r = sysq.sendmail_as("root", "-q")  # root's run, as the service user
+            assert r.returncode == 0, r.stderr
             wait_for(lambda: len(sh.transactions) == 3, timeout=30, what="three deliveries")
             assert d.stop() == 0
         finally:
@@ -711,3 +716,46 @@ time.sleep(4)
             bob.communicate(timeout=5)
     finally:
         d.stop()
+
+
+def test_root_never_follows_what_the_service_user_plants_in_its_queue(
+    launchers: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """Once daemon_user owns the queue it can replace any entry with a link. Root's
+    runs and submissions work as that user there, and giving it the queue opens
+    every directory without following links: no root file is removed, rewritten,
+    moved or given away."""
+    sh = smarthost_factory()
+    sysq = System(launchers, install=False, smarthost=sh.smarthost, daemon_user=DAEMON_USER)
+    svc = pwd.getpwnam(DAEMON_USER)
+    victim = sysq.dir / "victim"
+    victim.mkdir()
+    (victim / "important.conf").write_text("keep me\n")
+    (victim / "sub").mkdir()
+    precious = sysq.dir / "precious"
+    precious.write_text("root's\n")
+    try:
+        sysq.rq.spool.ensure((svc.pw_uid, svc.pw_gid))  # what the daemon's start does
+        root = sysq.spool_root
+        r = sysq.run_as(DAEMON_USER, ["/bin/sh", "-c", f"rm -r {root}/maildrop && "
+                                                       f"ln -s {victim} {root}/maildrop"])
+        assert r.returncode == 0, r.stderr
+        r = sysq.sendmail_as("root", "-odq", "carol@example.org", input=message("root"))
+        assert r.returncode == 0, r.stderr
+        [qid] = sysq.rq.spool.ids()
+        assert os.stat(root / "queue" / f"{qid}.d").st_uid == svc.pw_uid
+        r = sysq.run_as(DAEMON_USER, ["ln", "-s", str(precious), str(root / "queue" / f"{qid}.t")])
+        assert r.returncode == 0, r.stderr
+        sysq.sendmail_as("root", "-q")
+        assert sorted(os.listdir(victim)) == ["important.conf", "sub"]
+        assert (victim / "important.conf").read_text() == "keep me\n"
+        assert precious.read_text() == "root's\n" and os.stat(precious).st_uid == 0
+        # the next start of the daemon finds quarantine/ pointing at a root directory
+        r = sysq.run_as(DAEMON_USER, ["/bin/sh", "-c", f"rm -r {root}/quarantine && "
+                                                       f"ln -s {victim} {root}/quarantine"])
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(RelayqError):
+            sysq.rq.spool.ensure((svc.pw_uid, svc.pw_gid))
+        assert os.stat(victim).st_uid == 0 and stat.S_IMODE(os.stat(victim).st_mode) == 0o755
+    finally:
+        sysq.cleanup()

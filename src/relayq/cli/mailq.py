@@ -162,6 +162,7 @@ def _main(args: list[str]) -> int:
                                 "(set RELAYQ_CONFIG for a queue of your own)")
     cfg = config.load(opts.config, explicit=opts.config is not None)
     spool = Spool(cfg.queue_dir)
+    spool.enter()
     if not spool.writable():
         return _ask_daemon(spool, args)
     if not opts.json and not opts.selectors:

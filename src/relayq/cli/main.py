@@ -82,8 +82,6 @@ def _main(argv: list[str]) -> int:
     cfg = config.load(args.config, explicit=args.config is not None)
     if args.command == "check-config":
         return check_config(cfg)
-    if args.command == "status":
-        return status(cfg, args.json)
     if args.command == "newaliases":
         from relayq.cli.newaliases import check
 
@@ -92,6 +90,9 @@ def _main(argv: list[str]) -> int:
     from relayq.spool import Spool
 
     spool = Spool(cfg.queue_dir)
+    spool.enter()  # root in the service user's queue works as that user
+    if args.command == "status":
+        return status(cfg, args.json)
     if args.command in ("hold", "release", "delete", "requeue"):
         from relayq import admin
 

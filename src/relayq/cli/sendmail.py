@@ -363,9 +363,11 @@ def _main(argv: list[str]) -> int:
 def smtp_session(args: Args) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
     from relayq.listener import serve_stdio
+    from relayq.spool import Spool
 
     cfg, log = _open(args)
     user, uid, _ = _user()
+    Spool(cfg.queue_dir).enter()
     mode = args.delivery or cfg.delivery_mode
     return serve_stdio(cfg, log, user=user, uid=uid, mode=mode)
 
@@ -403,6 +405,7 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
 
     sels = [selector.parse(s) for s in args.selectors]
     spool = Spool(cfg.queue_dir)
+    spool.enter()
     if not spool.writable():
         return ask_flush(spool)
     runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))
@@ -445,6 +448,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
     if not args.recipients and not args.extract:
         raise UsageError("Recipient names must be specified")
     spool = Spool(cfg.queue_dir)  # create() makes the directories the first time
+    spool.enter()
     if not spool.writable():
         return _hand_over(cfg, spool, req, args)
     ctx = Context(cfg)
