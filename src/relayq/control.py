@@ -27,6 +27,7 @@ MAX_REQUEST = 1 << 16
 READ_TIMEOUT = 10.0  # for the request line
 MAX_CLIENTS = 32
 MAX_PER_UID = 8  # so one user cannot take every slot
+CONNECT_PATIENCE = 5.0  # seconds a client waits for room in a full backlog
 SUN_PATH_MAX = 107
 
 
@@ -59,11 +60,21 @@ class Connection:
 
     @classmethod
     def open(cls, path: str, request: str, timeout: float) -> Connection | None:
+        import time
+
         name, dfd = _address(path)
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + CONNECT_PATIENCE
         try:
             sock.settimeout(timeout)
-            sock.connect(name)
+            while True:
+                try:
+                    sock.connect(name)
+                    break
+                except BlockingIOError:  # the backlog is full (someone floods it): wait
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
             sock.sendall(request.encode("utf-8", "surrogateescape") + b"\n")
         except OSError:
             sock.close()
@@ -125,8 +136,8 @@ def peer(sock: socket.socket) -> tuple[int, int, int]:
     import socket
     import struct
 
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    pid, uid, gid = struct.unpack("iII", raw)  # struct ucred: pid_t, uid_t, gid_t
     return pid, uid, gid
 
 
@@ -162,7 +173,7 @@ class Server:
             finally:
                 os.umask(old)
             os.chmod(self.path, 0o666)  # any local user may ask; who asks comes from the kernel
-            sock.listen(64)
+            sock.listen(socket.SOMAXCONN)
         except BaseException:
             sock.close()
             raise

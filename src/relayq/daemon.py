@@ -342,6 +342,8 @@ class Daemon:
         self._drop_mtime = -1
         self._drop_wanted: threading.Event | None = None
         self._last_flush = 0.0
+        self._listings = threading.BoundedSemaphore(2)
+        self._last_drop_look = 0.0
 
     @property
     def interval(self) -> float:
@@ -419,9 +421,11 @@ class Daemon:
             mtime = os.stat(self.spool.maildrop).st_mtime_ns
         except OSError:
             return
-        if mtime == self._drop_mtime:
-            return
+        now = time.monotonic()
+        if mtime == self._drop_mtime and now - self._last_drop_look < RESCAN:
+            return  # (a full look now and then: coarse timestamps can hide a change)
         self._drop_mtime = mtime
+        self._last_drop_look = now
         if self._drop_wanted is None:
             self._drop_wanted = threading.Event()
             threading.Thread(target=self._drop_loop, name="relayq-maildrop",
@@ -479,7 +483,13 @@ class Daemon:
             if verb == "mailq":
                 from relayq.cli.mailq import listing_for
 
-                return Reply(0, "listing", listing_for(self.cfg, self.spool, uid, gid, arg))
+                if not self._listings.acquire(blocking=False):  # each reads the whole queue
+                    return Reply(75, "busy listing the queue; try again")
+                try:
+                    body = listing_for(self.cfg, self.spool, uid, gid, arg)
+                finally:
+                    self._listings.release()
+                return Reply(0, "listing", body)
             if verb == "flush":
                 now = time.monotonic()
                 if now - self._last_flush >= FLUSH_GAP:

@@ -46,6 +46,11 @@ STALE = 86400  # an unfinished tHEX file older than this was abandoned by its wr
 SINGLE = frozenset({"sender", "name", "notify", "ret", "envid", "body", "hops", "mode"})
 FLAGS = frozenset({"extract", "idots", "bs"})
 HEX = frozenset("0123456789abcdef")
+TEMPORARY = (73, 74, 75)  # exit codes that mean "try again later", not "never"
+
+
+class Malformed(DataError):
+    """The request part is not what our client writes: a planted or damaged file."""
 
 
 def size_limit(cfg: Config) -> int:
@@ -73,17 +78,17 @@ def decode(head: bytes) -> dict[str, str | list[str]]:
         line = raw.decode("utf-8", "surrogateescape")
         key, sep, value = line.partition(" ")
         if not sep or len(value) > MAX_VALUE or any(ord(c) < 32 or c == "\x7f" for c in value):
-            raise DataError("malformed request line")
+            raise Malformed("malformed request line")
         if key == "rcpt":
             if len(rcpts) >= MAX_RCPTS:
-                raise DataError(f"more than {MAX_RCPTS} recipient arguments")
+                raise Malformed(f"more than {MAX_RCPTS} recipient arguments")
             rcpts.append(value)
         elif key in SINGLE or key in FLAGS:
             if key in fields:
-                raise DataError(f"{key} given twice")
+                raise Malformed(f"{key} given twice")
             fields[key] = value
         else:
-            raise DataError(f"unknown request field {key!r}")
+            raise Malformed(f"unknown request field {key!r}")
     fields["rcpt"] = rcpts
     return fields
 
@@ -104,6 +109,7 @@ class Pending:
 
     def keep(self) -> None:
         """No daemon took it: make it durable as dHEX for the next taker."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # a taker still copying it finishes first
         if self.taken():
             return
         final = "d" + self.name[1:]
@@ -148,6 +154,7 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
     except OSError as exc:
         raise _error("create a file in the drop directory", exc) from None
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # while held, nobody takes it as abandoned
         os.fchmod(fd, 0o640)  # the taker may be the queue's group, whatever our umask
         size = 0
         head = encode(fields)
@@ -202,6 +209,7 @@ def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[byte
 
     pending = write(spool, fields, chunks, limit)
     try:
+        fcntl.flock(pending.fd, fcntl.LOCK_UN)  # complete: the daemon may take it now
         conn = control.Connection.open(spool.socket_path, f"take {pending.name}", 300.0)
         status = None
         if conn is not None:
@@ -287,15 +295,17 @@ class Taker:
         dfd = self._open_dir()
         try:
             try:
+                if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_uid != uid:
+                    raise PermissionRefused(f"{name} is not yours")  # and nothing about it
                 fd, st = self._open(dfd, name)
             except Hostile as exc:
-                raise PermissionRefused(f"{name}: {exc}") from None
+                raise DataError(f"{name}: {exc}") from None
             except Busy:
                 raise TempFailure(f"{name} is being taken already") from None
             except FileNotFoundError:
                 raise RelayqError(f"{name}: no such drop file", 66) from None
             try:
-                if st.st_uid != uid:
+                if st.st_uid != uid:  # replaced since the first look
                     raise PermissionRefused(f"{name} is not yours")
                 qid, mode = self._copy(fd, st)
                 self._remove(dfd, name, st)
@@ -339,12 +349,14 @@ class Taker:
         try:
             if not valid_name(name):
                 raise Hostile("not a drop file name")
-            if name[0] == "t":  # being written (or abandoned) by its owner
+            if name[0] == "t":  # being written (its writer holds a lock) or abandoned
                 st = os.lstat(name, dir_fd=dfd)
-                if now - st.st_mtime < STALE or not stat.S_ISREG(st.st_mode):
-                    if not stat.S_ISREG(st.st_mode):
-                        raise Hostile("not a regular file")
+                if not stat.S_ISREG(st.st_mode):
+                    raise Hostile("not a regular file")
+                if now - st.st_mtime < STALE:
                     return None
+                fd, st = self._open(dfd, name)  # Busy while its writer lives
+                os.close(fd)
                 self.log.info(f"maildrop: removed {name} (uid {st.st_uid}): abandoned "
                               "while being written")
                 self._remove(dfd, name, st)
@@ -360,14 +372,62 @@ class Taker:
         try:
             try:
                 qid, mode = self._copy(fd, st)
-            except DataError as exc:  # a message we cannot accept: tell the log, drop it
+            except RelayqError as exc:
+                if exc.code in TEMPORARY:  # the queue's trouble, not the file's: later
+                    self._once(st, f"maildrop: {name}: {exc.message}; left for the next run")
+                    return None
                 self.log.error(f"maildrop: {name} from uid {st.st_uid} refused: {exc.message}")
+                if not isinstance(exc, Malformed):  # not our client's file: no one to tell
+                    self._tell_owner(st, name, exc.message)
                 self._remove(dfd, name, st)
+                return None
+            except Exception as exc:  # a bug must not stop the other users' mail
+                self._once(st, f"maildrop: {name}: internal error: {type(exc).__name__}: "
+                               f"{exc}; left for the next run")
                 return None
             self._remove(dfd, name, st)
             return qid, mode
         finally:
             os.close(fd)
+
+    def _once(self, st: os.stat_result, line: str) -> None:
+        """Log about a file left in place once, not at every look at maildrop/."""
+        key = (st.st_dev, st.st_ino)
+        if key not in _NOTED:
+            _NOTED.add(key)
+            self.log.error(line)
+
+    def _tell_owner(self, st: os.stat_result, name: str, reason: str) -> None:
+        """The submitter heard exit 0 long ago: a refusal must reach them by mail."""
+        import pwd
+
+        from relayq.submit import Request, enqueue
+
+        try:
+            user = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            self.log.error(f"maildrop: {name}: uid {st.st_uid} has no name to tell")
+            return
+        rcpt = f"{user}@{self.ctx.domain}"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
+        text = (f"From: Mail Delivery System <MAILER-DAEMON@{self.ctx.domain}>\n"
+                f"To: <{rcpt}>\n"
+                "Subject: Undelivered Mail: your message was not accepted\n"
+                "Auto-Submitted: auto-replied\n\n"
+                f"The message you handed to relayq at {when} (file {name}) could not\n"
+                "be accepted, and was not sent:\n\n"
+                f"    {' '.join(reason.split())}\n")
+        req = Request(user="MAILER-DAEMON", uid=0)  # relayq's own notice, like a bounce
+        req.sender = ""  # a notice never bounces
+        req.recipients = [rcpt]
+        try:
+            msg, _ = enqueue(self.cfg, self.spool, req, [text.encode("utf-8", "replace")],
+                             self.log, self.ctx)
+        except RelayqError as exc:
+            self.log.error(f"maildrop: {name}: cannot tell {rcpt}: {exc.message}")
+            return
+        msg.release()
+        self.log.info(f"{msg.qid}: tells {rcpt} that {name} was refused")
 
     def _open(self, dfd: int, name: str) -> tuple[int, os.stat_result]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -388,6 +448,8 @@ class Taker:
                 raise Hostile(f"{st.st_nlink} hard links")
             if st.st_uid == 0:
                 raise Hostile("owned by root, who never uses the drop directory")
+            if st.st_mode & 0o022:  # another user could have written it: whose is it?
+                raise Hostile(f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
             if st.st_size > limit:
                 raise Hostile(f"{st.st_size} bytes, over the limit of {limit}")
             try:
@@ -434,9 +496,10 @@ class Taker:
         req.body = str(fields.get("body", ""))
         hops = str(fields.get("hops", ""))
         if hops:
-            if not hops.isdigit() or len(hops) > 3:
-                raise DataError("malformed hop count")
+            if not (hops.isascii() and hops.isdigit()) or len(hops) > 3:
+                raise Malformed("malformed hop count")
             req.hops = int(hops)
+        _check_dsn(req.notify, req.ret, req.body, req.envid)
         mode = str(fields.get("mode", ""))
         msg, _ = enqueue(self.cfg, self.spool, req, chunks, self.log, self.ctx)
         msg.release()
@@ -487,6 +550,17 @@ class Taker:
         self.log.warning(f"{what}; removed")
 
 
+def _check_dsn(notify: str, ret: str, body: str, envid: str) -> None:
+    """The shapes sendmail's -N, -R, -B and -V allow (a planted file is not our client)."""
+    words = notify.split(",") if notify else []
+    if words and words != ["NEVER"] and not set(words) <= {"SUCCESS", "FAILURE", "DELAY"}:
+        raise Malformed("malformed NOTIFY")
+    if ret not in ("", "FULL", "HDRS") or body not in ("", "7BIT", "8BITMIME"):
+        raise Malformed("malformed RET or BODY")
+    if len(envid) > 100 or not all(33 <= ord(c) <= 126 for c in envid):
+        raise Malformed("malformed ENVID")
+
+
 def _reader(fd: int, first: bytes, limit: int) -> Iterator[bytes]:
     """`first`, then the file's remaining bytes; DataError once past `limit` in all."""
     total = len(first)
@@ -510,11 +584,11 @@ def _read_head(fd: int) -> tuple[bytes, bytes]:
         if end >= 0:
             break
         if len(buf) > MAX_HEAD:
-            raise DataError("request part too long")
+            raise Malformed("request part too long")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
-            raise DataError("truncated request part")
+            raise Malformed("truncated request part")
         buf += chunk
     if not buf.startswith(MAGIC):
-        raise DataError("not a relayq drop file")
+        raise Malformed("not a relayq drop file")
     return buf[len(MAGIC) : end], buf[end + 2 :]

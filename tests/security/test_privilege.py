@@ -759,3 +759,74 @@ def test_root_never_follows_what_the_service_user_plants_in_its_queue(
         assert os.stat(victim).st_uid == 0 and stat.S_IMODE(os.stat(victim).st_mode) == 0o755
     finally:
         sysq.cleanup()
+
+
+def test_a_slow_writer_is_never_taken_for_abandoned(system: System) -> None:
+    """A tHEX whose writer is still alive stays, however old it looks: exit 0 must
+    mean the message exists (found by review: a day-long pipe lost its mail)."""
+    pw = pwd.getpwnam(ALICE)
+    proc = subprocess.Popen([str(system.launchers / "usr/sbin/sendmail"), "carol@example.org"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=system.env_for(ALICE),
+                            user=pw.pw_uid, group=pw.pw_gid, cwd="/")
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(message("slow") + b"part one\n")
+        proc.stdin.flush()
+        wait_for(lambda: len(system.drops()) == 1, what="the drop file")
+        [name] = system.drops()
+        path = system.spool_root / "maildrop" / name
+        old = path.stat().st_mtime - 2 * 86400
+        os.utime(path, (old, old))  # as if the writer had been quiet for two days
+        assert root_queue_run(system).returncode == 0
+        assert system.drops() == [name] and "abandoned" not in system.rq.log()
+        _, err = proc.communicate(b"part two\n", timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert t.content.endswith(b"part one\r\npart two\r\n")
+
+
+def test_a_message_refused_after_exit_0_is_reported_to_its_sender_by_mail(
+    system: System,
+) -> None:
+    """No daemon: `-t` without recipients can only be found out by the taker; the
+    user heard 0, so the refusal comes back as a notice (and the file goes)."""
+    r = system.sendmail_as(ALICE, "-t", input=b"Subject: nobody to\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert t.mail_from == "<>" and t.rcpt_tos == [f"{ALICE}@host.example.org"]
+    assert b"No recipient addresses found in header" in t.content
+    assert system.drops() == []
+    assert system.rq.log().count("refused: No recipient addresses found") == 1
+
+
+def test_another_users_writable_file_renamed_into_maildrop_is_refused(system: System) -> None:
+    """Found by review: alice may rename bob's 0666 file (in a shared directory) into
+    maildrop/ after writing her request into it; it must not go out as bob's."""
+    shared = system.dir / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    bobs = shared / "notes"
+    r = system.run_as(BOB, ["/bin/sh", "-c", f"umask 0; : > {bobs}"])
+    assert r.returncode == 0, r.stderr
+    name = _drop_name()
+    script = (f"printf 'relayq-drop 1\\nrcpt boss@example.org\\n\\nSubject: I quit\\n\\nx\\n' "
+              f"> {bobs} && mv {bobs} {system.spool_root}/maildrop/{name}")
+    r = system.run_as(ALICE, ["/bin/sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    assert smarthost_of(system).transactions == []
+    assert "writable by others" in system.rq.log() and system.drops() == []
+
+
+def test_a_non_ascii_digit_hop_count_is_a_usage_error(system: System) -> None:
+    r = system.sendmail_as(ALICE, "-h", "\u00b2", "carol@example.org", input=message("hops"))
+    assert r.returncode == 64, r.stderr
+    assert_one_line_error(r)

@@ -53,6 +53,8 @@ usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C c
   -L, -O, -o     accepted and ignored (sendmail options)
 """
 
+MAX_SELECTORS = 100  # over the daemon's socket: each is tried on every message
+
 HEADER = b"-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
 HEADER_V = b"-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
 
@@ -227,9 +229,9 @@ def listing_for(cfg: Config, spool: Spool, uid: int, gid: int, request: str) -> 
     opts = parse_args(args)
     if opts.config is not None:
         raise PermissionRefused("-C: only root may name a configuration file")
-    items = collect(spool, opts.selectors)
-    if not _sees_all(cfg, uid, gid):
-        items = [i for i in items if i.env is not None and i.env.uid == uid]
+    if len(opts.selectors) > MAX_SELECTORS:
+        raise UsageError(f"more than {MAX_SELECTORS} -q selectors")
+    items = collect(spool, opts.selectors, None if _sees_all(cfg, uid, gid) else uid)
     if opts.json:
         data = render_json(spool.queue, items)
     else:
@@ -253,13 +255,18 @@ def _sees_all(cfg: Config, uid: int, gid: int) -> bool:
     return admin == gid or admin in os.getgrouplist(name, gid)
 
 
-def collect(spool: Spool, selectors: list[Selector]) -> list[Item]:
-    """Read the queue once; raises PermissionRefused (77) if it may not be read."""
+def collect(spool: Spool, selectors: list[Selector], uid: int | None = None) -> list[Item]:
+    """Read the queue once; raises PermissionRefused (77) if it may not be read.
+
+    With `uid`, only that user's messages (the daemon listing for a user).
+    """
     from relayq.selector import matches
 
     has_rs = any(s.kind in "RS" for s in selectors)
     items: list[Item] = []
     for qid, env, problem, size, locked in spool.listing(_ids(spool)):
+        if uid is not None and (env is None or env.uid != uid):
+            continue  # before any selector work: not theirs to see
         if env is None:
             if problem == "job completed" or has_rs or not matches(selectors, qid, "", []):
                 continue

@@ -212,7 +212,7 @@ def parse(argv: list[str]) -> Args:
             elif opt == "C":
                 args.config = value
             elif opt == "h":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     raise UsageError(f"Bad hop count ({value})")
                 args.hops = int(value)
             elif opt == "L":
