@@ -271,6 +271,10 @@ class Hostile(Exception):
     """An entry that is not a request file of ours; its text is the reason."""
 
 
+class TooLarge(Hostile):
+    """A file over the size limit: not read, but its owner may be told."""
+
+
 class Busy(Exception):
     """Another taker holds the file (or it went away meanwhile)."""
 
@@ -366,6 +370,12 @@ class Taker:
             return None
         except Busy:
             return None
+        except TooLarge as exc:  # maybe only over a limit its writer could not read
+            if name[0] == "d":
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                self._tell_owner(st, name, f"Message is too large ({exc})")
+            self._refuse(dfd, name, str(exc))
+            return None
         except Hostile as exc:
             self._refuse(dfd, name, str(exc))
             return None
@@ -451,7 +461,9 @@ class Taker:
             if st.st_mode & 0o022:  # another user could have written it: whose is it?
                 raise Hostile(f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
             if st.st_size > limit:
-                raise Hostile(f"{st.st_size} bytes, over the limit of {limit}")
+                ours = os.pread(fd, len(MAGIC), 0) == MAGIC  # our client's, or planted?
+                raise (TooLarge if ours else Hostile)(
+                    f"{st.st_size} bytes, over the limit of {limit}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

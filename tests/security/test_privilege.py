@@ -830,3 +830,20 @@ def test_a_non_ascii_digit_hop_count_is_a_usage_error(system: System) -> None:
     r = system.sendmail_as(ALICE, "-h", "\u00b2", "carol@example.org", input=message("hops"))
     assert r.returncode == 64, r.stderr
     assert_one_line_error(r)
+
+
+def test_a_message_over_a_limit_its_writer_could_not_read_is_reported(system: System) -> None:
+    """The system config may be private to root (it holds the password): a user then
+    hands over under the default limit; the taker's own limit refuses the file
+    unread, and the owner is told by mail."""
+    system.configure(max_message_size=1000)
+    theirs = system.dir / "as-the-user-sees-it.toml"
+    theirs.write_text(system.rq.config.read_text().replace("max_message_size = 1000\n", ""))
+    theirs.chmod(0o644)
+    r = system.sendmail_as(ALICE, "carol@example.org", input=message("big") + b"x" * 5000,
+                           env={"RELAYQ_CONFIG": str(theirs)})
+    assert r.returncode == 0, r.stderr
+    assert root_queue_run(system).returncode == 0
+    [t] = smarthost_of(system).transactions
+    assert t.rcpt_tos == [f"{ALICE}@host.example.org"] and b"too large" in t.content
+    assert system.drops() == []
