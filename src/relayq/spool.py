@@ -7,8 +7,9 @@ Layout under the queue directory:
     queue/QID.e    the envelope record (relayq.envelope), replaced atomically
     queue/QID.t    a new envelope being written (ignored by readers)
     quarantine/    damaged files moved out of the way, with a log line
-    maildrop/      (system queues only) where users who may not write queue/
-                   leave mail for the daemon or a root queue run (relayq.maildrop)
+    maildrop/      (shared queues only: made by root, or by a service user in a
+                   top directory others may enter) where users who may not write
+                   queue/ leave mail for the daemon or a queue run (relayq.maildrop)
     relayq.sock    (while the daemon runs) its local socket (relayq.control)
 
 Who may write: root, or the user owning queue/, commits directly. A queue
@@ -205,7 +206,7 @@ class Spool:
                 _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
                 raise _io_error(f"create queue directory {path}", exc) from None
-        if os.geteuid() == 0 and not os.path.lexists(self.maildrop):
+        if not os.path.lexists(self.maildrop) and (os.geteuid() == 0 or self._shared()):
             self._publish()
         if owner is not None:
             self._give(owner)
@@ -250,6 +251,14 @@ class Spool:
                 _become(st.st_uid, st.st_gid)
             return
 
+    def _shared(self) -> bool:
+        """A service user's queue: its top directory lets others in (an administrator
+        made it so, e.g. `install -d -o relayq -m 711`); a private queue is 0700."""
+        try:
+            return bool(os.stat(self.root).st_mode & 0o011)
+        except OSError:
+            return False
+
     def _publish(self) -> None:
         try:
             st = os.stat(self.root)
@@ -259,7 +268,8 @@ class Spool:
             fd = os.open(self.maildrop, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
             try:
-                os.fchmod(fd, 0o1733)
+                # a service user reads users' files through the group (set-gid: theirs)
+                os.fchmod(fd, 0o1733 if os.geteuid() == 0 else 0o3733)
             finally:
                 os.close(fd)
             _fsync_dir(self.root)

@@ -847,3 +847,37 @@ def test_a_message_over_a_limit_its_writer_could_not_read_is_reported(system: Sy
     [t] = smarthost_of(system).transactions
     assert t.rcpt_tos == [f"{ALICE}@host.example.org"] and b"too large" in t.content
     assert system.drops() == []
+
+
+def test_a_daemon_started_as_its_service_user_opens_the_queue_to_users(
+    launchers: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """The systemd units' way: the daemon runs as `relayq` from its first
+    instruction, in a queue directory the administrator made 0711 for it; it
+    creates maildrop/ (set-gid to its group) and the socket, and users' mail flows."""
+    sh = smarthost_factory()
+    svc = pwd.getpwnam(DAEMON_USER)
+    sysq = System(launchers, install=False, smarthost=sh.smarthost, queue_interval="1h")
+    try:
+        root = sysq.spool_root
+        root.mkdir(mode=0o711)
+        root.chmod(0o711)
+        os.chown(root, svc.pw_uid, svc.pw_gid)
+        os.chown(sysq.rq.log_file, svc.pw_uid, svc.pw_gid)
+        sysq.configure(pid_file=str(root / "relayq.pid"))
+        cmd = ["setpriv", f"--reuid={svc.pw_uid}", f"--regid={svc.pw_gid}", "--init-groups",
+               *sysq.relayq_argv("daemon", "--foreground")]
+        d = DaemonProcess(sysq.rq, cmd=cmd).wait_started()
+        try:
+            wait_for(lambda: (root / "relayq.sock").exists(), what="the socket")
+            drop = os.stat(root / "maildrop")
+            assert stat.S_IMODE(drop.st_mode) == 0o3733 and drop.st_gid == svc.pw_gid
+            r = sysq.sendmail_as(ALICE, "-v", "carol@example.org", input=message("systemd"))
+            assert r.returncode == 0, r.stderr
+            assert b"handed to the relayq daemon" in r.stdout
+            wait_for(lambda: len(sh.transactions) == 1, timeout=30, what="the delivery")
+            assert d.stop() == 0
+        finally:
+            d.kill()
+    finally:
+        sysq.cleanup()
