@@ -184,7 +184,11 @@ class PidFile:
         tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}")
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # ours by name (our pid), left by a process long gone
+            # never through a link: the folder may belong to the service user
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise RelayqError(f"cannot write pid file {self.path}: {exc.strerror}",
                               EX_OSERR) from None
@@ -251,6 +255,22 @@ def _service_owner(cfg: Config) -> tuple[int, int] | None:
     except KeyError:
         raise ConfigError(f"daemon_user: no such user {cfg.daemon_user!r}") from None
     return pw.pw_uid, pw.pw_gid
+
+
+def _serves_users(cfg: Config) -> bool:
+    """Is this the host's daemon, whose queue takes every user's mail (maildrop/)?
+    Root's, daemon_user's, or one reading the system configuration; a user's
+    private daemon is not."""
+    from relayq.config import SYSTEM_CONFIG
+
+    if os.geteuid() == 0 or cfg.path == SYSTEM_CONFIG:
+        return True
+    import pwd
+
+    try:
+        return bool(cfg.daemon_user) and pwd.getpwuid(os.geteuid()).pw_name == cfg.daemon_user
+    except KeyError:
+        return False
 
 
 def drop_privileges(user: str, log: Log) -> None:
@@ -341,8 +361,9 @@ class Daemon:
         self.control: control.Server | None = None
         self._drop_mtime = -1
         self._drop_wanted: threading.Event | None = None
+        self._drop_run: bool | None = None  # a queue run asked (its force flag)
         self._last_flush = 0.0
-        self._listings = threading.BoundedSemaphore(2)
+        self._listing: set[int] = set()  # uids whose queue listing is being made
         self._last_drop_look = 0.0
 
     @property
@@ -395,7 +416,7 @@ class Daemon:
     def queue_run(self, force: bool) -> None:
         """Hand every queued message to the workers (the ones not yet due are skipped)."""
         self.runs += 1
-        self._take_all_drops()  # now, so that this run sends them too
+        self.take_drops(run=force)  # in its thread; what it takes joins this run
         counts: dict[str, int] = {}
         known: set[str] = set()
         try:
@@ -414,22 +435,26 @@ class Daemon:
 
     # -- users' mail (maildrop/) and requests (relayq.control) ---------------------------
 
-    def take_drops(self) -> None:
-        """Have users' maildrop/ files copied into the queue when its mtime moved, in a
-        thread of its own: a user planting many files delays nobody else."""
+    def take_drops(self, run: bool | None = None) -> None:
+        """Have users' maildrop/ files copied into the queue when its mtime moved (or
+        for a queue run: `run` is its force flag), in a thread of its own: a user
+        planting many files delays neither the scheduler nor anybody else."""
         try:
             mtime = os.stat(self.spool.maildrop).st_mtime_ns
         except OSError:
             return
         now = time.monotonic()
-        if mtime == self._drop_mtime and now - self._last_drop_look < RESCAN:
+        if run is None and mtime == self._drop_mtime and now - self._last_drop_look < RESCAN:
             return  # (a full look now and then: coarse timestamps can hide a change)
         self._drop_mtime = mtime
         self._last_drop_look = now
-        if self._drop_wanted is None:
-            self._drop_wanted = threading.Event()
-            threading.Thread(target=self._drop_loop, name="relayq-maildrop",
-                             daemon=True).start()
+        with self._lock:
+            if run is not None:
+                self._drop_run = bool(self._drop_run) or run
+            if self._drop_wanted is None:
+                self._drop_wanted = threading.Event()
+                threading.Thread(target=self._drop_loop, name="relayq-maildrop",
+                                 daemon=True).start()
         self._drop_wanted.set()
 
     def _drop_loop(self) -> None:
@@ -439,9 +464,11 @@ class Daemon:
             self._drop_wanted.clear()
             if self._stopping:
                 return
-            self._take_all_drops()
+            with self._lock:
+                run, self._drop_run = self._drop_run, None
+            self._take_all_drops(run)
 
-    def _take_all_drops(self) -> None:
+    def _take_all_drops(self, run: bool | None) -> None:
         from relayq.maildrop import Taker
 
         try:
@@ -450,7 +477,9 @@ class Daemon:
             self.log.error(f"maildrop: {exc}")
             return
         for qid, mode in taken:
-            if mode not in ("q", "d"):
+            if run is not None:  # taken for a queue run: sent by it, as it sends the rest
+                self.dispatch(qid, run)
+            elif mode not in ("q", "d"):
                 self.committed(qid)
 
     def start_control(self) -> None:
@@ -483,12 +512,17 @@ class Daemon:
             if verb == "mailq":
                 from relayq.cli.mailq import listing_for
 
-                if not self._listings.acquire(blocking=False):  # each reads the whole queue
+                with self._lock:  # each listing reads the whole queue: one per user,
+                    busy = uid in self._listing or len(self._listing) >= 2  # two in all
+                    if not busy:
+                        self._listing.add(uid)
+                if busy:
                     return Reply(75, "busy listing the queue; try again")
                 try:
                     body = listing_for(self.cfg, self.spool, uid, gid, arg)
                 finally:
-                    self._listings.release()
+                    with self._lock:
+                        self._listing.discard(uid)
                 return Reply(0, "listing", body)
             if verb == "flush":
                 now = time.monotonic()
@@ -500,6 +534,8 @@ class Daemon:
                 return Reply(0, "queue run started")
         except RelayqError as exc:
             return Reply(exc.code, exc.message)
+        except OSError as exc:  # our trouble, not the request's: the client keeps its file
+            return Reply(75, f"cannot do it now: {exc.strerror or exc}")
         return Reply(64, f"unknown request {verb[:20]!r}")
 
     def _scan_for_new(self) -> None:
@@ -879,12 +915,17 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         import relayq.runner
         import relayq.transport.smtp  # noqa: F401
 
+        spool = Spool(cfg.queue_dir)
+        owner = _service_owner(cfg)
+        if owner is not None:
+            spool.ensure(owner)
+        else:
+            spool.enter()  # root in another user's queue works as that user
         daemon = Daemon(cfg, log, opts)
         daemon.private_fds.append(pid.fd)
         daemon.start_agents()  # as root they drop privileges themselves
-        Spool(cfg.queue_dir).ensure(_service_owner(cfg))
         drop_privileges(cfg.daemon_user, log)
-        Spool(cfg.queue_dir).ensure()
+        spool.ensure(public=_serves_users(cfg))
     except BaseException:
         pid.release()
         for s in sockets:

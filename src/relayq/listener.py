@@ -572,7 +572,8 @@ class Handler:
         if st.handover:
             from relayq import maildrop
 
-            return maildrop.hand_over_request(st.cfg, spool, req, _chunks(content))
+            qid = maildrop.hand_over_request(st.cfg, spool, req, _chunks(content))
+            return qid or "(handed to the relayq daemon)"
         msg, _ = enqueue(st.cfg, spool, req, _chunks(content), st.log, st.ctx)
         msg.release()
         return msg.qid

@@ -44,10 +44,12 @@ class Log:
             text = f"{stamp} {host} {self.tag}[{os.getpid()}]: {line}\n"
             try:
                 # never through a symbolic link: the file may sit where others can write
+                # and never blocking on a FIFO planted in its place
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o640)
+                             | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
                 try:
-                    os.write(fd, text.encode("utf-8", "replace"))
+                    if os.fstat(fd).st_mode & 0o170000 == 0o100000:  # a regular file
+                        os.write(fd, text.encode("utf-8", "replace"))
                 finally:
                     os.close(fd)
             except OSError:

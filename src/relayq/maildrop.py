@@ -43,10 +43,11 @@ MAX_VALUE = 4096  # sendmail refuses longer arguments too
 MAX_RCPTS = 10000
 DEFAULT_LIMIT = 100 << 20  # message size when max_message_size is 0 (no limit for root)
 STALE = 86400  # an unfinished tHEX file older than this was abandoned by its writer
+KEEP_PATIENCE = 60.0  # seconds the writer waits for a taker holding its file
 SINGLE = frozenset({"sender", "name", "notify", "ret", "envid", "body", "hops", "mode"})
 FLAGS = frozenset({"extract", "idots", "bs"})
 HEX = frozenset("0123456789abcdef")
-TEMPORARY = (73, 74, 75)  # exit codes that mean "try again later", not "never"
+REFUSED = (64, 65)  # what the message itself earns (bad address, too large...); else: later
 
 
 class Malformed(DataError):
@@ -107,18 +108,30 @@ class Pending:
     def taken(self) -> bool:
         return os.fstat(self.fd).st_nlink == 0
 
-    def keep(self) -> None:
-        """No daemon took it: make it durable as dHEX for the next taker."""
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # a taker still copying it finishes first
+    def keep(self) -> bool:
+        """No daemon took it (as far as we heard): make it durable as dHEX for the next
+        taker. True if a taker had it after all."""
+        import time
+
+        deadline = time.monotonic() + KEEP_PATIENCE
+        while True:  # a taker still copying it finishes first (but nobody holds us forever)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # rename regardless: a taker finds it under either name
+                time.sleep(0.05)
         if self.taken():
-            return
+            return True
         final = "d" + self.name[1:]
         try:
             os.rename(os.path.join(self.drop, self.name), os.path.join(self.drop, final))
         except FileNotFoundError:
             if self.taken():
-                return
-            raise
+                return True
+            raise QueueError("the message vanished from the drop directory before it "
+                             "was queued", 75) from None
         except OSError as exc:
             raise _error("keep the message in the drop directory", exc) from None
         try:
@@ -127,6 +140,7 @@ class Pending:
         except OSError as exc:
             raise _error("sync the drop directory", exc) from None
         self.name = final
+        return False
 
     def discard(self) -> None:
         try:
@@ -198,13 +212,18 @@ def request_fields(req: Request, mode: str) -> list[tuple[str, str]]:
             raise DataError(f"{key}: control characters or over {MAX_VALUE} characters")
     if len(req.recipients) > MAX_RCPTS:
         raise DataError(f"more than {MAX_RCPTS} recipient arguments")
+    if req.hops is not None and req.hops > 999:
+        raise DataError(f"Too many hops {req.hops} (25 max): message refused (mail loop?)")
+    if sum(len(k) + len(v) + 2 for k, v in fields) + len(MAGIC) + 1 > MAX_HEAD:
+        raise DataError("too many or too long recipient arguments")
     return fields
 
 
 def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
               limit: int) -> str:
-    """Submit as a user who may not write the queue: the queue id the daemon gave,
-    or the drop file's name when no daemon took it (it waits, durable, in maildrop/)."""
+    """Submit as a user who may not write the queue: the queue id the daemon gave
+    ("" when it took the file but its answer was lost), or the drop file's name
+    when no daemon took it (it waits, durable, in maildrop/)."""
     from relayq import control
 
     pending = write(spool, fields, chunks, limit)
@@ -221,11 +240,11 @@ def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[byte
             code, text = status
             if code == 0:
                 return text
-            if code != 75:  # refused for good: the caller hears why; nothing stays
+            if code in REFUSED:  # refused for good: the caller hears why; nothing stays
                 pending.discard()
                 raise RelayqError(text, code)
-        pending.keep()  # no daemon, or it could not queue it now: the next taker will
-        return pending.name
+        # no daemon, or it could not queue it now: the next taker will
+        return "" if pending.keep() else pending.name
     finally:
         pending.close()
 
@@ -265,6 +284,14 @@ def _error(action: str, exc: OSError) -> RelayqError:
 
 
 _NOTED: set[tuple[int, int]] = set()  # entries we could not remove: logged once
+_TOLD: dict[int, int] = {}  # uid -> notices queued by this process
+MAX_NOTICES = 10  # per user and process: planted files cannot make a mail flood
+
+
+def _note(key: tuple[int, int]) -> None:
+    if len(_NOTED) >= 100_000:
+        _NOTED.clear()  # a flood of unremovable entries: log them again rather than grow
+    _NOTED.add(key)
 
 
 class Hostile(Exception):
@@ -331,6 +358,10 @@ class Taker:
             with os.scandir(dfd) as entries:  # read as we go: a user may plant millions
                 for entry in entries:
                     name = entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) in _NOTED:
+                            continue  # could not be removed: logged once already
                     try:
                         item = self._take_entry(dfd, name, now)
                     except RelayqError as exc:  # the queue's trouble, not the file's: later
@@ -347,7 +378,8 @@ class Taker:
         return done
 
     def _open_dir(self) -> int:
-        return os.open(self.spool.maildrop, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(self.spool.maildrop,
+                       os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def _take_entry(self, dfd: int, name: str, now: float) -> tuple[str, str] | None:
         try:
@@ -383,7 +415,7 @@ class Taker:
             try:
                 qid, mode = self._copy(fd, st)
             except RelayqError as exc:
-                if exc.code in TEMPORARY:  # the queue's trouble, not the file's: later
+                if exc.code not in REFUSED:  # the queue's trouble, not the file's: later
                     self._once(st, f"maildrop: {name}: {exc.message}; left for the next run")
                     return None
                 self.log.error(f"maildrop: {name} from uid {st.st_uid} refused: {exc.message}")
@@ -404,7 +436,7 @@ class Taker:
         """Log about a file left in place once, not at every look at maildrop/."""
         key = (st.st_dev, st.st_ino)
         if key not in _NOTED:
-            _NOTED.add(key)
+            _note(key)
             self.log.error(line)
 
     def _tell_owner(self, st: os.stat_result, name: str, reason: str) -> None:
@@ -413,6 +445,9 @@ class Taker:
 
         from relayq.submit import Request, enqueue
 
+        if _TOLD.get(st.st_uid, 0) >= MAX_NOTICES:
+            return
+        _TOLD[st.st_uid] = _TOLD.get(st.st_uid, 0) + 1
         try:
             user = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
@@ -460,10 +495,6 @@ class Taker:
                 raise Hostile("owned by root, who never uses the drop directory")
             if st.st_mode & 0o022:  # another user could have written it: whose is it?
                 raise Hostile(f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})")
-            if st.st_size > limit:
-                ours = os.pread(fd, len(MAGIC), 0) == MAGIC  # our client's, or planted?
-                raise (TooLarge if ours else Hostile)(
-                    f"{st.st_size} bytes, over the limit of {limit}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -474,6 +505,11 @@ class Taker:
                 raise Busy() from None
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 raise Busy()
+            st = os.fstat(fd)
+            if st.st_size > limit:
+                ours = os.pread(fd, len(MAGIC), 0) == MAGIC  # our client's, or planted?
+                raise (TooLarge if ours else Hostile)(
+                    f"{st.st_size} bytes, over the limit of {limit}")
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -555,7 +591,7 @@ class Taker:
                 os.unlink(name, dir_fd=dfd)
         except OSError as exc:
             if key not in _NOTED:
-                _NOTED.add(key)
+                _note(key)
                 self.log.warning(f"{what}; cannot remove it ({exc.strerror}), ignored")
             return
         _NOTED.discard(key)

@@ -190,13 +190,15 @@ class Spool:
         self.maildrop = os.path.join(root, "maildrop")
         self.socket_path = os.path.join(root, "relayq.sock")
 
-    def ensure(self, owner: tuple[int, int] | None = None) -> None:
+    def ensure(self, owner: tuple[int, int] | None = None, public: bool | None = None) -> None:
         """Create the queue directories (private to the owner) if missing; as
         root, also the public drop directory (see the module docstring).
 
         `owner` (uid, gid): the daemon's service user (daemon_user), who gets
         the directories; maildrop/ becomes set-gid to its group, so users'
-        files there (mode 0640) are readable by it.
+        files there (mode 0640) are readable by it. `public`: make maildrop/
+        (default: when root); the system daemon running as its service user
+        asks for it, a user's private queue never has one.
         """
         for path in (self.root, self.queue, self.quarantine_dir):
             if os.path.isdir(path):
@@ -206,7 +208,9 @@ class Spool:
                 _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
                 raise _io_error(f"create queue directory {path}", exc) from None
-        if not os.path.lexists(self.maildrop) and (os.geteuid() == 0 or self._shared()):
+        if public is None:
+            public = os.geteuid() == 0
+        if public and not os.path.lexists(self.maildrop):
             self._publish()
         if owner is not None:
             self._give(owner)
@@ -237,27 +241,30 @@ class Spool:
     def enter(self) -> None:
         """Root in a queue that belongs to another user (daemon_user) becomes that user
         for the rest of the process: that user can plant links and files in the queue,
-        and root must never follow or write them (SECURITY.md)."""
+        and root must never follow or write them (SECURITY.md).
+
+        The top directory is the administrator's path (followed); queue/ inside it
+        is looked at without following a link. Anything unexpected is refused.
+        """
         if os.geteuid() != 0:
             return
-        for path in (self.queue, self.root):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return
-            if st.st_uid != 0:
-                _become(st.st_uid, st.st_gid)
-            return
-
-    def _shared(self) -> bool:
-        """A service user's queue: its top directory lets others in (an administrator
-        made it so, e.g. `install -d -o relayq -m 711`); a private queue is 0700."""
         try:
-            return bool(os.stat(self.root).st_mode & 0o011)
-        except OSError:
-            return False
+            top = os.stat(self.root)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error(f"look at the queue directory {self.root}", exc) from None
+        if top.st_uid != 0:
+            _become(top.st_uid, top.st_gid)
+            return
+        try:
+            inner = os.lstat(self.queue)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error(f"look at the queue directory {self.queue}", exc) from None
+        if inner.st_uid != 0:
+            _become(inner.st_uid, inner.st_gid)
 
     def _publish(self) -> None:
         try:

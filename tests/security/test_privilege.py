@@ -368,12 +368,16 @@ def test_the_queue_owner_commits_directly(launchers: Path, tmp_path: Path) -> No
         uid = pwd.getpwnam(ALICE).pw_uid
         os.chown(sysq.dir, uid, -1)
         os.chown(sysq.rq.log_file, uid, -1)
+        sysq.spool_root.mkdir(mode=0o755)  # as a plain mkdir under umask 022 makes it
+        os.chown(sysq.spool_root, uid, -1)
         r = sysq.sendmail_as(ALICE, "-odq", "carol@example.org", input=message("own queue"))
         assert r.returncode == 0, r.stderr
         assert not (sysq.spool_root / "maildrop").exists()
         [name] = [n for n in os.listdir(sysq.spool_root / "queue") if n.endswith(".e")]
         assert os.stat(sysq.spool_root / "queue" / name).st_uid == uid
-        assert stat.S_IMODE(os.stat(sysq.spool_root).st_mode) == 0o700
+        r = sysq.sendmail_as(BOB, "carol@example.org", input=message("into alice's"))
+        assert r.returncode != 0  # no way in: it is alice's queue, not a public one
+        assert not (sysq.spool_root / "maildrop").exists()
     finally:
         sysq.cleanup()
 
@@ -655,7 +659,7 @@ def test_a_daemon_running_as_its_service_user_serves_everyone(launchers: Path,
                                  input=message("from the service"))
             assert r.returncode == 0, r.stderr
             r = sysq.sendmail_as("root", "-q")  # root's run, as the service user
-            assert r.returncode == 0, r.stderr
+            assert r.returncode in (0, 75), r.stderr  # 75: the daemon had one in hand
             wait_for(lambda: len(sh.transactions) == 3, timeout=30, what="three deliveries")
             assert d.stop() == 0
         finally:
@@ -750,6 +754,17 @@ def test_root_never_follows_what_the_service_user_plants_in_its_queue(
         assert sorted(os.listdir(victim)) == ["important.conf", "sub"]
         assert (victim / "important.conf").read_text() == "keep me\n"
         assert precious.read_text() == "root's\n" and os.stat(precious).st_uid == 0
+        # queue/ itself replaced by a link to a root directory: root still works as
+        # the owner of the top directory, so nothing of root's is touched
+        rootq = sysq.dir / "rootq"
+        rootq.mkdir(mode=0o700)
+        r = sysq.run_as(DAEMON_USER, ["/bin/sh", "-c", f"mv {root}/queue {root}/q.old && "
+                                                       f"ln -s {rootq} {root}/queue"])
+        assert r.returncode == 0, r.stderr
+        sysq.sendmail_as("root", "-q")
+        sysq.sendmail_as("root", "-odq", "carol@example.org", input=message("rootq"))
+        assert os.listdir(rootq) == []
+        assert sorted(os.listdir(victim)) == ["important.conf", "sub"]
         # the next start of the daemon finds quarantine/ pointing at a root directory
         r = sysq.run_as(DAEMON_USER, ["/bin/sh", "-c", f"rm -r {root}/quarantine && "
                                                        f"ln -s {victim} {root}/quarantine"])
@@ -857,7 +872,8 @@ def test_a_daemon_started_as_its_service_user_opens_the_queue_to_users(
     creates maildrop/ (set-gid to its group) and the socket, and users' mail flows."""
     sh = smarthost_factory()
     svc = pwd.getpwnam(DAEMON_USER)
-    sysq = System(launchers, install=False, smarthost=sh.smarthost, queue_interval="1h")
+    sysq = System(launchers, install=False, smarthost=sh.smarthost, queue_interval="1h",
+                  daemon_user=DAEMON_USER)  # says: this daemon serves the host's users
     try:
         root = sysq.spool_root
         root.mkdir(mode=0o711)
@@ -881,3 +897,14 @@ def test_a_daemon_started_as_its_service_user_opens_the_queue_to_users(
             d.kill()
     finally:
         sysq.cleanup()
+
+
+def test_what_the_taker_would_refuse_is_refused_before_exit_0(system: System) -> None:
+    """Found by review: limits only the taker knew made the client exit 0 and the
+    file vanish; the client checks the request part and the hop count itself."""
+    for argv in (["-h", "1000", "carol@example.org"],
+                 [*(f"{'r' * 110}{n}@example.org" for n in range(10_000))]):
+        r = system.sendmail_as(ALICE, *argv, input=message("limits"))
+        assert r.returncode == 65, r.stderr[:300]
+        assert_one_line_error(r)
+    assert system.drops() == []

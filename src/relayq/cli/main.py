@@ -90,6 +90,10 @@ def _main(argv: list[str]) -> int:
     from relayq.spool import Spool
 
     spool = Spool(cfg.queue_dir)
+    if args.command in ("status", "flush"):
+        from relayq.daemon import pid_path
+
+        cfg.pid_file = pid_path(cfg)  # root's answer, not the service user's
     spool.enter()  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json)

@@ -488,7 +488,8 @@ def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
             print(f"relayq: no daemon took the message; it waits in {spool.maildrop} "
                   "for the next queue run", flush=True)
         else:
-            print(f"relayq: handed to the relayq daemon as {name}", flush=True)
+            print(f"relayq: handed to the relayq daemon{' as ' + name if name else ''}",
+                  flush=True)
     return EX_OK
 
 
