@@ -73,6 +73,13 @@ def test_version(rq: Relayq) -> None:
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv"), reason="needs root")
 def test_other_users_get_a_queue_in_their_xdg_state_dir() -> None:
     work = Path(tempfile.mkdtemp(prefix="relayq-home-", dir="/tmp"))  # pytest's is 0700
+    try:
+        _private_queue_of_nobody(work)
+    finally:
+        shutil.rmtree(work)
+
+
+def _private_queue_of_nobody(work: Path) -> None:
     work.chmod(0o755)
     home = work / "home"
     home.mkdir()
@@ -90,7 +97,6 @@ def test_other_users_get_a_queue_in_their_xdg_state_dir() -> None:
     assert os.stat(queue).st_uid == 65534
     assert (os.stat(queue.parent).st_mode & 0o777) == 0o700
     assert not (queue.parent / "maildrop").exists()  # a private queue takes no one's mail
-    shutil.rmtree(work)
 
 
 def test_100mb_message_is_relayed_intact(
