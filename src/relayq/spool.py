@@ -248,23 +248,16 @@ class Spool:
         """
         if os.geteuid() != 0:
             return
-        try:
-            top = os.stat(self.root)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise _io_error(f"look at the queue directory {self.root}", exc) from None
-        if top.st_uid != 0:
-            _become(top.st_uid, top.st_gid)
-            return
-        try:
-            inner = os.lstat(self.queue)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise _io_error(f"look at the queue directory {self.queue}", exc) from None
-        if inner.st_uid != 0:
-            _become(inner.st_uid, inner.st_gid)
+        for path, follow in ((self.root, True), (self.queue, False)):
+            try:
+                st = os.stat(path, follow_symlinks=follow)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise _io_error(f"look at the queue directory {path}", exc) from None
+            if st.st_uid != 0:
+                _become(st.st_uid, st.st_gid)
+                return
 
     def _publish(self) -> None:
         try:
