@@ -189,7 +189,9 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "queue_dir": ("", _str, "queue directory"),
     "max_queue_age": (5 * 86400.0, _duration, "bounce what is still queued after this"),
     "delay_warning": (0.0, _duration, "warn the sender once after this long queued (0: never)"),
-    "postmaster": ("", _str, "gets a bounce that could not be delivered (empty: logged, dropped)"),
+    "postmaster": ("postmaster", _str,
+                   "told of mail that cannot be returned to its sender (a failed bounce, "
+                   "failed mail from <>); unqualified: in `domain`"),
     "retry_min": (300.0, _duration, "first retry delay"),
     "retry_max": (4000.0, _duration, "longest retry delay"),
     "max_message_size": (0, _int, "refuse larger messages (0: no limit)"),

@@ -59,6 +59,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from relayq import policy
 from relayq.errors import (
     EX_OK,
     EX_OSERR,
@@ -582,7 +583,8 @@ class Daemon:
             except (OSError, RelayqError):
                 env = None
         with self._lock:
-            if env is None or env.held or not env.pending() or env.next_try > time.time():
+            if (env is None or env.held or not env.unsettled()
+                    or not policy.due(env.next_try, time.time(), self.cfg.retry_max)):
                 self._recheck.pop(qid, None)
                 return
             _, delay = self._recheck.get(qid, (0.0, RECHECK_MIN / 2))

@@ -139,6 +139,22 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
+def boundary(qid: str, now: float) -> str:
+    """A MIME boundary for a report: valid for any host name (RFC 2046's 70
+    characters and alphabet), unguessable, so no original can contain it."""
+    import secrets
+
+    return f"{qid}.{int(now)}.{secrets.token_hex(12)}/relayq"
+
+
+def _qp(text: str) -> str:
+    """Quoted-printable (RFC 2045) for a part of our own text that is not ASCII:
+    a report goes out 7-bit, through any relay."""
+    import binascii
+
+    return binascii.b2a_qp(text.encode("utf-8", "surrogateescape"), istext=True).decode("ascii")
+
+
 def _xtext_decode(text: str) -> str:
     """RFC 3461 xtext ('+2B' is '+'); malformed escapes are kept as written."""
     out, i = [], 0
@@ -276,13 +292,12 @@ def _generate(
         )
         orig_utf8 = env.smtputf8 or any(b >= 0x80 for b in head)
         utf8 = addr_utf8 or orig_utf8
-        eightbit = addr_utf8 or (full and env.body.upper() == "8BITMIME" and not orig_utf8)
+        # an 8-bit original travels in base64 too: a report never needs a
+        # capability (8BITMIME) that its original's relay may lack
+        encoded = orig_utf8 or (full and env.body.upper() == "8BITMIME")
 
-        yield _encode(
-            _top_headers(
-                env, kind, postmaster_domain, reporting_mta, now, tz_offset, boundary, eightbit
-            )
-        )
+        yield _encode(_top_headers(env, kind, postmaster_domain, reporting_mta, now, tz_offset,
+                                   boundary))
         yield _encode(f"This is a MIME-encapsulated message\n\n--{boundary}\n")
         yield _encode(_human_part(env, failed, delayed, now, tz_offset, full, original_size))
         yield _encode(f"\n--{boundary}\n")
@@ -293,14 +308,12 @@ def _generate(
         yield _encode(f"\n--{boundary}\n")
 
         if full:
-            ctype = "message/global" if utf8 else "message/rfc822"
+            ctype = "message/global" if utf8 or encoded else "message/rfc822"
         else:
             ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
         part = f"Content-Type: {ctype}\n"
-        if orig_utf8:
+        if encoded:
             part += "Content-Transfer-Encoding: base64\n"
-        elif full and eightbit:
-            part += "Content-Transfer-Encoding: 8bit\n"
         if not full:
             part += "Content-Description: Headers of the undelivered message\n"
         else:
@@ -315,7 +328,7 @@ def _generate(
                 yield from chunks
 
         last = b"\n"
-        if orig_utf8:
+        if encoded:
             yield from _base64_lines(original_bytes())
         else:
             for chunk in original_bytes():
@@ -356,7 +369,6 @@ def _top_headers(
     now: float,
     tz_offset: int,
     boundary: str,
-    eightbit: bool,
 ) -> str:
     if kind == FAILED:
         subject = "Returned mail: see transcript for details"
@@ -375,8 +387,6 @@ def _top_headers(
         "Content-Type: multipart/report; report-type=delivery-status;",
         f'\tboundary="{boundary}"',
     ]
-    if eightbit:
-        lines.append("Content-Transfer-Encoding: 8bit")
     return "\n".join(lines) + "\n\n"
 
 
@@ -431,7 +441,8 @@ def _human_part(
     charset = "us-ascii" if text.isascii() else "utf-8"
     head = f"Content-Type: text/plain; charset={charset}\n"
     if charset != "us-ascii":
-        head += "Content-Transfer-Encoding: 8bit\n"
+        head += "Content-Transfer-Encoding: quoted-printable\n"
+        text = _qp(text)
     return head + "Content-Description: Notification\n\n" + text
 
 
@@ -453,10 +464,11 @@ def _status_part(
     """The machine-readable part; pure ASCII unless it is message/global-delivery-status."""
     safe = _clean if utf8 else (lambda s: _ascii(_clean(s)))
     ctype = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    out = [f"Content-Type: {ctype}"]
+    head = [f"Content-Type: {ctype}"]
     if utf8:
-        out.append("Content-Transfer-Encoding: 8bit")
-    out += ["Content-Description: Delivery report", "", f"Reporting-MTA: dns; {reporting_mta}"]
+        head.append("Content-Transfer-Encoding: 8bit")  # UTF-8 addresses (RFC 6533)
+    head += ["Content-Description: Delivery report", ""]
+    out = [f"Reporting-MTA: dns; {reporting_mta}"]
     if env.envid:
         out.append(f"Original-Envelope-Id: {safe(_xtext_decode(env.envid))}")
     out.append(f"Arrival-Date: {format_date(env.created, tz_offset)}")
@@ -464,7 +476,7 @@ def _status_part(
     for action, group in ((FAILED, failed), (DELAYED, delayed)):
         for r in group:
             reply = r.reply or env.error
-            smtp = is_smtp_reply(reply)
+            smtp = r.remote and is_smtp_reply(reply)
             out.append("")
             if r.orcpt:
                 orig = _original_recipient(r.orcpt)
@@ -478,5 +490,8 @@ def _status_part(
                 out.append(f"Remote-MTA: dns; {remote_mta}")
             if smtp:
                 out.append(f"Diagnostic-Code: smtp; {safe(reply)}")
+            elif reply:  # our own decision: not labelled as a server's words
+                out.append(f"Diagnostic-Code: X-Relayq; {safe(reply)}")
             out.append(f"Last-Attempt-Date: {last}")
-    return "\n".join(out) + "\n"
+    body = "\n".join(out) + "\n"
+    return "\n".join(head) + "\n" + body

@@ -22,10 +22,18 @@ read without a parser library and survives a hex editor:
     held<TAB>1                            (only when held by the administrator)
     warned<TAB>1                          (only once the delay warning went out)
     double<TAB>1                          (only on a postmaster copy of a failed bounce)
+    relay<TAB>mail.example.org            (the relay that gave the last answers)
+    reported<TAB>0,2                      (failed recipients whose report is queued)
+    remote<TAB>0,1                        (recipients whose reply is the relay's words)
+    notice<TAB>QID<TAB>KIND<TAB>0,2       (a report being made: see runner.settle)
+    about<TAB>QID                         (on a report: the message it reports on)
+    dead<TAB>reason                       (a dead letter: nowhere left to report it)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
-STATE is `pending`, `sent` or `failed`. Unknown keys are ignored so an older
+STATE is `pending`, `sent` or `failed`. A failed recipient not listed in
+`reported` is owed a report (an older record without the key owes none: its
+bounces were made before it was written). Unknown keys are ignored so an older
 relayq can still list a newer queue; the trailing `end` line tells a complete
 record from a truncated one. Values never hold a CR, LF or NUL: addresses
 are refused with them at submission, and free text is flattened here. Nor a
@@ -46,14 +54,61 @@ SENT = "sent"
 FAILED = "failed"
 STATES = (PENDING, SENT, FAILED)
 
+# Kinds of report (the `notice` key): to the sender about failures or a delay,
+# or to the postmaster about a message that cannot be reported to its sender.
+BOUNCE = "bounce"
+WARNING = "warning"
+DOUBLE = "double"
+NOTICE_KINDS = (BOUNCE, WARNING, DOUBLE)
+
+# A server's reply kept for mailq and reports; an SMTP reply line is at most
+# 512 octets (RFC 5321 4.5.3.1.5), a multi-line one is cut here so that the
+# record an attempt will write has a size known before the attempt.
+MAX_REPLY = 1000
+
 
 def flatten(text: str) -> str:
     """Make free text (a server's reply) safe for one record field."""
     return "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in text).strip()
 
 
+def _bounded(text: str) -> str:
+    text = flatten(text)
+    return text if len(text) <= MAX_REPLY else text[: MAX_REPLY - 3] + "..."
+
+
+class Notice:
+    """A report being made about this message: its queue id, kind and recipients.
+
+    Recorded before the report is committed, cleared (and its recipients
+    marked reported) after: a crash in between finds the report by its id
+    instead of making a second one.
+    """
+
+    __slots__ = ("indices", "kind", "qid")
+
+    def __init__(self, qid: str, kind: str, indices: list[int]) -> None:
+        self.qid = qid
+        self.kind = kind
+        self.indices = indices
+
+    def dumps(self) -> str:
+        return f"{self.qid}\t{self.kind}\t{','.join(map(str, self.indices))}"
+
+    @classmethod
+    def loads(cls, value: str) -> Notice:
+        qid, kind, indices = value.split("\t")[:3]
+        if kind not in NOTICE_KINDS or not qid:
+            raise ValueError("bad notice")
+        return cls(qid, kind, _indices(indices))
+
+
+def _indices(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
 class Recipient:
-    __slots__ = ("address", "notify", "orcpt", "reply", "state")
+    __slots__ = ("address", "notify", "orcpt", "remote", "reply", "state")
 
     def __init__(
         self,
@@ -68,6 +123,7 @@ class Recipient:
         self.notify = notify  # "", "NEVER" or a comma list of SUCCESS,FAILURE,DELAY
         self.orcpt = orcpt  # "rfc822;addr" (xtext) or ""
         self.reply = reply  # the relay's reply or our reason, for mailq and DSNs
+        self.remote = False  # the reply is the relay's words (recorded in `remote`)
 
     def __repr__(self) -> str:
         return f"Recipient({self.address!r}, {self.state!r})"
@@ -75,9 +131,11 @@ class Recipient:
 
 class Envelope:
     __slots__ = (
+        "about",
         "attempts",
         "body",
         "created",
+        "dead",
         "double_bounce",
         "envid",
         "error",
@@ -86,8 +144,11 @@ class Envelope:
         "last_try",
         "msgid",
         "next_try",
+        "notice",
         "qid",
         "recipients",
+        "relay",
+        "reported",
         "ret",
         "sender",
         "size",
@@ -118,9 +179,25 @@ class Envelope:
         self.held = False  # by the administrator: no run delivers it (relayq hold)
         self.warned = False  # the sender has had its delay warning
         self.double_bounce = False  # a report about an undeliverable bounce (postmaster)
+        self.relay = ""  # the relay whose answers were recorded last (Remote-MTA)
+        self.reported: set[int] = set()  # failed recipients whose report is queued
+        self.notice: Notice | None = None  # a report being made (see Notice)
+        self.about = ""  # on a report: the queue id of the message it is about
+        self.dead = ""  # why this is a dead letter (kept in quarantine/)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
+
+    def owed(self) -> list[int]:
+        """Failed recipients whose report is neither queued nor being made."""
+        making = set(self.notice.indices) if self.notice and self.notice.kind != WARNING \
+            else set()
+        return [i for i, r in enumerate(self.recipients)
+                if r.state == FAILED and i not in self.reported and i not in making]
+
+    def unsettled(self) -> bool:
+        """Does the message still need a run: a recipient to try or a report to make?"""
+        return bool(self.notice or self.pending() or self.owed())
 
     def dumps(self) -> bytes:
         out = [
@@ -139,14 +216,24 @@ class Envelope:
             f"attempts\t{self.attempts}",
             f"last_try\t{self.last_try:.6f}",
             f"next_try\t{self.next_try:.6f}",
-            f"error\t{flatten(self.error)}",
+            f"error\t{_bounded(self.error)}",
+            f"reported\t{','.join(map(str, sorted(self.reported)))}",
         ]
+        remote = [str(i) for i, r in enumerate(self.recipients) if r.remote]
+        if remote:
+            out.append(f"remote\t{','.join(remote)}")
         for key, on in (("held", self.held), ("warned", self.warned),
                         ("double", self.double_bounce)):
             if on:
                 out.append(f"{key}\t1")
+        for key, value in (("relay", flatten(self.relay)), ("about", self.about),
+                           ("dead", _bounded(self.dead))):
+            if value:
+                out.append(f"{key}\t{value}")
+        if self.notice is not None:
+            out.append(f"notice\t{self.notice.dumps()}")
         for r in self.recipients:
-            out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{flatten(r.reply)}")
+            out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{_bounded(r.reply)}")
         out.append("end\n")
         return "\n".join(out).encode("utf-8", "surrogateescape")
 
@@ -211,6 +298,18 @@ class Envelope:
         env.held = get("held", "0").partition("\t")[0] == "1"
         env.warned = get("warned", "0").partition("\t")[0] == "1"
         env.double_bounce = get("double", "0").partition("\t")[0] == "1"
+        env.relay = get("relay", "").partition("\t")[0]
+        env.about = get("about", "").partition("\t")[0]
+        env.dead = get("dead", "").partition("\t")[0]
+        if "reported" in fields:
+            env.reported = set(_indices(fields["reported"].partition("\t")[0]))
+        else:  # written before reports were recorded: its failures were reported then
+            env.reported = {i for i, r in enumerate(rcpts) if r.state == FAILED}
+        for i in _indices(get("remote", "").partition("\t")[0]):
+            if i < len(rcpts):
+                rcpts[i].remote = True
+        if "notice" in fields:
+            env.notice = Notice.loads(fields["notice"])
         return env
 
 

@@ -20,6 +20,12 @@ def next_delay(attempts: int, minimum: float, maximum: float, spread: float = 0.
     return float(min(maximum, base * (1 - JITTER + 2 * JITTER * spread)))
 
 
+def due(next_try: float, now: float, retry_max: float) -> bool:
+    """Is a message due? A next try further away than the longest retry delay can
+    be means the clock went back since it was set: it is due now, not in years."""
+    return next_try <= now or next_try > now + retry_max * (1 + JITTER) + 1
+
+
 def expired(created: float, now: float, max_age: float) -> bool:
     return max_age > 0 and now - created >= max_age
 

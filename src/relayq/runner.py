@@ -25,20 +25,31 @@ import time
 from typing import TYPE_CHECKING
 
 from relayq import address, dsn, policy, selector
-from relayq.envelope import FAILED, PENDING, SENT, Envelope, NewerFormat, Recipient
+from relayq.envelope import (
+    BOUNCE,
+    DOUBLE,
+    FAILED,
+    PENDING,
+    SENT,
+    WARNING,
+    Envelope,
+    NewerFormat,
+    Notice,
+    Recipient,
+)
 from relayq.errors import DamagedQueueFile, RelayqError
 from relayq.log import delay
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from typing import BinaryIO
 
     from relayq.config import Config
     from relayq.log import Log
-    from relayq.spool import Claim, Spool
+    from relayq.spool import Claim, NewMessage, Spool
     from relayq.submit import Context
     from relayq.transport.local import LocalTransport
-    from relayq.transport.smtp import SmtpTransport
+    from relayq.transport.smtp import Outcome, SmtpTransport
 
 
 RECORD = 32  # bytes per queue id in the pipe a queue run's workers share
@@ -100,84 +111,112 @@ class Runner:
     # -- one message ----------------------------------------------------------
 
     def deliver(self, claim: Claim) -> list[str]:
-        """Try every pending recipient once; returns the DSN codes of new failures."""
+        """Try every pending recipient once; returns the DSN codes of new failures.
+
+        The rule that keeps a relay's answers from being lost or repeated:
+        each transaction's answers are recorded (in space reserved before
+        the relay heard anything) before anything else happens; reports
+        (bounces, warnings, postmaster notices) are then derived from the
+        recorded state by settle(), which may fail, and be tried again
+        later, without a recipient ever being sent twice.
+        """
         env = claim.envelope
         now = time.time()
-        pending = env.pending()
-        newly_failed: list[Recipient] = []
         if claim.was_cut_off():
             self.log.warning(f"{env.qid}: possible duplicate: an earlier attempt ended between "
                              "sending the message and recording the outcome; the smarthost "
                              "may have it already")
+        before = {id(r) for r in env.recipients if r.state == FAILED}
         self._held = []  # the outcome lines wait until the outcome is recorded
-        if pending and policy.expired(env.created, now, self.cfg.max_queue_age):
-            age = self.cfg.max_queue_age
-            span = (f"{age / 86400:g} days" if age >= 86400 and age % 3600 == 0
-                    else f"{age / 3600:g} hours" if age >= 3600 and age % 60 == 0
-                    else f"{age:g} seconds")
-            for r in pending:
-                reason = r.reply or env.error or "no delivery attempt succeeded"
-                r.state = FAILED
-                r.reply = f"4.4.7 Message could not be delivered for {span}: {reason}"
-                newly_failed.append(r)
-                self.log.info(
-                    f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
-                    f"mailer=relay, dsn=4.4.7, stat=Expired: {reason}"
-                )
-        elif pending:
-            newly_failed = self._attempt(claim, pending, now)
-        codes = [_code(r.reply) for r in newly_failed]
-        if newly_failed:
-            self._bounce(claim, newly_failed, now)
-        if env.pending():
-            self._warn(claim, now)
         try:
-            if env.pending():
-                claim.record()
-            else:
-                claim.finish()
+            pending = env.pending()
+            if pending:
+                self._attempt(claim, pending, now)
+                if env.pending() and policy.expired(env.created, now, self.cfg.max_queue_age):
+                    self._expire(claim, now)  # only after an attempt failed (as Postfix)
         finally:
-            held, self._held = self._held, None
-            for line in held or []:
-                self.log.info(line)
-        return codes
+            self._flush_held()
+            self._held = None
+        newly = [r for r in env.recipients if r.state == FAILED and id(r) not in before]
+        if not claim.finished:
+            self.settle(claim, now)
+        return [_code(r.reply) for r in newly]
 
-    def _attempt(self, claim: Claim, pending: list[Recipient], now: float) -> list[Recipient]:
+    def _record(self, claim: Claim) -> None:
+        """Make the envelope durable, then log the outcome lines it records."""
+        env = claim.envelope
+        if env.unsettled() or env.dead:
+            claim.record()
+        else:
+            claim.finish()
+        self._flush_held()
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, [] if self._held is not None else None
+        for line in held or []:
+            self.log.info(line)
+
+    def _expire(self, claim: Claim, now: float) -> None:
+        env = claim.envelope
+        age = self.cfg.max_queue_age
+        span = (f"{age / 86400:g} days" if age >= 86400 and age % 3600 == 0
+                else f"{age / 3600:g} hours" if age >= 3600 and age % 60 == 0
+                else f"{age:g} seconds")
+        for r in env.pending():
+            reason = r.reply or env.error or "no delivery attempt succeeded"
+            r.state = FAILED
+            r.remote = False  # our decision, quoting the last reason
+            r.reply = f"4.4.7 Message could not be delivered for {span}: {reason}"
+            self._hold_line(
+                f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
+                f"mailer=relay, dsn=4.4.7, stat=Expired: {reason}"
+            )
+        self._record(claim)
+
+    def _hold_line(self, line: str) -> None:
+        if self._held is not None:
+            self._held.append(line)  # logged once the outcome is on disk
+        else:
+            self.log.info(line)
+
+    def _attempt(self, claim: Claim, pending: list[Recipient], now: float) -> None:
         """One attempt: local recipients first (they may add remote ones), then the relay."""
         env = claim.envelope
         start = time.time()
-        failed: list[Recipient] = []
-        deferral = error = ""
+        deferral = ""
         remote = pending
+        env.attempts += 1
+        env.last_try = now
+        env.next_try = now + policy.next_delay(
+            env.attempts, self.cfg.retry_min, self.cfg.retry_max, random.random()
+        )
         if self.cfg.local_delivery:
             local = self.local()
             mine = [r for r in pending if local.is_local(r.address)]
             if mine:
                 failed, deferral = self._deliver_local(claim, mine, now, start)
+                for r in failed:
+                    r.remote = False
             remote = [r for r in env.pending() if not local.is_local(r.address)]
+        error = ""
         if remote:
-            more, smtp_deferral, error = self._relay(claim, remote, now, start)
-            failed += more
-            deferral = deferral or smtp_deferral
-        env.attempts += 1
-        env.last_try = now
-        if any(r.state == PENDING for r in env.recipients):
-            env.next_try = now + policy.next_delay(
-                env.attempts, self.cfg.retry_min, self.cfg.retry_max, random.random()
-            )
+            error = self._relay(claim, remote, now, start, deferral)
+        if claim.finished:
+            return
+        if env.pending():
             env.error = "Deferred: " + (error or deferral)
-        return failed
+        self._record(claim)
 
-    def _relay(
-        self, claim: Claim, pending: list[Recipient], now: float, start: float
-    ) -> tuple[list[Recipient], str, str]:
-        """Send to the smarthost; returns (failed, first deferral reply, connection error)."""
+    def _relay(self, claim: Claim, pending: list[Recipient], now: float, start: float,
+               deferral: str) -> str:
+        """Send to the smarthost, recording after each transaction; returns why it deferred."""
         from relayq.transport.smtp import OutgoingMessage
 
         env = claim.envelope
         if self.verbose:
             for r in pending:
                 self.verbose(f"{r.address}... Connecting via relay...")
+        journal = _Journal(self, claim, pending, now, start, deferral)
         with claim.open_data() as data:
             msg = OutgoingMessage(
                 qid=env.qid,
@@ -190,22 +229,9 @@ class Runner:
                 envid=env.envid,
                 ret=env.ret,
             )
-            claim.mark_sending()
-            result = self.transport().deliver(msg)
-        failed: list[Recipient] = []
-        first_deferral = ""
-        relay = f", relay={result.relay}" if result.relay else ""
-        for r, out in zip(pending, result.outcomes, strict=True):
-            self._note(env, r, now, start, f"relay{relay}", out.status, out.reply, out.dsn_code)
-            r.reply = out.reply
-            if out.status == "sent":
-                r.state = SENT
-            elif out.status == "failed":
-                r.state = FAILED
-                failed.append(r)
-            else:
-                first_deferral = first_deferral or out.reply
-        return failed, first_deferral, result.error
+            result = self.transport().deliver(msg, journal)
+        journal.commit(result.outcomes, result.relay, persist=False)  # what none committed
+        return result.error or journal.deferral
 
     def _note(self, env: Envelope, r: Recipient, now: float, start: float, mailer: str,
               status: str, reply: str, dsn_code: str) -> None:
@@ -223,10 +249,7 @@ class Runner:
         else:
             line = f"{head}, stat=Deferred: {reply}"
             shown = f"Deferred: {reply}"
-        if self._held is not None:
-            self._held.append(line)  # logged once the outcome is on disk
-        else:
-            self.log.info(line)
+        self._hold_line(line)
         if self.verbose:
             self.verbose(f"{r.address}... {shown}")
 
@@ -334,44 +357,101 @@ class Runner:
             self._note(env, r, now, start, "local", "failed", reply, _code(reply))
         return failed, deferral
 
-    def _bounce(self, claim: Claim, failed: list[Recipient], now: float) -> None:
-        env = claim.envelope
-        if not dsn.should_bounce(env):
-            if env.is_dsn and self.cfg.postmaster and not env.double_bounce:
-                self._report(claim, failed or env.recipients, [], now,
-                             to=self.cfg.postmaster, double=True)
-                return
-            what = "a bounce" if env.is_dsn else "the null sender"
-            self.log.notice(f"{env.qid}: no DSN for {what}: discarded (a bounce never bounces)")
-            return
-        failed = [r for r in failed if dsn.wanted(r, "failed")]
-        if failed:
-            self._report(claim, failed, [], now, to=env.sender)
+    # -- reports --------------------------------------------------------------
 
-    def _warn(self, claim: Claim, now: float) -> None:
-        """Once per message, after delay_warning: tell the sender it is still queued."""
-        env = claim.envelope
-        if (not self.cfg.delay_warning or env.warned or not dsn.should_bounce(env)
-                or now - env.created < self.cfg.delay_warning):
-            return
-        delayed = [r for r in env.pending() if dsn.wanted(r, "delayed")]
-        env.warned = True  # recorded with the attempt: never a second warning
-        if delayed:
-            self._report(claim, [], delayed, now, to=env.sender)
+    def settle(self, claim: Claim, now: float) -> None:
+        """Make the reports the recorded state owes, each exactly once; then finish.
 
-    def _report(self, claim: Claim, failed: list[Recipient], delayed: list[Recipient],
-                now: float, *, to: str, double: bool = False) -> None:
-        """Queue an RFC 3464 report about the claimed message, addressed to `to`.
-
-        `double`: the report is about a bounce that could not be delivered,
-        for the postmaster; if that fails too it is logged and dropped.
+        A report is made in three recorded steps: its queue id is reserved and
+        written into this message's envelope (`notice`), the report is
+        committed (naming this message in its `about`), and the recipients it
+        covers are marked reported. A crash after the commit finds the report
+        by its id instead of making another, and the report is not delivered
+        while the notice still names it (see process). A failure here leaves
+        the message queued with its reports owed; its recipients are final.
         """
         env = claim.envelope
-        about = env
-        if double:  # the report goes to the postmaster, about the failed bounce
-            about = Envelope(env.qid, to, env.recipients, env.created)
-            about.size, about.msgid = env.size, env.msgid
+        if env.notice is not None:
+            self._make(claim, env.notice, now)
+        owed = env.owed()
+        if owed:
+            self._owe(claim, owed, now)
+        if (self.cfg.delay_warning and not env.warned and env.pending()
+                and dsn.should_bounce(env) and now - env.created >= self.cfg.delay_warning):
+            delayed = [i for i, r in enumerate(env.recipients)
+                       if r.state == PENDING and dsn.wanted(r, "delayed")]
+            if delayed:
+                self._report(claim, WARNING, delayed, now)
+            else:
+                env.warned = True
+                self._record(claim)
+        if not claim.finished and not env.unsettled():
+            if env.dead:
+                self.spool.bury(claim, env.dead)
+                self.log.error(f"{env.qid}: dead letter: {env.dead}; kept in "
+                               f"{self.spool.quarantine_dir} (mailq lists it)")
+            else:
+                claim.finish()
+
+    def _owe(self, claim: Claim, owed: list[int], now: float) -> None:
+        """Decide who is told about the failures at `owed`, then tell them."""
+        env = claim.envelope
+        if dsn.should_bounce(env):
+            wanted = [i for i in owed if dsn.wanted(env.recipients[i], "failed")]
+            if wanted:
+                self._report(claim, BOUNCE, wanted, now)
+            if len(wanted) < len(owed):  # NOTIFY said no: the sender's choice, logged
+                self.log.info(f"{env.qid}: no DSN wanted (NOTIFY) for "
+                              f"{len(owed) - len(wanted)} failed recipient(s)")
+                env.reported.update(i for i in owed if i not in wanted)
+                self._record(claim)
+        elif env.double_bounce:  # a notice to the postmaster that failed: nobody is left
+            env.reported.update(owed)
+            env.dead = (f"undeliverable notice to the postmaster "
+                        f"<{env.recipients[owed[0]].address}>: {env.recipients[owed[0]].reply}")
+        else:  # a bounce or the null sender's mail failed: the postmaster is told
+            self._report(claim, DOUBLE, owed, now)
+
+    def _report(self, claim: Claim, kind: str, indices: list[int], now: float) -> None:
+        """Step one: the report's queue id, recorded here before the report exists."""
         msg = self.spool.create()
+        try:
+            claim.envelope.notice = Notice(msg.qid, kind, indices)
+            self._record(claim)
+        except BaseException:
+            claim.envelope.notice = None
+            msg.abort()
+            raise
+        self._make(claim, claim.envelope.notice, now, msg)
+
+    def _make(self, claim: Claim, notice: Notice, now: float,
+              msg: NewMessage | None = None) -> None:
+        """Steps two and three: commit the report unless it is queued, mark it made."""
+        env = claim.envelope
+        if msg is not None or not self.spool.report_queued(notice.qid, env.qid):
+            self._write_report(claim, notice, now, msg or self.spool.create(notice.qid))
+        if notice.kind == WARNING:
+            env.warned = True
+        else:
+            env.reported.update(notice.indices)
+        env.notice = None
+        self._record(claim)
+        self.bounces.append(notice.qid)
+
+    def _write_report(self, claim: Claim, notice: Notice, now: float, msg: NewMessage) -> None:
+        """Queue the RFC 3464 report `notice` describes, under its recorded queue id."""
+        env = claim.envelope
+        chosen = [env.recipients[i] for i in notice.indices if i < len(env.recipients)]
+        failed = chosen if notice.kind != WARNING else []
+        delayed = chosen if notice.kind == WARNING else []
+        double = notice.kind == DOUBLE
+        to = env.sender
+        about = env
+        if double:  # to the postmaster, about a message that cannot be returned
+            to = address.qualify(self.cfg.postmaster or "postmaster", self.ctx.domain)
+            about = Envelope(env.qid, to, env.recipients, env.created)
+            about.size, about.msgid, about.user = env.size, env.msgid, env.user
+            about.last_try, about.error = env.last_try, env.error
         eight_bit = False
         try:
             with claim.open_data() as data:
@@ -385,15 +465,17 @@ class Runner:
                     original_size=env.size,
                     now=now,
                     tz_offset=-time.timezone,
-                    boundary=f"{msg.qid}.{int(now)}/{self.ctx.fqdn}",
+                    boundary=dsn.boundary(msg.qid, now),
+                    remote_mta=env.relay,
                 ):
                     eight_bit = eight_bit or not chunk.isascii()
                     msg.write(chunk)
             report = Envelope(msg.qid, "", [Recipient(to)], now)
             report.is_dsn = True
             report.double_bounce = double
+            report.about = env.qid
             report.size = msg.size
-            report.body = "8BITMIME" if eight_bit else ""
+            report.body = "8BITMIME" if eight_bit else "7BIT"  # 7-bit unless an address is UTF-8
             report.smtputf8 = address.needs_smtputf8(to)
             report.user = "MAILER-DAEMON"
             msg.commit(report)
@@ -401,9 +483,9 @@ class Runner:
             msg.abort()
             raise
         msg.release()
-        self.bounces.append(msg.qid)
         if double:
-            what = f"undeliverable bounce, copy to the postmaster <{to}>"
+            what = f"undeliverable {'bounce' if env.is_dsn else 'mail from <>'}, " \
+                   f"copy to the postmaster <{to}>"
         elif failed:
             what = f"DSN: {_text(failed[0].reply)}"
         else:
@@ -564,8 +646,11 @@ class Runner:
                 selectors, qid, env.sender, [r.address for r in env.pending()]
             ):
                 return 1
-            if env.held or (not force and env.next_try > time.time()):
+            if env.held or (not force and not policy.due(env.next_try, time.time(),
+                                                        self.cfg.retry_max)):
                 return 1  # held: not even a forced run delivers it
+            if env.about and self._report_unsettled(env):
+                return 1
             try:
                 self.deliver(claim)
             except RelayqError as exc:
@@ -575,9 +660,70 @@ class Runner:
                 self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                                "left in the queue")
                 return 1
-            return 1 if env.pending() else 0
+            return 0 if claim.finished else 1
         finally:
             claim.release()
+
+    def _report_unsettled(self, env: Envelope) -> bool:
+        """A report waits while the message it is about still records it as being
+        made: its maker was cut off after committing it (see settle), and will
+        find it at that message's next run instead of making another."""
+        try:
+            about = self.spool.read_envelope(env.about)
+        except (OSError, RelayqError):
+            return False  # gone (delivered, deleted) or unreadable: nothing to wait for
+        return about.notice is not None and about.notice.qid == env.qid
+
+
+class _Journal:
+    """What the transport reports to, around each transaction (see SmtpTransport.deliver).
+
+    begin() reserves the record of the transaction's outcome before the relay
+    hears anything (refusing, and so not sending, when the queue cannot hold
+    it); commit() applies the relay's answers to the envelope and records
+    them at once, so that neither a later transaction nor anything after the
+    message (a bounce that cannot be written, a crash) can resend them.
+    """
+
+    def __init__(self, runner: Runner, claim: Claim, pending: list[Recipient], now: float,
+                 start: float, deferral: str) -> None:
+        self.runner = runner
+        self.claim = claim
+        self.pending = pending
+        self.now = now
+        self.start = start
+        self.deferral = deferral
+        self.applied: dict[int, Outcome] = {}
+
+    def begin(self, indices: list[int]) -> None:
+        self.claim.mark_sending(len(indices))
+
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str, persist: bool = True) -> None:
+        runner, env = self.runner, self.claim.envelope
+        changed = False
+        for i, out in enumerate(outcomes):
+            if out is None or self.applied.get(i) is out:
+                continue
+            self.applied[i] = out
+            changed = True
+            r = self.pending[i]
+            shown = f", relay={relay}" if relay else ""
+            runner._note(env, r, self.now, self.start, f"relay{shown}", out.status, out.reply,
+                         out.dsn_code)
+            r.reply = out.reply
+            r.remote = out.remote
+            if out.status == "sent":
+                r.state = SENT
+            elif out.status == "failed":
+                r.state = FAILED
+            else:
+                self.deferral = self.deferral or out.reply
+        if relay:
+            env.relay = relay.split(" [", 1)[0]
+        if changed and persist and not self.claim.finished:
+            if env.pending():
+                env.error = "Deferred: " + self.deferral
+            runner._record(self.claim)
 
 
 def _code(reply: str) -> str:

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 
-from relayq.envelope import Envelope
+from relayq.envelope import MAX_REPLY, Envelope
 from relayq.errors import DamagedQueueFile, QueueError, RelayqError, TempFailure
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
@@ -304,29 +304,72 @@ class Spool:
 
     # -- writing a new message ------------------------------------------------
 
-    def create(self) -> NewMessage:
-        """Allocate a queue id and open its data file, locked, for writing."""
+    def create(self, qid: str | None = None) -> NewMessage:
+        """Allocate a queue id (or take `qid`) and open its data file, locked, for writing.
+
+        A given `qid` is a report's id recorded in the message it is about
+        (Envelope.notice): a data file of that name without an envelope is
+        what a crash left of the same report, and is written again.
+        """
         now = time.time()
         pid = os.getpid()
         for _ in range(1000):
-            qid = make_qid(now, pid)
+            name = qid or make_qid(now, pid)
             try:
                 fd = os.open(
-                    self._path(qid, ".d"),
+                    self._path(name, ".d"),
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                     0o600,
                 )
             except FileExistsError:
-                now += 0.000001
-                continue
+                if qid is not None:
+                    fd = self._reopen(qid)
+                else:
+                    now += 0.000001
+                    continue
             except FileNotFoundError:
                 self.ensure()
                 continue
             except OSError as exc:
                 raise _io_error("create a queue file", exc) from None
             fcntl.flock(fd, fcntl.LOCK_EX)
-            return NewMessage(self, qid, fd)
+            return NewMessage(self, name, fd)
         raise TempFailure("cannot allocate a queue id")
+
+    def _reopen(self, qid: str) -> int:
+        """The debris of a report whose making was cut off, truncated for writing again."""
+        if os.path.exists(self._path(qid, ".e")):
+            raise TempFailure(f"{qid}: queue id already committed")
+        try:
+            fd = os.open(self._path(qid, ".d"), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+        except BlockingIOError:
+            os.close(fd)
+            raise TempFailure(f"{qid}: report being written by another process") from None
+        except OSError as exc:
+            raise _io_error("create a queue file", exc) from None
+        return fd
+
+    def report_queued(self, qid: str, about: str) -> bool:
+        """Is report `qid` about message `about` committed (and not yet delivered)?"""
+        try:
+            return self.read_envelope(qid).about == about
+        except FileNotFoundError:
+            return False
+        except DamagedQueueFile:
+            return False
+
+    def bury(self, claim: Claim, reason: str) -> None:
+        """Keep a message nobody can be told about as a dead letter in quarantine/.
+
+        mailq lists it and `relayq status` counts it; only an operator removes it.
+        """
+        claim.envelope.dead = reason
+        claim.record()
+        self.quarantine(claim.qid)
+        claim.finished = True  # out of the queue
+        claim.release()
 
     def write_envelope(self, env: Envelope, first: bool = False) -> None:
         """Replace QID.e atomically: temp file, fsync, rename, directory fsync.
@@ -487,6 +530,25 @@ class Spool:
             except FileNotFoundError:
                 pass
         _fsync_dir(self.queue)
+
+    def dead_letters(self) -> Iterator[tuple[str, Envelope, int]]:
+        """(qid, envelope, data size) of each dead letter kept in quarantine/ (see bury)."""
+        try:
+            names = sorted(os.listdir(self.quarantine_dir))
+        except OSError:
+            return
+        for name in names:
+            qid, _, rest = name.partition(".")
+            if not rest.startswith("e."):
+                continue
+            path = os.path.join(self.quarantine_dir, name)
+            try:
+                env = Envelope.loads(_read_small(path), qid)
+                size = os.stat(os.path.join(self.quarantine_dir, f"{qid}.d{rest[1:]}")).st_size
+            except (OSError, DamagedQueueFile):
+                continue
+            if env.dead:
+                yield qid, env, size
 
     def sweep(self, now: float | None = None, names: list[str] | None = None) -> list[str]:
         """Remove debris of crashed writers; returns what was removed.
@@ -695,6 +757,9 @@ class Claim:
         self.spool = spool
         self.envelope = env
         self.fd = fd
+        self._reserve = -1  # the in-flight file, written full (see mark_sending)
+        self._reserved = 0
+        self.finished = False  # removed from the queue: every recipient final, reports made
 
     @property
     def qid(self) -> str:
@@ -704,27 +769,82 @@ class Claim:
         return open(self.spool.data_path(self.qid), "rb")
 
     def record(self) -> None:
-        """Make the envelope's new state durable (atomic replace)."""
-        self.spool.write_envelope(self.envelope)
+        """Make the envelope's new state durable (atomic replace).
+
+        After an attempt (a reserve is held, see mark_sending) the record is
+        written into the reserved in-flight file, which needs no new space:
+        a full queue file system cannot turn a relay's 250 into a resend. A
+        failure is tried again once with a fresh temp file (never trusting
+        a failed fsync's file) before it is raised.
+        """
+        fd, self._reserve = self._reserve, -1
+        if fd >= 0:
+            try:
+                self._record_in_place(fd)
+                return
+            except OSError:
+                pass  # the ordinary way below, with a fresh file
+            finally:
+                os.close(fd)
+        try:
+            self.spool.write_envelope(self.envelope)
+        except RelayqError:
+            self.spool.write_envelope(self.envelope)
         self._unmark()
 
-    # The in-flight marker (QID.f, empty, not synced): made before the message
-    # goes to the smarthost and removed once the outcome is recorded. A runner
-    # killed in between leaves it, and the next attempt logs a possible
-    # duplicate: the smarthost may have accepted the message already.
+    def _record_in_place(self, fd: int) -> None:
+        data = self.envelope.dumps()
+        if len(data) > self._reserved:
+            raise OSError(errno.EFBIG, "record larger than its reserve")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        os.rename(self.spool._path(self.qid, ".f"), self.spool._path(self.qid, ".e"))
+        _fsync_dir(self.spool.queue)
 
-    def mark_sending(self) -> None:
+    # The in-flight file (QID.f): made before the message goes to the
+    # smarthost, its directory entry synced, and consumed by the record of the
+    # outcome. A runner killed in between leaves it, and the next attempt logs
+    # a possible duplicate: the smarthost may have accepted the message already.
+    # It also reserves the space of that record (the file is written full
+    # before the relay hears anything), so the record never needs new space.
+
+    def mark_sending(self, recipients: int = 1) -> None:
+        """Reserve the record of an attempt for `recipients`; TempFailure if the
+        queue cannot hold it (nothing is sent then: its outcome could not be kept)."""
+        self._drop_reserve()
+        size = len(self.envelope.dumps()) + 4096 + recipients * (MAX_REPLY + 64)
+        path = self.spool._path(self.qid, ".f")
         try:
-            os.close(os.open(self.spool._path(self.qid, ".f"),
-                             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        except OSError:
-            pass  # only a log line depends on it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_error(f"reserve the record of {self.qid}", exc) from None
+        try:
+            block = b"\n" * min(size, 1 << 16)
+            done = 0
+            while done < size:
+                done += os.write(fd, block[: size - done])
+            _fsync_dir(self.spool.queue)
+        except OSError as exc:
+            os.close(fd)
+            self._unmark()
+            raise _io_error(f"reserve the record of {self.qid}", exc) from None
+        self._reserve, self._reserved = fd, size
+
+    def _drop_reserve(self) -> None:
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
 
     def was_cut_off(self) -> bool:
         """An earlier attempt died between sending and recording."""
         return os.path.exists(self.spool._path(self.qid, ".f"))
 
     def _unmark(self) -> None:
+        self._drop_reserve()
         try:
             os.unlink(self.spool._path(self.qid, ".f"))
         except OSError:
@@ -743,6 +863,7 @@ class Claim:
             pass
         except OSError as exc:
             raise _io_error(f"remove delivered message {self.qid}", exc) from None
+        self.finished = True
         self._unmark()
         try:
             os.unlink(self.spool._path(self.qid, ".d"))
@@ -751,6 +872,7 @@ class Claim:
         self.release()
 
     def release(self) -> None:
+        self._drop_reserve()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

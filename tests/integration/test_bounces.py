@@ -70,15 +70,25 @@ def test_an_undeliverable_bounce_goes_once_to_the_postmaster(
     assert rq.queued() == [] and "copy to the postmaster" in rq.log()
 
 
-def test_a_postmaster_copy_that_fails_is_logged_and_dropped(
+def test_a_postmaster_copy_that_fails_is_kept_as_a_dead_letter(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:
+    """Issue 12 D17: nothing is dropped silently; once nobody can be told, the
+    message stays in quarantine/, listed by mailq and counted by status."""
     sh = smarthost_factory(replies={"rcpt": "550 5.7.1 nobody here"})
     rq = Relayq(tmp_path, smarthost=sh.smarthost, postmaster="postmaster@example.org")
     assert rq.sendmail("-f", "alice@example.org", "bob@example.org", input=MSG).returncode == 0
     assert rq.sendmail("-q").returncode == EX_OK
     assert sh.transactions == [] and rq.queued() == []
-    assert "discarded (a bounce never bounces)" in rq.log()
+    assert "discarded" not in rq.log() and "dead letter" in rq.log()
+    [(qid, env, _)] = list(rq.spool.dead_letters())
+    assert env.double_bounce and env.recipients[0].address == "postmaster@example.org"
+    listing = rq.run("mailq").stdout.decode()
+    assert qid in listing and "Dead letter" in listing and "1 dead letter" in listing
+    status = rq.run("relayq", "status").stdout.decode()
+    assert "dead letters: 1" in status
+    assert rq.sendmail("-q").returncode == EX_OK  # later runs leave it alone
+    assert len(list(rq.spool.dead_letters())) == 1 and sh.transactions == []
 
 
 def test_a_hundred_runs_against_a_relay_that_refuses_everything_stay_bounded(

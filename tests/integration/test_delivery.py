@@ -60,21 +60,26 @@ def test_mail_from_5xx_bounces_everything_once(
     rq.configure(smarthost=sh.smarthost)
     assert rq.sendmail("-f", "alice@example.org", "a@example.org", input=MSG).returncode == 0
     rq.sendmail("-q")
-    # the bounce itself is refused too (same 553): it is discarded, never bounced again
+    # the bounce is refused too (same 553): one copy to the postmaster, refused as
+    # well, and then kept as a dead letter (issue 12 D17): never a loop, never gone
     assert rq.queued() == []
-    assert "no DSN for a bounce" in rq.log()
+    assert "copy to the postmaster" in rq.log() and "dead letter" in rq.log()
     mail_cmds = [c for c in sh.commands if c.verb == "MAIL"]
-    assert len(mail_cmds) == 2  # the message, then its bounce: no loop
+    assert len(mail_cmds) == 3  # the message, its bounce, the postmaster's copy
+    assert len(list(rq.spool.dead_letters())) == 1
 
 
-def test_null_sender_failure_is_not_bounced(
+def test_null_sender_failure_goes_to_the_postmaster_not_to_the_null_sender(
     rq: Relayq, smarthost_factory: SmarthostFactory
 ) -> None:
+    """Issue 12 D17: never to <>, and not dropped: the postmaster is told once."""
     sh = smarthost_factory(rcpt_replies={"a@example.org": "550 5.1.1 gone"})
     rq.configure(smarthost=sh.smarthost)
     rq.sendmail("-f", "<>", "a@example.org", input=MSG)
     assert rq.sendmail("-q").returncode == EX_OK
-    assert rq.queued() == [] and sh.transactions == []
+    assert rq.queued() == []
+    [copy] = sh.transactions
+    assert copy.mail_from in NULL and copy.rcpt_tos == ["postmaster@host.example.org"]
 
 
 def test_retry_backoff_and_run_versus_flush(
@@ -125,14 +130,31 @@ def test_expired_message_bounces_with_last_reason(
     rq.sendmail("-f", "alice@example.org", "a@example.org", input=MSG)
     rq.sendmail("-q")  # refused: deferred with a reason
     time.sleep(1.1)
+    sh = smarthost_factory(rcpt_replies={"a@example.org": "451 4.3.0 try again later"})
+    rq.configure(smarthost=sh.smarthost)
+    assert rq.sendmail("-q").returncode == EX_OK  # tried, failed again, now expired
+    assert rq.queued() == []
+    [bounce] = sh.transactions
+    assert bounce.mail_from in NULL and bounce.rcpt_tos == ["alice@example.org"]
+    assert b"try again later" in bounce.content
+    assert b"Status: 4.4.7" in bounce.content
+    assert b"Diagnostic-Code: X-Relayq; 4.4.7" in bounce.content  # issue 12 D16
+
+
+def test_expired_but_never_tried_mail_is_tried_first(
+    rq: Relayq, smarthost_factory: SmarthostFactory
+) -> None:
+    """Issue 12 D7: a laptop offline past max_queue_age (or a clock that jumped):
+    the first run after it tries the message, and a relay that takes it gets it."""
+    rq.configure(max_queue_age="1s")
+    rq.sendmail("-f", "alice@example.org", "a@example.org", input=MSG)
+    time.sleep(1.1)
     sh = smarthost_factory()
     rq.configure(smarthost=sh.smarthost)
     assert rq.sendmail("-q").returncode == EX_OK
     assert rq.queued() == []
-    [bounce] = sh.transactions
-    assert bounce.mail_from in NULL and bounce.rcpt_tos == ["alice@example.org"]
-    assert b"Connection refused" in bounce.content
-    assert b"Status: 4.4.7" in bounce.content
+    [t] = sh.transactions
+    assert t.mail_from == "alice@example.org" and t.rcpt_tos == ["a@example.org"]
 
 
 def test_smtputf8_needed_but_not_offered_bounces(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import os
@@ -40,6 +41,7 @@ def make_env(**kw: object) -> Envelope:
         Recipient("bob@example.net", FAILED, reply="550 5.1.1 <bob@example.net>... No such user"),
         Recipient("carol@example.net", PENDING, orcpt="rfc822;Carol+2Bx@example.net"),
     ]
+    rcpts[0].remote = True  # the relay's words: Diagnostic-Code smtp, Remote-MTA
     env = Envelope("6AQ1UaXXXX0001", "alice@example.org", rcpts, CREATED)
     env.user = "alice"
     env.uid = 1000
@@ -150,10 +152,11 @@ def test_failure_report_fields() -> None:
     assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.net>... No such user"
     assert bob["Last-Attempt-Date"] == "Wed, 26 Nov 2025 05:21:00 +0000"
     assert "Original-Recipient" not in bob
-    # carol's reason is ours (connection refused), not a server's words
+    # carol's reason is ours (connection refused), not a server's words (issue 12 D16)
     assert carol["Action"] == "delayed"
     assert carol["Status"] == "4.4.1"
-    assert "Diagnostic-Code" not in carol and "Remote-MTA" not in carol
+    assert "Remote-MTA" not in carol
+    assert carol["Diagnostic-Code"] == "X-Relayq; Deferred: Connection refused by [192.0.2.1]"
     returned = inner(original)
     assert returned["Subject"] == "quarterly report"
     assert returned.get_payload() == "Hello Bob,\nthe numbers are in.\n"
@@ -209,6 +212,7 @@ def test_delay_report() -> None:
 
 def test_delay_report_quotes_a_temporary_smtp_reply() -> None:
     r = Recipient("dave@example.net", PENDING, reply="451 4.2.1 mailbox busy")
+    r.remote = True
     msg = parse(report(make_env(), failed=[], delayed=[r]))
     carol = status_blocks(parts(msg)[1])[1]
     assert carol["Status"] == "4.2.1"
@@ -308,14 +312,38 @@ def test_message_without_header_block_end() -> None:
     assert "Subject: only headers" in str(parts(parse(raw))[2].get_payload())
 
 
-def test_eight_bit_body_stays_message_rfc822_with_8bit_encoding() -> None:
+def test_eight_bit_body_is_returned_in_base64_so_the_report_is_7bit() -> None:
+    """Issue 12 D9: a bounce never needs 8BITMIME, which its original's relay may lack."""
     orig = b"Subject: caf\n\ncaf\xc3\xa9\n"
-    msg = parse(report(make_env(body="8BITMIME"), original=[orig], original_size=len(orig)))
-    assert msg["Content-Transfer-Encoding"] == "8bit"
+    raw = report(make_env(body="8BITMIME"), original=[orig], original_size=len(orig))
+    assert raw.isascii()
+    msg = parse(raw)
+    assert msg["Content-Transfer-Encoding"] is None
     _, status, original = parts(msg)
     assert status.get_content_type() == "message/delivery-status"
-    assert original.get_content_type() == "message/rfc822"
-    assert original["Content-Transfer-Encoding"] == "8bit"
+    assert original.get_content_type() == "message/global"
+    assert original["Content-Transfer-Encoding"] == "base64"
+    encoded = raw.split(b"Content-Description: Undelivered message\n\n", 1)[1]
+    assert base64.b64decode(encoded.split(b"\n\n--", 1)[0]) == orig
+
+
+def test_our_own_decisions_are_not_labelled_smtp() -> None:
+    """Issue 12 D16: an expiry (our decision) has a Diagnostic-Code, as X-Relayq."""
+    r = Recipient("dave@example.net", FAILED,
+                  reply="4.4.7 Message could not be delivered for 5 days: 451 4.3.0 later")
+    msg = parse(report(make_env(), failed=[r], delayed=[], remote_mta="smtp.example.net"))
+    dave = status_blocks(parts(msg)[1])[1]
+    assert dave["Status"] == "4.4.7"
+    assert dave["Diagnostic-Code"].startswith("X-Relayq; 4.4.7 Message could not be delivered")
+    assert "Remote-MTA" not in dave
+
+
+def test_boundary_is_valid_for_a_long_host_name() -> None:
+    """Issue 12 D1: the boundary was QID.epoch/fqdn and a 46-character name broke it."""
+    b = dsn.boundary("6AQ1UaXXXX0001", NOW)
+    assert 0 < len(b) <= 70
+    raw = report(boundary=b, reporting_mta="ip-172-31-10-123.eu-central-1.compute.internal")
+    assert f"--{b}--" in raw.decode()
 
 
 def test_utf8_headers_use_message_global() -> None:
@@ -344,7 +372,9 @@ def test_smtputf8_headers_only_uses_message_global_headers() -> None:
     assert original.get_content_type() == "message/global-headers"
     fields = status_blocks(status)[1]
     assert fields["Final-Recipient"] == "utf-8; bjørn@example.net"
-    assert "<bjørn@example.net>".encode() in raw
+    human = parts(parse(raw))[0]
+    assert human["Content-Transfer-Encoding"] == "quoted-printable"  # 7-bit
+    assert "<bjørn@example.net>".encode() in human.get_payload(decode=True)
 
 
 def test_non_ascii_reply_is_ascii_in_plain_delivery_status() -> None:

@@ -305,6 +305,7 @@ def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
     n = sum(1 for name in names if name.endswith(".e"))
     if not n:
         yield _b(f"{path} is empty\n\t\tTotal requests: 0\n")
+        yield render_dead(spool, verbose)
         return
     yield _b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")
     yield HEADER_V if verbose else HEADER  # out before the sort (40 ms at 100,000)
@@ -316,6 +317,19 @@ def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
         else:
             yield render_item(Item(qid, env, _why(qid, problem), size, locked), verbose)
     yield _b(f"\t\tTotal requests: {n}\n")
+    yield render_dead(spool, verbose)
+
+
+def render_dead(spool: Spool, verbose: bool) -> bytes:
+    """Dead letters (nobody could be told of their failure) after the queue: kept
+    until an operator removes them, so they are listed until then."""
+    dead = [render_item(Item(qid, env, "", size, False), verbose)
+            for qid, env, size in spool.dead_letters()]
+    if not dead:
+        return b""
+    n = len(dead)
+    return b"".join([_b(f"\t\t{spool.quarantine_dir} ({n} dead letter{'' if n == 1 else 's'})\n"),
+                     *dead, _b(f"\t\tTotal dead letters: {n}\n")])
 
 
 def prtstr(text: str, limit: int) -> bytes:
@@ -373,12 +387,13 @@ def render_item(item: Item, verbose: bool) -> bytes:
         line.append(_b(f"{item.size:8d} {stamp[:16]} "))
         line.append(prtstr(sender, 39))
     body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
-    error = "Held by the administrator (relayq release)" if env.held else env.error
+    error = ("Held by the administrator (relayq release)" if env.held
+             else f"Dead letter: {env.dead}" if env.dead else env.error)
     if error or body:
         line.append(_b(f"\n    {body[:10]:>10}"))
         if error:
             line.append(b"   (" + _b(error)[: 100 if verbose else 60] + b")")
-    for r in pending:
+    for r in pending or (env.recipients if env.dead else []):
         if verbose:
             line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
         else:

@@ -151,6 +151,7 @@ def status(cfg: Config, as_json: bool) -> int:
         quarantined = len({n.split(".", 1)[0] for n in os.listdir(spool.quarantine_dir)})
     except OSError:
         quarantined = 0
+    dead = sum(1 for _ in spool.dead_letters())
     pid = PidFile.running(pid_path(cfg))
     info = {
         "queue": spool.queue,
@@ -158,6 +159,7 @@ def status(cfg: Config, as_json: bool) -> int:
         "oldest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest)) if ids else None,
         "oldest_age_seconds": round(now - oldest) if ids else None,
         "quarantined": quarantined,
+        "dead_letters": dead,
         "daemon_pid": pid if pid is not None and pid > 0 else None,
         "delivery_mode": cfg.effective()["delivery_mode"],
         "smarthost": cfg.smarthost,
@@ -171,6 +173,9 @@ def status(cfg: Config, as_json: bool) -> int:
     age = f", oldest {info['oldest']} ({_age(now - oldest)} ago)" if ids else ""
     print(f"messages:     {len(ids)}{age}")
     print(f"quarantined:  {quarantined}")
+    if dead:
+        print(f"dead letters: {dead} (undeliverable and unreportable: see mailq, "
+              f"then remove from {spool.quarantine_dir})")
     print("daemon:       " + (f"running, pid {pid}" if pid is not None else "not running"))
     print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
     return EX_OK

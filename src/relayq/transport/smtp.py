@@ -15,8 +15,9 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from relayq.errors import RelayqError
 from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
     AuthFailed,
@@ -32,7 +33,7 @@ from relayq.smtp.client import (
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     import dns.resolver
@@ -56,6 +57,17 @@ class Outcome:
     status: str  # SENT | FAILED | DEFERRED
     reply: str  # the server's words, or ours for local decisions
     dsn_code: str
+    remote: bool = False  # the reply is the server's words (a DSN's Diagnostic-Code: smtp)
+
+
+class Journal(Protocol):
+    """Told about each transaction (the runner records through it; see deliver)."""
+
+    def begin(self, indices: list[int]) -> None:
+        """Before a transaction for these recipients; raising RelayqError sends nothing."""
+
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str) -> None:
+        """After a transaction: the outcomes so far, to be made durable before going on."""
 
 
 @dataclass
@@ -144,8 +156,15 @@ class SmtpTransport:
 
     # --- delivery -------------------------------------------------------------
 
-    def deliver(self, msg: OutgoingMessage) -> MessageResult:
-        """Try every recipient of `msg`; one Outcome per recipient, in order."""
+    def deliver(self, msg: OutgoingMessage, journal: Journal | None = None) -> MessageResult:
+        """Try every recipient of `msg`; one Outcome per recipient, in order.
+
+        With `journal`, each transaction is announced (begin) and its outcomes
+        handed over (commit) before the next one starts: a message split over
+        several transactions (max_recipients, or a relay's 452/552 "too many
+        recipients") never has an accepted transaction depend on a later one.
+        An exception from commit() ends the delivery at once.
+        """
         n = len(msg.recipients)
         if n == 0:
             return MessageResult([])
@@ -164,14 +183,29 @@ class SmtpTransport:
             if early is not None:
                 return MessageResult([early(a) for a, _, _ in msg.recipients], "", client.relay)
             step = self.config.max_recipients or n
-            for start in range(0, n, step):
+            todo = list(range(n))
+            while todo:
+                batch, todo = todo[:step], todo[step:]
+                if journal is not None:
+                    try:
+                        journal.begin(batch)
+                    except RelayqError as exc:
+                        error = f"4.3.0 not sent: {exc.message}"
+                        for i in [*batch, *todo]:
+                            outcomes[i] = Outcome(msg.recipients[i][0], DEFERRED, error, "4.3.0")
+                        break
                 reset = client.dirty
                 if reset and not client.caps.pipelining:
                     client.rset()
                     reset = False
-                err = self._transaction(client, msg, list(range(start, min(n, start + step))),
-                                        outcomes, reset)
-                error = error or err
+                err, accepted, again = self._transaction(client, msg, batch, outcomes, reset)
+                if again and accepted:  # too many recipients: the rest in the next one
+                    step = min(step, accepted)
+                    todo = again + todo
+                else:
+                    error = error or err
+                if journal is not None:
+                    journal.commit(outcomes, client.relay)
         except SmtpError as exc:
             client.close()
             self._client = None
@@ -214,9 +248,12 @@ class SmtpTransport:
         idx: list[int],
         outcomes: list[Outcome | None],
         reset: bool = False,
-    ) -> str:
-        """One MAIL/RCPT.../DATA transaction for recipients `idx`; returns a deferral reason.
+    ) -> tuple[str, int, list[int]]:
+        """One MAIL/RCPT.../DATA transaction for recipients `idx`.
 
+        Returns (a deferral reason, how many recipients the relay accepted and
+        took the message for, the recipients it refused as too many: 452 or
+        552 at RCPT, RFC 5321 4.5.3.1.10, to be tried in another transaction).
         `reset`: the connection carried an earlier transaction; its RSET goes in
         the same pipelined write as MAIL (one round trip per message, not two).
         """
@@ -229,7 +266,7 @@ class SmtpTransport:
             for i in idx:
                 outcomes[i] = Outcome(msg.recipients[i][0], FAILED,
                                       f"553 5.1.7 bad sender or parameter: {exc}", "5.1.7")
-            return ""
+            return "", 0, []
         rcpts: list[tuple[int, bytes]] = []
         for i in idx:
             addr, notify, orcpt = msg.recipients[i]
@@ -241,7 +278,7 @@ class SmtpTransport:
         if not rcpts:
             if reset:
                 client.rset()
-            return ""
+            return "", 0, []
         client.dirty = True
         data_reply: Reply | None
         if caps.pipelining:
@@ -267,20 +304,25 @@ class SmtpTransport:
             status = FAILED if mail_reply.permanent else DEFERRED
             for i, _ in rcpts:
                 outcomes[i] = Outcome(msg.recipients[i][0], status, str(mail_reply),
-                                      mail_reply.dsn_code)
-            return f"{mail_reply} (in reply to MAIL FROM)" if status == DEFERRED else ""
+                                      mail_reply.dsn_code, remote=True)
+            return (f"{mail_reply} (in reply to MAIL FROM)" if status == DEFERRED else ""), 0, []
         accepted: list[int] = []
+        too_many: list[int] = []
         for (i, _), reply in zip(rcpts, rcpt_replies, strict=True):
             _expect_final(client, reply, "RCPT TO")
             if reply.positive:
                 accepted.append(i)
             else:
-                status = FAILED if reply.permanent else DEFERRED
-                outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code)
+                # 552 at RCPT is "too many recipients" (RFC 5321 4.5.3.1.10), like 452
+                status = FAILED if reply.permanent and reply.code != 552 else DEFERRED
+                if reply.code in (452, 552):
+                    too_many.append(i)
+                outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code,
+                                      remote=True)
         if not accepted:
             self._discard_data(client, data_reply)
             client.rset()
-            return ""
+            return "", 0, []
         if data_reply is None:
             data_reply = client.command(proto.DATA, "DATA")
         if data_reply.code != 354:
@@ -288,18 +330,20 @@ class SmtpTransport:
                 client.close()
                 raise ProtocolViolation(
                     f"unexpected reply to DATA from {client.where}: {data_reply}")
-            return self._settle(msg, accepted, data_reply, outcomes, "DATA")
+            return self._settle(msg, accepted, data_reply, outcomes, "DATA"), 0, []
         msg.data.seek(0)
         final = client.send_data(msg.data)
         _expect_final(client, final, "end of data")
-        return self._settle(msg, accepted, final, outcomes, "end of data")
+        taken = len(accepted) if final.positive else 0
+        return self._settle(msg, accepted, final, outcomes, "end of data"), taken, too_many
 
     @staticmethod
     def _settle(msg: OutgoingMessage, accepted: list[int], reply: Reply,
                 outcomes: list[Outcome | None], what: str) -> str:
         status = SENT if reply.positive else FAILED if reply.permanent else DEFERRED
         for i in accepted:
-            outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code)
+            outcomes[i] = Outcome(msg.recipients[i][0], status, str(reply), reply.dsn_code,
+                                  remote=True)
         return f"{reply} (in reply to {what})" if status == DEFERRED else ""
 
     @staticmethod
