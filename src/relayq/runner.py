@@ -199,17 +199,24 @@ class Runner:
                     r.remote = False
             remote = [r for r in env.pending() if not local.is_local(r.address)]
         error = ""
+        recorded = False
         if remote:
-            error = self._relay(claim, remote, now, start, deferral)
+            error, recorded = self._relay(claim, remote, now, start, deferral)
         if claim.finished:
             return
         if env.pending():
-            env.error = "Deferred: " + (error or deferral)
-        self._record(claim)
+            error = "Deferred: " + (error or deferral)
+            recorded = recorded and env.error == error
+            env.error = error
+        if not recorded:
+            self._record(claim)
 
     def _relay(self, claim: Claim, pending: list[Recipient], now: float, start: float,
-               deferral: str) -> str:
-        """Send to the smarthost, recording after each transaction; returns why it deferred."""
+               deferral: str) -> tuple[str, bool]:
+        """Send to the smarthost, recording after each transaction.
+
+        Returns why it deferred, and whether the last record holds every outcome.
+        """
         from relayq.transport.smtp import OutgoingMessage
 
         env = claim.envelope
@@ -230,8 +237,8 @@ class Runner:
                 ret=env.ret,
             )
             result = self.transport().deliver(msg, journal)
-        journal.commit(result.outcomes, result.relay, persist=False)  # what none committed
-        return result.error or journal.deferral
+        late = journal.commit(result.outcomes, result.relay, persist=False)  # none committed
+        return result.error or journal.deferral, journal.commits > 0 and not late
 
     def _note(self, env: Envelope, r: Recipient, now: float, start: float, mailer: str,
               status: str, reply: str, dsn_code: str) -> None:
@@ -694,11 +701,14 @@ class _Journal:
         self.start = start
         self.deferral = deferral
         self.applied: dict[int, Outcome] = {}
+        self.commits = 0  # records made
 
     def begin(self, indices: list[int]) -> None:
         self.claim.mark_sending(len(indices))
 
-    def commit(self, outcomes: Sequence[Outcome | None], relay: str, persist: bool = True) -> None:
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str,
+               persist: bool = True) -> bool:
+        """Apply what is new; record it when `persist`. True if anything was new."""
         runner, env = self.runner, self.claim.envelope
         changed = False
         for i, out in enumerate(outcomes):
@@ -724,6 +734,8 @@ class _Journal:
             if env.pending():
                 env.error = "Deferred: " + self.deferral
             runner._record(self.claim)
+            self.commits += 1
+        return changed
 
 
 def _code(reply: str) -> str:

@@ -94,6 +94,7 @@ class Smarthost:
         rcpt_replies: dict[str, str] | None = None,
         stall: str = "",
         drop_in_data: bool = False,
+        rcpt_limit: tuple[int, str] | None = None,
         timeout: float = 60.0,
     ) -> None:
         for stage in [*(replies or {}), *([stall] if stall else [])]:
@@ -120,6 +121,7 @@ class Smarthost:
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.stall = stall
         self.drop_in_data = drop_in_data
+        self.rcpt_limit = rcpt_limit  # (n, reply): recipients past n in a transaction refused
         self.timeout = timeout
         self._lock = threading.Lock()
         self._transactions: list[Transaction] = []
@@ -438,6 +440,9 @@ class _Handler:
         reply = self.owner.rcpt_replies.get(address.lower()) or self.owner.replies.get("rcpt")
         if reply:
             return reply
+        limit = self.owner.rcpt_limit
+        if limit is not None and len(envelope.rcpt_tos) >= limit[0]:
+            return limit[1]
         envelope.rcpt_tos.append(address)
         envelope.rcpt_params.append(list(getattr(server, "_all_params", [])))
         return "250 2.1.5 Ok"

@@ -66,7 +66,7 @@ class Journal(Protocol):
     def begin(self, indices: list[int]) -> None:
         """Before a transaction for these recipients; raising RelayqError sends nothing."""
 
-    def commit(self, outcomes: Sequence[Outcome | None], relay: str) -> None:
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str) -> object:
         """After a transaction: the outcomes so far, to be made durable before going on."""
 
 
