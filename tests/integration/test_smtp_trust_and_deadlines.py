@@ -62,7 +62,7 @@ def test_mx_host_with_a_valid_certificate_for_its_own_name_gets_no_auth(
                             password=SECRET, **tls_keys(pki, tmp_path)))
     assert statuses(r) == ["deferred"]
     assert "AUTH" not in sh.verbs() and "MAIL" not in sh.verbs()
-    assert "TLS handshake with mx1.example.org [127.0.0.1] failed" in r.error, r.error
+    assert "TLS handshake with mx1.example.org failed" in r.error, r.error
     assert "must be valid for the configured smarthost example.org" in r.error, r.error
     assert r.outcomes[0].dsn_code.startswith("4.")
     assert SECRET not in run.said()
