@@ -457,7 +457,13 @@ class SmtpClient:
             self.close()
             if hard and isinstance(exc, TimeoutError):
                 raise self._late("in the TLS handshake with") from None
-            raise TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}") from None
+            hint = ""
+            if isinstance(exc, ssl.SSLCertVerificationError) and self.tls_name != self.name:
+                hint = (f"; the certificate must be valid for the configured smarthost "
+                        f"{self.tls_name}, not only for the MX host {self.name} "
+                        f"(write [{self.name}] to trust that name)")
+            raise TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}{hint}"
+                            ) from None
         self.tls = True
         tls = self.sock
         assert isinstance(tls, ssl.SSLSocket)

@@ -222,7 +222,7 @@ class SmtpTransport:
         the same pipelined write as MAIL (one round trip per message, not two).
         """
         caps = client.caps
-        cfg = self.config
+        cfg = self.config  # message_deadline 0: none; else it grows with the size
         client.set_deadline(cfg.message_deadline and cfg.message_deadline
                             + msg.size / cfg.min_data_rate, "message transaction")
         try:
@@ -354,15 +354,7 @@ class SmtpTransport:
                 try:
                     self.connections += 1
                     client.set_deadline(cfg.session_deadline, "connection setup")
-                    try:
-                        self._open(client, t)
-                    except TlsFailed as exc:
-                        if client.tls_name == client.name:
-                            raise
-                        raise TlsFailed(
-                            f"{exc}; the certificate must be valid for the configured "
-                            f"smarthost {sh.host}, not only for the MX host {t.name} "
-                            f"(write [{t.name}] to trust that name)") from None
+                    self._open(client, t)
                     client.clear_deadline()
                     return client
                 except SmtpError as exc:
