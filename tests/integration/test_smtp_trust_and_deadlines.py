@@ -242,6 +242,25 @@ def test_an_unchanged_secret_is_not_sent_again_after_535(
     assert statuses(r) == ["deferred"] and sh.verbs().count("AUTH") == 1
 
 
+def test_a_rotated_password_file_is_read_again_after_535(
+    smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path
+) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("old-" + SECRET + "\n")
+    sh = smarthost_factory(tls_context=pki.server_context(), auth={"u": "old-" + SECRET})
+    run = Run(config(sh.smarthost, user="u", password_file=str(pw), **tls_keys(pki, tmp_path)))
+    try:
+        assert statuses(run.deliver(message())) == ["sent"]
+        run.t.close()
+        pw.write_text("new-" + SECRET + "\n")
+        sh.auth["u"] = "new-" + SECRET
+        assert statuses(run.deliver(message())) == ["sent"]
+    finally:
+        run.close()
+    assert sh.verbs().count("AUTH") == 3 and sh.connections == 2
+    assert SECRET not in run.said()
+
+
 def test_password_command_is_run_again_after_its_max_age(
     smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path
 ) -> None:
