@@ -336,7 +336,7 @@ def dripping_relay(gap: float, stages: tuple[str, ...],
 
 
 def deadline_config(smarthost: str, **keys: Any) -> Any:
-    keys = {"timeout": 30, "session_deadline": 3, "message_deadline": 3,
+    keys = {"timeout": 30, "session_deadline": 5, "message_deadline": 3,
             "min_data_rate": 1 << 30, **keys}
     return config(smarthost, **keys)
 
@@ -349,7 +349,7 @@ def test_a_slow_connection_setup_meets_the_session_deadline(
     done = threading.Event()
     srv = smarthost_factory.scripted(script=dripping_relay(0.1, ("greeting", "EHLO"), done))
     try:
-        r, _ = one(deadline_config(srv.smarthost))
+        r, _ = one(deadline_config(srv.smarthost, session_deadline=3))
     finally:
         done.set()
     assert statuses(r) == ["deferred"]
@@ -397,7 +397,7 @@ def test_the_deadline_after_the_final_dot_is_a_lost_connection(
     'sent', never a bounce), the retry may duplicate."""
     done = threading.Event()
     srv = smarthost_factory.scripted(script=dripping_relay(0.3, (".",), done))
-    rq = Relayq(tmp_path, smarthost=srv.smarthost, timeout=30, message_deadline=2,
+    rq = Relayq(tmp_path, smarthost=srv.smarthost, timeout=30, message_deadline=4,
                 min_data_rate=1 << 30)
     try:
         assert rq.sendmail("bob@example.org", input=MSG).returncode == EX_OK
@@ -407,7 +407,7 @@ def test_the_deadline_after_the_final_dot_is_a_lost_connection(
     assert r.returncode == EX_TEMPFAIL, r.stderr
     [(env, _)] = rq.queued()
     assert env.pending() and env.attempts == 1
-    assert "message transaction exceeded its deadline of 2 s" in env.error, env.error
+    assert "message transaction exceeded its deadline of 4 s" in env.error, env.error
     assert "waiting for reply to end of data" in env.error
     assert len(srv.messages) == 1  # it has the message: a retry may duplicate
     assert "stat=Deferred" in rq.log()
@@ -417,7 +417,7 @@ def test_a_stalled_tcp_window_during_data_meets_the_deadline(
     smarthost_factory: SmarthostFactory
 ) -> None:
     """After 354 the relay stops reading (a 4 KiB receive buffer): the client's
-    writes block; the 3 s deadline (not the 30 s write timeout) frees the worker."""
+    writes block; the 5 s deadline (not the 30 s write timeout) frees the worker."""
     done = threading.Event()
 
     def script(s: RawSession) -> None:
@@ -435,7 +435,7 @@ def test_a_stalled_tcp_window_during_data_meets_the_deadline(
     line = b"y" * 998 + b"\n"
     data = MSG + line * (16 * 1024 * 1024 // len(line))  # more than any socket buffer
     try:
-        r, _ = one(deadline_config(srv.smarthost, message_deadline=2, min_data_rate=16 << 20),
+        r, _ = one(deadline_config(srv.smarthost, message_deadline=4, min_data_rate=16 << 20),
                    message(data=data))
     finally:
         done.set()
@@ -457,10 +457,10 @@ def test_a_deadline_does_not_outlive_its_transaction(smarthost_factory: Smarthos
     """A cached connection idle longer than the message deadline still carries the
     next message (its deadline starts with it)."""
     sh = smarthost_factory()
-    run = Run(deadline_config(sh.smarthost, message_deadline=1))
+    run = Run(deadline_config(sh.smarthost, message_deadline=2))
     try:
         assert statuses(run.deliver(message())) == ["sent"]
-        time.sleep(1.5)
+        time.sleep(2.5)
         assert statuses(run.deliver(message())) == ["sent"]
     finally:
         run.close()
