@@ -178,10 +178,17 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "password": ("", _str, "AUTH password (prefer password_file or password_command)"),
     "password_file": ("", _str, "file holding the AUTH password"),
     "password_command": ("", _str, "command printing the password or OAuth2 token"),
+    "password_command_max_age": (300.0, _duration, "run password_command again for a new "
+                                 "connection when its output is older (0: every connection)"),
     "auth_mechanism": ("", _auth, "PLAIN | LOGIN | XOAUTH2 (default: best offered)"),
     "ehlo_name": ("", _str, "name sent in EHLO (default: domain)"),
     "connect_timeout": (30.0, _duration, "TCP and TLS connect timeout"),
     "timeout": (300.0, _duration, "timeout for each SMTP reply"),
+    "session_deadline": (600.0, _duration, "connect, greeting, EHLO, STARTTLS and AUTH "
+                         "together (0: no limit)"),
+    "message_deadline": (600.0, _duration, "one message transaction, MAIL to the reply to "
+                         "the final dot, plus size / min_data_rate (0: no limit)"),
+    "min_data_rate": (2048, _int, "bytes per second the message deadline allows for the data"),
     "dns_servers": ([], _strlist, "name servers for MX lookups (default: resolv.conf)"),
     "domain": ("", _str, "this host's mail domain (default: /etc/mailname or the FQDN)"),
     "masquerade_as": ("", _str, "rewrite local senders' domain to this"),
@@ -242,10 +249,14 @@ class Config:
     password: str
     password_file: str
     password_command: str
+    password_command_max_age: float
     auth_mechanism: str
     ehlo_name: str
     connect_timeout: float
     timeout: float
+    session_deadline: float
+    message_deadline: float
+    min_data_rate: int
     dns_servers: list[str]
     domain: str
     masquerade_as: str
@@ -336,6 +347,8 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
     if cfg.password_file and cfg.password_command:
         raise ConfigError(f"{path}: password_file: give only one of password_file, "
                           "password_command")
+    if cfg.min_data_rate < 1:
+        raise ConfigError(f"{path}: min_data_rate: must be at least 1 (bytes per second)")
     if cfg.retry_max < cfg.retry_min:
         raise ConfigError(f"{path}: retry_max: must not be less than retry_min")
     for spec in cfg.smarthost:

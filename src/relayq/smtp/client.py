@@ -1,7 +1,8 @@
 """One SMTP client connection: sockets and TLS around relayq.smtp.protocol.
 
 This module owns the socket of one connection to one address. It connects
-(plain or implicit TLS), reads replies against a per-reply deadline, runs
+(plain or implicit TLS), reads replies against a per-reply timeout and an
+optional overall deadline (a whole connection setup or transaction), runs
 STARTTLS (dropping whatever arrived in clear before the handshake), EHLO/HELO,
 AUTH, pipelined or lock-step commands and the DATA stream. Every failure that
 makes the connection unusable is raised as an SmtpError subclass with a
@@ -56,9 +57,16 @@ class TlsFailed(SmtpError):
 
 
 class AuthFailed(SmtpError):
-    """AUTH impossible or refused (never a bounce: the fault is ours to fix)."""
+    """AUTH impossible or refused (never a bounce: the fault is ours to fix).
+
+    `code` is the server's reply code when it refused the credentials (535), else 0.
+    """
 
     dsn_code = "4.7.0"
+
+    def __init__(self, message: str, dsn_code: str | None = None, *, code: int = 0) -> None:
+        super().__init__(message, dsn_code)
+        self.code = code
 
 
 class ConnectionLost(SmtpError):
@@ -67,6 +75,10 @@ class ConnectionLost(SmtpError):
 
 class ReplyTimeout(SmtpError):
     pass
+
+
+class DeadlineExceeded(ReplyTimeout):
+    """The whole connection setup or message transaction took longer than allowed."""
 
 
 class ProtocolViolation(SmtpError):
@@ -120,8 +132,9 @@ def _why(exc: BaseException) -> str:
 class SmtpClient:
     """One connection to one server address.
 
-    `name` is the host name used in messages and for TLS verification (an IP
-    literal when the smarthost was given as one).
+    `name` is the host name used in messages (an IP literal when the smarthost
+    was given as one); `tls_name`, if set, is the name the certificate must
+    carry instead (the configured smarthost, never a name DNS told us).
     """
 
     def __init__(
@@ -133,8 +146,10 @@ class SmtpClient:
         connect_timeout: float = 30.0,
         transcript: Sink | None = None,
         log: Sink | None = None,
+        tls_name: str = "",
     ) -> None:
         self.name = name
+        self.tls_name = tls_name or name
         self.port = port
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -148,6 +163,8 @@ class SmtpClient:
         self.peer_ip = ""
         self.dirty = False  # a transaction was started since the last RSET
         self._hide: tuple[str, ...] = ()  # AUTH secrets, masked in every reply read after
+        self.deadline: float | None = None  # monotonic time every I/O must end by
+        self._deadline_what = ""
 
     # --- naming ---------------------------------------------------------
 
@@ -178,13 +195,16 @@ class SmtpClient:
         """Open the TCP (and implicit TLS) connection and read the greeting."""
         self.peer_ip = str(sockaddr[0])
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
+        limit, hard = self._limit(self.connect_timeout)
         try:
+            sock.settimeout(limit)
             sock.connect(sockaddr)
         except OSError as exc:
             sock.close()
             if isinstance(exc, ConnectionRefusedError):
                 msg = f"Connection refused by {self.where}"
+            elif isinstance(exc, TimeoutError) and hard:
+                raise self._late("connecting to") from None
             elif isinstance(exc, TimeoutError):
                 msg = f"Connection timed out with {self.where}"
             else:
@@ -218,6 +238,7 @@ class SmtpClient:
             return
         try:
             self.timeout = min(self.timeout, 5.0)
+            self.deadline = None  # QUIT has its own 5 s
             self.command(proto.QUIT, "QUIT")
         except SmtpError:
             pass
@@ -239,13 +260,43 @@ class SmtpClient:
             raise ConnectionLost(f"not connected to {self.where}")
         return self.sock
 
+    def set_deadline(self, seconds: float, what: str) -> None:
+        """Every read and write from now on must end within `seconds` in all (0: none).
+
+        The per-reply `timeout` still applies; this bounds the sum, so a relay
+        answering each command just inside `timeout` cannot hold us for hours.
+        """
+        self.deadline = time.monotonic() + seconds if seconds > 0 else None
+        self._deadline_what = f"{what} exceeded its deadline of {seconds:.0f} s"
+
+    def clear_deadline(self) -> None:
+        self.deadline = None
+
+    def _limit(self, timeout: float) -> tuple[float, bool]:
+        """Seconds the next I/O may take, and whether the deadline (not `timeout`) decides."""
+        if self.deadline is None:
+            return timeout, False
+        left = self.deadline - time.monotonic()
+        if left < timeout:
+            return max(left, 0.0), True
+        return timeout, False
+
+    def _late(self, doing: str) -> DeadlineExceeded:
+        self.close()
+        return DeadlineExceeded(f"{self._deadline_what} {doing} {self.where}")
+
     def send(self, data: bytes, what: str) -> None:
         sock = self._sock()
+        limit, hard = self._limit(self.timeout)
         try:
-            sock.settimeout(self.timeout)
+            if limit <= 0:
+                raise TimeoutError
+            sock.settimeout(limit)
             sock.sendall(data)
         except TimeoutError:
             self.close()
+            if hard:
+                raise self._late(f"while sending {what} to") from None
             raise ReplyTimeout(f"timeout writing {what} to {self.where}") from None
         except OSError as exc:
             self.close()
@@ -254,8 +305,9 @@ class SmtpClient:
             ) from None
 
     def read_reply(self, what: str) -> Reply:
-        """Read one reply; the whole reply must arrive within `timeout`."""
-        deadline = time.monotonic() + self.timeout
+        """Read one reply; the whole reply must arrive within `timeout` (and the deadline)."""
+        limit, hard = self._limit(self.timeout)
+        deadline = time.monotonic() + limit
         sock = self._sock()
         while True:
             try:
@@ -277,6 +329,8 @@ class SmtpClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.close()
+                if hard:
+                    raise self._late(f"waiting for reply to {what} from")
                 raise ReplyTimeout(f"timeout waiting for reply to {what} from {self.where}")
             try:
                 sock.settimeout(remaining)
@@ -288,6 +342,8 @@ class SmtpClient:
                 data = sock.recv(READ_SIZE)
             except TimeoutError:
                 self.close()
+                if hard:
+                    raise self._late(f"waiting for reply to {what} from") from None
                 raise ReplyTimeout(
                     f"timeout waiting for reply to {what} from {self.where}"
                 ) from None
@@ -392,13 +448,22 @@ class SmtpClient:
 
     def _handshake(self, context: ssl.SSLContext) -> None:
         sock = self._sock()
-        server_hostname = self.name if context.check_hostname else None
+        server_hostname = self.tls_name if context.check_hostname else None
+        limit, hard = self._limit(self.connect_timeout)
         try:
-            sock.settimeout(self.connect_timeout)
+            sock.settimeout(limit)
             self.sock = context.wrap_socket(sock, server_hostname=server_hostname)
         except (ssl.SSLError, OSError) as exc:
             self.close()
-            raise TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}") from None
+            if hard and isinstance(exc, TimeoutError):
+                raise self._late("in the TLS handshake with") from None
+            hint = ""
+            if isinstance(exc, ssl.SSLCertVerificationError) and self.tls_name != self.name:
+                hint = (f"; the certificate must be valid for the configured smarthost "
+                        f"{self.tls_name}, not only for the MX host {self.name} "
+                        f"(write [{self.name}] to trust that name)")
+            raise TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}{hint}"
+                            ) from None
         self.tls = True
         tls = self.sock
         assert isinstance(tls, ssl.SSLSocket)
@@ -413,7 +478,8 @@ class SmtpClient:
     def auth(self, mechanism: str, user: str, secret: str) -> Reply:
         """AUTH with the given mechanism; raises AuthFailed unless 235."""
         mech = mechanism.upper()
-        self._hide = _secret_forms(user, secret)
+        forms = {*self._hide, *_secret_forms(user, secret)}  # a retry keeps hiding the first
+        self._hide = tuple(sorted(forms, key=len, reverse=True))
         try:
             return self._auth(mech, user, secret)
         except proto.CommandError as exc:  # raised before the offending line is written
@@ -444,7 +510,7 @@ class SmtpClient:
         else:
             raise AuthFailed(f"unsupported AUTH mechanism {mech}")
         if reply.code != 235:
-            raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}")
+            raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}", code=reply.code)
         self._log(f"AUTH {mech} as {user} accepted by {self.relay}")
         return reply
 

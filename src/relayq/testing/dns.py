@@ -3,7 +3,10 @@
 Answers from a dict such as
 ``{"example.org": {"MX": ["10 mx1.example.org."]}, "mx1.example.org": {"A": ["127.0.0.1"]}}``:
 a known name without the asked type gets an empty NOERROR answer, an
-unknown name NXDOMAIN. It runs in a thread; `queries` records what was asked.
+unknown name NXDOMAIN. `faults` makes a question ("example.org MX") fail the
+way a broken or unreachable name server does: "SERVFAIL" (or another rcode
+name) is answered with that rcode, "timeout" is never answered. It runs in a
+thread; `queries` records what was asked.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ if TYPE_CHECKING:
 
 
 class DnsResponder:
-    def __init__(self, records: dict[str, dict[str, list[str]]], host: str = "127.0.0.1") -> None:
+    def __init__(self, records: dict[str, dict[str, list[str]]], host: str = "127.0.0.1",
+                 *, faults: dict[str, str] | None = None) -> None:
         self.records = {k.lower().rstrip("."): v for k, v in records.items()}
+        self.faults = {k.lower(): v for k, v in (faults or {}).items()}
         self.queries: list[tuple[str, str]] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind((host, 0))
@@ -65,14 +70,23 @@ class DnsResponder:
                 query = dns.message.from_wire(wire)
             except Exception:
                 continue
-            self._sock.sendto(self.answer(query).to_wire(), peer)
+            resp = self.answer(query)
+            if resp is not None:
+                self._sock.sendto(resp.to_wire(), peer)
 
-    def answer(self, query: dns.message.Message) -> dns.message.Message:
+    def answer(self, query: dns.message.Message) -> dns.message.Message | None:
+        """The response to `query`; None: leave it unanswered (a "timeout" fault)."""
         resp = dns.message.make_response(query)
         for q in query.question:
             name = q.name.to_text(omit_final_dot=True).lower()
             rtype = dns.rdatatype.to_text(q.rdtype)
             self.queries.append((name, rtype))
+            fault = self.faults.get(f"{name} {rtype.lower()}")
+            if fault == "timeout":
+                return None
+            if fault:
+                resp.set_rcode(dns.rcode.from_text(fault))
+                continue
             if name not in self.records:
                 resp.set_rcode(dns.rcode.NXDOMAIN)
                 continue

@@ -585,6 +585,8 @@ class ScriptedServer:
     used in turn, the last one repeating), falling back to
     DEFAULT_RAW_REPLIES; "greeting" is the banner and "." the end-of-data
     reply. With `tls_context`, a 220 answer to STARTTLS starts a handshake.
+    `rcvbuf` shrinks the receive buffer (a script that stops reading then
+    stalls the client's writes after a few KiB).
     """
 
     def __init__(
@@ -595,6 +597,7 @@ class ScriptedServer:
         host: str = "127.0.0.1",
         tls_context: ssl.SSLContext | None = None,
         segment: int = 0,
+        rcvbuf: int = 0,
     ) -> None:
         self.script = script or self._respond
         self.replies: dict[str, list[bytes]] = {}
@@ -611,6 +614,8 @@ class ScriptedServer:
         self._stop = threading.Event()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
+        if rcvbuf:  # before listen(): accepted sockets inherit it, and the window scale
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._sock.bind((host, 0))
         self._sock.listen(16)
         self._sock.settimeout(0.1)

@@ -127,6 +127,7 @@ class SmtpTransport:
         self._down_until = 0.0
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
+        self._secret_at = 0.0  # monotonic time the secret (or its error) was read
         self._ehlo_name = ""
         self._tls: ssl.SSLContext | None = None
         self.connections = 0  # connections opened (for tests and statistics)
@@ -258,6 +259,9 @@ class SmtpTransport:
         the same pipelined write as MAIL (one round trip per message, not two).
         """
         caps = client.caps
+        cfg = self.config  # message_deadline 0: none; else it grows with the size
+        client.set_deadline(cfg.message_deadline and cfg.message_deadline
+                            + msg.size / cfg.min_data_rate, "message transaction")
         try:
             mail_line = proto.mail(msg.sender, proto.mail_params(
                 caps, size=msg.size, body=msg.body, smtputf8=msg.smtputf8,
@@ -358,6 +362,7 @@ class SmtpTransport:
     def _ready_client(self) -> SmtpClient | None:
         """The cached connection if it is still alive and quiet, else a new one."""
         if self._client is not None:
+            self._client.clear_deadline()  # the last message's; the next sets its own
             try:  # alive and quiet? Its RSET then rides with the next MAIL
                 self._client.ensure_quiet("RSET")
                 self._client.dirty = True
@@ -384,12 +389,17 @@ class SmtpTransport:
                 last = exc
                 continue
             for t in targets:
+                # the certificate must name the configured host, never the MX
+                # target an unauthenticated DNS answer chose (Postfix's "secure")
                 client = SmtpClient(t.name, t.port, timeout=cfg.timeout,
                                     connect_timeout=cfg.connect_timeout,
-                                    transcript=self.transcript, log=self.log)
+                                    transcript=self.transcript, log=self.log,
+                                    tls_name=sh.host)
                 try:
                     self.connections += 1
+                    client.set_deadline(cfg.session_deadline, "connection setup")
                     self._open(client, t)
+                    client.clear_deadline()
                     return client
                 except SmtpError as exc:
                     if client.sock is not None:
@@ -419,7 +429,17 @@ class SmtpTransport:
                     f"refusing to send AUTH to {client.where} in clear text"
                     " (set tls = \"required\" or \"implicit\")")
             mech = self._mechanism(client)
-            client.auth(mech, cfg.user, self._get_secret())
+            secret = self._get_secret()
+            try:
+                client.auth(mech, cfg.user, secret)
+            except AuthFailed as exc:
+                # an expired token (535): read the secret again and try once more,
+                # unless it is unchanged (a second refusal of the same secret is no news)
+                if exc.code != 535 or not self._refresh_secret(secret):
+                    raise
+                self._say(f"AUTH {mech} refused by {client.relay}; trying once more with "
+                          "a freshly read secret")
+                client.auth(mech, cfg.user, self._get_secret())
 
     def _mechanism(self, client: SmtpClient) -> str:
         offered = client.caps.auth
@@ -462,17 +482,41 @@ class SmtpTransport:
         return self._ehlo_name
 
     def _get_secret(self) -> str:
-        """password, password_file or password_command; read once per transport."""
+        """password, password_file or password_command, kept while it is fresh.
+
+        A password_command (an OAuth2 access token lives about an hour) runs
+        again for a connection opened more than password_command_max_age after
+        it last ran; a failure is remembered for DOWN_FOR seconds at most.
+        """
+        cfg = self.config
+        age = time.monotonic() - self._secret_at
+        if cfg.password_command and self._secret is not None \
+                and age >= cfg.password_command_max_age:
+            self._secret = None
+        if self._secret_error is not None and age >= self.DOWN_FOR:
+            self._secret_error = None
         if self._secret is not None:
             return self._secret
         if self._secret_error is not None:
             raise self._secret_error
+        self._secret_at = time.monotonic()
         try:
-            self._secret = read_secret(self.config)
+            self._secret = read_secret(cfg)
         except AuthFailed as exc:
             self._secret_error = exc
             raise
         return self._secret
+
+    def _refresh_secret(self, refused: str) -> bool:
+        """After a 535: read a file or command secret again; True if it changed."""
+        cfg = self.config
+        if not (cfg.password_file or cfg.password_command):
+            return False
+        self._secret = self._secret_error = None
+        try:
+            return self._get_secret() != refused
+        except AuthFailed:
+            return False  # the 535 stands; the next connection reports this error
 
     # --- resolving ----------------------------------------------------------------
 
@@ -523,6 +567,18 @@ class SmtpTransport:
         if not out:
             raise ConnectFailed(f"Host unknown: {name}", "4.4.4")
         return out
+
+
+def _dns_why(exc: BaseException) -> str:
+    """One short line: dnspython's messages list every server and attempt."""
+    import dns.exception
+    import dns.resolver
+
+    if isinstance(exc, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "no name server answered (SERVFAIL or REFUSED)"
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def _is_ip(host: str) -> bool:
@@ -578,15 +634,23 @@ def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver |
 
 
 def mx_hosts(name: str, resolver: dns.resolver.Resolver | None) -> list[str]:
-    """MX targets by preference; [] when there is no MX (use the host itself) or DNS fails."""
+    """MX targets by preference; [] when there is no MX (use the host itself).
+
+    Only an answer saying "no MX" (NXDOMAIN, an empty answer) means the host
+    itself (RFC 5321 5.1); SERVFAIL, REFUSED or a timeout say nothing, so the
+    message waits (ConnectFailed, 4.4.3) instead of going to the A record.
+    """
     import dns.exception
+    import dns.resolver
 
     if resolver is None:
         return []
     try:
         answer = resolver.resolve(name, "MX", search=False)
-    except dns.exception.DNSException:
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
+    except dns.exception.DNSException as exc:
+        raise ConnectFailed(f"MX lookup of {name} failed: {_dns_why(exc)}", "4.4.3") from None
     records = sorted(((rr.preference, i, rr.exchange.to_text(omit_final_dot=True))
                       for i, rr in enumerate(answer)))
     hosts = [h for _, _, h in records if h and h != "."]
