@@ -28,6 +28,7 @@ read without a parser library and survives a hex editor:
     notice<TAB>QID<TAB>KIND<TAB>0,2       (a report being made: see runner.settle)
     about<TAB>QID                         (on a report: the message it reports on)
     dead<TAB>reason                       (a dead letter: nowhere left to report it)
+    unsure<TAB>1                          (the last attempt lost the reply to its final dot)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -154,6 +155,7 @@ class Envelope:
         "size",
         "smtputf8",
         "uid",
+        "unsure",
         "user",
         "warned",
     )
@@ -184,6 +186,7 @@ class Envelope:
         self.notice: Notice | None = None  # a report being made (see Notice)
         self.about = ""  # on a report: the queue id of the message it is about
         self.dead = ""  # why this is a dead letter (kept in quarantine/)
+        self.unsure = False  # the last attempt lost the reply after its final dot
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -223,7 +226,7 @@ class Envelope:
         if remote:
             out.append(f"remote\t{','.join(remote)}")
         for key, on in (("held", self.held), ("warned", self.warned),
-                        ("double", self.double_bounce)):
+                        ("double", self.double_bounce), ("unsure", self.unsure)):
             if on:
                 out.append(f"{key}\t1")
         for key, value in (("relay", flatten(self.relay)), ("about", self.about),
@@ -301,6 +304,7 @@ class Envelope:
         env.relay = get("relay", "").partition("\t")[0]
         env.about = get("about", "").partition("\t")[0]
         env.dead = get("dead", "").partition("\t")[0]
+        env.unsure = get("unsure", "0").partition("\t")[0] == "1"
         if "reported" in fields:
             env.reported = set(_indices(fields["reported"].partition("\t")[0]))
         else:  # written before reports were recorded: its failures were reported then

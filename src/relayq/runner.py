@@ -122,10 +122,12 @@ class Runner:
         """
         env = claim.envelope
         now = time.time()
-        if claim.was_cut_off():
-            self.log.warning(f"{env.qid}: possible duplicate: an earlier attempt ended between "
-                             "sending the message and recording the outcome; the smarthost "
-                             "may have it already")
+        if claim.was_cut_off() or env.unsure:
+            why = ("lost the relay's reply to the end of the message" if env.unsure
+                   else "ended between sending the message and recording the outcome")
+            self.log.warning(f"{env.qid}: possible duplicate: an earlier attempt {why}; "
+                             "the smarthost may have it already")
+            env.unsure = False
         before = {id(r) for r in env.recipients if r.state == FAILED}
         self._held = []  # the outcome lines wait until the outcome is recorded
         try:
@@ -722,6 +724,7 @@ class _Journal:
                          out.dsn_code)
             r.reply = out.reply
             r.remote = out.remote
+            env.unsure = env.unsure or out.unsure
             if out.status == "sent":
                 r.state = SENT
             elif out.status == "failed":

@@ -58,6 +58,10 @@ def test_connection_dropped_after_the_final_dot_defers_and_says_so(
     assert "Deferred:" in listing and "[127.0.0.1]" in listing, listing
     assert "stat=Deferred" in rq.log()
     assert len(srv.messages) == 1  # the relay had it: the retry may duplicate, as anywhere
+    assert "possible duplicate" not in rq.log()
+    rq.sendmail("-q")  # issue 12 matrix: exactly one resend, with one warning line
+    assert len(srv.messages) == 2
+    assert rq.log().count("possible duplicate: an earlier attempt lost the relay's reply") == 1
 
 
 def test_a_final_250_after_thirty_seconds_is_a_delivery(

@@ -162,6 +162,7 @@ class SmtpClient:
         self.tls_info = ""
         self.peer_ip = ""
         self.dirty = False  # a transaction was started since the last RSET
+        self.after_dot = False  # the final dot of the current message was sent
         self._hide: tuple[str, ...] = ()  # AUTH secrets, masked in every reply read after
         self.deadline: float | None = None  # monotonic time every I/O must end by
         self._deadline_what = ""
@@ -523,6 +524,7 @@ class SmtpClient:
 
     def send_data(self, data: BinaryIO) -> Reply:
         """Stream the message after a 354 and return the end-of-data reply."""
+        self.after_dot = False
         enc = proto.DataEncoder()
         while True:
             chunk = data.read(DATA_CHUNK)
@@ -532,6 +534,7 @@ class SmtpClient:
             if out:
                 self.send(out, "message data")
         self._show(">>> .")
+        self.after_dot = True  # from here a lost reply may hide an acceptance
         self.send(enc.finish(), "end of data")
         reply = self.read_reply("end of data")
         self._after("end of data")

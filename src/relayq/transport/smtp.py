@@ -58,6 +58,7 @@ class Outcome:
     reply: str  # the server's words, or ours for local decisions
     dsn_code: str
     remote: bool = False  # the reply is the server's words (a DSN's Diagnostic-Code: smtp)
+    unsure: bool = False  # no reply after the final dot: the relay may have it already
 
 
 class Journal(Protocol):
@@ -336,7 +337,14 @@ class SmtpTransport:
                     f"unexpected reply to DATA from {client.where}: {data_reply}")
             return self._settle(msg, accepted, data_reply, outcomes, "DATA"), 0, []
         msg.data.seek(0)
-        final = client.send_data(msg.data)
+        try:
+            final = client.send_data(msg.data)
+        except SmtpError as exc:
+            if client.after_dot:  # the relay may have taken it
+                for i in accepted:
+                    outcomes[i] = Outcome(msg.recipients[i][0], DEFERRED, str(exc),
+                                          exc.dsn_code, unsure=True)
+            raise
         _expect_final(client, final, "end of data")
         taken = len(accepted) if final.positive else 0
         return self._settle(msg, accepted, final, outcomes, "end of data"), taken, too_many
