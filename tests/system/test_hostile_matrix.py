@@ -36,6 +36,7 @@ import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
 from relayq.envelope import FAILED, PENDING
+from relayq.testing.dns import DnsResponder
 from relayq.testing.hostile import Fault, HostileRelay, server_context
 
 if TYPE_CHECKING:
@@ -88,10 +89,11 @@ class Row:
     body: bytes = ASCII
     cert: str = ""  # the relay's STARTTLS certificate (tls = required, our CA trusted)
     bound: float = 60.0  # seconds a queue run may take (a bound on hanging)
-    memory_mib: int = 96  # peak RSS of a queue run
+    memory_mib: int = 64  # peak RSS of a queue run (its workers included)
     duplicates: int = 0  # copies committed by the relay whose 250 never reached us
     check: tuple[str, ...] = ()  # extra checks, see check_extra()
-    special: str = ""  # "hostname" | "fullfs" | "kill"
+    special: str = ""  # "hostname" | "fullfs" | "kill" | "mx"
+    heal: dict[str, Any] = field(default_factory=dict)  # the healed relay's settings
     xfail: str = ""
 
     @property
@@ -292,16 +294,16 @@ ROWS: list[Row] = [
     Row("split-every-byte", "every reply split at every byte", "sent once", one("sent"),
         relay={"segment": 1}),
     Row("reply-64k", "a 64 KiB EHLO reply", "sent once (the limit is inclusive)", one("sent"),
-        relay={"faults": (Fault("ehlo", big_reply(65536)),)}, memory_mib=64),
+        relay={"faults": (Fault("ehlo", big_reply(65536)),)}, memory_mib=48),
     Row("reply-64k+1", "a 64 KiB + 1 EHLO reply", "deferred, bounded memory", one("deferred"),
-        relay={"faults": (Fault("ehlo", big_reply(65537)),)}, memory_mib=64),
+        relay={"faults": (Fault("ehlo", big_reply(65537)),)}, memory_mib=48),
     Row("flood-lines", "endless continuation lines after EHLO", "deferred, bounded memory",
         one("deferred"), relay={"faults": (Fault("ehlo", b"250-" + b"f" * 200 + b"\r\n",
-                                                 then="flood"),)}, memory_mib=64),
+                                                 then="flood"),)}, memory_mib=48),
     Row("flood-no-newline", "endless bytes without a line end as the greeting",
         "deferred, bounded memory", one("deferred"),
         relay={"faults": (Fault("greeting", b"220" + b"z" * 4096, then="flood"),)},
-        memory_mib=64),
+        memory_mib=48),
     Row("code-1xx", "a 1xx reply to MAIL", "deferred (protocol violation)", one("deferred"),
         relay={"faults": (Fault("mail", b"150 2.1.0 maybe\r\n"),)}),
     Row("code-6xx", "a 6xx reply to RCPT", "deferred (protocol violation)", one("deferred"),
@@ -314,6 +316,18 @@ ROWS: list[Row] = [
         relay={"faults": (Fault("greeting", b"250 early\r\n220 hostile ESMTP\r\n"),)}),
     Row("not-smtp", "a non-SMTP banner ('* OK IMAP4 ready')", "deferred (protocol violation)",
         one("deferred"), relay={"faults": (Fault("greeting", b"* OK IMAP4 ready\r\n"),)}),
+    # --- our own configuration -------------------------------------------------------
+    Row("loop-greeting-name", "greets with our own host name (we relay to ourselves)",
+        "deferred with a mail-loop reason, nothing sent", one("deferred"),
+        relay={"hostname": "host.example.org"}, config={"ehlo_name": "host.example.org"},
+        heal={"hostname": "hostile.example.org"}, check=("loop",),
+        xfail="issue 12 defect 3: a relay greeting with our own name is not seen as a loop"),
+    Row("mx-tls-name", "smarthost name with an MX (from DNS) pointing to a host with a valid "
+        "certificate for the MX name, a password", "deferred: verified against the configured "
+        "name, the password never sent", one("deferred"), cert="mx-name",
+        relay={"auth": {"matrix": PASSWORD}}, special="mx",
+        config={**TLS_CFG, "user": "matrix", "password": PASSWORD}, check=("noauth", "secret"),
+        xfail="issue 12 defect 6: the certificate is verified against the MX target name"),
     # --- mixed results --------------------------------------------------------------
     Row("mixed", "250 / 550 / 451 for three recipients", "sent once / bounced once / "
         "deferred", MIXED),
@@ -406,6 +420,9 @@ def bounces(rq: Relayq, relay: HostileRelay) -> int:
 
 
 def sane(run: Run, row: Row, which: str) -> None:
+    if os.environ.get("MATRIX_REPORT"):
+        with open(os.environ["MATRIX_REPORT"], "a") as f:
+            f.write(f"{row.id} {which} rc={run.rc} {run.seconds:.2f}s {run.rss_mib:.1f}MiB\n")
     assert "Traceback" not in run.err, run.err
     if row.special == "kill" and which == "first":
         return
@@ -431,17 +448,16 @@ def mounted(tmp_path: Path) -> Iterator[Path | None]:
 
 
 def fill(where: Path) -> Path:
-    """Fill the file system at `where` to the last block."""
+    """Fill the file system at `where` to the last byte."""
     filler = where / "filler"
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0")
-                f.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -455,7 +471,8 @@ def token_command(root: Path) -> str:
     return str(script)
 
 
-def setup(row: Row, tmp_path: Path, pki: TestPKI, qfs: Path | None) -> tuple[
+def setup(row: Row, tmp_path: Path, pki: TestPKI, qfs: Path | None,
+          request: pytest.FixtureRequest) -> tuple[
         Relayq, HostileRelay]:
     if row.special == "hostname" and subprocess.run(
             ["unshare", "-u", "true"], capture_output=True, check=False).returncode != 0:
@@ -474,18 +491,26 @@ def setup(row: Row, tmp_path: Path, pki: TestPKI, qfs: Path | None) -> tuple[
         settings["ca_file"] = pki.write_ca(str(tmp_path))
     if settings.get("password_command") == "@token":
         settings["password_command"] = token_command(tmp_path)
+    if row.special == "mx":  # an MX record nobody authenticated
+        dns = DnsResponder({"smarthost.example.org": {"MX": ["10 mx.attacker.example.net."]},
+                            "mx.attacker.example.net": {"A": ["127.0.0.1"]}}).start()
+        request.addfinalizer(dns.stop)
+        settings["smarthost"] = f"smarthost.example.org:{relay.port}"
+        settings["dns_servers"] = [dns.server]
     rq = Relayq(tmp_path)
     for key in [k for k, v in settings.items() if v is None]:
         del settings[key]
         rq.settings.pop(key, None)
     rq.configure(**settings)
+    rq.queue_dir = Path(settings.get("queue_dir", rq.queue_dir))
     return rq, relay
 
 
 def tls_for(pki: TestPKI, which: str) -> ssl.SSLContext:
-    if which == "name-only":
+    if which in ("name-only", "mx-name"):
+        name = "smarthost.example.org" if which == "name-only" else "mx.attacker.example.net"
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        pki.ca.issue_cert("smarthost.example.org").configure_cert(ctx)
+        pki.ca.issue_cert(name).configure_cert(ctx)
         return ctx
     return server_context(pki, which)
 
@@ -493,7 +518,7 @@ def tls_for(pki: TestPKI, which: str) -> ssl.SSLContext:
 @pytest.mark.parametrize("row", [r.param for r in ROWS])
 def test_row(row: Row, tmp_path: Path, pki: TestPKI, request: pytest.FixtureRequest) -> None:
     qfs = request.getfixturevalue("mounted") if row.special == "fullfs" else None
-    rq, relay = setup(row, tmp_path, pki, qfs)
+    rq, relay = setup(row, tmp_path, pki, qfs, request)
     try:
         check_row(row, rq, relay, qfs, pki)
     finally:
@@ -535,7 +560,7 @@ def check_row(row: Row, rq: Relayq, relay: HostileRelay, qfs: Path | None,
         assert all(a in listing for a in deferred), listing
     check_extra(row, rq, relay, first, deferred, before_heal=True)
     # --- the relay heals: everything gets through, once ---------------------------
-    relay.heal(**({"tls_context": server_context(pki, "good")} if row.cert else {}))
+    relay.heal(**({"tls_context": server_context(pki, "good")} if row.cert else {}), **row.heal)
     second = queue_run(rq, row, relay)
     sane(second, row, "second")
     for addr, want in row.expect.items():
@@ -563,6 +588,11 @@ def check_extra(row: Row, rq: Relayq, relay: HostileRelay, run: Run, deferred: l
     if "nosize" in row.check and not before_heal:
         mails = [c for c in relay.commands() if c.upper().startswith("MAIL")]
         assert mails and not any("SIZE=" in c.upper() for c in mails), mails
+    if "noauth" in row.check and before_heal:
+        assert not [c for c in relay.commands() if c.upper().startswith("AUTH")]
+    if "loop" in row.check and before_heal:
+        reasons = [r.reply for r in recipients(rq).values()]
+        assert reasons and all("loop" in x.lower() for x in reasons), reasons
     if "helo" in row.check and before_heal:
         assert any(c.upper().startswith("HELO") for c in relay.commands())
     if "cram" in row.check and before_heal:
@@ -581,7 +611,7 @@ def check_extra(row: Row, rq: Relayq, relay: HostileRelay, run: Run, deferred: l
                  base64.b64encode(f"\0matrix\0{PASSWORD}".encode()).decode()]
         seen = {"log": rq.log(), "-v out": run.out, "-v err": run.err,
                 "mailq": rq.run("mailq", "-v").stdout.decode("utf-8", "replace")}
-        for path in Path(rq.settings["queue_dir"]).rglob("*"):  # type: ignore[arg-type]
+        for path in rq.queue_dir.rglob("*"):
             if path.is_file():
                 seen[str(path)] = path.read_bytes().decode("utf-8", "replace")
         leaks = [(where, f) for where, text in seen.items() for f in forms if f in text]

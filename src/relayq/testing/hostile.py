@@ -320,7 +320,7 @@ class _Session:
 
     def converse(self) -> None:
         r = self.relay
-        self.reply("greeting", f"220 {r.hostname} ESMTP hostile\r\n".encode())
+        self.reply("greeting", f"220 {r._setting('hostname')} ESMTP hostile\r\n".encode())
         while not r._stop.is_set():
             line = self.s.readline()
             if not line:
@@ -360,14 +360,14 @@ class _Session:
 
     def do_EHLO(self, arg: str) -> None:
         step = "ehlo_tls" if self.conn.tls else "ehlo"
-        lines = [self.relay.hostname, *self.extensions()]
+        lines = [str(self.relay._setting("hostname")), *self.extensions()]
         text = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
         self.reset_transaction()
         self.reply(step, text.encode())
 
     def do_HELO(self, arg: str) -> None:
         self.reset_transaction()
-        self.reply("helo", f"250 {self.relay.hostname}\r\n".encode())
+        self.reply("helo", f"250 {self.relay._setting('hostname')}\r\n".encode())
 
     def do_STARTTLS(self, arg: str) -> None:
         ctx = self.relay._setting("tls_context")
