@@ -620,16 +620,26 @@ def check_extra(row: Row, rq: Relayq, relay: HostileRelay, run: Run, deferred: l
 
 # --- docs/reliability.md ---------------------------------------------------------------
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
+BEGIN, END = "<!-- matrix: begin (generated) -->\n", "<!-- matrix: end -->\n"
+
 
 def table() -> str:
     """The matrix as a Markdown table (docs/reliability.md holds it verbatim)."""
-    out = ["| Row | The relay | relayq | Status |", "|---|---|---|---|"]
+    out = ["| Row | The relay | relayq | Status |", "| --- | --- | --- | --- |"]
     for r in ROWS:
-        status = "pass" if not r.xfail else (
-            "expected to fail until fixed: " + r.xfail.split(":")[0])
-        out.append(f"| `{r.id}` | {r.fault} | {r.outcome} | {status} |")
+        status = "passes" if not r.xfail else "open: " + r.xfail.split(":")[0]
+        cells = [f"`{r.id}`", r.fault, r.outcome, status]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
-    sys.stdout.write(table())
+def documented(text: str) -> str:
+    """`text` (the doc) with its generated block replaced by the current table."""
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return head + BEGIN + table() + END + tail
+
+
+if __name__ == "__main__":  # python -m tests.system.test_hostile_matrix: rewrite the table
+    DOC.write_text(documented(DOC.read_text()))
