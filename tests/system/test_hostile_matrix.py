@@ -91,6 +91,7 @@ class Row:
     bound: float = 60.0  # seconds a queue run may take (a bound on hanging)
     memory_mib: int = 64  # peak RSS of a queue run (its workers included)
     duplicates: int = 0  # copies committed by the relay whose 250 never reached us
+    warnings: int | None = None  # "possible duplicate" log lines (default: duplicates)
     check: tuple[str, ...] = ()  # extra checks, see check_extra()
     special: str = ""  # "hostname" | "fullfs" | "kill" | "mx"
     heal: dict[str, Any] = field(default_factory=dict)  # the healed relay's settings
@@ -183,7 +184,7 @@ ROWS: list[Row] = [
         "3rd transaction", "first 4 recorded sent, never resent; the 5th sent later",
         {**one("sent", 4), "r5@example.org": "deferred"},
         relay={"faults": (Fault("mail", nth=3, then="stall"),)}, config={"max_recipients": 2},
-        special="kill",
+        special="kill", warnings=1,
         xfail="issue 12 defect 2: results recorded only after the last transaction"),
     # --- capabilities ------------------------------------------------------------------
     Row("size-tiny", "SIZE 4000 offered, a 6000-byte message", "bounced once (5.3.4), the "
@@ -573,7 +574,8 @@ def check_row(row: Row, rq: Relayq, relay: HostileRelay, qfs: Path | None,
     assert recipients(rq) == {}, recipients(rq)
     bounced = {n for n, to in enumerate(messages) for a in to if row.expect[a] == "bounced"}
     assert bounces(rq, relay) == len(bounced), rq.log()
-    assert rq.log().count("possible duplicate") == row.duplicates, rq.log()
+    lines = row.duplicates if row.warnings is None else row.warnings
+    assert rq.log().count("possible duplicate") == lines, rq.log()
     check_extra(row, rq, relay, second, deferred, before_heal=False)
 
 

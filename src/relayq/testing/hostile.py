@@ -154,6 +154,13 @@ class HostileRelay(ScriptedServer):
             self._sock.settimeout(0.1)
             self.port = self._sock.getsockname()[1]
 
+    def start(self) -> HostileRelay:
+        super().start()
+        return self
+
+    def __enter__(self) -> HostileRelay:
+        return self.start()
+
     # --- what the tests read ---------------------------------------------------
 
     def heal(self, **healthy: object) -> None:
