@@ -286,6 +286,11 @@ ROWS: list[Row] = [
         relay={"auth": {"matrix": PASSWORD},
                "faults": (Fault("auth", b"535 5.7.8 rejected: {echo}\r\n"),)},
         config={"user": "matrix", "password": PASSWORD}, check=("secret",)),
+    Row("auth-ok-550-echo", "AUTH accepted, then 550 to RCPT quoting the credentials",
+        "bounced once; the secret not in the bounce, the log or -v", one("bounced"),
+        relay={"auth": {"matrix": PASSWORD},
+               "faults": (Fault("rcpt", b"550 5.7.1 not for {echo}\r\n"),)},
+        config={"user": "matrix", "password": PASSWORD}, check=("secret",)),
     # --- framing ------------------------------------------------------------------------
     Row("pipelined-out-of-order", "pipelined replies out of order (354 for a RCPT)",
         "deferred (connection dropped)", one("deferred"),
@@ -621,6 +626,8 @@ def check_extra(row: Row, rq: Relayq, relay: HostileRelay, run: Run, deferred: l
                  base64.b64encode(f"\0matrix\0{PASSWORD}".encode()).decode()]
         seen = {"log": rq.log(), "-v out": run.out, "-v err": run.err,
                 "mailq": rq.run("mailq", "-v").stdout.decode("utf-8", "replace")}
+        for n, d in enumerate(relay.deliveries):  # the bounces among them
+            seen[f"delivery {n}"] = d.data.decode("utf-8", "replace")
         for path in rq.queue_dir.rglob("*"):
             if path.is_file():
                 seen[str(path)] = path.read_bytes().decode("utf-8", "replace")

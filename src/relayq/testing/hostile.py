@@ -51,8 +51,8 @@ class Fault:
     then: "" go on; "close" FIN; "reset" RST (SO_LINGER 0); "stall" neither read
     nor answer until the client gives up; "flood" send reply bytes without end.
     accept (at "eod"): commit the message before misbehaving, as a relay
-    that took it but whose answer never arrived. In an "auth" reply, b"{echo}"
-    becomes what the client sent, decoded (a server quoting the credentials).
+    that took it but whose answer never arrived. In a reply, b"{echo}" becomes
+    what the client sent in AUTH, decoded (a server quoting the credentials).
     """
 
     step: str
@@ -229,6 +229,7 @@ class _Session:
         self.rcpts: list[str] = []
         self.rcpt_no = 0
         self.authed = False
+        self.echo = b""  # what the client sent in AUTH, decoded
         rcvbuf = int(relay._setting("rcvbuf") or 0)  # type: ignore[call-overload]
         if rcvbuf:
             with contextlib.suppress(OSError):
@@ -264,7 +265,8 @@ class _Session:
         return None
 
     def strike(self, f: Fault) -> None:
-        """Send the fault's reply and do its `then`."""
+        """Send the fault's reply (b"{echo}" replaced by the credentials) and do its `then`."""
+        f = replace(f, reply=f.reply.replace(b"{echo}", self.echo))
         if f.reply and f.then != "flood":
             self.send(f.reply)
         if f.then == "close":
@@ -433,9 +435,9 @@ class _Session:
                 hmac.new(want.encode(), challenge, hashlib.md5).hexdigest(), digest)
             secret = digest
         f = self.fault("auth")
+        self.echo = (" ".join(sent) + " " + user + " " + secret).encode("utf-8", "replace")
         if f is not None:
-            echo = (" ".join(sent) + " " + user + " " + secret).encode("utf-8", "replace")
-            self.strike(replace(f, reply=f.reply.replace(b"{echo}", echo)))
+            self.strike(f)
             return
         if ok:
             self.authed = True
