@@ -342,7 +342,8 @@ ROWS: list[Row] = [
         "deferred", MIXED),
     Row("mixed-host60", "250 / 550 / 451 with a 60-character host name",
         "sent once / bounced once / deferred", MIXED, special="hostname", xfail=D1),
-    Row("mixed-disk-full", "250 / 550 / 451 with the queue's file system full",
+    Row("mixed-disk-full", "250 / 550 / 451 with the queue's file system full (8 KiB left: "
+        "room for the envelope, not for the bounce)",
         "sent once / bounced once (when space returns) / deferred", MIXED, special="fullfs",
         body=ASCII + (b"z" * 1023 + b"\n") * 64, xfail=D1),
 ]
