@@ -537,7 +537,14 @@ class SmtpClient:
         self.after_dot = True  # from here a lost reply may hide an acceptance
         self.send(enc.finish(), "end of data")
         reply = self.read_reply("end of data")
-        self._after("end of data")
+        if self.parser.buffered:
+            # The reply stands: after a 250 the message is the relay's, and refusing it
+            # would send it again. What came with it pairs with nothing: the connection
+            # is out of step, so it is closed and never reused.
+            n = self.parser.discard()
+            self._log(f"discarded {n} unsolicited bytes sent by {self.where} with its reply "
+                      "to end of data; closing the connection")
+            self.close()
         return reply
 
 
