@@ -476,6 +476,9 @@ class Runner:
                     tz_offset=-time.timezone,
                     boundary=dsn.boundary(msg.qid, now),
                     remote_mta=env.relay,
+                    # refused for its size: the same relay would refuse it inside a report
+                    max_full=0 if any(_code(r.reply) in ("5.3.4", "5.2.3") for r in chosen)
+                    else 1_000_000,
                 ):
                     eight_bit = eight_bit or not chunk.isascii()
                     msg.write(chunk)

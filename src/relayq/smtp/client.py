@@ -534,8 +534,8 @@ class SmtpClient:
             if out:
                 self.send(out, "message data")
         self._show(">>> .")
-        self.after_dot = True  # from here a lost reply may hide an acceptance
         self.send(enc.finish(), "end of data")
+        self.after_dot = True  # the whole dot is out: a lost reply may hide an acceptance
         reply = self.read_reply("end of data")
         if self.parser.buffered:
             # The reply stands: after a 250 the message is the relay's, and refusing it
