@@ -207,7 +207,8 @@ ROWS: list[Row] = [
         "deferred within the reply deadline", one("deferred"), relay={"drip": 0.5},
         bound=30),
     Row("slow-every-reply", "every reply just inside the 2 s timeout, 10 recipients, "
-        "no PIPELINING, a 4 s message deadline", "deferred within a whole-transaction deadline", one("deferred", 10),
+        "no PIPELINING, a 4 s message deadline", "deferred within a whole-transaction deadline",
+        one("deferred", 10),
         relay={"slow": 1.6, "pipelining": False}, bound=30,
         config={"message_deadline": 4, "session_deadline": 6}),
     Row("stall-data", "stops reading during DATA (a shut TCP window)",
