@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.errors import ConfigError
+from relayq.errors import ConfigError, PermissionRefused
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -369,56 +369,100 @@ def default_queue(env: dict[str, str] | os._Environ[str], uid: int, home: str,
     return os.path.join(base, "relayq")
 
 
-def load(path: str | None = None, *, explicit: bool = False) -> Config:
-    """Read the config file (or defaults when the default file is absent).
+class Source:
+    """Which configuration file a process uses, decided once by select().
 
-    The checked settings are cached (see _Cache): parsing TOML costs the
-    submission path about 10 ms of imports (tomllib pulls in re and typing),
-    more than the rest of a queue-only submission.
+    The path and the default queue are fixed when the process starts: root
+    dropping to daemon_user must re-read (SIGHUP) the file it started with,
+    not the one its new uid would pick.
+    """
+
+    __slots__ = ("explicit", "home", "path", "queue", "uid")
+
+    def __init__(self, path: str, explicit: bool, uid: int, home: str) -> None:
+        self.path = path
+        self.explicit = explicit  # a missing file is an error, not the defaults
+        self.uid = uid
+        self.home = home
+        self.queue = default_queue(os.environ, uid, home, path)
+
+    def load(self) -> Config:
+        """Read and check the file: the one loader of every process (sendmail, mailq,
+        relayq, the daemon at start and on SIGHUP), secret-permission check included.
+
+        The checked settings are cached (see _Cache): parsing TOML costs the
+        submission path about 10 ms of imports (tomllib pulls in re and typing),
+        more than the rest of a queue-only submission.
+        """
+        path, uid, home = self.path, self.uid, self.home
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self.explicit:
+                raise ConfigError(f"{path}: no such configuration file") from None
+            cfg = parse("", path)
+        except PermissionError as exc:
+            if uid == 0 or path != SYSTEM_CONFIG:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            cfg = parse("", path)  # private to relayq: users only hand mail over to it
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        else:
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                cache = _Cache(path, uid, home)
+                values = cache.get(key)
+                if values is not None:
+                    cfg = Config(values, path)
+                else:
+                    try:
+                        text = f.read().decode("utf-8")
+                    except (OSError, UnicodeDecodeError) as exc:
+                        raise ConfigError(f"{path}: cannot read: {exc}") from None
+                    cfg = parse(text, path)
+                    if not any(cfg.values.get(k) for k in SECRET_KEYS):
+                        cache.put(key, cfg.values)  # a secret is never copied out of its file
+                if cfg.password:
+                    _check_private(path, st, "holds a password")
+        if cfg.password_file:
+            try:
+                _check_private(cfg.password_file, os.stat(cfg.password_file),
+                               "is a password file")
+            except OSError:
+                pass  # reported when it is needed, as a deferral with the reason
+        if not cfg.queue_dir:
+            cfg.queue_dir = self.queue
+        return cfg
+
+
+def select(named: str | None = None) -> Source:
+    """The one rule for which configuration a process may use, asked by every entry
+    point (sendmail in every mode, mailq, newaliases, relayq, the daemon) before it
+    opens or starts anything.
+
+    A file named on the command line (`-C`) is root's alone: a web application's
+    caller may choose its argv (CVE-2016-10033), and a configuration names the
+    queue, log and pid files, the password_command and pipe aliases a daemon
+    would run. Anyone else gets RELAYQ_CONFIG (their environment, not their
+    argv: a queue of their own) or the default file; PermissionRefused (77).
     """
     uid = os.getuid()
     home = os.environ.get("HOME") or "/"
-    if path is None:
-        path = default_path(os.environ, uid, home)
-        explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: no such configuration file") from None
-        cfg = parse("", path)
-    except PermissionError as exc:
-        if uid == 0 or path != SYSTEM_CONFIG:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        cfg = parse("", path)  # private to relayq: users only hand mail over to it
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    else:
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            cache = _Cache(path, uid, home)
-            values = cache.get(key)
-            if values is not None:
-                cfg = Config(values, path)
-            else:
-                try:
-                    text = f.read().decode("utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"{path}: cannot read: {exc}") from None
-                cfg = parse(text, path)
-                if not any(cfg.values.get(k) for k in SECRET_KEYS):
-                    cache.put(key, cfg.values)  # a secret is never copied out of its file
-            if cfg.password:
-                _check_private(path, st, "holds a password")
-    if cfg.password_file:
-        try:
-            _check_private(cfg.password_file, os.stat(cfg.password_file), "is a password file")
-        except FileNotFoundError:
-            pass  # reported when it is needed, as a deferral with the reason
-    if not cfg.queue_dir:
-        cfg.queue_dir = default_queue(os.environ, uid, home, path)
-    return cfg
+    if named is not None:
+        if uid != 0 or os.geteuid() != 0:
+            raise PermissionRefused("-C: only root may name a configuration file "
+                                    "(set RELAYQ_CONFIG for a queue of your own)")
+        return Source(named, True, uid, home)
+    return Source(default_path(os.environ, uid, home), bool(os.environ.get("RELAYQ_CONFIG")),
+                  uid, home)
+
+
+def load(path: str | None = None, *, explicit: bool = True) -> Config:
+    """select(path).load(): the configuration this process may use (77 for a path
+    named by anyone but root)."""
+    del explicit  # a named file is always explicit (kept for the callers' keyword)
+    return select(path).load()
 
 
 PRIVATE_GROUPS = ("root", "relayq")

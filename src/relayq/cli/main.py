@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from relayq import config
+
+    # who may use which configuration, before any command opens anything (77)
+    source = config.select(args.config)
     if args.command == "version":
         from relayq import __version__
 
@@ -74,12 +78,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "daemon":
         from relayq import daemon
 
-        return daemon.start(config_path=args.config, explicit=args.config is not None,
-                            tag=args.tag, interval=args.interval, listen=args.listen,
-                            foreground=args.foreground)
-    from relayq import config
-
-    cfg = config.load(args.config, explicit=args.config is not None)
+        return daemon.start(source=source, tag=args.tag, interval=args.interval,
+                            listen=args.listen, foreground=args.foreground)
+    cfg = source.load()
     if args.command == "check-config":
         return check_config(cfg)
     if args.command == "newaliases":
