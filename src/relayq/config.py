@@ -94,6 +94,71 @@ class Smarthost:
         return cls(host, port, mx)
 
 
+def parse_listen(spec: str) -> tuple[str, int]:
+    """`127.0.0.1:25`, `[::1]:25`, `127.0.0.1` (port 25) -> (ip, port)."""
+    import ipaddress
+
+    text, port = spec.strip(), "25"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"listen: bad address {spec!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"listen: {spec!r} is not an IP address (write [::1]:25)") from None
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen: bad port in {spec!r}")
+    return str(ip), int(port)
+
+
+def own_listener(host: str, port: int, listen: list[str]) -> str:
+    """The listen address (as written) whose socket a connection to host:port
+    reaches, or "": the one rule of a relay loop by address, asked by
+    check-config, the daemon's start and the transport (with the address it
+    connected to).
+
+    `host` is an IP address or a name. Of names only localhost (and
+    *.localhost, RFC 6761) is known without DNS; a wildcard listener (0.0.0.0,
+    ::) is known to receive the loopback addresses and itself. The listener
+    binds IPv6 with IPV6_V6ONLY: `::` never takes IPv4.
+    """
+    import ipaddress
+
+    def plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return mapped if mapped is not None else ip
+
+    name = host.strip().rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        targets = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    else:
+        try:
+            targets = [plain(ipaddress.ip_address(name.split("%", 1)[0]))]
+        except ValueError:
+            return ""
+    for spec in listen:
+        try:
+            lhost, lport = parse_listen(spec)
+        except ConfigError:
+            continue  # the listener's check_config names it
+        mine = plain(ipaddress.ip_address(lhost))
+        if lport != port:
+            continue
+        for ip in targets:
+            if ip.version == mine.version and (
+                ip == mine or (mine.is_unspecified and (ip.is_loopback or ip.is_unspecified))
+            ):
+                return spec.strip()
+    return ""
+
+
 def _port(text: str, key: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ConfigError(f"{key}: bad port {text!r}")
@@ -298,6 +363,21 @@ class Config:
     def smarthosts(self) -> list[Smarthost]:
         default = self.port or (465 if self.tls == "implicit" else 25)
         return [Smarthost.parse(s, default) for s in self.smarthost]
+
+    def loop_reason(self, listen: list[str] | None = None) -> str:
+        """Why a smarthost is this relayq's own listener (own_listener), or ""."""
+        for sh in self.smarthosts():
+            spec = own_listener(sh.host, sh.port, self.listen if listen is None else listen)
+            if spec:
+                return f"smarthost {sh!r} is this relayq's own listener (listen {spec})"
+        return ""
+
+    def check_no_loop(self, listen: list[str] | None = None) -> None:
+        """ConfigError (78) for a configuration that relays to its own listener."""
+        reason = self.loop_reason(listen)
+        if reason:
+            raise ConfigError(f"{self.path}: {reason}: mail would loop back to me; set "
+                              "smarthost to your relay (or listen to other addresses)")
 
     def effective(self) -> dict[str, Any]:
         """Every key and value, secrets masked (for check-config)."""

@@ -756,6 +756,8 @@ class Daemon:
             if self.opts.loader is None:
                 raise ConfigError("no configuration file to reload")
             cfg = self.opts.loader()
+            if self.listener is not None:  # a smarthost that is our listener: refused
+                cfg.check_no_loop(self.listener.addresses())
             ctx = Context(cfg)
         except RelayqError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc.message}")
