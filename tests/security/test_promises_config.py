@@ -160,3 +160,30 @@ def test_a_sighup_to_a_readable_password_config_keeps_the_old_one(
         assert d.proc.poll() is None
     finally:
         assert d.stop() == EX_OK
+
+
+# --- §3: a looped message is refused before exit 0, never taken and dropped -------------
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["-h", "Received"])
+def test_a_handed_over_message_over_the_hop_limit_is_refused_before_exit_0(
+    system: System, how: str
+) -> None:
+    """With no daemon running the hand-over exits 0 and the taker decides later; it
+    refused 25 to 999 hops (-h) or 25 Received fields and removed the file, so the
+    message was gone. The client applies the taker's rule first: 65, nothing queued."""
+    hops = "".join(f"Received: from hop{n}.example.org by host.example.org; "
+                   "Tue, 1 Dec 2026 00:00:00 +0000\n" for n in range(25))
+    args, head = (["-h", "25"], "") if how == "-h" else ([], hops)
+    r = system.sendmail_as(ALICE, *args, "carol@example.org",
+                           input=(head + "Subject: loop\n\nround\n").encode())
+    assert r.returncode == 65, r
+    assert "Too many hops 25 (25 max)" in assert_one_line_error(r)
+    assert system.drops() == []
+    # one hop less goes through
+    fewer = (["-h", "24"], "") if how == "-h" else ([], hops.split("\n", 1)[1])
+    r = system.sendmail_as(ALICE, *fewer[0], "carol@example.org",
+                           input=(fewer[1] + "Subject: loop\n\nround\n").encode())
+    assert r.returncode == 0, r
+    assert len(system.drops()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -52,3 +54,26 @@ def test_the_default_configuration_relays_to_its_own_listener() -> None:
                        'listen = ["[::1]:2525"]')
     assert two.loop_reason() == ("smarthost localhost:2525 is this relayq's own listener "
                                  "(listen [::1]:2525)")
+
+
+HEADER = (b"Received: from a.example.org\r\n\tby b.example.org; Tue, 1 Dec 2026\r\n"
+          b"RECEIVED: from c.example.org\nX-Note: Received: not a field\n"
+          b"received: by d.example.org\nSubject: x\n\nReceived: in the body\n")
+
+
+@given(st.lists(st.integers(0, len(HEADER)), max_size=8))
+def test_hop_counter_is_the_same_for_any_split(cuts: list[int]) -> None:
+    from relayq.policy import HopCounter
+
+    counter = HopCounter()
+    edges = [0, *sorted(cuts), len(HEADER)]
+    for a, b in itertools.pairwise(edges):
+        counter.feed(HEADER[a:b])
+    assert counter.hops == 3
+
+
+def test_hop_refusal_is_the_one_rule() -> None:
+    from relayq.policy import MAX_HOPS, hop_refusal
+
+    assert hop_refusal(MAX_HOPS - 1) == ""
+    assert hop_refusal(MAX_HOPS) == "Too many hops 25 (25 max): message refused (mail loop?)"
