@@ -77,3 +77,22 @@ def test_hop_refusal_is_the_one_rule() -> None:
 
     assert hop_refusal(MAX_HOPS - 1) == ""
     assert hop_refusal(MAX_HOPS) == "Too many hops 25 (25 max): message refused (mail loop?)"
+
+
+def test_the_transport_sees_a_loop_by_address_or_by_our_name() -> None:
+    from relayq.smtp.protocol import Reply
+    from relayq.transport.smtp import loop_reason
+
+    theirs = Reply(220, ("smarthost.example.org ESMTP",))
+    ours = Reply(250, ("HOST.example.org.", "PIPELINING"))
+    listen = ["127.0.0.1:2525"]
+    assert loop_reason("127.0.0.1", 25, listen, "host.example.org", theirs) == ""
+    assert loop_reason("127.0.0.1", 2525, listen, "host.example.org", theirs) == (
+        "smarthost [127.0.0.1]:2525 is this relayq's own listener (listen 127.0.0.1:2525)")
+    assert loop_reason("192.0.2.1", 25, listen, "host.example.org", theirs, ours) == (
+        "smarthost [192.0.2.1]:25 greets as HOST.example.org., this relayq's own name")
+    # names many hosts share prove nothing
+    for name in ("localhost", "localhost.localdomain", "vm"):
+        same = Reply(220, (f"{name} ESMTP",))
+        assert loop_reason("192.0.2.1", 25, listen, name, same) == ""
+    assert loop_reason("192.0.2.1", 25, listen, "host.example.org", Reply(220, ("",))) == ""

@@ -497,9 +497,11 @@ def loop_reason(ip: str, port: int, listen: list[str], own_name: str, *replies: 
     if spec:
         return f"smarthost {where} is this relayq's own listener (listen {spec})"
     mine = own_name.rstrip(".").lower()
+    if "." not in mine or mine.split(".", 1)[0] == "localhost":
+        return ""  # a name many hosts share (a container's default) proves nothing
     for reply in replies:
         words = reply.lines[0].split() if reply.lines else []
-        if mine and words and words[0].rstrip(".").lower() == mine:
+        if words and words[0].rstrip(".").lower() == mine:
             return f"smarthost {where} greets as {words[0]}, this relayq's own name"
     return ""
 
