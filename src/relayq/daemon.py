@@ -756,8 +756,8 @@ class Daemon:
             if self.opts.loader is None:
                 raise ConfigError("no configuration file to reload")
             cfg = self.opts.loader()
-            if self.listener is not None:  # a smarthost that is our listener: refused
-                cfg.check_no_loop(self.listener.addresses())
+            # a smarthost that is our listener (the one bound, if any): refused
+            cfg.check_no_loop(self.listener.addresses() if self.listener else None)
             ctx = Context(cfg)
         except RelayqError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc.message}")
@@ -944,6 +944,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
 
 def run(cfg: Config, log: Log, opts: Options) -> int:
     """Start the daemon: in the foreground, or detached the sendmail way."""
+    cfg.check_no_loop()  # a smarthost that is our listener: 78 on the terminal
     if opts.listen:
         from relayq import listener
 

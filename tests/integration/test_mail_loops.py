@@ -13,11 +13,12 @@ configuration.
 from __future__ import annotations
 
 import json
+import signal
 from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
-from tests.integration.test_daemon import DaemonProcess, free_port, kill_detached
+from tests.integration.test_daemon import DaemonProcess, free_port, kill_detached, wait_for
 
 from relayq.errors import EX_CONFIG, EX_OK
 
@@ -80,8 +81,9 @@ def test_the_defaults_are_refused_for_a_listener(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["relayq", "daemon", "--listen", "--foreground"],
                                   ["relayq", "daemon", "--listen"], ["sendmail", "-bd"],
-                                  ["sendmail", "-bD", "-q1m"]])
-def test_the_daemon_refuses_to_listen_where_it_relays(rq: Relayq, argv: list[str]) -> None:
+                                  ["sendmail", "-bD", "-q1m"], ["sendmail", "-q1m"],
+                                  ["relayq", "daemon", "--foreground"]])
+def test_the_daemon_refuses_a_smarthost_that_is_its_listener(rq: Relayq, argv: list[str]) -> None:
     rq.configure(**loop_configs(free_port())[0])
     try:
         r = rq.run(*argv, timeout=30)
@@ -143,3 +145,17 @@ def test_a_smarthost_at_our_listen_address_is_never_sent_to(
     assert rq.sendmail("-q").returncode != EX_OK  # still queued: 75
     queued_loop(rq)
     assert sh.transactions == []
+
+
+def test_a_reload_to_a_loop_is_refused(rq: Relayq) -> None:
+    port = free_port()
+    rq.configure(listen=[f"127.0.0.1:{port}"], delivery_mode="deferred")
+    d = DaemonProcess(rq, "--listen").wait_started()
+    try:
+        rq.configure(smarthost=f"localhost:{port}")
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in rq.log(), what="the refusal")
+        assert "is this relayq's own listener" in rq.log()
+        assert "configuration reloaded" not in rq.log()
+    finally:
+        assert d.stop() == EX_OK
