@@ -159,3 +159,14 @@ def test_a_reload_to_a_loop_is_refused(rq: Relayq) -> None:
         assert "configuration reloaded" not in rq.log()
     finally:
         assert d.stop() == EX_OK
+
+
+def test_no_listener_means_a_local_mta_on_that_port_is_a_relay(
+    rq: Relayq, smarthost_factory: SmarthostFactory
+) -> None:
+    """relayq in front of another MTA on 127.0.0.1:PORT: `listen = []` says so."""
+    sh = smarthost_factory()
+    rq.configure(smarthost=sh.smarthost, listen=[])
+    assert rq.run("relayq", "check-config").returncode == EX_OK
+    assert rq.sendmail("-odi", "bob@example.org", input=MSG).returncode == EX_OK
+    assert len(sh.transactions) == 1 and rq.queued() == []
