@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.errors import ConfigError
+from relayq.errors import ConfigError, PermissionRefused
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -92,6 +92,71 @@ class Smarthost:
         if not host:
             raise ConfigError(f"{key}: empty host in {spec!r}")
         return cls(host, port, mx)
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """`127.0.0.1:25`, `[::1]:25`, `127.0.0.1` (port 25) -> (ip, port)."""
+    import ipaddress
+
+    text, port = spec.strip(), "25"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"listen: bad address {spec!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"listen: {spec!r} is not an IP address (write [::1]:25)") from None
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen: bad port in {spec!r}")
+    return str(ip), int(port)
+
+
+def own_listener(host: str, port: int, listen: list[str]) -> str:
+    """The listen address (as written) whose socket a connection to host:port
+    reaches, or "": the one rule of a relay loop by address, asked by
+    check-config, the daemon's start and the transport (with the address it
+    connected to).
+
+    `host` is an IP address or a name. Of names only localhost (and
+    *.localhost, RFC 6761) is known without DNS; a wildcard listener (0.0.0.0,
+    ::) is known to receive the loopback addresses and itself. The listener
+    binds IPv6 with IPV6_V6ONLY: `::` never takes IPv4.
+    """
+    import ipaddress
+
+    def plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return mapped if mapped is not None else ip
+
+    name = host.strip().rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        targets = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    else:
+        try:
+            targets = [plain(ipaddress.ip_address(name.split("%", 1)[0]))]
+        except ValueError:
+            return ""
+    for spec in listen:
+        try:
+            lhost, lport = parse_listen(spec)
+        except ConfigError:
+            continue  # the listener's check_config names it
+        mine = plain(ipaddress.ip_address(lhost))
+        if lport != port:
+            continue
+        for ip in targets:
+            if ip.version == mine.version and (
+                ip == mine or (mine.is_unspecified and (ip.is_loopback or ip.is_unspecified))
+            ):
+                return spec.strip()
+    return ""
 
 
 def _port(text: str, key: str) -> int:
@@ -312,6 +377,21 @@ class Config:
         default = self.port or (465 if self.tls == "implicit" else 25)
         return [Smarthost.parse(s, default) for s in self.smarthost]
 
+    def loop_reason(self, listen: list[str] | None = None) -> str:
+        """Why a smarthost is this relayq's own listener (own_listener), or ""."""
+        for sh in self.smarthosts():
+            spec = own_listener(sh.host, sh.port, self.listen if listen is None else listen)
+            if spec:
+                return f"smarthost {sh!r} is this relayq's own listener (listen {spec})"
+        return ""
+
+    def check_no_loop(self, listen: list[str] | None = None) -> None:
+        """ConfigError (78) for a configuration that relays to its own listener."""
+        reason = self.loop_reason(listen)
+        if reason:
+            raise ConfigError(f"{self.path}: {reason}: mail would loop back to me; set "
+                              "smarthost to your relay (or listen to other addresses)")
+
     def effective(self) -> dict[str, Any]:
         """Every key and value, secrets masked (for check-config)."""
         out = {}
@@ -384,56 +464,100 @@ def default_queue(env: dict[str, str] | os._Environ[str], uid: int, home: str,
     return os.path.join(base, "relayq")
 
 
-def load(path: str | None = None, *, explicit: bool = False) -> Config:
-    """Read the config file (or defaults when the default file is absent).
+class Source:
+    """Which configuration file a process uses, decided once by select().
 
-    The checked settings are cached (see _Cache): parsing TOML costs the
-    submission path about 10 ms of imports (tomllib pulls in re and typing),
-    more than the rest of a queue-only submission.
+    The path and the default queue are fixed when the process starts: root
+    dropping to daemon_user must re-read (SIGHUP) the file it started with,
+    not the one its new uid would pick.
+    """
+
+    __slots__ = ("explicit", "home", "path", "queue", "uid")
+
+    def __init__(self, path: str, explicit: bool, uid: int, home: str) -> None:
+        self.path = path
+        self.explicit = explicit  # a missing file is an error, not the defaults
+        self.uid = uid
+        self.home = home
+        self.queue = default_queue(os.environ, uid, home, path)
+
+    def load(self) -> Config:
+        """Read and check the file: the one loader of every process (sendmail, mailq,
+        relayq, the daemon at start and on SIGHUP), secret-permission check included.
+
+        The checked settings are cached (see _Cache): parsing TOML costs the
+        submission path about 10 ms of imports (tomllib pulls in re and typing),
+        more than the rest of a queue-only submission.
+        """
+        path, uid, home = self.path, self.uid, self.home
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if self.explicit:
+                raise ConfigError(f"{path}: no such configuration file") from None
+            cfg = parse("", path)
+        except PermissionError as exc:
+            if uid == 0 or path != SYSTEM_CONFIG:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            cfg = parse("", path)  # private to relayq: users only hand mail over to it
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        else:
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                cache = _Cache(path, uid, home)
+                values = cache.get(key)
+                if values is not None:
+                    cfg = Config(values, path)
+                else:
+                    try:
+                        text = f.read().decode("utf-8")
+                    except (OSError, UnicodeDecodeError) as exc:
+                        raise ConfigError(f"{path}: cannot read: {exc}") from None
+                    cfg = parse(text, path)
+                    if not any(cfg.values.get(k) for k in SECRET_KEYS):
+                        cache.put(key, cfg.values)  # a secret is never copied out of its file
+                if cfg.password:
+                    _check_private(path, st, "holds a password")
+        if cfg.password_file:
+            try:
+                _check_private(cfg.password_file, os.stat(cfg.password_file),
+                               "is a password file")
+            except OSError:
+                pass  # reported when it is needed, as a deferral with the reason
+        if not cfg.queue_dir:
+            cfg.queue_dir = self.queue
+        return cfg
+
+
+def select(named: str | None = None) -> Source:
+    """The one rule for which configuration a process may use, asked by every entry
+    point (sendmail in every mode, mailq, newaliases, relayq, the daemon) before it
+    opens or starts anything.
+
+    A file named on the command line (`-C`) is root's alone: a web application's
+    caller may choose its argv (CVE-2016-10033), and a configuration names the
+    queue, log and pid files, the password_command and pipe aliases a daemon
+    would run. Anyone else gets RELAYQ_CONFIG (their environment, not their
+    argv: a queue of their own) or the default file; PermissionRefused (77).
     """
     uid = os.getuid()
     home = os.environ.get("HOME") or "/"
-    if path is None:
-        path = default_path(os.environ, uid, home)
-        explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: no such configuration file") from None
-        cfg = parse("", path)
-    except PermissionError as exc:
-        if uid == 0 or path != SYSTEM_CONFIG:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        cfg = parse("", path)  # private to relayq: users only hand mail over to it
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    else:
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            cache = _Cache(path, uid, home)
-            values = cache.get(key)
-            if values is not None:
-                cfg = Config(values, path)
-            else:
-                try:
-                    text = f.read().decode("utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"{path}: cannot read: {exc}") from None
-                cfg = parse(text, path)
-                if not any(cfg.values.get(k) for k in SECRET_KEYS):
-                    cache.put(key, cfg.values)  # a secret is never copied out of its file
-            if cfg.password:
-                _check_private(path, st, "holds a password")
-    if cfg.password_file:
-        try:
-            _check_private(cfg.password_file, os.stat(cfg.password_file), "is a password file")
-        except FileNotFoundError:
-            pass  # reported when it is needed, as a deferral with the reason
-    if not cfg.queue_dir:
-        cfg.queue_dir = default_queue(os.environ, uid, home, path)
-    return cfg
+    if named is not None:
+        if uid != 0 or os.geteuid() != 0:
+            raise PermissionRefused("-C: only root may name a configuration file "
+                                    "(set RELAYQ_CONFIG for a queue of your own)")
+        return Source(named, True, uid, home)
+    return Source(default_path(os.environ, uid, home), bool(os.environ.get("RELAYQ_CONFIG")),
+                  uid, home)
+
+
+def load(path: str | None = None, *, explicit: bool = True) -> Config:
+    """select(path).load(): the configuration this process may use (77 for a path
+    named by anyone but root)."""
+    del explicit  # a named file is always explicit (kept for the callers' keyword)
+    return select(path).load()
 
 
 PRIVATE_GROUPS = ("root", "relayq")

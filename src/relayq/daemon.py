@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
     from relayq import control
     from relayq.agent import Agent
-    from relayq.config import Config
+    from relayq.config import Config, Source
     from relayq.listener import Listener
     from relayq.log import Log
     from relayq.prefork import Listeners
@@ -758,6 +758,8 @@ class Daemon:
             if self.opts.loader is None:
                 raise ConfigError("no configuration file to reload")
             cfg = self.opts.loader()
+            # a smarthost that is our listener (the one bound, if any): refused
+            cfg.check_no_loop(self.listener.addresses() if self.listener else None)
             ctx = Context(cfg)
         except RelayqError as exc:
             self.log.error(f"reload refused, keeping the running configuration: {exc.message}")
@@ -944,6 +946,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
 
 def run(cfg: Config, log: Log, opts: Options) -> int:
     """Start the daemon: in the foreground, or detached the sendmail way."""
+    cfg.check_no_loop()  # a smarthost that is our listener: 78 on the terminal
     if opts.listen:
         from relayq import listener
 
@@ -1016,47 +1019,18 @@ def _report(fd: int, code: int, message: str) -> None:
         os.close(fd)
 
 
-def config_loader(path: str | None, explicit: bool) -> Callable[[], Config]:
-    """Re-read exactly the file read at start, even after dropping privileges.
+def start(*, source: Source, tag: str, interval: str | None, listen: bool,
+          foreground: bool) -> int:
+    """The entry point of `sendmail -q29m / -bd` and `relayq daemon`.
 
-    config.load() picks its default path and queue by the current uid, which
-    changes when root drops to daemon_user; so the path and the default queue
-    are fixed here once.
+    `source` is config.select()'s answer (who may use which file, decided by the
+    caller before anything else); its load() is the one loader of every process,
+    here at start and on SIGHUP (the path and default queue stay those of the start,
+    even after dropping to daemon_user).
     """
-    from relayq import config
-
-    uid = os.getuid()
-    home = os.environ.get("HOME") or "/"
-    if path is None:
-        path = config.default_path(os.environ, uid, home)
-        explicit = explicit or bool(os.environ.get("RELAYQ_CONFIG"))
-    queue_default = config.default_queue(os.environ, uid, home, path)
-    fixed_path: str = path
-
-    def load() -> Config:
-        try:
-            with open(fixed_path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            if explicit:
-                raise ConfigError(f"{fixed_path}: no such configuration file") from None
-            text = ""
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{fixed_path}: cannot read: {exc}") from None
-        cfg = config.parse(text, fixed_path)
-        if not cfg.queue_dir:
-            cfg.queue_dir = queue_default
-        return cfg
-
-    return load
-
-
-def start(*, config_path: str | None, explicit: bool, tag: str, interval: str | None,
-          listen: bool, foreground: bool) -> int:
-    """The entry point of `sendmail -q29m / -bd` and `relayq daemon`."""
     from relayq.log import Log
 
-    loader = config_loader(config_path, explicit)
+    loader = source.load
     cfg = loader()
     seconds = parse_interval(interval) if interval and interval != "p" else None
     log = Log(tag, use_syslog=cfg.syslog, path=cfg.log_file)

@@ -44,6 +44,24 @@ def fqdn() -> str:
     return _FQDN[0]
 
 
+def smtp_name(ehlo_name: str = "", domain: str = "") -> str:
+    """The name this relayq gives itself in SMTP: its EHLO to the smarthost, and its
+    listener's greeting and EHLO reply. One function for both, so a relay greeting
+    with it is known to be ourselves (a mail loop, as sendmail's "mail loops back
+    to me"): `ehlo_name`, else the FQDN, else the mail domain; DNS (getfqdn) only
+    as a last resort, since it can stall."""
+    if ehlo_name:
+        return ehlo_name
+    name = fqdn()
+    if "." not in name:
+        name = mail_domain(domain)
+    if "." not in name:
+        import socket
+
+        name = socket.getfqdn()
+    return name
+
+
 def mail_domain(configured: str = "") -> str:
     return configured or _from_file("/etc/mailname") or fqdn()
 

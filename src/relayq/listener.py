@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP
 
-from relayq import address
+from relayq import address, hostname
+from relayq.config import parse_listen
 from relayq.errors import (
     EX_OK,
     ConfigError,
@@ -85,27 +86,6 @@ _aiolog.propagate = False
 # --- addresses to listen on ---------------------------------------------------------
 
 
-def parse_listen(spec: str) -> tuple[str, int]:
-    """`127.0.0.1:25`, `[::1]:25`, `127.0.0.1` (port 25) -> (ip, port)."""
-    text, port = spec.strip(), "25"
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"listen: bad address {spec!r}")
-        port = rest[1:] or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host = text
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"listen: {spec!r} is not an IP address (write [::1]:25)") from None
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"listen: bad port in {spec!r}")
-    return str(ip), int(port)
-
-
 def _is_loopback(host: str) -> bool:
     ip = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -114,7 +94,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_config(cfg: Config) -> list[tuple[str, int]]:
-    """The listen addresses; ConfigError (78) for a non-loopback one not allowed."""
+    """The listen addresses; ConfigError (78) for a non-loopback one not allowed, and
+    for a smarthost that is one of them (a relay loop: issue 12 §3)."""
     out = []
     if not cfg.listen:
         raise ConfigError("listen: no address to listen on")
@@ -125,6 +106,7 @@ def check_config(cfg: Config) -> list[tuple[str, int]]:
                               "listen_nonloopback = true to bind it (only local clients "
                               "may relay even then)")
         out.append((host, port))
+    cfg.check_no_loop()
     return out
 
 
@@ -137,6 +119,7 @@ def check_sockets(cfg: Config, socks: list[socket.socket]) -> None:
         if not _is_loopback(host) and not cfg.listen_nonloopback:
             raise ConfigError(f"listen: the socket from systemd is bound to {host}, not a "
                               "loopback address; set listen_nonloopback = true to allow it")
+    cfg.check_no_loop([f"[{s.getsockname()[0]}]:{s.getsockname()[1]}" for s in socks])
 
 
 def bind(cfg: Config) -> list[socket.socket]:
@@ -258,7 +241,7 @@ class Server(SMTP):
         self._counted = False
         super().__init__(
             Handler(state),
-            hostname=state.ctx.fqdn,
+            hostname=hostname.smtp_name(state.cfg.ehlo_name, state.cfg.domain),  # loops: #12
             ident="ESMTP relayq",
             data_size_limit=state.size_limit,
             enable_SMTPUTF8=True,

@@ -153,8 +153,12 @@ class Pending:
 
 
 def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
-          limit: int) -> Pending:
-    """Write the request and the message to a new maildrop/tHEX."""
+          limit: int, *, count_hops: bool = False) -> Pending:
+    """Write the request and the message to a new maildrop/tHEX; with `count_hops`
+    (no -h given) refuse, as the taker would, a header of too many Received fields."""
+    from relayq import policy
+
+    hops = policy.HopCounter()
     drop = spool.maildrop
     name = "t" + os.urandom(16).hex()
     path = os.path.join(drop, name)
@@ -177,7 +181,12 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
             size += len(chunk)
             if size > limit:
                 raise DataError(f"Message is too large (over {limit} bytes)")
+            if count_hops:
+                hops.feed(chunk)
             _write_all(fd, chunk)
+        refusal = policy.hop_refusal(hops.hops) if count_hops else ""
+        if refusal:  # a loop: the caller still has the message, exit 0 would lose it
+            raise DataError(refusal)
     except BaseException as exc:
         os.close(fd)
         try:
@@ -192,6 +201,8 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
 
 def request_fields(req: Request, mode: str) -> list[tuple[str, str]]:
     """What the taker needs of a Request; DataError for a value it would refuse."""
+    from relayq import policy
+
     fields: list[tuple[str, str]] = []
     if req.sender is not None:
         fields.append(("sender", req.sender))
@@ -212,21 +223,22 @@ def request_fields(req: Request, mode: str) -> list[tuple[str, str]]:
             raise DataError(f"{key}: control characters or over {MAX_VALUE} characters")
     if len(req.recipients) > MAX_RCPTS:
         raise DataError(f"more than {MAX_RCPTS} recipient arguments")
-    if req.hops is not None and req.hops > 999:
-        raise DataError(f"Too many hops {req.hops} (25 max): message refused (mail loop?)")
+    refusal = policy.hop_refusal(req.hops) if req.hops is not None else ""
+    if refusal:  # the taker's rule, before the exit 0 (a loop must not be dropped later)
+        raise DataError(refusal)
     if sum(len(k) + len(v) + 2 for k, v in fields) + len(MAGIC) + 1 > MAX_HEAD:
         raise DataError("too many or too long recipient arguments")
     return fields
 
 
 def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
-              limit: int) -> str:
+              limit: int, *, count_hops: bool = False) -> str:
     """Submit as a user who may not write the queue: the queue id the daemon gave
     ("" when it took the file but its answer was lost), or the drop file's name
     when no daemon took it (it waits, durable, in maildrop/)."""
     from relayq import control
 
-    pending = write(spool, fields, chunks, limit)
+    pending = write(spool, fields, chunks, limit, count_hops=count_hops)
     try:
         fcntl.flock(pending.fd, fcntl.LOCK_UN)  # complete: the daemon may take it now
         conn = control.Connection.open(spool.socket_path, f"take {pending.name}", 300.0)
@@ -251,7 +263,8 @@ def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[byte
 
 def hand_over_request(cfg: Config, spool: Spool, req: Request, chunks: Iterable[bytes],
                       mode: str = "") -> str:
-    return hand_over(spool, request_fields(req, mode), chunks, size_limit(cfg))
+    return hand_over(spool, request_fields(req, mode), chunks, size_limit(cfg),
+                     count_hops=req.hops is None)
 
 
 def _write_all(fd: int, data: bytes) -> None:

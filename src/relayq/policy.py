@@ -5,6 +5,39 @@ from __future__ import annotations
 from relayq.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
 
 JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
+MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loop
+
+
+def hop_refusal(hops: int) -> str:
+    """The one hop-count rule (enqueue, and the hand-over client before its exit 0):
+    why a message is refused, or ""."""
+    if hops < MAX_HOPS:
+        return ""
+    return f"Too many hops {hops} ({MAX_HOPS} max): message refused (mail loop?)"
+
+
+class HopCounter:
+    """Received fields of a message's header, counted in its raw chunks as they stream
+    past: a client that exits 0 before its taker reads the message refuses first
+    what the taker would refuse (the taker counts with headers.rewrite; a field
+    name is matched at the start of a line, case-insensitively)."""
+
+    def __init__(self) -> None:
+        self.hops = 0
+        self._line = b""  # the start of a line split between chunks
+        self._done = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._done:
+            return
+        lines = (self._line + chunk).split(b"\n")
+        self._line = lines.pop()[:16]  # only a line's start matters
+        for line in lines:
+            if line in (b"", b"\r"):  # the end of the header
+                self._done = True
+                return
+            if line[:9].lower() == b"received:":
+                self.hops += 1
 
 
 def next_delay(attempts: int, minimum: float, maximum: float, spread: float = 0.5) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from relayq import address, headers, hostname
+from relayq import address, headers, hostname, policy
 from relayq.envelope import Envelope, Recipient
 from relayq.errors import DataError, UsageError
 from relayq.lines import Normalizer
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from relayq.spool import NewMessage, Spool
 
 MAX_HEADER = 1 << 20
-MAX_HOPS = 25
+MAX_HOPS = policy.MAX_HOPS
 
 
 class Request:
@@ -160,8 +160,9 @@ def enqueue(
                 raise UsageError("No recipient addresses found in header")
             raise UsageError("Recipient names must be specified")
         hops = req.hops if req.hops is not None else result.hops
-        if hops >= MAX_HOPS:
-            raise DataError(f"Too many hops {hops} (25 max): message refused (mail loop?)")
+        refusal = policy.hop_refusal(hops)
+        if refusal:
+            raise DataError(refusal)
 
         eight_bit = result.eight_bit_headers
         msg.write(headers.serialize(result.fields))

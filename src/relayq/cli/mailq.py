@@ -159,10 +159,7 @@ def _main(args: list[str]) -> int:
     from relayq import config
     from relayq.spool import Spool
 
-    if opts.config is not None and os.getuid() != 0:
-        raise PermissionRefused("-C: only root may name a configuration file "
-                                "(set RELAYQ_CONFIG for a queue of your own)")
-    cfg = config.load(opts.config, explicit=opts.config is not None)
+    cfg = config.select(opts.config).load()  # -C is root's (77)
     spool = Spool(cfg.queue_dir)
     spool.enter()
     if not spool.writable():

@@ -14,6 +14,7 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from relayq.config import Config
+    from relayq.spool import Spool
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    from relayq import config
+
+    # who may use which configuration, before any command opens anything (77)
+    source = config.select(args.config)
     if args.command == "version":
         from relayq import __version__
 
@@ -74,12 +79,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "daemon":
         from relayq import daemon
 
-        return daemon.start(config_path=args.config, explicit=args.config is not None,
-                            tag=args.tag, interval=args.interval, listen=args.listen,
-                            foreground=args.foreground)
-    from relayq import config
-
-    cfg = config.load(args.config, explicit=args.config is not None)
+        return daemon.start(source=source, tag=args.tag, interval=args.interval,
+                            listen=args.listen, foreground=args.foreground)
+    cfg = source.load()
     if args.command == "check-config":
         return check_config(cfg)
     if args.command == "newaliases":
@@ -153,6 +155,7 @@ def status(cfg: Config, as_json: bool) -> int:
         quarantined = 0
     dead = sum(1 for _ in spool.dead_letters())
     pid = PidFile.running(pid_path(cfg))
+    loop = cfg.loop_reason() or (_recorded_loop(spool, min(ids)) if ids else "")
     info = {
         "queue": spool.queue,
         "messages": len(ids),
@@ -163,6 +166,7 @@ def status(cfg: Config, as_json: bool) -> int:
         "daemon_pid": pid if pid is not None and pid > 0 else None,
         "delivery_mode": cfg.effective()["delivery_mode"],
         "smarthost": cfg.smarthost,
+        "warning": f"mail loops back to me ({loop})" if loop else None,
     }
     if as_json:
         import json
@@ -178,7 +182,21 @@ def status(cfg: Config, as_json: bool) -> int:
               f"then remove from {spool.quarantine_dir})")
     print("daemon:       " + (f"running, pid {pid}" if pid is not None else "not running"))
     print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
+    if info["warning"]:
+        print(f"warning:      {info['warning']}: mail stays queued until the configuration "
+              "is fixed (relayq check-config)")
     return EX_OK
+
+
+def _recorded_loop(spool: Spool, qid: str) -> str:
+    """The loop the transport recorded (4.4.6) for the oldest message: one envelope
+    read, whatever the queue's size. Once a loop is seen every message defers with it."""
+    try:
+        error = spool.read_envelope(qid).error
+    except (OSError, RelayqError):
+        return ""
+    _, found, detail = error.partition("4.4.6 mail loops back to me (")
+    return detail[:-1] if found and detail.endswith(")") else ""
 
 
 def _age(seconds: float) -> str:
@@ -193,6 +211,7 @@ def check_config(cfg: object) -> int:
     from relayq.config import Config
 
     assert isinstance(cfg, Config)
+    cfg.check_no_loop()  # the daemon's listener would refuse it: say so before (78)
     print(f"# {cfg.path}")
     for key, value in cfg.effective().items():
         print(f"{key} = {_toml(value)}")

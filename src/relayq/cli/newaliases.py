@@ -22,7 +22,7 @@ def _main(argv: list[str]) -> int:
         from relayq.errors import UsageError
 
         raise UsageError("usage: newaliases [-C config]")
-    cfg = config.load(path, explicit=path is not None)
+    cfg = config.select(path).load()  # -C is root's (77)
     return check(cfg)
 
 

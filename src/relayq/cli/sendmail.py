@@ -32,7 +32,7 @@ TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq.config import Config
+    from relayq.config import Config, Source
     from relayq.log import Log
     from relayq.spool import Claim, Spool
     from relayq.submit import Context, Request
@@ -309,18 +309,10 @@ def _user() -> tuple[str, int, str]:
     return name, uid, full
 
 
-def _open(args: Args) -> tuple[Config, Log]:
-    from relayq import config
+def _open(args: Args, source: Source) -> tuple[Config, Log]:
     from relayq.log import Log
 
-    if args.config is not None:
-        if os.getuid() != 0 or os.geteuid() != 0:
-            # a web application's caller may control argv (D1): no file it names is read
-            raise PermissionRefused("-C: only root may name a configuration file "
-                                    "(set RELAYQ_CONFIG for a queue of your own)")
-        cfg = config.load(args.config, explicit=True)
-    else:
-        cfg = config.load()
+    cfg = source.load()
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
     for flag in args.ignored:
         log.info(f"ignored flag {flag} (accepted for compatibility)")
@@ -332,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from relayq import config
+
     args = parse(argv)
+    # who may use which configuration, decided before any mode opens or starts
+    # anything (a web application's caller may control argv, D1): 77 otherwise
+    source = config.select(args.config)
     if args.mode == "p":
         from relayq.cli.mailq import main as mailq_main
 
@@ -341,14 +338,13 @@ def _main(argv: list[str]) -> int:
     if args.mode == "d" or args.queue_interval:
         from relayq import daemon
 
-        return daemon.start(config_path=args.config, explicit=args.config is not None,
-                            tag=args.tag, interval=args.queue_interval or None,
+        return daemon.start(source=source, tag=args.tag, interval=args.queue_interval or None,
                             listen=args.mode == "d", foreground=args.foreground)
     if args.mode == "s":
-        return smtp_session(args)
+        return smtp_session(args, source)
     if args.mode in "thHP":
         raise UsageError(f"-b{args.mode} is not supported")
-    cfg, log = _open(args)
+    cfg, log = _open(args, source)
     if args.mode == "i":
         from relayq.cli.newaliases import check
 
@@ -360,12 +356,12 @@ def _main(argv: list[str]) -> int:
     return submit(cfg, log, args)
 
 
-def smtp_session(args: Args) -> int:
+def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
     from relayq.listener import serve_stdio
     from relayq.spool import Spool
 
-    cfg, log = _open(args)
+    cfg, log = _open(args, source)
     user, uid, _ = _user()
     Spool(cfg.queue_dir).enter()
     mode = args.delivery or cfg.delivery_mode

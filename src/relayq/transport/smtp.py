@@ -423,8 +423,12 @@ class SmtpTransport:
         """Connect, greet, secure and authenticate, following the TLS and AUTH policy."""
         cfg = self.config
         mode = cfg.tls
-        client.connect(t.family, t.sockaddr, self._tls_context() if mode == "implicit" else None)
-        client.ehlo(self.ehlo_name())
+        greeting = client.connect(t.family, t.sockaddr,
+                                  self._tls_context() if mode == "implicit" else None)
+        reply = client.ehlo(self.ehlo_name())
+        loop = loop_reason(client.peer_ip, t.port, cfg.listen, self.ehlo_name(), greeting, reply)
+        if loop:  # before STARTTLS and AUTH: never our password to ourselves
+            raise MailLoop(f"4.4.6 mail loops back to me ({loop})")
         if mode in ("required", "opportunistic"):
             if client.caps.starttls:
                 client.starttls(self._tls_context())
@@ -481,12 +485,7 @@ class SmtpTransport:
         if not self._ehlo_name:
             from relayq import hostname
 
-            fqdn = hostname.fqdn()
-            if "." not in fqdn:
-                fqdn = hostname.mail_domain(self.config.domain)
-            if "." not in fqdn:
-                fqdn = socket.getfqdn()
-            self._ehlo_name = self.config.ehlo_name or fqdn
+            self._ehlo_name = hostname.smtp_name(self.config.ehlo_name, self.config.domain)
         return self._ehlo_name
 
     def _get_secret(self) -> str:
@@ -587,6 +586,32 @@ def _dns_why(exc: BaseException) -> str:
     if isinstance(exc, dns.resolver.NoNameservers):
         return "no name server answered (SERVFAIL or REFUSED)"
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+class MailLoop(SmtpError):
+    """The relay is this relayq itself: defer (4.4.6), never bounce; the fix is ours."""
+
+    dsn_code = "4.4.6"
+
+
+def loop_reason(ip: str, port: int, listen: list[str], own_name: str, *replies: Reply) -> str:
+    """Why a relay is ourselves, or "": its address is one of our listen addresses
+    (config.own_listener), or its greeting or EHLO reply names it as we name
+    ourselves (hostname.smtp_name), as sendmail and Postfix decide."""
+    from relayq.config import own_listener
+
+    spec = own_listener(ip, port, listen)
+    where = f"[{ip}]:{port}"
+    if spec:
+        return f"smarthost {where} is this relayq's own listener (listen {spec})"
+    mine = own_name.rstrip(".").lower()
+    if "." not in mine or mine.split(".", 1)[0] == "localhost":
+        return ""  # a name many hosts share (a container's default) proves nothing
+    for reply in replies:
+        words = reply.lines[0].split() if reply.lines else []
+        if words and words[0].rstrip(".").lower() == mine:
+            return f"smarthost {where} greets as {words[0]}, this relayq's own name"
+    return ""
 
 
 def _is_ip(host: str) -> bool:
