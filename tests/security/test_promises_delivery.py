@@ -275,3 +275,21 @@ def test_D8_too_many_recipients_is_temporary_and_the_rest_go_next(
     assert tally(sh) == Counter({r: 1 for r in rcpts})
     assert [len(t.rcpt_tos) for t in sh.transactions] == [3, 3, 1]
     assert sh.connections == 1
+
+
+def test_D3_a_loop_is_never_expired_into_a_bounce(
+    tmp_path: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """Our own configuration's fault (the smarthost is our listener) keeps the mail
+    queued with the reason, past max_queue_age too: no bounce that would loop as well."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, listen=[f"127.0.0.1:{sh.port}"],
+                max_queue_age="1s")
+    assert rq.sendmail("-f", "alice@example.org", "bob@example.org", input=MSG).returncode == 0
+    rq.sendmail("-q")
+    time.sleep(1.1)
+    rq.sendmail("-q")
+    [(env, _)] = rq.queued()
+    assert env.pending() and "mail loops back to me" in env.recipients[0].reply
+    assert sh.transactions == [] and "Expired" not in rq.log()
+    assert "mail loops back to me" in rq.run("mailq").stdout.decode()
