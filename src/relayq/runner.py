@@ -145,7 +145,13 @@ class Runner:
             self._held = None
         newly = [r for r in env.recipients if r.state == FAILED and id(r) not in before]
         if not claim.finished:
-            self.settle(claim, now)
+            try:
+                self.settle(claim, now)
+            except Exception as exc:  # recorded already: only the report waits
+                why = exc.message if isinstance(exc, RelayqError) else \
+                    f"{type(exc).__name__}: {exc}"
+                self.log.error(f"{env.qid}: report not made yet ({why}); the recipients' "
+                               "outcomes are recorded, the report is tried at the next run")
         return [_code(r.reply) for r in newly]
 
     def _record(self, claim: Claim) -> None:
