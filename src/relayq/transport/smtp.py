@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from relayq import wire
 from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
     AuthFailed,
@@ -76,6 +77,7 @@ class OutgoingMessage:
     smtputf8: bool = False
     envid: str = ""
     ret: str = ""  # "" | "FULL" | "HDRS"
+    wire: wire.Plan | None = None  # how it goes to the current relay (set by _precheck)
 
 
 @dataclass
@@ -193,15 +195,24 @@ class SmtpTransport:
     def _precheck(
         self, client: SmtpClient, msg: OutgoingMessage
     ) -> Callable[[str], Outcome] | None:
-        """Refuse, without sending, what this relay cannot carry unchanged."""
+        """Refuse, without sending, what this relay cannot carry, even converted.
+
+        8-bit data for a relay without 8BITMIME and lines over 998 octets are
+        converted on the way out (relayq.wire); SMTPUTF8 cannot be (RFC 6531 3.2).
+        """
         caps = client.caps
         reply = ""
-        if caps.size and msg.size > caps.size:
-            reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
-        elif msg.body == "8BITMIME" and not caps.eightbitmime:
-            reply = f"554 5.6.3 relay {client.relay} does not support 8BITMIME"
-        elif msg.smtputf8 and not caps.smtputf8:
+        msg.wire = None
+        if msg.smtputf8 and not caps.smtputf8:
             reply = f"553 5.6.7 relay {client.relay} does not support SMTPUTF8"
+        else:
+            msg.wire = wire.plan(msg.data, eightbit=caps.eightbitmime, size=msg.size)
+            size = msg.wire.size
+            if msg.wire.refusal:
+                reply = (f"554 5.6.3 relay {client.relay} does not support 8BITMIME and the "
+                         f"message cannot be converted: {msg.wire.refusal}")
+            elif caps.size and size > caps.size:
+                reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
         if not reply:
             return None
         code = reply.split(" ")[1]
@@ -223,7 +234,8 @@ class SmtpTransport:
         caps = client.caps
         try:
             mail_line = proto.mail(msg.sender, proto.mail_params(
-                caps, size=msg.size, body=msg.body, smtputf8=msg.smtputf8,
+                caps, size=msg.wire.size if msg.wire else msg.size, body=msg.body,
+                smtputf8=msg.smtputf8,
                 ret=msg.ret, envid=msg.envid))
         except proto.CommandError as exc:
             for i in idx:
@@ -290,7 +302,7 @@ class SmtpTransport:
                     f"unexpected reply to DATA from {client.where}: {data_reply}")
             return self._settle(msg, accepted, data_reply, outcomes, "DATA")
         msg.data.seek(0)
-        final = client.send_data(msg.data)
+        final = client.send_data(wire.wire_reader(msg.data, msg.wire) if msg.wire else msg.data)
         _expect_final(client, final, "end of data")
         return self._settle(msg, accepted, final, outcomes, "end of data")
 
