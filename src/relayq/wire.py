@@ -102,6 +102,8 @@ class Part:
     huge8: bool = False  # 8-bit bytes in a header field too big to rewrite
     nbytes: int = 0
     nhigh: int = 0
+    total: int = 0  # nbytes of this part and everything inside it (headers roughly)
+    total_high: int = 0
     utf8: bool = True
     decoder: codecs.IncrementalDecoder | None = None
 
@@ -140,6 +142,7 @@ def _pieces(data: BinaryIO) -> Iterator[Line]:
 
 
 _NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
+_NAME_START = re.compile(rb"[!-9;-~]+[ \t]*")  # a field name cut by a piece boundary
 _PARAM = re.compile(rb';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)', re.S)
 
 
@@ -260,7 +263,7 @@ def events(data: BinaryIO) -> Iterator[Event]:
                 yield Event(ENDHEAD, cur, [(line, nl)])
                 cur, state = begin_body(cur)
                 continue
-            if _NAME.match(line):
+            if _NAME.match(line) or (not nl and _NAME_START.fullmatch(line)):
                 fld, fsize = [(line, nl)], len(line)
                 continue
             yield Event(ENDHEAD, cur, [])
@@ -300,15 +303,19 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
         return Plan(size=size)
     seven = not eightbit
     parts: dict[int, Part] = {}
+    col = 0  # octets so far of a line that comes in pieces
     for ev in events(data):
         p = ev.part
         parts[p.idx] = p
         if ev.kind in (BODY, FILL, DELIM):
-            for line, _ in ev.lines:
+            for line, nl in ev.lines:
                 n = len(line) + 1
                 p.nbytes += n
-                if len(line) > LIMIT:
+                col += len(line)
+                if col > LIMIT:
                     p.long = True
+                if nl:
+                    col = 0
                 if not line.isascii():
                     p.eight = True
                     p.nhigh += n - 1 - len(line.translate(None, HIGH))
@@ -324,6 +331,12 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
     grow = 0
     for p in parts.values():
         p.decoder = None
+        q: Part | None = p
+        while q is not None:
+            q.total += p.nbytes + 100
+            q.total_high += p.nhigh
+            q = q.parent
+    for p in parts.values():
         if p.head8 and seven:
             if p.huge8:
                 trouble.append((p, "an 8-bit header field too large to encode"))
@@ -362,8 +375,9 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
         if holder is None:
             out.refusal = why
             return out
-        out.globals.add(holder.idx)
-        grow += 2 * holder.nbytes + 60
+        if holder.idx not in out.globals:
+            out.globals.add(holder.idx)
+            grow += 2 * holder.total_high + 3 * (holder.total + 2 * holder.total_high) // 73 + 60
     out.size = size + grow
     return out
 
@@ -585,13 +599,12 @@ def _field(part: Part, lines: list[Line], p: Plan) -> bytes:
         return b""
     if name == b"content-type" and i in p.globals:
         return b"Content-Type: message/global\n"
-    raw = b"".join(line for line, _ in lines)
-    if i in p.encode_heads and not raw.isascii():
-        text = b"\n".join(line for line, _ in lines)
+    text = b"".join(line + b"\n" if nl else line for line, nl in lines)
+    if i in p.encode_heads and not text.isascii():
         return fold(encode_field(text), 78) + b"\n"
-    if any(len(line) > LIMIT for line, _ in lines):
-        return b"".join(fold(line) + (b"\n" if nl else b"") for line, nl in lines)
-    return b"".join(line + b"\n" if nl else line for line, nl in lines)
+    if len(text) > LIMIT and any(len(x) > LIMIT for x in text.split(b"\n")):
+        return b"\n".join(fold(x) for x in text.split(b"\n"))
+    return text
 
 
 def _endhead(part: Part, lines: list[Line], p: Plan) -> bytes:
