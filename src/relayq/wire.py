@@ -71,11 +71,31 @@ def needs_change(data: BinaryIO, *, eightbit: bool) -> bool:
         if run + first > LIMIT:
             return True
         last = block.rfind(b"\n")
-        if last > first and max(map(len, block[first + 1:last].split(b"\n"))) > LIMIT:
+        if last > first and _long_inside(block, first, last):
             return True
         run = len(block) - last - 1
         if run > LIMIT:
             return True
+    return False
+
+
+def _long_inside(block: bytes, first: int, last: int) -> bool:
+    """A line over LIMIT between the LFs at `first` and `last`?
+
+    If every stretch of LIMIT // 2 octets holds a LF, no line can be longer
+    than LIMIT: one find() per 499 octets instead of an object per line.
+    """
+    width = LIMIT // 2
+    k = first + 1
+    while k < last:
+        if block.find(b"\n", k, min(k + width, last + 1)) < 0:
+            a = block.rfind(b"\n", first, k) + 1
+            b = block.find(b"\n", k, last + 1)
+            if b - a > LIMIT:
+                return True
+            k = b + 1
+            continue
+        k += width
     return False
 
 
@@ -120,8 +140,12 @@ FIELD, ENDHEAD, BODY, FILL, DELIM, RAWHEAD = "field", "endhead", "body", "fill",
 Line = tuple[bytes, bool]  # (bytes without LF, had an LF)
 
 
-def _pieces(data: BinaryIO) -> Iterator[Line]:
-    """The file as lines without their LF; a line longer than PIECE comes in pieces."""
+def _blocks(data: BinaryIO) -> Iterator[list[Line]]:
+    """The file as lists of lines without their LF, one list per read.
+
+    A line longer than PIECE comes in pieces (had_lf False but the last);
+    within one list such pieces only come after the whole lines.
+    """
     data.seek(0)
     carry = b""
     while True:
@@ -132,13 +156,14 @@ def _pieces(data: BinaryIO) -> Iterator[Line]:
             block = carry + block
         lines = block.split(b"\n")
         carry = lines.pop()
-        for line in lines:
-            yield line, True
+        out = [(line, True) for line in lines]
         while len(carry) > PIECE:
-            yield carry[:PIECE], False
+            out.append((carry[:PIECE], False))
             carry = carry[PIECE:]
+        if out:
+            yield out
     if carry:
-        yield carry, False
+        yield [(carry, False)]
 
 
 _NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
@@ -217,61 +242,82 @@ def events(data: BinaryIO) -> Iterator[Event]:
             return new(p, True), FIELD
         return p, BODY
 
-    for line, nl in _pieces(data):
-        start, bol = bol, nl
-        if stack and start and nl and line[:2] == b"--":
-            hit = _boundary_hit(stack, line)
-            if hit is not None:
-                if state == FIELD:
-                    if fld:
-                        yield Event(FIELD, cur, fld)
-                        fld = []
-                    yield Event(ENDHEAD, cur, [])
-                i, closing = hit
-                mp = stack[i]
-                del stack[i + 1:]
-                yield Event(DELIM, mp, [(line, nl)])
-                if closing:
-                    stack.pop()
-                    cur, state = mp, FILL
-                else:
-                    cur, state = new(mp, False), FIELD
-                huge = False
-                continue
-        if state == FIELD:
-            if not start or ((fld or huge) and line[:1] in (b" ", b"\t")):
-                if huge:
-                    yield Event(RAWHEAD, cur, [(line, nl)])
-                    if not line.isascii():
-                        cur.huge8 = True
+    for block in _blocks(data):
+        i, n = 0, len(block)
+        while i < n:
+            if state != FIELD:  # body lines in bulk, up to the next delimiter
+                j = n
+                if stack:
+                    for j in range(i, n):
+                        line, nl = block[j]
+                        if (nl and line[:2] == b"--" and (block[j - 1][1] if j > i else bol)
+                                and _boundary_hit(stack, line) is not None):
+                            break
+                    else:
+                        j = n
+                if j > i:
+                    yield Event(state, cur, block[i:j])
+                    bol = block[j - 1][1]
+                    i = j
+                    if i == n:
+                        break
+            line, nl = block[i]
+            i += 1
+            start, bol = bol, nl
+            if stack and start and nl and line[:2] == b"--":
+                hit = _boundary_hit(stack, line)
+                if hit is not None:
+                    if state == FIELD:
+                        if fld:
+                            _note_field(cur, fld)
+                            yield Event(FIELD, cur, fld)
+                            fld = []
+                        yield Event(ENDHEAD, cur, [])
+                    k, closing = hit
+                    mp = stack[k]
+                    del stack[k + 1:]
+                    yield Event(DELIM, mp, [(line, nl)])
+                    if closing:
+                        stack.pop()
+                        cur, state = mp, FILL
+                    else:
+                        cur, state = new(mp, False), FIELD
+                    huge = False
                     continue
-                fld.append((line, nl))
-                fsize += len(line)
-                if fsize > FIELD_CAP:
+            if state == FIELD:
+                if not start or ((fld or huge) and line[:1] in (b" ", b"\t")):
+                    if huge:
+                        yield Event(RAWHEAD, cur, [(line, nl)])
+                        if not line.isascii():
+                            cur.huge8 = True
+                        continue
+                    fld.append((line, nl))
+                    fsize += len(line)
+                    if fsize > FIELD_CAP:
+                        _note_field(cur, fld)
+                        if cur.head8:
+                            cur.huge8 = True
+                        yield Event(RAWHEAD, cur, fld)
+                        fld, huge = [], True
+                    continue
+                huge = False
+                if fld:
                     _note_field(cur, fld)
-                    if cur.head8:
-                        cur.huge8 = True
-                    yield Event(RAWHEAD, cur, fld)
-                    fld, huge = [], True
-                continue
-            huge = False
-            if fld:
-                _note_field(cur, fld)
-                yield Event(FIELD, cur, fld)
-                fld = []
-            if line == b"" and nl:
-                yield Event(ENDHEAD, cur, [(line, nl)])
-                cur, state = begin_body(cur)
-                continue
-            if _NAME.match(line) or (not nl and _NAME_START.fullmatch(line)):
-                fld, fsize = [(line, nl)], len(line)
-                continue
-            yield Event(ENDHEAD, cur, [])
-            cur, state = begin_body(cur)
-            if state == FIELD:  # a message/rfc822 body that starts with a non-header line
+                    yield Event(FIELD, cur, fld)
+                    fld = []
+                if line == b"" and nl:
+                    yield Event(ENDHEAD, cur, [(line, nl)])
+                    cur, state = begin_body(cur)
+                    continue
+                if _NAME.match(line) or (not nl and _NAME_START.fullmatch(line)):
+                    fld, fsize = [(line, nl)], len(line)
+                    continue
                 yield Event(ENDHEAD, cur, [])
                 cur, state = begin_body(cur)
-        yield Event(state, cur, [(line, nl)])
+                if state == FIELD:  # a message/rfc822 body that starts with a non-header line
+                    yield Event(ENDHEAD, cur, [])
+                    cur, state = begin_body(cur)
+            yield Event(state, cur, [(line, nl)])
     if state == FIELD:
         if fld:
             _note_field(cur, fld)
@@ -308,22 +354,29 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
         p = ev.part
         parts[p.idx] = p
         if ev.kind in (BODY, FILL, DELIM):
-            for line, nl in ev.lines:
-                n = len(line) + 1
-                p.nbytes += n
-                col += len(line)
+            lines = ev.lines
+            texts = [line for line, _ in lines]
+            joined = b"\n".join(texts)
+            p.nbytes += len(joined) + 1
+            if col + len(texts[0]) > LIMIT or max(map(len, texts)) > LIMIT:
+                p.long = True
+            if lines[-1][1]:
+                col = 0
+            else:  # pieces of an unfinished line: only at the end of a list
+                k = len(lines)
+                while k > 0 and not lines[k - 1][1]:
+                    k -= 1
+                col = (col if k == 0 else 0) + sum(map(len, texts[k:]))
                 if col > LIMIT:
                     p.long = True
-                if nl:
-                    col = 0
-                if not line.isascii():
-                    p.eight = True
-                    p.nhigh += n - 1 - len(line.translate(None, HIGH))
+            if not joined.isascii():
+                p.eight = True
+                p.nhigh += len(joined) - len(joined.translate(None, HIGH))
                 if ev.kind == BODY and not p.ctype and p.utf8:
                     if p.decoder is None:
                         p.decoder = codecs.getincrementaldecoder("utf-8")()
                     try:
-                        p.decoder.decode(line + b"\n")
+                        p.decoder.decode(_raw(lines))
                     except UnicodeDecodeError:
                         p.utf8 = False
     out = Plan(changed=True, seven=seven, size=size)
@@ -440,6 +493,12 @@ class _QPEncoder:
         self.buf.append(line)
         return self.flush() + b"=\n"
 
+    def feed_block(self, block: bytes) -> bytes:
+        """Whole lines, each ending in LF."""
+        self.buf.append(block)
+        self.size += len(block)
+        return self.flush() if self.size >= QP_BLOCK else b""
+
     def flush(self) -> bytes:
         if not self.buf:
             return b""
@@ -555,12 +614,14 @@ def stream(data: BinaryIO, p: Plan) -> Iterator[bytes]:
             elif act == HARD:
                 coder = _Breaker(LIMIT, b"\n ")
             coder_part = part if coder is not None else None
+        elif kind == BODY and isinstance(coder, _QPEncoder) and ev.lines[-1][1]:
+            chunk = coder.feed_block(_raw(ev.lines))
         elif kind == BODY and coder is not None:
             chunk = b"".join(coder.feed(line, nl) for line, nl in ev.lines)
         elif kind in (RAWHEAD, DELIM) or (kind == FILL and p.actions.get(part.idx) == HARD):
             chunk = b"".join(brk.feed(line, nl) for line, nl in ev.lines)
         else:  # BODY or FILL as they are
-            chunk = b"".join(line + b"\n" if nl else line for line, nl in ev.lines)
+            chunk = _raw(ev.lines)
         if chunk:
             out.append(chunk)
             size += len(chunk)
@@ -574,6 +635,13 @@ def stream(data: BinaryIO, p: Plan) -> Iterator[bytes]:
         _add(out, coder.flush())
     if out:
         yield b"".join(out)
+
+
+def _raw(lines: list[Line]) -> bytes:
+    """The bytes of one event's lines as stored."""
+    if lines[-1][1]:  # whole lines only (pieces come last in a list)
+        return b"\n".join([line for line, _ in lines]) + b"\n"
+    return b"".join(line + b"\n" if nl else line for line, nl in lines)
 
 
 def _add(out: list[bytes], chunk: bytes) -> None:
