@@ -120,6 +120,7 @@ class Part:
     long: bool = False  # a body line over LIMIT
     head8: bool = False  # 8-bit bytes in a header field
     huge8: bool = False  # 8-bit bytes in a header field too big to rewrite
+    inexact: str = ""  # a field of the message's own header with no exact 7-bit form
     nbytes: int = 0
     nhigh: int = 0
     total: int = 0  # nbytes of this part and everything inside it (headers roughly)
@@ -336,6 +337,7 @@ class Plan:
     seven: bool = False  # the output must be 7-bit
     size: int = 0  # estimated octets of the converted message (for SIZE=)
     refusal: str = ""  # why it cannot be sent to this relay at all ("" = it can)
+    refusal_code: str = "5.6.3"  # 5.6.7: only SMTPUTF8 could carry it
     actions: dict[int, str] = field(default_factory=dict)  # leaf part -> NONE/QP/...
     relabel: set[int] = field(default_factory=set)  # containers: CTE 8bit -> 7bit
     globals: set[int] = field(default_factory=set)  # message/rfc822 -> message/global QP
@@ -343,9 +345,14 @@ class Plan:
     encode_heads: set[int] = field(default_factory=set)  # parts whose 8-bit fields get RFC 2047
 
 
-def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
-    """Decide how the stored message must change for a relay (8BITMIME or not)."""
-    if not needs_change(data, eightbit=eightbit):
+def plan(data: BinaryIO, *, eightbit: bool, utf8_headers: bool = True, size: int = 0) -> Plan:
+    """Decide how the stored message must change for a relay.
+
+    `eightbit`: the relay offers 8BITMIME. `utf8_headers`: the message's own
+    header may stay 8-bit (the relay offers SMTPUTF8, or the message never
+    asked for it); if not, its 8-bit fields must have an exact 7-bit form.
+    """
+    if utf8_headers and not needs_change(data, eightbit=eightbit):
         return Plan(size=size)
     seven = not eightbit
     parts: dict[int, Part] = {}
@@ -353,6 +360,10 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
     for ev in events(data):
         p = ev.part
         parts[p.idx] = p
+        if ev.kind == FIELD and p.parent is None and not p.inexact:
+            text = b"".join(line + b"\n" if nl else line for line, nl in ev.lines)
+            if not text.isascii() and encode_field(text, strict=True) is None:
+                p.inexact = ev.lines[0][0].split(b":", 1)[0].strip().decode("ascii", "replace")
         if ev.kind in (BODY, FILL, DELIM):
             lines = ev.lines
             texts = [line for line, _ in lines]
@@ -390,7 +401,17 @@ def plan(data: BinaryIO, *, eightbit: bool, size: int = 0) -> Plan:
             q.total_high += p.nhigh
             q = q.parent
     for p in parts.values():
-        if p.head8 and seven:
+        if p.head8 and p.parent is None and (seven or not utf8_headers):
+            why = ("an 8-bit header field too large to encode" if p.huge8 else
+                   f"8-bit data in the {p.inexact} header field has no exact 7-bit form"
+                   if p.inexact else "")
+            if why:
+                out.refusal = why
+                out.refusal_code = "5.6.3" if utf8_headers else "5.6.7"
+                return out
+            out.encode_heads.add(p.idx)
+            grow += 400
+        elif p.head8 and seven:
             if p.huge8:
                 trouble.append((p, "an 8-bit header field too large to encode"))
             elif p.signed:
@@ -668,8 +689,8 @@ def _field(part: Part, lines: list[Line], p: Plan) -> bytes:
     if name == b"content-type" and i in p.globals:
         return b"Content-Type: message/global\n"
     text = b"".join(line + b"\n" if nl else line for line, nl in lines)
-    if i in p.encode_heads and not text.isascii():
-        return fold(encode_field(text), 78) + b"\n"
+    if i in p.encode_heads and not text.isascii():  # plan() checked the strict form exists
+        return fold(encode_field(text, strict=part.parent is None) or b"", 78) + b"\n"
     if len(text) > LIMIT and any(len(x) > LIMIT for x in text.split(b"\n")):
         return b"\n".join(fold(x) for x in text.split(b"\n"))
     return text
@@ -728,11 +749,26 @@ _WORD = re.compile(rb"[ \t\n]+|[^ \t\n]+")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 
 
-def encode_field(text: bytes) -> bytes:
+ADDRESS_FIELDS = frozenset((
+    b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc", b"resent-from", b"resent-sender",
+    b"resent-reply-to", b"resent-to", b"resent-cc", b"resent-bcc", b"mail-followup-to",
+    b"mail-reply-to", b"disposition-notification-to"))
+UNSTRUCTURED = frozenset((b"subject", b"comments", b"content-description", b"organization",
+                          b"thread-topic", b"user-agent", b"x-mailer"))
+MIME_PARAMS = frozenset((b"content-type", b"content-disposition"))
+_QTOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\n]+|[^ \t\n"]+|"')
+_SPECIALS = frozenset(b'@<>[]\\",;:()')
+
+
+def encode_field(text: bytes, strict: bool = False) -> bytes | None:
     """A header field with 8-bit bytes -> 7-bit: RFC 2231 for MIME parameters, else RFC 2047.
 
     `text` may be folded (LFs before white space); the result is one unfolded
-    line for `fold` to fold again.
+    line for `fold` to fold again. `strict` (a message's own header, which
+    SMTPUTF8 would have carried as it is): None unless the decoded text is
+    exactly the original, i.e. the 8-bit text is only in unstructured text,
+    display names, quoted strings of a phrase or comments, never in an
+    address, a message id or a trace field.
     """
     raw = text.replace(b"\n", b"")
     name, colon, value = raw.partition(b":")
@@ -742,23 +778,42 @@ def encode_field(text: bytes) -> bytes:
     except UnicodeDecodeError:
         charset = "unknown-8bit"
     key = name.strip().lower()
-    if key in (b"content-type", b"content-disposition"):
+    if key in MIME_PARAMS:
         value = _PARAM.sub(lambda m: _rfc2231(m, charset), value)
         if value.isascii():
             return name + colon + value
-    words = _WORD.findall(value)
-    eight = {i for i, w in enumerate(words) if not w.isascii()}
+    address = key in ADDRESS_FIELDS
+    if strict and not address and key not in UNSTRUCTURED and not key.startswith(b"x-"):
+        return None  # Message-ID, References, Received, DKIM-Signature, ...: not text
+    words = (_QTOKEN if address else _WORD).findall(value)
     out: list[bytes] = []
     i = 0
     while i < len(words):
-        if i not in eight:
+        if words[i].isascii():
             out.append(words[i])
             i += 1
             continue
         j = i  # extend over white space to the next 8-bit word
         while j + 2 < len(words) and not words[j + 2].isascii() and not words[j + 1].strip(b" \t"):
             j += 2
-        out.append(_encoded_words(b"".join(words[i:j + 1]), charset))
+        run = words[i:j + 1]
+        lead = trail = b""
+        if address:  # a phrase: quoted strings lose their quotes, comments keep their ()
+            run = [re.sub(rb"\\(.)", rb"\1", w[1:-1]) if w[:1] == b'"' and len(w) > 1 else w
+                   for w in run]
+            if words[i][:1] != b'"':
+                lead = run[0][:len(run[0]) - len(run[0].lstrip(b"("))]
+                run[0] = run[0][len(lead):]
+            if words[j][:1] != b'"':
+                trail = run[-1][len(run[-1].rstrip(b"),;:")):]
+                run[-1] = run[-1][:len(run[-1]) - len(trail)]
+            core = b"".join(w for w, orig in zip(run, words[i:j + 1], strict=True)
+                            if orig[:1] != b'"')
+            if strict and any(c in _SPECIALS for c in core):
+                return None
+        elif strict and key.startswith(b"x-") and any(b"@" in w for w in run):
+            return None  # maybe an address in an X- field
+        out.append(lead + _encoded_words(b"".join(run), charset) + trail)
         i = j + 1
     return name + colon + b"".join(out)
 

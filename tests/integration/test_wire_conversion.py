@@ -166,3 +166,29 @@ def test_unchanged_message_goes_out_byte_for_byte(smarthost_factory: SmarthostFa
     r, _ = one(config(sh.smarthost), message(data=data, body="8BITMIME"))
     assert statuses(r) == ["sent"]
     assert sh.transactions[0].content == data.replace(b"\n", b"\r\n")
+
+
+def test_utf8_subject_with_an_ascii_envelope_needs_no_smtputf8(
+        smarthost_factory: SmarthostFactory) -> None:
+    data = ('From: "J\u00f6rg M\u00fcller" <a@example.org>\nSubject: Gr\u00fc\u00dfe\n\n'
+            "caf\u00e9\n").encode()
+    sh = smarthost_factory(smtputf8=False, eightbitmime=False)
+    r, _ = one(config(sh.smarthost), message(data=data, smtputf8=True, body="8BITMIME"))
+    assert statuses(r) == ["sent"], r.outcomes
+    [t] = sh.transactions
+    assert "SMTPUTF8" not in t.mail_options
+    assert_fit(t, seven=True)
+    got = email.message_from_bytes(t.content.replace(b"\r\n", b"\n"), policy=email.policy.default)
+    assert str(got["Subject"]) == "Gr\u00fc\u00dfe"
+    assert got["From"].addresses[0].display_name == "J\u00f6rg M\u00fcller"
+    assert got.get_content() == "caf\u00e9\n"
+
+
+def test_utf8_address_in_a_header_still_needs_smtputf8(
+        smarthost_factory: SmarthostFactory) -> None:
+    data = "To: j\u00fcrgen@example.org\nSubject: x\n\nbody\n".encode()
+    sh = smarthost_factory(smtputf8=False)
+    r, _ = one(config(sh.smarthost), message(data=data, smtputf8=True))
+    assert statuses(r) == ["failed"] and r.outcomes[0].dsn_code == "5.6.7"
+    assert "To header field" in r.outcomes[0].reply
+    assert "MAIL" not in sh.verbs()

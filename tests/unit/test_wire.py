@@ -272,3 +272,46 @@ def test_memory_stays_flat_for_a_large_converted_message() -> None:
         tracemalloc.stop()
     assert total > src.size * 2 and longest < 1 << 20
     assert peak < 4 << 20, peak
+
+
+@pytest.mark.parametrize(("field", "decoded"), [
+    ("Subject: Gr\u00fc\u00dfe aus K\u00f6ln", "Gr\u00fc\u00dfe aus K\u00f6ln"),
+    ('From: "M\u00fcller, J\u00f6rg" <j@example.org>', '"M\u00fcller, J\u00f6rg" <j@example.org>'),
+    ("From: J\u00f6rg M\u00fcller <j@example.org>", "J\u00f6rg M\u00fcller <j@example.org>"),
+    ("X-Note: caf\u00e9", "caf\u00e9"),
+])
+def test_strict_downgrade_is_exact(field: str, decoded: str) -> None:
+    out = wire.encode_field(field.encode(), strict=True)
+    assert out is not None and out.isascii()
+    name = field.split(":", 1)[0]
+    got = email.message_from_bytes(out + b"\n\n", policy=email.policy.default)[name]
+    assert str(got) == decoded
+
+
+def test_strict_downgrade_encodes_a_comment_inside_its_parentheses() -> None:
+    out = wire.encode_field("To: a@example.org (J\u00f6rg), b@example.org".encode(), strict=True)
+    assert out == b"To: a@example.org (=?utf-8?q?J=C3=B6rg?=), b@example.org"
+
+
+@pytest.mark.parametrize("field", [
+    "To: j\u00f6rg@example.org",
+    "From: <j\u00f6rg@example.org>",
+    "Message-ID: <\u00e9@example.org>",
+    "Received: from h\u00f6st by example.org",
+    "X-Original-To: j\u00f6rg@example.org",
+])
+def test_strict_downgrade_refuses_addresses_and_ids(field: str) -> None:
+    assert wire.encode_field(field.encode(), strict=True) is None
+    data = (field + "\nSubject: x\n\nbody\n").encode()
+    p = wire.plan(io.BytesIO(data), eightbit=True, utf8_headers=False, size=len(data))
+    assert p.refusal and p.refusal_code == "5.6.7"
+    assert field.split(":")[0] in p.refusal
+
+
+def test_utf8_header_downgrade_keeps_an_8bit_body_for_an_8bitmime_relay() -> None:
+    data = "Subject: caf\u00e9\n\nd\u00e9j\u00e0 vu\n".encode()
+    f = io.BytesIO(data)
+    p = wire.plan(f, eightbit=True, utf8_headers=False, size=len(data))
+    out = b"".join(wire.stream(f, p))
+    head, body = out.split(b"\n\n", 1)
+    assert head.isascii() and body == "d\u00e9j\u00e0 vu\n".encode()

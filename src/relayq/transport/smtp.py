@@ -198,20 +198,27 @@ class SmtpTransport:
         """Refuse, without sending, what this relay cannot carry, even converted.
 
         8-bit data for a relay without 8BITMIME and lines over 998 octets are
-        converted on the way out (relayq.wire); SMTPUTF8 cannot be (RFC 6531 3.2).
+        converted on the way out (relayq.wire). Without SMTPUTF8 (RFC 6531
+        3.2) a message goes only if its envelope is ASCII and its UTF-8
+        header text has an exact RFC 2047 form (Subject, display names).
         """
         caps = client.caps
         reply = ""
         msg.wire = None
-        if msg.smtputf8 and not caps.smtputf8:
+        envelope_ascii = msg.sender.isascii() and all(
+            a.isascii() and o.isascii() for a, _, o in msg.recipients)
+        if msg.smtputf8 and not caps.smtputf8 and not envelope_ascii:
             reply = f"553 5.6.7 relay {client.relay} does not support SMTPUTF8"
         else:
-            msg.wire = wire.plan(msg.data, eightbit=caps.eightbitmime, size=msg.size)
-            size = msg.wire.size
-            if msg.wire.refusal:
+            msg.wire = wire.plan(msg.data, eightbit=caps.eightbitmime,
+                                 utf8_headers=caps.smtputf8 or not msg.smtputf8, size=msg.size)
+            if msg.wire.refusal_code == "5.6.7" and msg.wire.refusal:
+                reply = (f"553 5.6.7 relay {client.relay} does not support SMTPUTF8 and "
+                         f"{msg.wire.refusal}")
+            elif msg.wire.refusal:
                 reply = (f"554 5.6.3 relay {client.relay} does not support 8BITMIME and the "
                          f"message cannot be converted: {msg.wire.refusal}")
-            elif caps.size and size > caps.size:
+            elif caps.size and msg.wire.size > caps.size:
                 reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
         if not reply:
             return None
