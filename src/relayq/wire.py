@@ -533,16 +533,18 @@ class _Breaker:
 
     def __init__(self, width: int, sep: bytes) -> None:
         self.width, self.sep, self.col = width, sep, 0
-        self.indent = len(sep) - 1  # what sep leaves on the new line
 
     def feed(self, line: bytes, nl: bool) -> bytes:
         out: list[bytes] = []
         while self.col + len(line) > self.width:
-            cut = self.width - self.col
+            cut, sep = self.width - self.col, self.sep
+            if self.col == 0 and line[:2] == b"--":
+                # "--b" and white space would be a new MIME delimiter: break after one "-"
+                cut, sep = 1, b"\n "
             out.append(line[:cut])
-            out.append(self.sep)
+            out.append(sep)
             line = line[cut:]
-            self.col = self.indent
+            self.col = len(sep) - 1
         out.append(line)
         self.col += len(line)
         if nl:

@@ -315,3 +315,18 @@ def test_utf8_header_downgrade_keeps_an_8bit_body_for_an_8bitmime_relay() -> Non
     out = b"".join(wire.stream(f, p))
     head, body = out.split(b"\n\n", 1)
     assert head.isascii() and body == "d\u00e9j\u00e0 vu\n".encode()
+
+
+def test_breaking_a_long_line_never_makes_a_mime_delimiter() -> None:
+    sneaky = b"--s" + b" " * 1200 + b"x"  # not a delimiter: it ends in x
+    data = SIGNED % sneaky
+    _, out = convert(data, eightbit=True)
+    check_fit(out, seven=True)
+    assert leaves(parse(out))[0].replace(b"\n ", b"") == sneaky  # still one part, intact
+    b64 = (b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+           + b"--x" + b" " * 100 + b"A" * 2000 + b"\n")
+    multi = (b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="x"\n\n--x\n' + b64
+             + b"--x--\n")
+    _, out = convert(multi, eightbit=True)
+    check_fit(out, seven=True)
+    assert len(parse(out).get_payload()) == 1
