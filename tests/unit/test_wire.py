@@ -330,3 +330,54 @@ def test_breaking_a_long_line_never_makes_a_mime_delimiter() -> None:
     _, out = convert(multi, eightbit=True)
     check_fit(out, seven=True)
     assert len(parse(out).get_payload()) == 1
+
+
+def _leaf(body: bytes, cte: str) -> bytes:
+    if cte == "base64":
+        import base64
+
+        enc = base64.b64encode(body)
+        return (b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+                + b"".join(enc[i:i + 3000] + b"\n" for i in range(0, len(enc), 3000)))
+    if cte == "quoted-printable":
+        enc = binascii.b2a_qp(body, istext=True)
+        return (b"Content-Type: text/plain; charset=utf-8\n"
+                b"Content-Transfer-Encoding: quoted-printable\n\n" + enc)
+    head = b"Content-Type: text/plain; charset=utf-8\n"
+    if cte:
+        head += b"Content-Transfer-Encoding: " + cte.encode() + b"\n"
+    return head + b"\n" + body
+
+
+def _tree(draw: st.DrawFn, depth: int, n: list[int]) -> bytes:
+    kind = draw(st.sampled_from(["leaf", "leaf", "multi", "message"] if depth < 3 else ["leaf"]))
+    if kind == "leaf":
+        return _leaf(draw(body_st), draw(st.sampled_from(["", "8bit", "quoted-printable",
+                                                           "base64"])))
+    if kind == "message":
+        inner = _tree(draw, depth + 1, n)
+        return (b"Content-Type: message/rfc822\nContent-Transfer-Encoding: 8bit\n\n"
+                b"Subject: inner\nMIME-Version: 1.0\n" + inner)
+    n[0] += 1
+    b = b"=_%d" % n[0]
+    kids = [_tree(draw, depth + 1, n) for _ in range(draw(st.integers(1, 3)))]
+    out = b'Content-Type: multipart/mixed; boundary="' + b + b'"\n\npre\n'
+    for kid in kids:
+        out += b"--" + b + b"\n" + kid
+        if not out.endswith(b"\n"):
+            out += b"\n"
+    return out + b"--" + b + b"--\n"
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> bytes:
+    return b"From: a@example.org\nMIME-Version: 1.0\n" + _tree(draw, 0, [0])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(data=trees(), eightbit=st.booleans())
+def test_nested_structures_decode_to_the_original(blocks: None, data: bytes,
+                                                  eightbit: bool) -> None:
+    _, out = convert(data, eightbit)
+    check_fit(out, seven=not eightbit)
+    assert leaves(parse(out)) == leaves(parse(data))
