@@ -10,11 +10,12 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import io
 from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import Relayq
-from tests.integration.test_smtp_transport import config, message, one, statuses
+from tests.integration.test_smtp_transport import BODY, Run, config, message, one, statuses
 
 from relayq.errors import EX_OK
 
@@ -192,3 +193,34 @@ def test_utf8_address_in_a_header_still_needs_smtputf8(
     assert statuses(r) == ["failed"] and r.outcomes[0].dsn_code == "5.6.7"
     assert "To header field" in r.outcomes[0].reply
     assert "MAIL" not in sh.verbs()
+
+
+class FailingRead(io.BytesIO):
+    """Fails the n-th read: a disk error (or a converter bug) in the middle of DATA."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        super().__init__(data)
+        self.reads, self.fail_at = 0, fail_at
+
+    def read(self, n: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads == self.fail_at:
+            raise OSError(5, "Input/output error")
+        return super().read(n)
+
+
+def test_a_read_error_mid_data_never_leaves_the_connection_in_use(
+        smarthost_factory: SmarthostFactory) -> None:
+    sh = smarthost_factory()
+    data = b"Subject: big\n\n" + b"line\n" * 200_000  # 1 MB: several reads
+    run = Run(config(sh.smarthost))
+    try:
+        broken = message(data=data)
+        broken.data = FailingRead(data, fail_at=8)  # plan reads 5 times, DATA fails at its 3rd
+        with pytest.raises(OSError):
+            run.deliver(broken)
+        assert statuses(run.deliver(message())) == ["sent"]
+    finally:
+        run.close()
+    [t] = sh.transactions  # the half-sent message was never completed by the next one
+    assert t.content == BODY.replace(b"\n", b"\r\n")

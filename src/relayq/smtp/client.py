@@ -459,7 +459,11 @@ class SmtpClient:
         """Stream the message after a 354 and return the end-of-data reply."""
         enc = proto.DataEncoder()
         while True:
-            chunk = data.read(DATA_CHUNK)
+            try:
+                chunk = data.read(DATA_CHUNK)
+            except BaseException:
+                self.close()  # mid-DATA: no later command may land in this message
+                raise
             if not chunk:
                 break
             out = enc.feed(chunk)
