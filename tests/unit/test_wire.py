@@ -381,3 +381,13 @@ def test_nested_structures_decode_to_the_original(blocks: None, data: bytes,
     _, out = convert(data, eightbit)
     check_fit(out, seven=not eightbit)
     assert leaves(parse(out)) == leaves(parse(data))
+
+
+def test_8bit_part_header_gets_an_encoded_word() -> None:
+    data = ('MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n\n--b\n'
+            "Content-Type: text/plain; charset=utf-8\nContent-Description: R\u00e9sum\u00e9 "
+            "f\u00fcr dich\n\nx\n--b--\n").encode()
+    _, out = convert(data)
+    check_fit(out, seven=True)
+    [part] = email.message_from_bytes(out, policy=email.policy.default).get_payload()
+    assert str(part["Content-Description"]) == "R\u00e9sum\u00e9 f\u00fcr dich"
