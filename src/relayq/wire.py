@@ -672,12 +672,6 @@ def _add(out: list[bytes], chunk: bytes) -> None:
         out.append(chunk)
 
 
-def _hard_line(line: bytes, nl: bool) -> bytes:
-    if len(line) > LIMIT:
-        line = b"\n ".join(line[i:i + LIMIT - 1] for i in range(0, len(line), LIMIT - 1))
-    return line + b"\n" if nl else line
-
-
 def _field_name(lines: list[Line]) -> bytes:
     return lines[0][0].split(b":", 1)[0].strip().lower()
 
