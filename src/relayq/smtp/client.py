@@ -527,7 +527,11 @@ class SmtpClient:
         self.after_dot = False
         enc = proto.DataEncoder()
         while True:
-            chunk = data.read(DATA_CHUNK)
+            try:
+                chunk = data.read(DATA_CHUNK)
+            except BaseException:
+                self.close()  # mid-DATA: no later command may land in this message
+                raise
             if not chunk:
                 break
             out = enc.feed(chunk)

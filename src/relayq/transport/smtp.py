@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from relayq import wire
 from relayq.errors import RelayqError
 from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
@@ -89,6 +90,7 @@ class OutgoingMessage:
     smtputf8: bool = False
     envid: str = ""
     ret: str = ""  # "" | "FULL" | "HDRS"
+    wire: wire.Plan | None = None  # how it goes to the current relay (set by _precheck)
 
 
 @dataclass
@@ -229,15 +231,31 @@ class SmtpTransport:
     def _precheck(
         self, client: SmtpClient, msg: OutgoingMessage
     ) -> Callable[[str], Outcome] | None:
-        """Refuse, without sending, what this relay cannot carry unchanged."""
+        """Refuse, without sending, what this relay cannot carry, even converted.
+
+        8-bit data for a relay without 8BITMIME and lines over 998 octets are
+        converted on the way out (relayq.wire). Without SMTPUTF8 (RFC 6531
+        3.2) a message goes only if its envelope is ASCII and its UTF-8
+        header text has an exact RFC 2047 form (Subject, display names).
+        """
         caps = client.caps
         reply = ""
-        if caps.size and msg.size > caps.size:
-            reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
-        elif msg.body == "8BITMIME" and not caps.eightbitmime:
-            reply = f"554 5.6.3 relay {client.relay} does not support 8BITMIME"
-        elif msg.smtputf8 and not caps.smtputf8:
+        msg.wire = None
+        envelope_ascii = msg.sender.isascii() and all(
+            a.isascii() and o.isascii() for a, _, o in msg.recipients)
+        if msg.smtputf8 and not caps.smtputf8 and not envelope_ascii:
             reply = f"553 5.6.7 relay {client.relay} does not support SMTPUTF8"
+        else:
+            msg.wire = wire.plan(msg.data, eightbit=caps.eightbitmime,
+                                 utf8_headers=caps.smtputf8 or not msg.smtputf8, size=msg.size)
+            if msg.wire.refusal_code == "5.6.7" and msg.wire.refusal:
+                reply = (f"553 5.6.7 relay {client.relay} does not support SMTPUTF8 and "
+                         f"{msg.wire.refusal}")
+            elif msg.wire.refusal:
+                reply = (f"554 5.6.3 relay {client.relay} does not support 8BITMIME and the "
+                         f"message cannot be converted: {msg.wire.refusal}")
+            elif caps.size and msg.wire.size > caps.size:
+                reply = f"552 5.3.4 Message is too large; {caps.size} bytes max at {client.relay}"
         if not reply:
             return None
         code = reply.split(" ")[1]
@@ -265,7 +283,8 @@ class SmtpTransport:
                             + msg.size / cfg.min_data_rate, "message transaction")
         try:
             mail_line = proto.mail(msg.sender, proto.mail_params(
-                caps, size=msg.size, body=msg.body, smtputf8=msg.smtputf8,
+                caps, size=msg.wire.size if msg.wire else msg.size, body=msg.body,
+                smtputf8=msg.smtputf8,
                 ret=msg.ret, envid=msg.envid))
         except proto.CommandError as exc:
             for i in idx:
@@ -338,7 +357,8 @@ class SmtpTransport:
             return self._settle(msg, accepted, data_reply, outcomes, "DATA"), 0, []
         msg.data.seek(0)
         try:
-            final = client.send_data(msg.data)
+            final = client.send_data(wire.wire_reader(msg.data, msg.wire) if msg.wire
+                                     else msg.data)
         except SmtpError as exc:
             if client.after_dot:  # the relay may have taken it
                 for i in accepted:
