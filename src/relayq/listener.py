@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP
 
-from relayq import address
+from relayq import address, dsnparams
 from relayq.errors import (
     EX_OK,
     ConfigError,
@@ -238,12 +238,6 @@ def _take_params(arg: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]
     return " ".join([head, *keep]), taken
 
 
-def _xtext(value: str, allow_utf8: bool = False) -> bool:
-    return bool(value) and all(
-        (33 <= ord(c) <= 126 or (allow_utf8 and ord(c) > 127)) and c != "=" for c in value
-    )
-
-
 class Server(SMTP):
     """aiosmtpd's SMTP with relayq's limits, access rule and DSN parameters."""
 
@@ -386,34 +380,27 @@ class Server(SMTP):
         self._mail_dsn = {}
         if arg and self.session is not None and self.session.extended_smtp:
             arg, taken = _take_params(arg, ("RET", "ENVID"))
-            ret, envid = taken.get("RET"), taken.get("ENVID")
-            if ret is not None and ret.upper() not in ("FULL", "HDRS"):
-                await self.push("501 5.5.4 RET must be FULL or HDRS")
+            try:  # the rule every way in and the SMTP client apply (relayq.dsnparams)
+                self._mail_dsn = {key: check(taken[key]) if key in taken else ""
+                                  for key, check in (("RET", dsnparams.ret),
+                                                     ("ENVID", dsnparams.envid))}
+            except dsnparams.BadParam as exc:
+                await self.push(f"501 5.5.4 {_one_line(str(exc))}")
                 return
-            if envid is not None and (not _xtext(envid) or len(envid) > 100):
-                await self.push("501 5.5.4 ENVID must be xtext of at most 100 characters")
-                return
-            self._mail_dsn = {"RET": (ret or "").upper(), "ENVID": envid or ""}
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._rcpt_dsn = {}
         if arg and self.session is not None and self.session.extended_smtp:
             arg, taken = _take_params(arg, ("NOTIFY", "ORCPT"))
-            notify, orcpt = taken.get("NOTIFY"), taken.get("ORCPT")
-            if notify is not None:
-                words = [w.upper() for w in notify.split(",")]
-                ok = words == ["NEVER"] or (
-                    bool(words) and all(w in ("SUCCESS", "FAILURE", "DELAY") for w in words))
-                if not ok:
-                    await self.push("501 5.5.4 NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
-                    return
-                notify = ",".join(dict.fromkeys(words))
-            if orcpt is not None and (";" not in orcpt or not _xtext(orcpt, True)
-                                      or len(orcpt) > 500):
-                await self.push("501 5.5.4 ORCPT must be addr-type;xtext")
+            try:  # ORCPT in UTF-8 (an SMTPUTF8 client) is kept as xtext
+                self._rcpt_dsn = {
+                    "NOTIFY": dsnparams.notify(taken["NOTIFY"]) if "NOTIFY" in taken else "",
+                    "ORCPT": dsnparams.orcpt(taken["ORCPT"], utf8=True)
+                    if "ORCPT" in taken else ""}
+            except dsnparams.BadParam as exc:
+                await self.push(f"501 5.5.4 {_one_line(str(exc))}")
                 return
-            self._rcpt_dsn = {"NOTIFY": notify or "", "ORCPT": orcpt or ""}
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -566,7 +553,10 @@ class Handler:
         req.ret = envelope.dsn.get("RET", "")
         req.envid = envelope.dsn.get("ENVID", "")
         body = [o.split("=", 1)[1] for o in envelope.mail_options if o.startswith("BODY=")]
-        req.body = body[0] if body and body[0] in ("7BIT", "8BITMIME") else ""
+        try:  # aiosmtpd has refused any other BODY already
+            req.body = dsnparams.body(body[0]) if body else ""
+        except dsnparams.BadParam:
+            req.body = ""
         req.bs = not st.strict
         spool = Spool(st.cfg.queue_dir)  # create() makes the directories if they went away
         if st.handover:

@@ -547,7 +547,9 @@ class Taker:
             if not (hops.isascii() and hops.isdigit()) or len(hops) > 3:
                 raise Malformed("malformed hop count")
             req.hops = int(hops)
-        _check_dsn(req.notify, req.ret, req.body, req.envid)
+        note = _check_dsn(req)
+        if note:
+            self.log.warning(f"maildrop: a file from uid {st.st_uid} ({user}): {note}")
         mode = str(fields.get("mode", ""))
         msg, _ = enqueue(self.cfg, self.spool, req, chunks, self.log, self.ctx)
         msg.release()
@@ -598,15 +600,34 @@ class Taker:
         self.log.warning(f"{what}; removed")
 
 
-def _check_dsn(notify: str, ret: str, body: str, envid: str) -> None:
-    """The shapes sendmail's -N, -R, -B and -V allow (a planted file is not our client)."""
-    words = notify.split(",") if notify else []
-    if words and words != ["NEVER"] and not set(words) <= {"SUCCESS", "FAILURE", "DELAY"}:
-        raise Malformed("malformed NOTIFY")
-    if ret not in ("", "FULL", "HDRS") or body not in ("", "7BIT", "8BITMIME"):
-        raise Malformed("malformed RET or BODY")
-    if len(envid) > 100 or not all(33 <= ord(c) <= 126 for c in envid):
-        raise Malformed("malformed ENVID")
+def _check_dsn(req: Request) -> str:
+    """What sendmail's -N, -R, -B and -V allow, made canonical by the rule of every way
+    in (relayq.dsnparams); Malformed for what no client of ours writes. Returns a note
+    for the log when an ENVID had to be changed: a file written by an older relayq,
+    which took any printable -V with exit 0, is still delivered (xtext-encoded, or
+    without its ENVID when that is too long), never refused after that exit 0."""
+    from relayq import dsnparams
+
+    try:
+        req.notify = dsnparams.notify(req.notify) if req.notify else ""
+        req.ret = dsnparams.ret(req.ret) if req.ret else ""
+        req.body = dsnparams.body(req.body) if req.body else ""
+    except dsnparams.BadParam as exc:
+        raise Malformed(f"malformed {exc}") from None
+    if not req.envid:
+        return ""
+    try:
+        req.envid = dsnparams.envid(req.envid)
+        return ""
+    except dsnparams.BadParam as exc:
+        reason = str(exc)
+    raw = req.envid
+    try:
+        req.envid = dsnparams.envid(dsnparams.xtext_encode(raw))
+        return f"ENVID {raw!r} ({reason}) sent xtext-encoded as {req.envid}"
+    except dsnparams.BadParam:
+        req.envid = ""
+        return f"ENVID {raw!r} ({reason}) left out"
 
 
 def _reader(fd: int, first: bytes, limit: int) -> Iterator[bytes]:

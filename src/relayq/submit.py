@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from relayq import address, headers, hostname
+from relayq import address, dsnparams, headers, hostname
 from relayq.envelope import Envelope, Recipient
 from relayq.errors import DataError, UsageError
 from relayq.lines import Normalizer
@@ -121,12 +121,7 @@ def enqueue(
     else:
         sender = ""
     address.check_text(req.full_name, "full name")
-    for value, what in ((req.envid, "ENVID"), (req.ret, "RET"), (req.notify, "NOTIFY"),
-                        (req.body, "BODY")):
-        address.check_text(value, what)  # every caller checks; the envelope must not trust it
-    for notify, orcpt in req.rcpt_params.values():
-        address.check_text(notify, "NOTIFY")
-        address.check_text(orcpt, "ORCPT")
+    _check_dsn(req)  # every caller checks; the envelope must not trust it
     warning = _auth_warning(cfg, ctx, req, sender)
 
     source = iter(source)
@@ -208,6 +203,22 @@ def enqueue(
     if warning:
         log.info(f"{msg.qid}: authentication warning: {warning} (uid {req.uid})")
     return msg, env
+
+
+def _check_dsn(req: Request) -> None:
+    """The DSN parameters through the rule the SMTP client applies (relayq.dsnparams),
+    made canonical: what is queued is what a relay will be sent, never a refusal later."""
+    try:
+        req.envid = dsnparams.envid(req.envid) if req.envid else ""
+        req.ret = dsnparams.ret(req.ret) if req.ret else ""
+        req.notify = dsnparams.notify(req.notify) if req.notify else ""
+        req.body = dsnparams.body(req.body) if req.body else ""
+        req.rcpt_params = {
+            rcpt: (dsnparams.notify(notify) if notify else "",
+                   dsnparams.orcpt(orcpt) if orcpt else "")
+            for rcpt, (notify, orcpt) in req.rcpt_params.items()}
+    except dsnparams.BadParam as exc:
+        raise DataError(str(exc)) from None
 
 
 def _auth_warning(cfg: Config, ctx: Context, req: Request, sender: str) -> str:

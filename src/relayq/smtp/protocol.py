@@ -14,8 +14,10 @@ import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from relayq import dsnparams
+
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 MAX_REPLY_LINES = 512
 MAX_REPLY_BYTES = 64 * 1024
@@ -269,10 +271,6 @@ NOOP = b"NOOP\r\n"
 STARTTLS = b"STARTTLS\r\n"
 
 
-def _xtext_ok(value: str) -> bool:
-    return all(33 <= ord(c) <= 126 and c != "=" for c in value)
-
-
 def mail_params(
     caps: Capabilities,
     *,
@@ -291,13 +289,35 @@ def mail_params(
     if smtputf8 and caps.smtputf8:
         out.append("SMTPUTF8")
     if caps.dsn:
-        if ret in ("FULL", "HDRS"):
-            out.append(f"RET={ret}")
+        if ret:
+            out.append(f"RET={_checked(dsnparams.ret, ret)}")
+        envid = _queued(dsnparams.envid, envid, encode=True)
         if envid:
-            if not _xtext_ok(envid):
-                raise CommandError("ENVID is not valid xtext")
             out.append(f"ENVID={envid}")
     return out
+
+
+def _checked(check: Callable[[str], str], value: str) -> str:
+    """A value through relayq.dsnparams, the rule every way in applied already."""
+    try:
+        return check(value)
+    except dsnparams.BadParam as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _queued(check: Callable[[str], str], value: str, encode: bool = False) -> str:
+    """ENVID or ORCPT as queued. Every way in checks them (relayq.dsnparams), but a
+    queue written by an older relayq may hold one that is not xtext (it took any
+    printable -V, and UTF-8 in ORCPT): sent xtext-encoded if that fits, else left
+    out. They only label the relay's reports: the mail goes either way."""
+    if not value:
+        return ""
+    for candidate in (value, dsnparams.xtext_encode(value)) if encode else (value,):
+        try:
+            return check(candidate)
+        except dsnparams.BadParam:
+            pass
+    return ""
 
 
 def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> list[str]:
@@ -305,13 +325,9 @@ def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> lis
     out: list[str] = []
     if caps.dsn:
         if notify:
-            words = notify.upper().split(",")
-            if not all(w in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for w in words):
-                raise CommandError(f"bad NOTIFY value {notify!r}")
-            out.append("NOTIFY=" + ",".join(words))
+            out.append("NOTIFY=" + _checked(dsnparams.notify, notify))
+        orcpt = _queued(lambda v: dsnparams.orcpt(v, utf8=True), orcpt)
         if orcpt:
-            if ";" not in orcpt or not all(ord(c) > 32 and c not in "=\x7f" for c in orcpt):
-                raise CommandError("ORCPT is not addr-type;xtext")
             out.append(f"ORCPT={orcpt}")
     return out
 
