@@ -22,6 +22,7 @@ read without a parser library and survives a hex editor:
     held<TAB>1                            (only when held by the administrator)
     warned<TAB>1                          (only once the delay warning went out)
     double<TAB>1                          (only on a postmaster copy of a failed bounce)
+    drop<TAB>HEX:INODE:MTIME_NS           (only when taken from maildrop/: that file)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -79,6 +80,7 @@ class Envelope:
         "body",
         "created",
         "double_bounce",
+        "drop",
         "envid",
         "error",
         "held",
@@ -118,6 +120,7 @@ class Envelope:
         self.held = False  # by the administrator: no run delivers it (relayq hold)
         self.warned = False  # the sender has had its delay warning
         self.double_bounce = False  # a report about an undeliverable bounce (postmaster)
+        self.drop = ""  # the maildrop/ file this message was taken from (maildrop.identity)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -145,6 +148,8 @@ class Envelope:
                         ("double", self.double_bounce)):
             if on:
                 out.append(f"{key}\t1")
+        if self.drop:
+            out.append(f"drop\t{flatten(self.drop)}")
         for r in self.recipients:
             out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{flatten(r.reply)}")
         out.append("end\n")
@@ -211,6 +216,7 @@ class Envelope:
         env.held = get("held", "0").partition("\t")[0] == "1"
         env.warned = get("warned", "0").partition("\t")[0] == "1"
         env.double_bounce = get("double", "0").partition("\t")[0] == "1"
+        env.drop = get("drop", "").partition("\t")[0]
         return env
 
 

@@ -197,6 +197,18 @@ class State:
         return self.cfg.max_message_size or DEFAULT_SIZE
 
 
+_UNKNOWN = object()
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _enhance(line: str) -> str:
     """Give a reply without an enhanced status code one (RFC 2034)."""
     code, sep, rest = line.partition(" ")
@@ -250,6 +262,7 @@ class Server(SMTP):
         self._mail_dsn: dict[str, str] = {}
         self._rcpt_dsn: dict[str, str] = {}
         self._counted = False
+        self._peer_user: object = _UNKNOWN  # peer_user(): not looked up yet
         super().__init__(
             Handler(state),
             hostname=state.ctx.fqdn,
@@ -281,6 +294,7 @@ class Server(SMTP):
         proto._auth_methods = {k: type(v)(_rebind(v.method, self, proto), v.is_builtin)
                                for k, v in self._auth_methods.items()}
         proto._mail_dsn, proto._rcpt_dsn = {}, {}
+        proto._peer_user = _UNKNOWN
         asyncio.StreamReaderProtocol.__init__(
             proto, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=proto._cb_client_connected, loop=self.loop)
@@ -298,6 +312,21 @@ class Server(SMTP):
             self._counted = False
             self.state.connected(-1)
         super().connection_lost(error)
+
+    def peer_user(self) -> tuple[str, int] | None:
+        """(name, uid) of the local user whose process connected, looked up once per
+        connection (peer_uid); None for a client the kernel cannot name."""
+        if self._peer_user is _UNKNOWN:
+            self._peer_user = None
+            peer = self.session.peer if self.session is not None else None
+            ours = (self.transport.get_extra_info("sockname")
+                    if self.transport is not None else None)
+            if (isinstance(peer, tuple) and isinstance(ours, tuple) and len(peer) >= 2
+                    and len(ours) >= 2 and peer[0].split("%", 1)[0] in LOCAL_CLIENTS):
+                uid = peer_uid((peer[0], peer[1]), (ours[0], ours[1]))
+                if uid is not None:
+                    self._peer_user = (_user_name(uid), uid)
+        return self._peer_user  # type: ignore[return-value]
 
     def _refusal(self) -> str:
         peer = self.session.peer if self.session is not None else None
@@ -513,7 +542,7 @@ class Handler:
         self.state.busy += 1
         try:
             qid = await loop.run_in_executor(None, self._commit, envelope, content,
-                                             _trace(session, self.state.user))
+                                             session, server)
         except (TempFailure, OSError) as exc:
             text = exc.message if isinstance(exc, RelayqError) else str(exc)
             return f"451 4.3.0 {_one_line(text)}: try again later"
@@ -535,17 +564,20 @@ class Handler:
             self.state.on_commit(qid)
         return f"250 2.0.0 {qid} Message accepted for delivery"
 
-    def _commit(self, envelope: Any, content: bytes, received_from: str = "") -> str:
+    def _commit(self, envelope: Any, content: bytes, session: Any = None,
+                server: Server | None = None) -> str:
         """enqueue() in a worker thread; the message is durable when this returns."""
         from relayq.spool import Spool
         from relayq.submit import Request, enqueue
 
         st = self.state
-        req = Request(user=st.user, uid=st.uid)
+        who = server.peer_user() if server is not None and st.strict else None
+        req = Request(user=who[0] if who else st.user, uid=who[1] if who else st.uid)
+        req.identified = who is not None  # the sender is then that user's -f
         req.sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         req.recipients = list(envelope.rcpt_tos)
         req.ignore_dots = True  # aiosmtpd has already removed the transparency dots
-        req.received_from = received_from
+        req.received_from = _trace(session, st.user, who[0] if who else "")
         domain = st.ctx.domain
         for rcpt, params in envelope.rcpt_dsn.items():
             req.rcpt_params[rcpt] = params
@@ -586,8 +618,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-def _trace(session: Any, user: str) -> str:
-    """The `from` clause of our Received field: the client's HELO name and address.
+def _trace(session: Any, user: str, peer_user: str = "") -> str:
+    """The `from` clause of our Received field: the client's HELO name and address,
+    and the local user owning the client's socket when the kernel told us (sendmail's
+    form with an ident answer: "helo (user@localhost [127.0.0.1])").
 
     The HELO name is the client's word, so only harmless characters are kept.
     """
@@ -595,8 +629,75 @@ def _trace(session: Any, user: str) -> str:
                    if c.isascii() and (c.isalnum() or c in "-._:[]"))[:64] or "unknown"
     peer = getattr(session, "peer", None)
     if isinstance(peer, tuple) and peer:
-        return f"{helo} (localhost [{peer[0]}])"
+        who = f"{peer_user}@" if peer_user else ""
+        return f"{helo} ({who}localhost [{peer[0]}])"
     return f"{helo} ({user}@localhost)"  # -bs: the invoking user, as sendmail writes it
+
+
+# --- who is on the other end of a loopback connection ------------------------------
+
+
+def _proc_hex(ip: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} prints it: each 32-bit word of the address in
+    the host's byte order, in hex, then the port."""
+    import struct
+
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip)
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+
+
+def find_socket_uid(table: bytes, local: str, remote: str) -> int | None:
+    """The uid owning the socket whose row in a /proc/net/tcp{,6} `table` has this
+    local and remote address (as _proc_hex writes them), or None.
+
+    A row without an inode (TIME_WAIT, or an orphan its process closed) belongs to
+    no process: its uid column says 0, which must never be taken for root.
+    """
+    needle = f" {local} {remote} ".encode()
+    start = 0
+    while (at := table.find(needle, start)) >= 0:
+        end = table.find(b"\n", at)
+        fields = table[at:end if end >= 0 else len(table)].split()
+        start = at + len(needle)
+        # local remote st tx:rx tr:when retrnsmt uid timeout inode
+        if len(fields) >= 9 and fields[6].isdigit() and fields[8].isdigit() and fields[8] != b"0":
+            return int(fields[6])
+    return None
+
+
+def peer_uid(peer: tuple[str, int], ours: tuple[str, int], proc: str = "/proc/net") -> int | None:
+    """The uid of the local process at the other end of a loopback TCP connection,
+    from the kernel's socket table (what identd answers): the client's socket is the
+    row whose local address is our peer's and whose remote address is ours.
+
+    One file is read, /proc/net/tcp or tcp6 by the peer's address (an IPv4 client
+    of a dual-stack socket appears as ::ffff:a.b.c.d, its socket in either table).
+    None when it cannot be told (no /proc, the client already gone).
+    """
+    ip, port = peer[0].split("%", 1)[0], peer[1]
+    our_ip, our_port = ours[0].split("%", 1)[0], ours[1]
+    tables: list[tuple[str, str, str]] = []
+    if ":" not in ip:
+        tables.append(("tcp", _proc_hex(ip, port), _proc_hex(our_ip, our_port)))
+    else:
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        our_mapped = ipaddress.IPv6Address(our_ip).ipv4_mapped if ":" in our_ip else None
+        if mapped is not None and our_mapped is not None:
+            tables.append(("tcp", _proc_hex(str(mapped), port),
+                           _proc_hex(str(our_mapped), our_port)))
+        tables.append(("tcp6", _proc_hex(ip, port), _proc_hex(our_ip, our_port)))
+    for name, local, remote in tables:
+        try:
+            with open(os.path.join(proc, name), "rb") as f:
+                table = f.read()
+        except OSError:
+            continue
+        uid = find_socket_uid(table, local, remote)
+        if uid is not None:
+            return uid
+    return None
 
 
 def _peer(session: Any) -> str:

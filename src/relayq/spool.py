@@ -708,15 +708,18 @@ class Claim:
         self.spool.write_envelope(self.envelope)
         self._unmark()
 
-    # The in-flight marker (QID.f, empty, not synced): made before the message
-    # goes to the smarthost and removed once the outcome is recorded. A runner
-    # killed in between leaves it, and the next attempt logs a possible
-    # duplicate: the smarthost may have accepted the message already.
+    # The in-flight marker (QID.f, empty): made before the message goes to the
+    # smarthost and removed once the outcome is recorded. A runner killed in
+    # between leaves it, and the next attempt logs a possible duplicate: the
+    # smarthost may have accepted the message already. Its directory entry is
+    # synced before the message is sent (an empty file has no data to sync), so
+    # a power loss after the relay's 250 cannot lose the marker and that line.
 
     def mark_sending(self) -> None:
         try:
             os.close(os.open(self.spool._path(self.qid, ".f"),
                              os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            _fsync_dir(self.spool.queue)
         except OSError:
             pass  # only a log line depends on it
 

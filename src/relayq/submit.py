@@ -34,10 +34,12 @@ class Request:
     __slots__ = (
         "body",
         "bs",
+        "drop",
         "envid",
         "extract",
         "full_name",
         "hops",
+        "identified",
         "ignore_dots",
         "notify",
         "rcpt_params",
@@ -60,12 +62,14 @@ class Request:
         # per-recipient DSN parameters from SMTP (address as given -> (NOTIFY, ORCPT))
         self.rcpt_params: dict[str, tuple[str, str]] = {}
         self.received_from = ""  # SMTP: "HELO (localhost [127.0.0.1])" for the trace field
+        self.identified = False  # SMTP: user/uid are the client socket's owner (the kernel's)
         self.notify = ""
         self.ret = ""
         self.envid = ""
         self.body = ""
         self.hops: int | None = None
         self.bs = False  # an SMTP session on stdin (sendmail -bs), not the listener
+        self.drop = ""  # the maildrop/ file this is a copy of (maildrop.identity)
 
 
 class Context:
@@ -188,6 +192,7 @@ def enqueue(
         env.size = msg.size
         env.msgid = result.msgid
         env.envid, env.ret = req.envid, req.ret
+        env.drop = req.drop
         env.smtputf8 = result.eight_bit_headers or any(
             address.needs_smtputf8(a) for a in [sender, *result.recipients]
         )
@@ -227,10 +232,12 @@ def _auth_warning(cfg: Config, ctx: Context, req: Request, sender: str) -> str:
         return ""
     if req.bs:
         return f"{ctx.fqdn}: {req.user} owned process doing -bs"
-    if req.received_from or req.sender is None:  # the listener: no -f there
-        return ""
+    if (req.received_from and not req.identified) or req.sender is None:
+        return ""  # the listener, not knowing who connected; or no -f
     local, domain = address.split(sender) if sender else ("", "")
     if local == req.user and (not domain or domain.lower() in ctx.local
                               or domain.lower() == ctx.masquerade.lower()):
         return ""
-    return f"{ctx.fqdn}: {req.user} set sender to {sender or '<>'} using -f"
+    # a local user's MAIL FROM is that user's -f (the listener learnt who from the kernel)
+    how = "SMTP" if req.received_from else "-f"
+    return f"{ctx.fqdn}: {req.user} set sender to {sender or '<>'} using {how}"
