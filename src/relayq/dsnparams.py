@@ -106,6 +106,8 @@ def orcpt(value: str, utf8: bool = False) -> str:
     if not all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-/=?^_`{|}~") for c in kind):
         raise BadParam("ORCPT: the addr-type must be an atom")
     if utf8:
+        if any(ord(c) > 127 and not c.isprintable() for c in addr):  # U+2028 and such
+            raise BadParam("ORCPT: a non-printable character")
         addr = "".join(xtext_encode(c) if ord(c) > 127 else c for c in addr)
     out = f"{kind};{_xtext(addr, 'ORCPT')}"
     if len(out) > MAX_ORCPT:

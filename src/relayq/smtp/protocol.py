@@ -291,7 +291,7 @@ def mail_params(
     if caps.dsn:
         if ret:
             out.append(f"RET={_checked(dsnparams.ret, ret)}")
-        envid = _queued(dsnparams.envid, envid, encode=True)
+        envid = _queued_envid(envid) if envid else ""
         if envid:
             out.append(f"ENVID={envid}")
     return out
@@ -305,19 +305,21 @@ def _checked(check: Callable[[str], str], value: str) -> str:
         raise CommandError(str(exc)) from None
 
 
-def _queued(check: Callable[[str], str], value: str, encode: bool = False) -> str:
-    """ENVID or ORCPT as queued. Every way in checks them (relayq.dsnparams), but a
-    queue written by an older relayq may hold one that is not xtext (it took any
-    printable -V, and UTF-8 in ORCPT): sent xtext-encoded if that fits, else left
-    out. They only label the relay's reports: the mail goes either way."""
-    if not value:
+def _queued_envid(value: str) -> str:
+    """ENVID as queued. Every way in checks it (relayq.dsnparams), but a queue written
+    by an older relayq may hold one that is printable ASCII and still not xtext (it
+    took `-V a=b` with exit 0): that one goes out xtext-encoded (or, too long then,
+    without ENVID: it only labels reports), so the mail is not refused at last.
+    Anything else (a control character) is a damaged record: CommandError."""
+    try:
+        return dsnparams.envid(value)
+    except dsnparams.BadParam:
+        if not all(33 <= ord(c) <= 126 for c in value):
+            raise CommandError("ENVID is not valid xtext") from None
+    try:
+        return dsnparams.envid(dsnparams.xtext_encode(value))
+    except dsnparams.BadParam:
         return ""
-    for candidate in (value, dsnparams.xtext_encode(value)) if encode else (value,):
-        try:
-            return check(candidate)
-        except dsnparams.BadParam:
-            pass
-    return ""
 
 
 def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> list[str]:
@@ -326,9 +328,8 @@ def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> lis
     if caps.dsn:
         if notify:
             out.append("NOTIFY=" + _checked(dsnparams.notify, notify))
-        orcpt = _queued(lambda v: dsnparams.orcpt(v, utf8=True), orcpt)
-        if orcpt:
-            out.append(f"ORCPT={orcpt}")
+        if orcpt:  # UTF-8 (an older relayq stored it so) goes out as xtext
+            out.append("ORCPT=" + _checked(lambda v: dsnparams.orcpt(v, utf8=True), orcpt))
     return out
 
 
