@@ -676,7 +676,7 @@ def _check_dsn(req: Request) -> str:
         req.ret = dsnparams.ret(req.ret) if req.ret else ""
         req.body = dsnparams.body(req.body) if req.body else ""
     except dsnparams.BadParam as exc:
-        raise Malformed(f"malformed {exc}") from None
+        raise Malformed(f"malformed request: {exc}") from None
     if not req.envid:
         return ""
     try:

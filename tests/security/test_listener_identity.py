@@ -75,7 +75,11 @@ def test_peer_uid_of_a_real_loopback_connection(ip: str) -> None:
             s, peer = lsock.accept()
             with s:
                 assert peer_uid(peer[:2], s.getsockname()[:2]) == os.getuid()
-                assert peer_uid(peer[:2], s.getsockname()[:2], proc="/nonexistent") is None
+                # the /proc/net/tcp{,6} way (where sock_diag is not available)
+                assert peer_uid(peer[:2], s.getsockname()[:2], netlink=False) == os.getuid()
+                assert peer_uid(peer[:2], s.getsockname()[:2], proc="/nonexistent",
+                                netlink=False) is None
+                assert peer_uid((peer[0], 1), s.getsockname()[:2]) is None  # no such socket
             assert c  # the client socket exists while we look
 
 
