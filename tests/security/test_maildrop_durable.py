@@ -141,3 +141,22 @@ def test_a_taker_killed_before_the_unlink_leaves_no_duplicate(
     assert system.drops() == [] and system.rq.spool.ids() == []
     assert f"is queued already as {qid}" in system.rq.log()
     assert queued.drop.startswith(name[1:] + ":")  # the envelope names the file
+
+
+def test_a_waiting_file_from_an_older_relayq_with_a_non_xtext_envid_still_goes(
+        system: System, smarthost_factory: SmarthostFactory) -> None:
+    """An older sendmail took `-V a=b` with exit 0 and left the file waiting: the taker
+    sends it xtext-encoded (the relay would refuse `ENVID=a=b` with 553 for everyone)."""
+    sh = smarthost_factory(dsn=True)
+    system.configure(smarthost=sh.smarthost)
+    name = "d" + os.urandom(16).hex()
+    content = b"relayq-drop 1\nrcpt carol@example.org\nenvid a=b\n\n" + MESSAGE
+    write = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_EXCL, 0o640);"
+             "os.write(fd, sys.stdin.buffer.read())")
+    r = system.run_as(ALICE, ["/usr/bin/python3", "-c", write,
+                              str(system.spool_root / "maildrop" / name)], input=content)
+    assert r.returncode == 0, r.stderr
+    assert system.rq.sendmail("-q").returncode == 0
+    [t] = sh.transactions
+    assert "ENVID=a+3Db" in t.mail_options and t.rcpt_tos == ["carol@example.org"]
+    assert "sent xtext-encoded as a+3Db" in system.rq.log()
