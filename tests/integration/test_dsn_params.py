@@ -150,3 +150,20 @@ def test_listener_refuses_what_the_client_could_not_send(
             assert code == 501, (bad, code, text)
         c.rset()
     assert env.spool.ids() == []
+
+
+def test_sendmail_bs_applies_the_same_rule(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path)
+    dialogue = (b"EHLO php.example.org\r\nMAIL FROM:<alice@example.org> ENVID=a=b\r\n"
+                b"MAIL FROM:<alice@example.org> ENVID=ok+2b RET=hdrs\r\n"
+                b"RCPT TO:<bob@example.org> ORCPT=rfc822;x=y\r\n"
+                b"RCPT TO:<bob@example.org> NOTIFY=delay ORCPT=rfc822;b+40\r\n"
+                b"DATA\r\nSubject: bs\r\n\r\nx\r\n.\r\nQUIT\r\n")
+    r = rq.sendmail("-bs", input=dialogue)
+    assert r.returncode == EX_OK, r.stderr
+    replies = [line[:3] for line in r.stdout.decode().splitlines() if line[3:4] == " "]
+    assert replies == ["220", "250", "501", "250", "501", "250", "354", "250", "221"], r.stdout
+    [(env, _)] = rq.queued()
+    assert (env.envid, env.ret) == ("ok+2B", "HDRS")
+    [rcpt] = env.recipients
+    assert (rcpt.notify, rcpt.orcpt) == ("DELAY", "rfc822;b+40")
