@@ -156,21 +156,10 @@ def _qp(text: str) -> str:
 
 
 def _xtext_decode(text: str) -> str:
-    """RFC 3461 xtext ('+2B' is '+'); malformed escapes are kept as written."""
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "+" and _is_hex(text[i + 1 : i + 3]):
-            out.append(chr(int(text[i + 1 : i + 3], 16)))
-            i += 3
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+    """RFC 3461 xtext ('+2B' is '+'), decoded the one way relayq.dsnparams does."""
+    from relayq.dsnparams import xtext_decode
 
-
-def _is_hex(s: str) -> bool:
-    return len(s) == 2 and all(c in "0123456789ABCDEFabcdef" for c in s)
+    return xtext_decode(text)
 
 
 def _original_recipient(orcpt: str) -> str:

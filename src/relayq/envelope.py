@@ -29,6 +29,7 @@ read without a parser library and survives a hex editor:
     about<TAB>QID                         (on a report: the message it reports on)
     dead<TAB>reason                       (a dead letter: nowhere left to report it)
     unsure<TAB>1                          (the last attempt lost the reply to its final dot)
+    drop<TAB>HEX:INODE:MTIME_NS           (only when taken from maildrop/: that file)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -138,6 +139,7 @@ class Envelope:
         "created",
         "dead",
         "double_bounce",
+        "drop",
         "envid",
         "error",
         "held",
@@ -187,6 +189,7 @@ class Envelope:
         self.about = ""  # on a report: the queue id of the message it is about
         self.dead = ""  # why this is a dead letter (kept in quarantine/)
         self.unsure = False  # the last attempt lost the reply after its final dot
+        self.drop = ""  # the maildrop/ file this message was taken from (maildrop.identity)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -235,6 +238,8 @@ class Envelope:
                 out.append(f"{key}\t{value}")
         if self.notice is not None:
             out.append(f"notice\t{self.notice.dumps()}")
+        if self.drop:
+            out.append(f"drop\t{flatten(self.drop)}")
         for r in self.recipients:
             out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{_bounded(r.reply)}")
         out.append("end\n")
@@ -314,6 +319,7 @@ class Envelope:
                 rcpts[i].remote = True
         if "notice" in fields:
             env.notice = Notice.loads(fields["notice"])
+        env.drop = get("drop", "").partition("\t")[0]
         return env
 
 

@@ -47,7 +47,14 @@ KEEP_PATIENCE = 60.0  # seconds the writer waits for a taker holding its file
 SINGLE = frozenset({"sender", "name", "notify", "ret", "envid", "body", "hops", "mode"})
 FLAGS = frozenset({"extract", "idots", "bs"})
 HEX = frozenset("0123456789abcdef")
+CLOCK_SLACK = 3600  # a message queued this long "before" its drop file was written may be its copy
 REFUSED = (64, 65)  # what the message itself earns (bad address, too large...); else: later
+
+
+def identity(name: str, st: os.stat_result) -> str:
+    """What names a drop file in the envelope of its message: the random part of its
+    name (tHEX and dHEX are one file), its inode and its mtime."""
+    return f"{name[1:]}:{st.st_ino}:{st.st_mtime_ns}"
 
 
 class Malformed(DataError):
@@ -327,6 +334,8 @@ class Taker:
         self.spool = spool
         self.log = log
         self.ctx = ctx
+        self._ids: list[str] | None = None  # the queue's ids, for _queued_as()
+        self._drops: dict[str, str] = {}  # qid -> the drop file its envelope names
 
     def take(self, name: str, uid: int) -> tuple[str, str]:
         """Take one file the caller (uid, from SO_PEERCRED) just wrote: (qid, mode).
@@ -351,8 +360,7 @@ class Taker:
             try:
                 if st.st_uid != uid:  # replaced since the first look
                     raise PermissionRefused(f"{name} is not yours")
-                qid, mode = self._copy(fd, st)
-                self._remove(dfd, name, st)
+                qid, mode = self._copy(dfd, name, fd, st)
             finally:
                 os.close(fd)
         finally:
@@ -425,8 +433,16 @@ class Taker:
             self._refuse(dfd, name, str(exc))
             return None
         try:
+            if name[0] == "d":  # a file a taker was copying when the power went?
+                queued = self._queued_as(identity(name, st), st.st_mtime)
+                if queued:
+                    self.log.warning(f"maildrop: {name} from uid {st.st_uid} is queued "
+                                     f"already as {queued} (its hand-over was cut off "
+                                     "before the file's removal was durable); removed")
+                    self._taken(dfd, name, st)
+                    return None
             try:
-                qid, mode = self._copy(fd, st)
+                qid, mode = self._copy(dfd, name, fd, st)
             except RelayqError as exc:
                 if exc.code not in REFUSED:  # the queue's trouble, not the file's: later
                     self._once(st, f"maildrop: {name}: {exc.message}; left for the next run")
@@ -440,7 +456,6 @@ class Taker:
                 self._once(st, f"maildrop: {name}: internal error: {type(exc).__name__}: "
                                f"{exc}; left for the next run")
                 return None
-            self._remove(dfd, name, st)
             return qid, mode
         finally:
             os.close(fd)
@@ -529,8 +544,41 @@ class Taker:
             raise
         return fd, st
 
-    def _copy(self, fd: int, st: os.stat_result) -> tuple[str, str]:
-        """enqueue() the request as the file's owner; returns (qid, delivery mode)."""
+    def _queued_as(self, ident: str, mtime: float) -> str:
+        """The queued message whose envelope names drop file `ident`, or "".
+
+        Only messages queued after the file was written can be its copy (their
+        queue id tells when, without reading them: a 1 h margin for a clock
+        that stepped back); each envelope is read at most once per Taker.
+        """
+        from relayq.spool import qid_time
+
+        if self._ids is None:
+            self._ids = self.spool.ids()
+        now = time.time()
+        for qid in reversed(self._ids):  # newest first
+            if qid_time(qid, now) < mtime - CLOCK_SLACK:
+                break
+            if qid not in self._drops:
+                try:
+                    self._drops[qid] = self.spool.read_envelope(qid).drop
+                except (OSError, RelayqError):
+                    self._drops[qid] = ""
+            if self._drops[qid] == ident:
+                return qid
+        return ""
+
+    def _copy(self, dfd: int, name: str, fd: int, st: os.stat_result) -> tuple[str, str]:
+        """enqueue() the request as the file's owner, then remove the file durably;
+        returns (qid, delivery mode).
+
+        The order is what makes a crash harmless: the queue's commit is durable
+        first (a crash before it leaves the file, taken again later: nothing
+        lost); the file's unlink is made durable (fsync of maildrop/) while the
+        new message is still locked, so no runner can send it before then; the
+        envelope names the file (identity()), so a file that a crash between
+        the two brings back is recognised as queued already, not queued twice.
+        """
         import pwd
 
         from relayq.submit import Request, enqueue
@@ -555,18 +603,35 @@ class Taker:
         req.ret = str(fields.get("ret", ""))
         req.envid = str(fields.get("envid", ""))
         req.body = str(fields.get("body", ""))
+        req.drop = identity(name, st)
         hops = str(fields.get("hops", ""))
         if hops:
             if not (hops.isascii() and hops.isdigit()) or len(hops) > 3:
                 raise Malformed("malformed hop count")
             req.hops = int(hops)
-        _check_dsn(req.notify, req.ret, req.body, req.envid)
+        note = _check_dsn(req)
+        if note:
+            self.log.warning(f"maildrop: a file from uid {st.st_uid} ({user}): {note}")
         mode = str(fields.get("mode", ""))
         msg, _ = enqueue(self.cfg, self.spool, req, chunks, self.log, self.ctx)
-        msg.release()
+        try:
+            self._taken(dfd, name, st)
+        finally:
+            msg.release()  # only now may a runner claim it
         self.log.info(f"{msg.qid}: taken from the drop directory, submitted by uid "
                       f"{st.st_uid} ({user})")
         return msg.qid, mode
+
+    def _taken(self, dfd: int, name: str, st: os.stat_result) -> None:
+        """Remove a file whose message is queued, and make that removal durable (fsync
+        of maildrop/, through the descriptor we hold): a power loss must not bring it
+        back to be taken again."""
+        try:
+            self._remove(dfd, name, st)
+            os.fsync(dfd)
+        except OSError as exc:  # queued all the same; should the file stay or come
+            self.log.error(f"maildrop: {name}: cannot remove it durably ({exc.strerror}); "
+                           "the message is queued, and the file is known as its copy")
 
     def _remove(self, dfd: int, name: str, st: os.stat_result) -> None:
         """Unlink a file we took; its owner may have renamed tHEX to dHEX meanwhile."""
@@ -611,15 +676,34 @@ class Taker:
         self.log.warning(f"{what}; removed")
 
 
-def _check_dsn(notify: str, ret: str, body: str, envid: str) -> None:
-    """The shapes sendmail's -N, -R, -B and -V allow (a planted file is not our client)."""
-    words = notify.split(",") if notify else []
-    if words and words != ["NEVER"] and not set(words) <= {"SUCCESS", "FAILURE", "DELAY"}:
-        raise Malformed("malformed NOTIFY")
-    if ret not in ("", "FULL", "HDRS") or body not in ("", "7BIT", "8BITMIME"):
-        raise Malformed("malformed RET or BODY")
-    if len(envid) > 100 or not all(33 <= ord(c) <= 126 for c in envid):
-        raise Malformed("malformed ENVID")
+def _check_dsn(req: Request) -> str:
+    """What sendmail's -N, -R, -B and -V allow, made canonical by the rule of every way
+    in (relayq.dsnparams); Malformed for what no client of ours writes. Returns a note
+    for the log when an ENVID had to be changed: a file written by an older relayq,
+    which took any printable -V with exit 0, is still delivered (xtext-encoded, or
+    without its ENVID when that is too long), never refused after that exit 0."""
+    from relayq import dsnparams
+
+    try:
+        req.notify = dsnparams.notify(req.notify) if req.notify else ""
+        req.ret = dsnparams.ret(req.ret) if req.ret else ""
+        req.body = dsnparams.body(req.body) if req.body else ""
+    except dsnparams.BadParam as exc:
+        raise Malformed(f"malformed request: {exc}") from None
+    if not req.envid:
+        return ""
+    try:
+        req.envid = dsnparams.envid(req.envid)
+        return ""
+    except dsnparams.BadParam as exc:
+        reason = str(exc)
+    raw = req.envid
+    try:
+        req.envid = dsnparams.envid(dsnparams.xtext_encode(raw))
+        return f"ENVID {raw!r} ({reason}) sent xtext-encoded as {req.envid}"
+    except dsnparams.BadParam:
+        req.envid = ""
+        return f"ENVID {raw!r} ({reason}) left out"
 
 
 def _reader(fd: int, first: bytes, limit: int) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from relayq import address, headers, hostname, policy
+from relayq import address, dsnparams, headers, hostname, policy
 from relayq.envelope import Envelope, Recipient
 from relayq.errors import DataError, UsageError
 from relayq.lines import Normalizer
@@ -34,10 +34,12 @@ class Request:
     __slots__ = (
         "body",
         "bs",
+        "drop",
         "envid",
         "extract",
         "full_name",
         "hops",
+        "identified",
         "ignore_dots",
         "notify",
         "rcpt_params",
@@ -60,12 +62,14 @@ class Request:
         # per-recipient DSN parameters from SMTP (address as given -> (NOTIFY, ORCPT))
         self.rcpt_params: dict[str, tuple[str, str]] = {}
         self.received_from = ""  # SMTP: "HELO (localhost [127.0.0.1])" for the trace field
+        self.identified = False  # SMTP: user/uid are the client socket's owner (the kernel's)
         self.notify = ""
         self.ret = ""
         self.envid = ""
         self.body = ""
         self.hops: int | None = None
         self.bs = False  # an SMTP session on stdin (sendmail -bs), not the listener
+        self.drop = ""  # the maildrop/ file this is a copy of (maildrop.identity)
 
 
 class Context:
@@ -121,12 +125,7 @@ def enqueue(
     else:
         sender = ""
     address.check_text(req.full_name, "full name")
-    for value, what in ((req.envid, "ENVID"), (req.ret, "RET"), (req.notify, "NOTIFY"),
-                        (req.body, "BODY")):
-        address.check_text(value, what)  # every caller checks; the envelope must not trust it
-    for notify, orcpt in req.rcpt_params.values():
-        address.check_text(notify, "NOTIFY")
-        address.check_text(orcpt, "ORCPT")
+    _check_dsn(req)  # every caller checks; the envelope must not trust it
     warning = _auth_warning(cfg, ctx, req, sender)
 
     source = iter(source)
@@ -194,6 +193,7 @@ def enqueue(
         env.size = msg.size
         env.msgid = result.msgid
         env.envid, env.ret = req.envid, req.ret
+        env.drop = req.drop
         env.smtputf8 = result.eight_bit_headers or any(
             address.needs_smtputf8(a) for a in [sender, *result.recipients]
         )
@@ -211,16 +211,34 @@ def enqueue(
     return msg, env
 
 
+def _check_dsn(req: Request) -> None:
+    """The DSN parameters through the rule the SMTP client applies (relayq.dsnparams),
+    made canonical: what is queued is what a relay will be sent, never a refusal later."""
+    try:
+        req.envid = dsnparams.envid(req.envid) if req.envid else ""
+        req.ret = dsnparams.ret(req.ret) if req.ret else ""
+        req.notify = dsnparams.notify(req.notify) if req.notify else ""
+        req.body = dsnparams.body(req.body) if req.body else ""
+        req.rcpt_params = {
+            rcpt: (dsnparams.notify(notify) if notify else "",
+                   dsnparams.orcpt(orcpt) if orcpt else "")
+            for rcpt, (notify, orcpt) in req.rcpt_params.items()}
+    except dsnparams.BadParam as exc:
+        raise DataError(str(exc)) from None
+
+
 def _auth_warning(cfg: Config, ctx: Context, req: Request, sender: str) -> str:
     """sendmail's X-Authentication-Warning: an untrusted user chose the sender."""
     if req.uid == 0 or req.user in cfg.trusted_users:
         return ""
     if req.bs:
         return f"{ctx.fqdn}: {req.user} owned process doing -bs"
-    if req.received_from or req.sender is None:  # the listener: no -f there
-        return ""
+    if (req.received_from and not req.identified) or req.sender is None:
+        return ""  # the listener, not knowing who connected; or no -f
     local, domain = address.split(sender) if sender else ("", "")
     if local == req.user and (not domain or domain.lower() in ctx.local
                               or domain.lower() == ctx.masquerade.lower()):
         return ""
-    return f"{ctx.fqdn}: {req.user} set sender to {sender or '<>'} using -f"
+    # a local user's MAIL FROM is that user's -f (the listener learnt who from the kernel)
+    how = "SMTP" if req.received_from else "-f"
+    return f"{ctx.fqdn}: {req.user} set sender to {sender or '<>'} using {how}"

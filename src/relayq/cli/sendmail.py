@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+from relayq import dsnparams
 from relayq.cli._exit import run
 from relayq.errors import (
     EX_OK,
@@ -206,9 +207,7 @@ def parse(argv: list[str]) -> Args:
                     raise UsageError(f"Invalid -A argument {value!r}: use -Ac or -Am")
                 args.queue_group = value
             elif opt == "B":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    raise UsageError(f"Invalid -B value {value!r}: use 7BIT or 8BITMIME")
-                args.body = value.upper()
+                args.body = _dsn(dsnparams.body, value, "-B")
             elif opt == "C":
                 args.config = value
             elif opt == "h":
@@ -222,15 +221,11 @@ def parse(argv: list[str]) -> Args:
                     raise UsageError(f"Invalid syslog tag {value!r}")
                 args.tag = value
             elif opt == "N":
-                args.notify = _notify(value)
+                args.notify = _dsn(dsnparams.notify, value, "-N")
             elif opt == "R":
-                if value.lower() not in ("full", "hdrs"):
-                    raise UsageError(f"Invalid -R value {value!r}: use full or hdrs")
-                args.ret = value.upper()
-            elif opt == "V":
-                if not value or len(value) > 100 or not all(33 <= ord(c) <= 126 for c in value):
-                    raise UsageError(f"Invalid original envelope id {value!r}")
-                args.envid = value
+                args.ret = _dsn(dsnparams.ret, value, "-R")
+            elif opt == "V":  # sendmail refuses a -V that is not xtext (EX_USAGE) too
+                args.envid = _dsn(dsnparams.envid, value, "-V")
             elif opt == "o":
                 _short_option(args, value, shown)
             elif opt == "O":
@@ -266,13 +261,12 @@ def _queue_option(args: Args, value: str) -> None:
         raise UsageError(f"Invalid -q value -q{value}")
 
 
-def _notify(value: str) -> str:
-    words = [w.strip().upper() for w in value.split(",")]
-    if words == ["NEVER"]:
-        return "NEVER"
-    if not words or any(w not in ("SUCCESS", "FAILURE", "DELAY") for w in words):
-        raise UsageError(f"Invalid -N argument {value!r}")
-    return ",".join(dict.fromkeys(words))
+def _dsn(check: Callable[[str], str], value: str, flag: str) -> str:
+    """A DSN flag's value through the one validator the SMTP client uses too."""
+    try:
+        return check(value)
+    except dsnparams.BadParam as exc:
+        raise UsageError(f"Invalid {flag} value {value!r}: {exc}") from None
 
 
 def _stdin_chunks() -> Iterator[bytes]:

@@ -39,7 +39,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relayq import address, aliases, mailbox
+from relayq import address, aliases, dsnparams, mailbox
 from relayq.transport.smtp import DEFERRED, FAILED, SENT, Outcome
 
 if TYPE_CHECKING:
@@ -108,10 +108,8 @@ def is_record(addr: str) -> bool:
 
 
 def xtext(text: str) -> str:
-    """RFC 3461 xtext, for the ORCPT of an expanded recipient."""
-    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else
-                   "".join(f"+{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
-                   for c in text)
+    """RFC 3461 xtext, for the ORCPT of an expanded recipient (relayq.dsnparams)."""
+    return dsnparams.xtext_encode(text)
 
 
 class LocalTransport:
@@ -417,28 +415,11 @@ def orcpt_for(addr: str) -> str:
     return "rfc822;" + xtext(addr)
 
 
-def _xtext_decode(text: str) -> str:
-    out = bytearray()
-    i = 0
-    raw = text.encode("utf-8", "surrogateescape")
-    while i < len(raw):
-        if raw[i : i + 1] == b"+" and i + 3 <= len(raw):
-            try:
-                out.append(int(raw[i + 1 : i + 3], 16))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out += raw[i : i + 1]
-        i += 1
-    return out.decode("utf-8", "replace")
-
-
 def delivered_to(record: str, orcpt: str, target: LocalTarget, domain: str) -> str:
     """The Delivered-To value for a recorded target: the user's address, else the original."""
     if target.kind == aliases.USER:
         return f"{target.value}@{domain}"
     kind, sep, value = orcpt.partition(";")
     if sep and kind.strip().lower() == "rfc822" and value:
-        return _xtext_decode(value.strip())
+        return dsnparams.xtext_decode(value.strip())
     return record
