@@ -30,7 +30,7 @@ from relayq.submit import Context
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from relayq.testing.smarthost import Smarthost, SmarthostFactory
+    from relayq.testing.smarthost import RawSession, Smarthost, SmarthostFactory
 
 MSG = b"Subject: promises\n\nbody of the promise test\n"
 NULL = ("", "<>")
@@ -293,3 +293,38 @@ def test_D3_a_loop_is_never_expired_into_a_bounce(
     assert env.pending() and "mail loops back to me" in env.recipients[0].reply
     assert sh.transactions == [] and "Expired" not in rq.log()
     assert "mail loops back to me" in rq.run("mailq").stdout.decode()
+
+
+def test_replies_out_of_step_defer_instead_of_bouncing(
+    tmp_path: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """Found by the matrix (row pipelined-extra): a relay answering MAIL twice puts
+    every later reply one step off, and the 503 meant for RCPT reached DATA: the
+    message bounced on a reply about nothing of ours. 503 to RCPT or DATA after MAIL
+    was accepted now means the replies are out of step: deferred, never bounced."""
+
+    def script(s: RawSession) -> None:
+        s.send(b"220 raw.example.org ESMTP\r\n")
+        while line := s.readline():
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"EHLO":
+                s.send(b"250-raw.example.org\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                s.readline()  # RCPT
+                s.readline()  # DATA
+                s.send(b"250 ok\r\n250 ok\r\n503 5.5.1 need MAIL first\r\n")
+                time.sleep(0.5)  # the fourth reply comes later: nothing looks unsolicited
+                s.send(b"503 5.5.1 bad sequence\r\n")
+            elif verb == b"QUIT":
+                s.send(b"221 bye\r\n")
+                return
+            else:
+                s.send(b"250 ok\r\n")
+
+    srv = smarthost_factory.scripted(script=script)
+    rq = Relayq(tmp_path, smarthost=srv.smarthost)
+    assert rq.sendmail("-f", "alice@example.org", "bob@example.org", input=MSG).returncode == 0
+    rq.sendmail("-q")
+    [(env, _)] = rq.queued()
+    assert not env.is_dsn and env.pending(), env.recipients
+    assert "out of step" in env.recipients[0].reply

@@ -334,6 +334,7 @@ class SmtpTransport:
         too_many: list[int] = []
         for (i, _), reply in zip(rcpts, rcpt_replies, strict=True):
             _expect_final(client, reply, "RCPT TO")
+            _expect_in_step(client, reply, "RCPT TO")
             if reply.positive:
                 accepted.append(i)
             else:
@@ -349,6 +350,7 @@ class SmtpTransport:
             return "", 0, []
         if data_reply is None:
             data_reply = client.command(proto.DATA, "DATA")
+        _expect_in_step(client, data_reply, "DATA")
         if data_reply.code != 354:
             if not (data_reply.transient or data_reply.permanent):
                 client.close()
@@ -755,6 +757,17 @@ def _one_line(text: str) -> str:
     if text.endswith("\n"):
         return text[:-1]
     return text
+
+
+def _expect_in_step(client: SmtpClient, reply: Reply, what: str) -> None:
+    """503 (bad sequence) to RCPT or DATA after MAIL was accepted: the replies are
+    out of step with the commands (an extra or a missing reply), so every later
+    one answers something else. Defer, never bounce on a reply that may not be
+    about this recipient."""
+    if reply.code == 503:
+        client.close()
+        raise ProtocolViolation(f"replies from {client.where} out of step with the commands: "
+                                f"{reply} to {what} after MAIL FROM was accepted")
 
 
 def _expect_final(client: SmtpClient, reply: Reply, what: str) -> None:
