@@ -71,6 +71,9 @@ def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> in
             if os.path.exists(spool.data_path(qid)):
                 print(f"{qid}: busy (being delivered); try again")
                 code = code or EX_TEMPFAIL
+            elif action == "delete" and spool.remove_dead(qid):
+                log.notice(f"{qid}: dead letter deleted by {who()}")
+                print(f"{qid}: deleted (dead letter)")
             else:
                 print(f"{qid}: no such message")
                 code = code or EX_NOINPUT

@@ -550,6 +550,16 @@ class Spool:
             if env.dead:
                 yield qid, env, size
 
+    def remove_dead(self, qid: str) -> bool:
+        """The operator's command for a dead letter (`relayq delete QID`): True if it was one."""
+        if not any(q == qid for q, _, _ in self.dead_letters()):
+            return False
+        for name in os.listdir(self.quarantine_dir):
+            if name.startswith((f"{qid}.e.", f"{qid}.d.")):
+                os.unlink(os.path.join(self.quarantine_dir, name))
+        _fsync_dir(self.quarantine_dir)
+        return True
+
     def sweep(self, now: float | None = None, names: list[str] | None = None) -> list[str]:
         """Remove debris of crashed writers; returns what was removed.
 

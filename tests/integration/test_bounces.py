@@ -89,6 +89,9 @@ def test_a_postmaster_copy_that_fails_is_kept_as_a_dead_letter(
     assert "dead letters: 1" in status
     assert rq.sendmail("-q").returncode == EX_OK  # later runs leave it alone
     assert len(list(rq.spool.dead_letters())) == 1 and sh.transactions == []
+    r = rq.run("relayq", "delete", qid)  # the operator's command, and only that, removes it
+    assert r.returncode == EX_OK and b"deleted (dead letter)" in r.stdout
+    assert list(rq.spool.dead_letters()) == [] and "dead letter deleted by" in rq.log()
 
 
 def test_a_hundred_runs_against_a_relay_that_refuses_everything_stay_bounded(
