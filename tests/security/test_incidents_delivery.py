@@ -358,8 +358,9 @@ def test_D13_a_refused_message_from_the_null_sender_creates_no_new_message(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:
     """nullmailer #54/#69: a failed message from <> produced notices that failed in turn,
-    once a second, until the disk was full. A refused <> message is logged and dropped:
-    no bounce, no postmaster copy, nothing new in the queue."""
+    once a second, until the disk was full. A refused <> message is never bounced to <>:
+    one copy goes to the postmaster, and when that is refused too the message is kept as
+    one dead letter (issue 12 D17: nothing is dropped silently); nothing more, ever."""
     sh = smarthost_factory(replies={"rcpt": "550 5.1.1 no such user"})
     rq = Relayq(tmp_path, smarthost=sh.smarthost, postmaster="postmaster@example.org")
     qid = submit(rq, "bob@example.org", sender="<>")
@@ -368,8 +369,9 @@ def test_D13_a_refused_message_from_the_null_sender_creates_no_new_message(
         assert rq.sendmail("-q").returncode == EX_OK
         assert rq.spool.ids() == []
     assert sh.transactions == []
-    assert [c.arg for c in sh.commands if c.verb == "RCPT"] == ["TO:<bob@example.org>"]
-    assert "no DSN for the null sender: discarded (a bounce never bounces)" in rq.log()
+    assert [c.arg for c in sh.commands if c.verb == "RCPT"] == [
+        "TO:<bob@example.org>", "TO:<postmaster@example.org>"]
+    assert len(list(rq.spool.dead_letters())) == 1
     assert " DSN: " not in rq.log()
 
 
@@ -379,7 +381,8 @@ def test_D13_an_undeliverable_bounce_gives_at_most_one_postmaster_notice_then_no
     tmp_path: Path, smarthost_factory: SmarthostFactory, postmaster_ok: bool
 ) -> None:
     """The bounce to a sender the smarthost also refuses: one copy to the postmaster
-    (if it is refused too, a log line), and no further message however many runs."""
+    (if it is refused too, a dead letter: issue 12 D17), and no further message however
+    many runs."""
     refused = {"bob@example.org": "550 5.1.1 no such user",
                "alice@example.org": "550 5.1.1 no such sender"}
     if not postmaster_ok:
@@ -400,7 +403,7 @@ def test_D13_an_undeliverable_bounce_gives_at_most_one_postmaster_notice_then_no
         assert "alice@example.org" in status_block(report)
     else:
         assert sh.transactions == []
-        assert "discarded (a bounce never bounces)" in rq.log()
+        assert "dead letter" in rq.log() and len(list(rq.spool.dead_letters())) == 1
 
 
 def test_D13_a_hundred_runs_against_a_relay_refusing_everything_keep_the_queue_bounded(
@@ -488,7 +491,8 @@ def test_D14_a_persistent_451_bounces_after_max_queue_age_with_the_last_reason(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:
     """A 4xx forever must end: past max_queue_age the message bounces (4.4.7) with the
-    last reason the relay gave, without another attempt."""
+    last reason the relay gave, at the first attempt that fails after it (issue 12 D7:
+    never without trying)."""
     sh = smarthost_factory(rcpt_replies={"bob@example.org": "451 4.3.0 first reason"})
     rq = Relayq(tmp_path, smarthost=sh.smarthost, max_queue_age="1h")
     qid = submit(rq, "bob@example.org")
@@ -500,7 +504,7 @@ def test_D14_a_persistent_451_bounces_after_max_queue_age_with_the_last_reason(
     assert rq.sendmail("-q").returncode == EX_OK
     assert rq.spool.ids() == []
     bob_rcpts = [c for c in sh.commands if c.verb == "RCPT" and "bob@" in c.arg]
-    assert len(bob_rcpts) == 2  # the expiry made no third attempt
+    assert len(bob_rcpts) == 3  # the third attempt failed too, and then it expired
     [report] = reports(sh.transactions)
     block = status_block(report)
     assert "Action: failed" in block and "Status: 4.4.7" in block
