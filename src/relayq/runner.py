@@ -249,8 +249,8 @@ class Runner:
                 ret=env.ret,
             )
             result = self.transport().deliver(msg, journal)
-        late = journal.commit(result.outcomes, result.relay, persist=False)  # none committed
-        return result.error or journal.deferral, journal.commits > 0 and not late
+        late = journal.commit(result.outcomes, result.relay, result.error, persist=False)
+        return result.error or journal.error or journal.deferral, journal.commits > 0 and not late
 
     def _note(self, env: Envelope, r: Recipient, now: float, start: float, mailer: str,
               status: str, reply: str, dsn_code: str) -> None:
@@ -717,11 +717,12 @@ class _Journal:
         self.deferral = deferral
         self.applied: dict[int, Outcome] = {}
         self.commits = 0  # records made
+        self.error = ""  # why some recipients wait, as the transport put it
 
     def begin(self, indices: list[int]) -> None:
         self.claim.mark_sending(len(indices))
 
-    def commit(self, outcomes: Sequence[Outcome | None], relay: str,
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str, error: str = "",
                persist: bool = True) -> bool:
         """Apply what is new; record it when `persist`. True if anything was new."""
         runner, env = self.runner, self.claim.envelope
@@ -746,9 +747,10 @@ class _Journal:
                 self.deferral = self.deferral or out.reply
         if relay:
             env.relay = relay.split(" [", 1)[0]
+        self.error = error or self.error
         if changed and persist and not self.claim.finished:
             if env.pending():
-                env.error = "Deferred: " + self.deferral
+                env.error = "Deferred: " + (self.error or self.deferral)
             runner._record(self.claim)
             self.commits += 1
         return changed

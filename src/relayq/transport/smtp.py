@@ -68,8 +68,9 @@ class Journal(Protocol):
     def begin(self, indices: list[int]) -> None:
         """Before a transaction for these recipients; raising RelayqError sends nothing."""
 
-    def commit(self, outcomes: Sequence[Outcome | None], relay: str) -> object:
-        """After a transaction: the outcomes so far, to be made durable before going on."""
+    def commit(self, outcomes: Sequence[Outcome | None], relay: str, error: str) -> object:
+        """After a transaction: the outcomes so far (and why some wait, as
+        MessageResult.error), to be made durable before going on."""
 
 
 @dataclass
@@ -209,7 +210,7 @@ class SmtpTransport:
                 else:
                     error = error or err
                 if journal is not None:
-                    journal.commit(outcomes, client.relay)
+                    journal.commit(outcomes, client.relay, error)
         except SmtpError as exc:
             client.close()
             self._client = None
