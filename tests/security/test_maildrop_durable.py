@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import BIN
-from tests.helpers.users import ADMIN_GROUP, System, ensure_users, install_launchers
+from tests.helpers.users import ADMIN_GROUP, System
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -41,14 +41,6 @@ def _strace_works() -> bool:
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="creates users: needs root"),
               pytest.mark.skipif(not _strace_works(), reason="strace cannot trace here")]
-
-
-@pytest.fixture(scope="module")
-def launchers() -> Iterator[Path]:
-    ensure_users()
-    root = install_launchers()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 from email import message_from_bytes
@@ -27,7 +26,6 @@ from tests.helpers.users import (
     SERVICE,
     System,
     ensure_users,
-    install_launchers,
 )
 from tests.integration.test_daemon import DaemonProcess, wait_for
 
@@ -46,14 +44,6 @@ SUBMITTERS = [ALICE, SERVICE, "www-data"]
 
 def message(tag: str) -> bytes:
     return f"Subject: {tag}\n\nbody of {tag}\n".encode()
-
-
-@pytest.fixture(scope="module")
-def launchers() -> Iterator[Path]:
-    ensure_users()
-    root = install_launchers()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ the secret-permission check: a 0644 file holding `password` was refused by
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
-from tests.helpers.users import System, ensure_users, install_launchers
+from tests.helpers.users import System
 from tests.integration.test_daemon import DaemonProcess, free_port, kill_detached, wait_for
 
 from relayq.errors import EX_CONFIG, EX_NOPERM, EX_OK
@@ -32,14 +31,6 @@ if TYPE_CHECKING:
 ALICE = "rqtest-alice"
 MSG = b"From: alice@example.org\nTo: bob@example.org\nSubject: hello\n\nhi\n"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates users: needs root")
-
-
-@pytest.fixture(scope="module")
-def launchers() -> Iterator[Path]:
-    ensure_users()
-    root = install_launchers()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
