@@ -328,3 +328,41 @@ def test_replies_out_of_step_defer_instead_of_bouncing(
     [(env, _)] = rq.queued()
     assert not env.is_dsn and env.pending(), env.recipients
     assert "out of step" in env.recipients[0].reply
+
+
+def test_a_cached_connection_lost_before_any_reply_is_retried_fresh(
+    tmp_path: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    """Found by the matrix (row close-after-message-1, flaky): a relay closing an idle
+    connection after a message, its FIN not seen yet, made the next message fail on the
+    reused connection and wait for the next run. Nothing of it was answered, so relayq
+    now tries once more on a fresh connection at once."""
+    sessions = []
+
+    def script(s: RawSession) -> None:
+        sessions.append(s)
+        first = len(sessions) == 1
+        s.send(b"220 raw.example.org ESMTP\r\n")
+        while line := s.readline():
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"EHLO":
+                s.send(b"250-raw.example.org\r\n250 8BITMIME\r\n")
+            elif verb == b"RSET" and first:
+                return  # closes without a word when the reused connection is used
+            elif verb == b"DATA":
+                s.send(b"354 go ahead\r\n")
+                if not s.read_data():
+                    return
+                s.send(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                s.send(b"221 bye\r\n")
+                return
+            else:
+                s.send(b"250 ok\r\n")
+
+    srv = smarthost_factory.scripted(script=script)
+    rq = Relayq(tmp_path, smarthost=srv.smarthost, concurrency=1)
+    for to in ("r1@example.org", "r2@example.org"):
+        assert rq.sendmail("-f", "alice@example.org", to, input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == EX_OK
+    assert rq.queued() == [] and len(srv.messages) == 2 and len(sessions) == 2

@@ -177,6 +177,7 @@ class SmtpTransport:
             self._down = None  # aged out: try the relay again
         if self._down is not None:
             return self._all_deferred(msg, self._down, "")
+        reused = self._client is not None
         client = self._ready_client()
         if client is None:
             assert self._down is not None
@@ -214,6 +215,12 @@ class SmtpTransport:
         except SmtpError as exc:
             client.close()
             self._client = None
+            if reused and all(o is None for o in outcomes) and not isinstance(exc, MailLoop):
+                # a cached connection the relay closed while idle (its FIN not seen
+                # yet): nothing of this message was answered, so nothing was taken;
+                # once more on a fresh connection, as Postfix's connection cache does
+                self._say(f"cached connection to {client.relay} lost ({exc}); reconnecting")
+                return self.deliver(msg, journal)
             error = str(exc)
             for i, (addr, _, _) in enumerate(msg.recipients):
                 if outcomes[i] is None:
