@@ -75,8 +75,13 @@ def flatten(text: str) -> str:
 
 
 def _bounded(text: str) -> str:
+    """Flattened and at most MAX_REPLY bytes as stored (UTF-8): the record's size
+    must be known before the attempt (see spool.Claim.mark_sending)."""
     text = flatten(text)
-    return text if len(text) <= MAX_REPLY else text[: MAX_REPLY - 3] + "..."
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_REPLY:
+        return text
+    return raw[: MAX_REPLY - 3].decode("utf-8", "ignore") + "..."
 
 
 class Notice:
@@ -100,8 +105,10 @@ class Notice:
     @classmethod
     def loads(cls, value: str) -> Notice:
         qid, kind, indices = value.split("\t")[:3]
-        if kind not in NOTICE_KINDS or not qid:
+        if not qid:
             raise ValueError("bad notice")
+        if kind not in NOTICE_KINDS:  # a later relayq's report: not ours to finish
+            raise NewerFormat(f"notice of an unknown kind {kind!r}")
         return cls(qid, kind, _indices(indices))
 
 
@@ -318,7 +325,10 @@ class Envelope:
             if i < len(rcpts):
                 rcpts[i].remote = True
         if "notice" in fields:
-            env.notice = Notice.loads(fields["notice"])
+            try:
+                env.notice = Notice.loads(fields["notice"])
+            except NewerFormat as exc:
+                raise NewerFormat(f"{qid}: {exc.message}") from None
         env.drop = get("drop", "").partition("\t")[0]
         return env
 

@@ -152,7 +152,18 @@ class Runner:
                     f"{type(exc).__name__}: {exc}"
                 self.log.error(f"{env.qid}: report not made yet ({why}); the recipients' "
                                "outcomes are recorded, the report is tried at the next run")
+                self._later(claim, now)
         return [_code(r.reply) for r in newly]
+
+    def _later(self, claim: Claim, now: float) -> None:
+        """A report that failed is tried again on the retry schedule, not at once."""
+        env = claim.envelope
+        env.next_try = max(env.next_try, now + policy.next_delay(
+            max(1, env.attempts), self.cfg.retry_min, self.cfg.retry_max, random.random()))
+        try:
+            claim.record()
+        except RelayqError:
+            pass  # the queue is full: the daemon's rechecks space the tries out
 
     def _record(self, claim: Claim) -> None:
         """Make the envelope durable, then log the outcome lines it records."""
@@ -447,6 +458,12 @@ class Runner:
               msg: NewMessage | None = None) -> None:
         """Steps two and three: commit the report unless it is queued, mark it made."""
         env = claim.envelope
+        if not any(i < len(env.recipients) for i in notice.indices):  # a damaged notice
+            if msg is not None:
+                msg.abort()
+            env.notice = None
+            self._record(claim)
+            return
         if msg is not None or not self.spool.report_queued(notice.qid, env.qid):
             self._write_report(claim, notice, now, msg or self.spool.create(notice.qid))
         if notice.kind == WARNING:

@@ -87,6 +87,13 @@ def qid_time(qid: str, now: float) -> float:
         return 0.0
 
 
+def _unlink_if_there(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _fsync_dir(path: str) -> None:
     if "threading" not in sys.modules:  # one thread (sendmail): no one to share with,
         _fsync_path(path)  # and importing threading would cost 4 ms
@@ -342,13 +349,22 @@ class Spool:
             raise TempFailure(f"{qid}: queue id already committed")
         try:
             fd = os.open(self._path(qid, ".d"), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _io_error("create a queue file", exc) from None
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink == 0:  # swept meanwhile: start afresh
+                raise TempFailure(f"{qid}: report debris removed meanwhile; try again")
             os.ftruncate(fd, 0)
         except BlockingIOError:
             os.close(fd)
             raise TempFailure(f"{qid}: report being written by another process") from None
         except OSError as exc:
+            os.close(fd)
             raise _io_error("create a queue file", exc) from None
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def report_queued(self, qid: str, about: str) -> bool:
@@ -367,7 +383,7 @@ class Spool:
         """
         claim.envelope.dead = reason
         claim.record()
-        self.quarantine(claim.qid)
+        self.quarantine(claim.qid, "dead")
         claim.finished = True  # out of the queue
         claim.release()
 
@@ -519,16 +535,31 @@ class Spool:
 
     # -- damage and debris ----------------------------------------------------
 
-    def quarantine(self, qid: str) -> None:
-        """Move a message's files out of the queue so the rest keeps flowing."""
+    def quarantine(self, qid: str, suffix: str = "") -> None:
+        """Move a message's files out of the queue so the rest keeps flowing.
+
+        Both are linked into quarantine/ (synced) before either leaves queue/: a
+        crash in between leaves the message in the queue, never half of it in each
+        (a data file alone in queue/ would be swept as debris). `suffix` names the
+        copies (default: a time stamp); the same suffix again replaces them.
+        """
         os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for ext in (".e", ".d"):
+        suffix = suffix or time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for ext in (".d", ".e"):
             src = self._path(qid, ext)
+            dst = os.path.join(self.quarantine_dir, f"{qid}{ext}.{suffix}")
+            tmp = dst + ".t"
             try:
-                os.rename(src, os.path.join(self.quarantine_dir, f"{qid}{ext}.{stamp}"))
+                _unlink_if_there(tmp)
+                os.link(src, tmp)
+                os.rename(tmp, dst)
+                moved.append(src)
             except FileNotFoundError:
                 pass
+        _fsync_dir(self.quarantine_dir)
+        for src in reversed(moved):  # the envelope first, as finish() does
+            _unlink_if_there(src)
         _fsync_dir(self.queue)
 
     def dead_letters(self) -> Iterator[tuple[str, Envelope, int]]:
@@ -539,7 +570,7 @@ class Spool:
             return
         for name in names:
             qid, _, rest = name.partition(".")
-            if not rest.startswith("e."):
+            if not rest.startswith("e.") or rest.endswith(".t"):
                 continue
             path = os.path.join(self.quarantine_dir, name)
             try:
@@ -590,16 +621,17 @@ class Spool:
                     continue
             except FileNotFoundError:
                 continue
-            if ext == ".d":
-                claim_fd = self._lock_orphan(qid)
-                if claim_fd is None:
-                    continue
-                os.close(claim_fd)
-            try:
+            claim_fd = self._lock_orphan(qid) if ext == ".d" else None
+            if ext == ".d" and claim_fd is None:
+                continue
+            try:  # under the lock: a runner writing a report again waits for it
                 os.unlink(path)
                 removed.append(name)
             except FileNotFoundError:
                 pass
+            finally:
+                if claim_fd is not None:
+                    os.close(claim_fd)
         return removed
 
     def _lock_orphan(self, qid: str) -> int | None:
