@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from relayq.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
 
+LOOP_STATUS = "4.4.6"  # the relay is ourselves: waits for the administrator's fix
+LOOP_REASON = f"{LOOP_STATUS} mail loops back to me"
 JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
 MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loop
 

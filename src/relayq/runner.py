@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from relayq.transport.smtp import Outcome, SmtpTransport
 
 
-LOOP = "4.4.6"  # the relay is ourselves (transport.smtp.MailLoop): waits for the fix
 RECORD = 32  # bytes per queue id in the pipe a queue run's workers share
 BATCH = 128  # records a write: 4096 bytes, within PIPE_BUF, so one atomic write
 
@@ -136,7 +135,7 @@ class Runner:
             if pending:
                 self._attempt(claim, pending, now)
                 if (env.pending() and policy.expired(env.created, now, self.cfg.max_queue_age)
-                        and not all(_code(r.reply) == LOOP for r in env.pending())):
+                        and not all(_code(r.reply) == policy.LOOP_STATUS for r in env.pending())):
                     # only after an attempt failed (as Postfix), and never for a loop:
                     # our own configuration's fault is no reason to return the mail
                     self._expire(claim, now)

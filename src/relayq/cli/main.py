@@ -191,11 +191,13 @@ def status(cfg: Config, as_json: bool) -> int:
 def _recorded_loop(spool: Spool, qid: str) -> str:
     """The loop the transport recorded (4.4.6) for the oldest message: one envelope
     read, whatever the queue's size. Once a loop is seen every message defers with it."""
+    from relayq import policy
+
     try:
         error = spool.read_envelope(qid).error
     except (OSError, RelayqError):
         return ""
-    _, found, detail = error.partition("4.4.6 mail loops back to me (")
+    _, found, detail = error.partition(f"{policy.LOOP_REASON} (")
     return detail[:-1] if found and detail.endswith(")") else ""
 
 

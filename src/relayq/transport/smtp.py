@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from relayq import wire
+from relayq import policy, wire
 from relayq.errors import RelayqError
 from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
@@ -458,7 +458,7 @@ class SmtpTransport:
         reply = client.ehlo(self.ehlo_name())
         loop = loop_reason(client.peer_ip, t.port, cfg.listen, self.ehlo_name(), greeting, reply)
         if loop:  # before STARTTLS and AUTH: never our password to ourselves
-            raise MailLoop(f"4.4.6 mail loops back to me ({loop})")
+            raise MailLoop(f"{policy.LOOP_REASON} ({loop})")
         if mode in ("required", "opportunistic"):
             if client.caps.starttls:
                 client.starttls(self._tls_context())
@@ -621,7 +621,7 @@ def _dns_why(exc: BaseException) -> str:
 class MailLoop(SmtpError):
     """The relay is this relayq itself: defer (4.4.6), never bounce; the fix is ours."""
 
-    dsn_code = "4.4.6"
+    dsn_code = policy.LOOP_STATUS
 
 
 def loop_reason(ip: str, port: int, listen: list[str], own_name: str, *replies: Reply) -> str:
