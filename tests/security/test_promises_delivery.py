@@ -28,6 +28,7 @@ from relayq.runner import Runner
 from relayq.submit import Context
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from relayq.testing.smarthost import RawSession, Smarthost, SmarthostFactory
@@ -295,6 +296,36 @@ def test_D3_a_loop_is_never_expired_into_a_bounce(
     assert "mail loops back to me" in rq.run("mailq").stdout.decode()
 
 
+def relay_script(ehlo: bytes, special: Callable[[RawSession, bytes], bool | None]
+                 ) -> Callable[[RawSession], None]:
+    """A plain raw relay (250 to everything, 354 and 250 around the data); `special`
+    sees each command first: True, it answered; None, hang up; False, the plain way."""
+
+    def script(s: RawSession) -> None:
+        s.send(b"220 raw.example.org ESMTP\r\n")
+        while line := s.readline():
+            verb = line.split(b" ", 1)[0].strip().upper()
+            done = special(s, verb)
+            if done is None:
+                return
+            if done:
+                continue
+            if verb == b"EHLO":
+                s.send(ehlo)
+            elif verb == b"DATA":
+                s.send(b"354 go ahead\r\n")
+                if not s.read_data():
+                    return
+                s.send(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                s.send(b"221 bye\r\n")
+                return
+            else:
+                s.send(b"250 ok\r\n")
+
+    return script
+
+
 def test_replies_out_of_step_defer_instead_of_bouncing(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:
@@ -303,24 +334,17 @@ def test_replies_out_of_step_defer_instead_of_bouncing(
     message bounced on a reply about nothing of ours. 503 to RCPT or DATA after MAIL
     was accepted now means the replies are out of step: deferred, never bounced."""
 
-    def script(s: RawSession) -> None:
-        s.send(b"220 raw.example.org ESMTP\r\n")
-        while line := s.readline():
-            verb = line.split(b" ", 1)[0].strip().upper()
-            if verb == b"EHLO":
-                s.send(b"250-raw.example.org\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL":
-                s.readline()  # RCPT
-                s.readline()  # DATA
-                s.send(b"250 ok\r\n250 ok\r\n503 5.5.1 need MAIL first\r\n")
-                time.sleep(0.5)  # the fourth reply comes later: nothing looks unsolicited
-                s.send(b"503 5.5.1 bad sequence\r\n")
-            elif verb == b"QUIT":
-                s.send(b"221 bye\r\n")
-                return
-            else:
-                s.send(b"250 ok\r\n")
+    def twice(s: RawSession, verb: bytes) -> bool:
+        if verb != b"MAIL":
+            return False
+        s.readline()  # RCPT
+        s.readline()  # DATA
+        s.send(b"250 ok\r\n250 ok\r\n503 5.5.1 need MAIL first\r\n")
+        time.sleep(0.5)  # the fourth reply comes later: nothing looks unsolicited
+        s.send(b"503 5.5.1 bad sequence\r\n")
+        return True
 
+    script = relay_script(b"250-raw.example.org\r\n250 PIPELINING\r\n", twice)
     srv = smarthost_factory.scripted(script=script)
     rq = Relayq(tmp_path, smarthost=srv.smarthost)
     assert rq.sendmail("-f", "alice@example.org", "bob@example.org", input=MSG).returncode == 0
@@ -337,29 +361,16 @@ def test_a_cached_connection_lost_before_any_reply_is_retried_fresh(
     connection after a message, its FIN not seen yet, made the next message fail on the
     reused connection and wait for the next run. Nothing of it was answered, so relayq
     now tries once more on a fresh connection at once."""
-    sessions = []
+    sessions: list[RawSession] = []
 
-    def script(s: RawSession) -> None:
-        sessions.append(s)
-        first = len(sessions) == 1
-        s.send(b"220 raw.example.org ESMTP\r\n")
-        while line := s.readline():
-            verb = line.split(b" ", 1)[0].strip().upper()
-            if verb == b"EHLO":
-                s.send(b"250-raw.example.org\r\n250 8BITMIME\r\n")
-            elif verb == b"RSET" and first:
-                return  # closes without a word when the reused connection is used
-            elif verb == b"DATA":
-                s.send(b"354 go ahead\r\n")
-                if not s.read_data():
-                    return
-                s.send(b"250 2.0.0 queued\r\n")
-            elif verb == b"QUIT":
-                s.send(b"221 bye\r\n")
-                return
-            else:
-                s.send(b"250 ok\r\n")
+    def idle_close(s: RawSession, verb: bytes) -> bool | None:
+        if s not in sessions:
+            sessions.append(s)
+        if verb == b"RSET" and s is sessions[0]:
+            return None  # closes without a word when the reused connection is used
+        return False
 
+    script = relay_script(b"250-raw.example.org\r\n250 8BITMIME\r\n", idle_close)
     srv = smarthost_factory.scripted(script=script)
     rq = Relayq(tmp_path, smarthost=srv.smarthost, concurrency=1)
     for to in ("r1@example.org", "r2@example.org"):
