@@ -601,50 +601,43 @@ def stream(data: BinaryIO, p: Plan) -> Iterator[bytes]:
 
     for ev in events(data):
         part, kind = ev.part, ev.kind
-        chunk = b""
-        if raw_root is not None:
-            if inside(part, raw_root):
-                chunk = b"".join(raw.feed(line, nl) for line, nl in ev.lines)
-                if chunk:
-                    out.append(chunk)
-                    size += len(chunk)
-                    if size >= QP_BLOCK:
-                        yield b"".join(out)
-                        out.clear()
-                        size = 0
-                continue
-            _add(out, raw.flush())
-            raw_root = None
-        if coder is not None and (coder_part is not part or kind != BODY):
-            if not isinstance(coder, _Breaker):
-                _add(out, coder.flush())
-            coder = coder_part = None
-        if kind == FIELD:
-            chunk = _field(part, ev.lines, p)
-        elif kind == ENDHEAD:
-            chunk = _endhead(part, ev.lines, p)
-            act = p.actions.get(part.idx, NONE)
-            if part.idx in p.globals:
-                raw_root = part
-            elif part.container:
-                pass
-            elif act == QP:
-                coder = _QPEncoder()
-            elif act == REQP:
-                coder = _QPRecoder()
-            elif act == WRAP:
-                coder = _Breaker(76, b"\n")
-            elif act == HARD:
-                coder = _Breaker(LIMIT, b"\n ")
-            coder_part = part if coder is not None else None
-        elif kind == BODY and isinstance(coder, _QPEncoder) and ev.lines[-1][1]:
-            chunk = coder.feed_block(_raw(ev.lines))
-        elif kind == BODY and coder is not None:
-            chunk = b"".join(coder.feed(line, nl) for line, nl in ev.lines)
-        elif kind in (RAWHEAD, DELIM) or (kind == FILL and p.actions.get(part.idx) == HARD):
-            chunk = b"".join(brk.feed(line, nl) for line, nl in ev.lines)
-        else:  # BODY or FILL as they are
-            chunk = _raw(ev.lines)
+        if raw_root is not None and inside(part, raw_root):
+            chunk = b"".join(raw.feed(line, nl) for line, nl in ev.lines)
+        else:
+            chunk = b""
+            if raw_root is not None:
+                _add(out, raw.flush())
+                raw_root = None
+            if coder is not None and (coder_part is not part or kind != BODY):
+                if not isinstance(coder, _Breaker):
+                    _add(out, coder.flush())
+                coder = coder_part = None
+            if kind == FIELD:
+                chunk = _field(part, ev.lines, p)
+            elif kind == ENDHEAD:
+                chunk = _endhead(part, ev.lines, p)
+                act = p.actions.get(part.idx, NONE)
+                if part.idx in p.globals:
+                    raw_root = part
+                elif part.container:
+                    pass
+                elif act == QP:
+                    coder = _QPEncoder()
+                elif act == REQP:
+                    coder = _QPRecoder()
+                elif act == WRAP:
+                    coder = _Breaker(76, b"\n")
+                elif act == HARD:
+                    coder = _Breaker(LIMIT, b"\n ")
+                coder_part = part if coder is not None else None
+            elif kind == BODY and isinstance(coder, _QPEncoder) and ev.lines[-1][1]:
+                chunk = coder.feed_block(_raw(ev.lines))
+            elif kind == BODY and coder is not None:
+                chunk = b"".join(coder.feed(line, nl) for line, nl in ev.lines)
+            elif kind in (RAWHEAD, DELIM) or (kind == FILL and p.actions.get(part.idx) == HARD):
+                chunk = b"".join(brk.feed(line, nl) for line, nl in ev.lines)
+            else:  # BODY or FILL as they are
+                chunk = _raw(ev.lines)
         if chunk:
             out.append(chunk)
             size += len(chunk)
