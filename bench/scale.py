@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 
-from relayq.envelope import Envelope, Recipient
-from relayq.spool import make_qid
+from relayq.core.envelope import Envelope, Recipient
+from relayq.queue.spool import make_qid
 
 BIN = os.path.dirname(sys.executable)
 

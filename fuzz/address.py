@@ -5,8 +5,8 @@ import atheris
 with atheris.instrument_imports():
     from harness import run, text
 
-    from relayq import address
-    from relayq.errors import RelayqError
+    from relayq.core import address
+    from relayq.core.errors import RelayqError
 
 
 def target(data: bytes) -> None:

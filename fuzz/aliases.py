@@ -5,7 +5,7 @@ import atheris
 with atheris.instrument_imports():
     from harness import run, text
 
-    from relayq import aliases
+    from relayq.core import aliases
 
 
 def target(data: bytes) -> None:

@@ -5,8 +5,8 @@ import atheris
 with atheris.instrument_imports():
     from harness import run
 
-    from relayq.envelope import Envelope
-    from relayq.errors import DamagedQueueFile
+    from relayq.core.envelope import Envelope
+    from relayq.core.errors import DamagedQueueFile
 
 
 def target(data: bytes) -> None:

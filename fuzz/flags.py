@@ -6,7 +6,7 @@ with atheris.instrument_imports():
     from harness import run
 
     from relayq.cli.sendmail import parse
-    from relayq.errors import RelayqError
+    from relayq.core.errors import RelayqError
 
 
 def target(data: bytes) -> None:

@@ -5,8 +5,8 @@ import atheris
 with atheris.instrument_imports():
     from harness import run, text
 
-    from relayq.errors import RelayqError
-    from relayq.headers import parse_block, serialize
+    from relayq.core.errors import RelayqError
+    from relayq.core.headers import parse_block, serialize
 
 
 def target(data: bytes) -> None:

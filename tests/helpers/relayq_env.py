@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relayq.errors import DamagedQueueFile
-from relayq.spool import Spool
+from relayq.core.errors import DamagedQueueFile
+from relayq.queue.spool import Spool
 
 if TYPE_CHECKING:
-    from relayq.envelope import Envelope
+    from relayq.core.envelope import Envelope
 
 BIN = Path(sys.executable).parent
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 
-from relayq.errors import EX_CONFIG, EX_OK
+from relayq.core.errors import EX_CONFIG, EX_OK
 
 if TYPE_CHECKING:
     from relayq.testing.smarthost import SmarthostFactory
@@ -142,7 +142,7 @@ def test_status_counts_without_reading_envelopes(rq: Relayq) -> None:
 
 
 def test_qid_time_inverts_make_qid() -> None:
-    from relayq.spool import make_qid, qid_time
+    from relayq.queue.spool import make_qid, qid_time
 
     for t in (1_795_657_340.123456, 1_700_000_000.0, 1_800_000_000.999):
         assert abs(qid_time(make_qid(t, 4242), t + 10) - t) < 1e-5
@@ -170,7 +170,7 @@ def test_a_secret_readable_by_others_is_refused_naming_file_and_mode(tmp_path: P
 
 
 def test_tls_is_required_by_default_once_a_password_is_configured(tmp_path: Path) -> None:
-    from relayq.config import parse
+    from relayq.core.config import parse
 
     assert parse("").tls == "opportunistic"
     assert parse("user = 'u'\npassword = 'p'\n").tls == "required"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.errors import EX_NOINPUT, EX_OK, EX_TEMPFAIL
+from relayq.core.errors import EX_NOINPUT, EX_OK, EX_TEMPFAIL
 
 if TYPE_CHECKING:
     from pathlib import Path

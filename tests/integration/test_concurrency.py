@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.errors import EX_OK, EX_TEMPFAIL
-from relayq.spool import STALE_SECONDS
+from relayq.core.errors import EX_OK, EX_TEMPFAIL
+from relayq.queue.spool import STALE_SECONDS
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 
-from relayq.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
+from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -298,6 +298,6 @@ def test_sd_notify_ready_reloading_stopping(
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("29m", 1740), ("1h30m", 5400),
                                                ("5", 300), ("2d", 172800)])
 def test_sendmail_intervals(text: str, seconds: int) -> None:
-    from relayq.daemon import parse_interval
+    from relayq.daemon.main import parse_interval
 
     assert parse_interval(text) == seconds

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import Relayq
 
-from relayq.envelope import FAILED, PENDING, SENT
-from relayq.errors import EX_OK, EX_TEMPFAIL
+from relayq.core.envelope import FAILED, PENDING, SENT
+from relayq.core.errors import EX_OK, EX_TEMPFAIL
 
 if TYPE_CHECKING:
     from pathlib import Path

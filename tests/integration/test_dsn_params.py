@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 from tests.integration.test_daemon import free_port
 
-from relayq import config, dsnparams
-from relayq.errors import EX_OK, EX_USAGE
-from relayq.listener import Listener, bind
-from relayq.log import Log
-from relayq.runner import Runner
-from relayq.spool import Spool
-from relayq.submit import Context
+from relayq.core import config, dsnparams
+from relayq.core.errors import EX_OK, EX_USAGE
+from relayq.delivery.runner import Runner
+from relayq.queue.spool import Spool
+from relayq.queue.submit import Context
+from relayq.server.listener import Listener, bind
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -65,7 +65,8 @@ def test_config_cache_spares_the_toml_parser_and_follows_changes(tmp_path: Path)
 
 def test_background_submission_leaves_delivery_imports_to_the_child(tmp_path: Path) -> None:
     rq = Relayq(tmp_path)  # smarthost [127.0.0.1]:9: the child's attempt just fails
-    probe = PROBE.replace(f"{HEAVY!r}", repr((*HEAVY, "relayq.runner", "relayq.transport.smtp")))
+    probe = PROBE.replace(f"{HEAVY!r}", repr((*HEAVY, "relayq.delivery.runner",
+                                              "relayq.delivery.smtp_transport")))
     r = subprocess.run([sys.executable, "-I", "-c", probe, "-odb", "a@example.org"],
                        input=b"\nx\n", env=rq.env, capture_output=True, timeout=30, check=False)
     assert r.returncode == 0, r.stderr

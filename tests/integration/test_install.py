@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tests.helpers.relayq_env import BIN, Relayq
 
 from relayq.cli.install import install, uninstall
-from relayq.errors import RelayqError
+from relayq.core.errors import RelayqError
 
 if TYPE_CHECKING:
     from pathlib import Path

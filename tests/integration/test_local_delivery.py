@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 
-from relayq import config, mailbox
-from relayq.envelope import FAILED, PENDING, SENT, Recipient
-from relayq.errors import EX_NOUSER, EX_OK
-from relayq.log import Log
-from relayq.runner import Runner
-from relayq.submit import Context
-from relayq.transport.local import LocalTransport, User
+from relayq.core import config
+from relayq.core.envelope import FAILED, PENDING, SENT, Recipient
+from relayq.core.errors import EX_NOUSER, EX_OK
+from relayq.delivery import mailbox
+from relayq.delivery.local_transport import LocalTransport, User
+from relayq.delivery.runner import Runner
+from relayq.queue.submit import Context
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -144,7 +145,7 @@ def test_mbox_write_error_truncates_to_the_old_length(tmp_path: Path) -> None:
     data.write_bytes(b"Subject: big\n\n" + b"x" * 200_000 + b"\n")
     code = f"""
 import resource, signal, sys
-from relayq import mailbox
+from relayq.delivery import mailbox
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:

@@ -20,9 +20,9 @@ import pytest
 
 from relayq.cli import _exit
 from relayq.cli.mailq import main, prtstr
-from relayq.envelope import FAILED, SENT, Envelope, Recipient
-from relayq.errors import ConfigError, UsageError
-from relayq.spool import Spool
+from relayq.core.envelope import FAILED, SENT, Envelope, Recipient
+from relayq.core.errors import ConfigError, UsageError
+from relayq.queue.spool import Spool
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,7 +40,7 @@ class Queue:
         Path(self.config).write_text(f'queue_dir = "{self.spool.root}"\n')
         self.spool.ensure()
         self._ids: list[str] = []
-        monkeypatch.setattr("relayq.spool.make_qid", lambda now, pid: self._ids.pop(0))
+        monkeypatch.setattr("relayq.queue.spool.make_qid", lambda now, pid: self._ids.pop(0))
 
     def add(
         self,

@@ -1,5 +1,5 @@
-"""The daemon's processes: delivery agents (relayq.agent) and forked listeners
-(relayq.prefork). Real daemons, real sockets, real process trees."""
+"""The daemon's processes: delivery agents (relayq.daemon.agent) and forked listeners
+(relayq.server.prefork). Real daemons, real sockets, real process trees."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from tests.helpers.relayq_env import Relayq
 from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.integration.test_listener import Raw, session
 
-from relayq.config import Config
-from relayq.errors import EX_OK
-from relayq.listener import Server, State
-from relayq.log import Log
-from relayq.submit import Context
+from relayq.core.config import Config
+from relayq.core.errors import EX_OK
+from relayq.queue.submit import Context
+from relayq.server.listener import Server, State
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -49,11 +49,11 @@ def children(pid: int) -> dict[int, str]:
 
 
 def agents(pid: int) -> list[int]:
-    return [p for p, cmd in children(pid).items() if "relayq.agent" in cmd]
+    return [p for p, cmd in children(pid).items() if "relayq.daemon.agent" in cmd]
 
 
 def listeners(pid: int) -> list[int]:
-    return [p for p, cmd in children(pid).items() if "relayq.agent" not in cmd]
+    return [p for p, cmd in children(pid).items() if "relayq.daemon.agent" not in cmd]
 
 
 def alive(pid: int) -> bool:

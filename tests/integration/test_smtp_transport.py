@@ -1,6 +1,6 @@
 """SmtpTransport against real loopback servers (aiosmtpd, a raw scripted server, DNS).
 
-Every test builds its Config with relayq.config.parse(); nothing is mocked.
+Every test builds its Config with relayq.core.config.parse(); nothing is mocked.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from relayq.config import Config, parse
+from relayq.core.config import Config, parse
+from relayq.delivery.smtp_transport import MessageResult, OutgoingMessage, SmtpTransport
 from relayq.testing.dns import DnsResponder
 from relayq.testing.smarthost import RawSession, Smarthost
-from relayq.transport.smtp import MessageResult, OutgoingMessage, SmtpTransport
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -25,7 +25,7 @@ from tests.integration.test_smtp_transport import (
     tls_keys,
 )
 
-from relayq.errors import EX_OK, EX_TEMPFAIL, ConfigError
+from relayq.core.errors import EX_OK, EX_TEMPFAIL, ConfigError
 from relayq.testing.dns import DnsResponder
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 
-from relayq.errors import EX_DATAERR, EX_NOPERM, EX_OK, EX_USAGE
+from relayq.core.errors import EX_DATAERR, EX_NOPERM, EX_OK, EX_USAGE
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -17,7 +17,7 @@ import pytest
 from tests.helpers.relayq_env import Relayq
 from tests.integration.test_smtp_transport import BODY, Run, config, message, one, statuses
 
-from relayq.errors import EX_OK
+from relayq.core.errors import EX_OK
 
 if TYPE_CHECKING:
     from pathlib import Path

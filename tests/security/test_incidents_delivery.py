@@ -33,19 +33,19 @@ from tests.integration import test_local_delivery as local
 from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.system.test_crash_injection import _strace_works
 
-from relayq import config
-from relayq.envelope import FAILED, PENDING, SENT
-from relayq.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
-from relayq.log import Log
-from relayq.runner import Runner
-from relayq.submit import Context
+from relayq.core import config
+from relayq.core.envelope import FAILED, PENDING, SENT
+from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
+from relayq.delivery.local_transport import User
+from relayq.delivery.runner import Runner
+from relayq.queue.submit import Context
+from relayq.system.log import Log
 from relayq.testing.smarthost import Smarthost
-from relayq.transport.local import User
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from relayq.envelope import Envelope
+    from relayq.core.envelope import Envelope
     from relayq.testing.smarthost import RawSession, SmarthostFactory, Transaction
     from relayq.testing.tls import TestPKI
 
@@ -276,7 +276,7 @@ def test_D12_body_lines_starting_with_From_are_escaped_in_mbox(rq_local: Relayq)
 
 MAILDIR_WRITER = """
 import sys
-from relayq import mailbox
+from relayq.delivery import mailbox
 with open(sys.argv[2], "rb") as f:
     try:
         mailbox.deliver_maildir(sys.argv[1], f, sender="alice@example.org",

@@ -32,17 +32,17 @@ from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.integration.test_listener import Raw, session
 from tests.integration.test_smtp_transport import closed_port, config
 
-from relayq import address, aliases
-from relayq import config as relayq_config
 from relayq.cli import sendmail as sendmail_cli
-from relayq.envelope import PENDING, SENT, Envelope, Recipient
-from relayq.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL, RelayqError
-from relayq.log import Log
+from relayq.core import address, aliases
+from relayq.core import config as relayq_config
+from relayq.core.envelope import PENDING, SENT, Envelope, Recipient
+from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL, RelayqError
+from relayq.delivery.local_transport import LocalTarget, orcpt_for
+from relayq.delivery.smtp_transport import OutgoingMessage, SmtpTransport
+from relayq.queue.spool import Spool
+from relayq.queue.submit import Context, Request, enqueue
 from relayq.smtp import protocol as proto
-from relayq.spool import Spool
-from relayq.submit import Context, Request, enqueue
-from relayq.transport.local import LocalTarget, orcpt_for
-from relayq.transport.smtp import OutgoingMessage, SmtpTransport
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -29,7 +29,7 @@ from tests.helpers.users import (
 )
 from tests.integration.test_daemon import DaemonProcess, wait_for
 
-from relayq.errors import RelayqError
+from relayq.core.errors import RelayqError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -207,7 +207,7 @@ def test_bs_from_a_user_is_handed_over_and_marked(system: System) -> None:
 
 
 def _fqdn() -> str:
-    from relayq import hostname
+    from relayq.system import hostname
 
     name = hostname.fqdn()
     return name if "." in name else "host.example.org"

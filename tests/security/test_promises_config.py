@@ -20,7 +20,7 @@ from tests.helpers.relayq_env import Relayq, assert_one_line_error
 from tests.helpers.users import System
 from tests.integration.test_daemon import DaemonProcess, free_port, kill_detached, wait_for
 
-from relayq.errors import EX_CONFIG, EX_NOPERM, EX_OK
+from relayq.core.errors import EX_CONFIG, EX_NOPERM, EX_OK
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq import config, dsn
-from relayq.errors import EX_OK
-from relayq.log import Log
-from relayq.runner import Runner
-from relayq.submit import Context
+from relayq.core import config, dsn
+from relayq.core.errors import EX_OK
+from relayq.delivery.runner import Runner
+from relayq.queue.submit import Context
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from collections.abc import Callable

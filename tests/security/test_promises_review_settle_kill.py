@@ -12,7 +12,7 @@ import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 from tests.system.test_crash_injection import _strace_works, counts
 
-from relayq.spool import STALE_SECONDS
+from relayq.queue.spool import STALE_SECONDS
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.spool import STALE_SECONDS
+from relayq.queue.spool import STALE_SECONDS
 
 if TYPE_CHECKING:
     from pathlib import Path

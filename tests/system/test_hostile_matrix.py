@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.envelope import FAILED, PENDING
+from relayq.core.envelope import FAILED, PENDING
 from relayq.testing.dns import DnsResponder
 from relayq.testing.hostile import Fault, HostileRelay, server_context
 

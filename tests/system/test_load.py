@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.config import load
-from relayq.log import Log
-from relayq.spool import Spool
-from relayq.submit import Context, Request, enqueue
+from relayq.core.config import load
+from relayq.queue.spool import Spool
+from relayq.queue.submit import Context, Request, enqueue
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.errors import EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
+from relayq.core.errors import EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

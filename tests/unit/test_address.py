@@ -1,4 +1,4 @@
-"""relayq.address: the tolerant header parser and the strict command-line parser."""
+"""relayq.core.address: the tolerant header parser and the strict command-line parser."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayq.address import (
+from relayq.core.address import (
     Found,
     check_text,
     compact,
@@ -17,7 +17,7 @@ from relayq.address import (
     qualify,
     split,
 )
-from relayq.errors import EX_DATAERR, DataError
+from relayq.core.errors import EX_DATAERR, DataError
 
 
 def addrs(value: str) -> list[str]:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayq import aliases
-from relayq.aliases import (
+from relayq.core import aliases
+from relayq.core.aliases import (
     ADDRESS,
     FILE,
     INCLUDE,

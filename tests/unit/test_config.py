@@ -2,8 +2,8 @@
 
 import pytest
 
-from relayq import config
-from relayq.errors import EX_CONFIG, ConfigError
+from relayq.core import config
+from relayq.core.errors import EX_CONFIG, ConfigError
 
 
 def test_empty_file_means_defaults() -> None:

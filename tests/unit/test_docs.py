@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from relayq.config import SCHEMA
+from relayq.core.config import SCHEMA
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -1,4 +1,4 @@
-"""relayq.dsn: RFC 3464 reports, checked by parsing them with the stdlib email package."""
+"""relayq.core.dsn: RFC 3464 reports, checked by parsing them with the stdlib email package."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayq import dsn
-from relayq.envelope import FAILED, PENDING, Envelope, Recipient
-from relayq.headers import format_date
+from relayq.core import dsn
+from relayq.core.envelope import FAILED, PENDING, Envelope, Recipient
+from relayq.core.headers import format_date
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator

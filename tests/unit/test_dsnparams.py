@@ -1,4 +1,4 @@
-"""relayq.dsnparams: the one DSN parameter rule (issue 12 defect 14), and the places
+"""relayq.core.dsnparams: the one DSN parameter rule (issue 12 defect 14), and the places
 that must agree with it: sendmail's flags, the maildrop taker, enqueue() and the
 SMTP client's command builder."""
 
@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayq import dsn, dsnparams
 from relayq.cli import sendmail
-from relayq.errors import UsageError
+from relayq.core import dsn, dsnparams
+from relayq.core.errors import UsageError
+from relayq.delivery import local_transport as local
 from relayq.smtp import protocol as p
-from relayq.transport import local
 
 DSN_CAPS = p.Capabilities(esmtp=True, dsn=True)
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayq.cli.sendmail import parse as parse_flags
-from relayq.envelope import Envelope, Recipient
-from relayq.errors import DamagedQueueFile, RelayqError
+from relayq.core.envelope import Envelope, Recipient
+from relayq.core.errors import DamagedQueueFile, RelayqError
 from relayq.smtp.protocol import ReplyParser, SmtpProtocolError
 
 QID = "kBQ4oAAAAA0001"

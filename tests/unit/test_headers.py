@@ -1,4 +1,4 @@
-"""relayq.headers: header block parsing and sendmail 8.17's MSP rewriting rules (peers.md 6)."""
+"""relayq.core.headers: header parsing and sendmail 8.17's MSP rewriting rules (peers.md 6)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayq.errors import DataError
-from relayq.headers import (
+from relayq.core.errors import DataError
+from relayq.core.headers import (
     Field,
     Options,
     Result,

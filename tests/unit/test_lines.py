@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayq.lines import Normalizer
+from relayq.core.lines import Normalizer
 
 
 def feed(data: bytes, ignore_dots: bool, size: int) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayq import config
+from relayq.core import config
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ HEADER = (b"Received: from a.example.org\r\n\tby b.example.org; Tue, 1 Dec 2026\
 
 @given(st.lists(st.integers(0, len(HEADER)), max_size=8))
 def test_hop_counter_is_the_same_for_any_split(cuts: list[int]) -> None:
-    from relayq.policy import HopCounter
+    from relayq.core.policy import HopCounter
 
     counter = HopCounter()
     edges = [0, *sorted(cuts), len(HEADER)]
@@ -73,15 +73,15 @@ def test_hop_counter_is_the_same_for_any_split(cuts: list[int]) -> None:
 
 
 def test_hop_refusal_is_the_one_rule() -> None:
-    from relayq.policy import MAX_HOPS, hop_refusal
+    from relayq.core.policy import MAX_HOPS, hop_refusal
 
     assert hop_refusal(MAX_HOPS - 1) == ""
     assert hop_refusal(MAX_HOPS) == "Too many hops 25 (25 max): message refused (mail loop?)"
 
 
 def test_the_transport_sees_a_loop_by_address_or_by_our_name() -> None:
+    from relayq.delivery.smtp_transport import loop_reason
     from relayq.smtp.protocol import Reply
-    from relayq.transport.smtp import loop_reason
 
     theirs = Reply(220, ("smarthost.example.org ESMTP",))
     ours = Reply(250, ("HOST.example.org.", "PIPELINING"))

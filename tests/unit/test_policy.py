@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayq import policy
+from relayq.core import policy
 
 
 def test_backoff_doubles_to_the_cap() -> None:

@@ -1,4 +1,4 @@
-"""relayq.selector: sendmail's -qI/-qR/-qS rules (queue.c gatherq())."""
+"""relayq.core.selector: sendmail's -qI/-qR/-qS rules (queue.c gatherq())."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relayq.errors import UsageError
-from relayq.selector import Selector, matches, parse
+from relayq.core.errors import UsageError
+from relayq.core.selector import Selector, matches, parse
 
 QID = "6AQ1UaXXXX0001"
 

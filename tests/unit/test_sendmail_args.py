@@ -3,7 +3,7 @@
 import pytest
 
 from relayq.cli.sendmail import parse
-from relayq.errors import EX_NOPERM, EX_USAGE, RelayqError
+from relayq.core.errors import EX_NOPERM, EX_USAGE, RelayqError
 
 
 def test_cron_command_line() -> None:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from relayq.envelope import FAILED, SENT, Envelope, Recipient
-from relayq.errors import DamagedQueueFile
-from relayq.spool import Spool, make_qid
+from relayq.core.envelope import FAILED, SENT, Envelope, Recipient
+from relayq.core.errors import DamagedQueueFile
+from relayq.queue.spool import Spool, make_qid
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -134,7 +134,7 @@ def test_listing_reports_size_lock_and_vanished_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_locks: bool
 ) -> None:
     if not proc_locks:  # the fallback where /proc is not mounted
-        monkeypatch.setattr("relayq.spool._held_inodes", lambda dev: None)
+        monkeypatch.setattr("relayq.queue.spool._held_inodes", lambda dev: None)
     spool = Spool(str(tmp_path))
     spool.ensure()
     kept = commit(spool, b"12345\n")
@@ -155,7 +155,7 @@ def test_concurrent_directory_syncs_are_shared(tmp_path: Path) -> None:
     import threading
     import time as _time
 
-    from relayq.spool import _GroupSync
+    from relayq.queue.spool import _GroupSync
 
     sync = _GroupSync(str(tmp_path))
     with sync.cond:

@@ -1,4 +1,4 @@
-"""relayq.wire: 7-bit and 998-octet conversion, decoded with the stdlib email package."""
+"""relayq.core.wire: 7-bit and 998-octet conversion, decoded with the stdlib email package."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayq import wire
+from relayq.core import wire
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq.errors import EX_IOERR, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, RelayqError
+from relayq.core.errors import EX_IOERR, EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, RelayqError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-from relayq.errors import EX_CANTCREAT, EX_OK, EX_USAGE, RelayqError
+from relayq.core.errors import EX_CANTCREAT, EX_OK, EX_USAGE, RelayqError
 
 LINKS = {
     "usr/sbin/sendmail": "sendmail",
@@ -168,8 +168,8 @@ def install(root: str, bindir: str, force: bool, python: str | None = None) -> l
 
 def _make_system_queue() -> str:
     """Users hand mail to the system queue from the first message on (SECURITY.md)."""
-    from relayq import config
-    from relayq.spool import Spool
+    from relayq.core import config
+    from relayq.queue.spool import Spool
 
     cfg = config.load()
     Spool(cfg.queue_dir).ensure()

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from relayq.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, UsageError
+from relayq.core.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, UsageError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
 
@@ -35,10 +35,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
-    from relayq.config import Config
-    from relayq.envelope import Envelope
-    from relayq.selector import Selector
-    from relayq.spool import Spool
+    from relayq.core.config import Config
+    from relayq.core.envelope import Envelope
+    from relayq.core.selector import Selector
+    from relayq.queue.spool import Spool
 
 USAGE = """\
 usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config] [--json]
@@ -145,7 +145,7 @@ def _option(opts: Options, flag: str, value: str) -> None:
     elif flag == "C":
         opts.config = value
     elif flag == "q":
-        from relayq.selector import parse
+        from relayq.core.selector import parse
 
         opts.selectors.append(parse(value))
     # -L tag, -O option=value, -oXvalue: sendmail settings with no meaning here
@@ -156,8 +156,8 @@ def _main(args: list[str]) -> int:
     if opts.help:
         sys.stdout.write(USAGE)
         return 0
-    from relayq import config
-    from relayq.spool import Spool
+    from relayq.core import config
+    from relayq.queue.spool import Spool
 
     cfg = config.select(opts.config).load()  # -C is root's (77)
     spool = Spool(cfg.queue_dir)
@@ -188,10 +188,10 @@ def _main(args: list[str]) -> int:
 
 
 def _ask_daemon(spool: Spool, args: list[str]) -> int:
-    """A queue we may not read: the daemon lists our own messages (relayq.control)."""
+    """A queue we may not read: the daemon lists our own messages (relayq.system.control)."""
     import json
 
-    from relayq.control import Connection
+    from relayq.system.control import Connection
 
     conn = Connection.open(spool.socket_path, "mailq " + json.dumps(args), 60.0)
     if conn is None:
@@ -257,7 +257,7 @@ def collect(spool: Spool, selectors: list[Selector], uid: int | None = None) -> 
 
     With `uid`, only that user's messages (the daemon listing for a user).
     """
-    from relayq.selector import matches
+    from relayq.core.selector import matches
 
     has_rs = any(s.kind in "RS" for s in selectors)
     items: list[Item] = []

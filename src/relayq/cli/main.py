@@ -8,13 +8,13 @@ import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqError
+from relayq.core.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqError
 
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from relayq.config import Config
-    from relayq.spool import Spool
+    from relayq.core.config import Config
+    from relayq.queue.spool import Spool
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from relayq import config
+    from relayq.core import config
 
     # who may use which configuration, before any command opens anything (77)
     source = config.select(args.config)
@@ -77,7 +77,7 @@ def _main(argv: list[str]) -> int:
 
         return run_install(args.root, args.force, args.uninstall, args.python)
     if args.command == "daemon":
-        from relayq import daemon
+        from relayq.daemon import main as daemon
 
         return daemon.start(source=source, tag=args.tag, interval=args.interval,
                             listen=args.listen, foreground=args.foreground)
@@ -88,19 +88,19 @@ def _main(argv: list[str]) -> int:
         from relayq.cli.newaliases import check
 
         return check(cfg)
-    from relayq.log import Log
-    from relayq.spool import Spool
+    from relayq.queue.spool import Spool
+    from relayq.system.log import Log
 
     spool = Spool(cfg.queue_dir)
     if args.command in ("status", "flush"):
-        from relayq.daemon import pid_path
+        from relayq.daemon.main import pid_path
 
         cfg.pid_file = pid_path(cfg)  # root's answer, not the service user's
     spool.enter()  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json)
     if args.command in ("hold", "release", "delete", "requeue"):
-        from relayq import admin
+        from relayq.delivery import admin
 
         if not spool.writable():
             raise PermissionRefused(f"{args.command}: only root may change queued mail")
@@ -110,8 +110,8 @@ def _main(argv: list[str]) -> int:
         from relayq.cli.sendmail import ask_flush
 
         return ask_flush(spool)
-    from relayq.runner import Runner
-    from relayq.submit import Context
+    from relayq.delivery.runner import Runner
+    from relayq.queue.submit import Context
 
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
@@ -122,7 +122,7 @@ def _main(argv: list[str]) -> int:
         runner.close()
     if left and args.command == "flush":
         # what is left may be held by a running daemon: have it retry everything too
-        from relayq.daemon import poke
+        from relayq.daemon.main import poke
 
         pid = poke(cfg)
         if pid is not None:
@@ -135,8 +135,8 @@ def status(cfg: Config, as_json: bool) -> int:
     """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
     import time
 
-    from relayq.daemon import PidFile, pid_path
-    from relayq.spool import Spool, qid_time
+    from relayq.daemon.main import PidFile, pid_path
+    from relayq.queue.spool import Spool, qid_time
 
     spool = Spool(cfg.queue_dir)
     now = time.time()
@@ -191,7 +191,7 @@ def status(cfg: Config, as_json: bool) -> int:
 def _recorded_loop(spool: Spool, qid: str) -> str:
     """The loop the transport recorded (4.4.6) for the oldest message: one envelope
     read, whatever the queue's size. Once a loop is seen every message defers with it."""
-    from relayq import policy
+    from relayq.core import policy
 
     try:
         error = spool.read_envelope(qid).error
@@ -210,7 +210,7 @@ def _age(seconds: float) -> str:
 
 
 def check_config(cfg: object) -> int:
-    from relayq.config import Config
+    from relayq.core.config import Config
 
     assert isinstance(cfg, Config)
     cfg.check_no_loop()  # the daemon's listener would refuse it: say so before (78)

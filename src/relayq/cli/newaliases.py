@@ -6,20 +6,20 @@ import sys
 from typing import TYPE_CHECKING
 
 from relayq.cli._exit import run
-from relayq.errors import EX_OK, RelayqError
+from relayq.core.errors import EX_OK, RelayqError
 
 if TYPE_CHECKING:
-    from relayq.config import Config
+    from relayq.core.config import Config
 
 
 def _main(argv: list[str]) -> int:
-    from relayq import config
+    from relayq.core import config
 
     path = None
     if argv[:1] == ["-C"] and len(argv) > 1:
         path = argv[1]
     elif argv:
-        from relayq.errors import UsageError
+        from relayq.core.errors import UsageError
 
         raise UsageError("usage: newaliases [-C config]")
     cfg = config.select(path).load()  # -C is root's (77)
@@ -33,8 +33,8 @@ def check(cfg: Config) -> int:
     There is no compiled form: the file is small and parsed at each local
     delivery. A missing file means no aliases (a null client needs none).
     """
-    from relayq import aliases
-    from relayq.errors import EX_CONFIG
+    from relayq.core import aliases
+    from relayq.core.errors import EX_CONFIG
 
     path = cfg.aliases_file
     try:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq import dsnparams
 from relayq.cli._exit import run
-from relayq.errors import (
+from relayq.core import dsnparams
+from relayq.core.errors import (
     EX_OK,
     EX_TEMPFAIL,
     DataError,
@@ -33,10 +33,10 @@ TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq.config import Config, Source
-    from relayq.log import Log
-    from relayq.spool import Claim, Spool
-    from relayq.submit import Context, Request
+    from relayq.core.config import Config, Source
+    from relayq.queue.spool import Claim, Spool
+    from relayq.queue.submit import Context, Request
+    from relayq.system.log import Log
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
 FLAGS = set("cGIimnsTtUv")
@@ -304,7 +304,7 @@ def _user() -> tuple[str, int, str]:
 
 
 def _open(args: Args, source: Source) -> tuple[Config, Log]:
-    from relayq.log import Log
+    from relayq.system.log import Log
 
     cfg = source.load()
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from relayq import config
+    from relayq.core import config
 
     args = parse(argv)
     # who may use which configuration, decided before any mode opens or starts
@@ -330,7 +330,7 @@ def _main(argv: list[str]) -> int:
         extra = [f"-q{s}" for s in args.selectors] + (["-v"] if args.verbose else [])
         return mailq_main(extra + (["-C", args.config] if args.config else []))
     if args.mode == "d" or args.queue_interval:
-        from relayq import daemon
+        from relayq.daemon import main as daemon
 
         return daemon.start(source=source, tag=args.tag, interval=args.queue_interval or None,
                             listen=args.mode == "d", foreground=args.foreground)
@@ -352,8 +352,8 @@ def _main(argv: list[str]) -> int:
 
 def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
-    from relayq.listener import serve_stdio
-    from relayq.spool import Spool
+    from relayq.queue.spool import Spool
+    from relayq.server.listener import serve_stdio
 
     cfg, log = _open(args, source)
     user, uid, _ = _user()
@@ -363,8 +363,8 @@ def smtp_session(args: Args, source: Source) -> int:
 
 
 def verify(cfg: Config, args: Args) -> int:
-    from relayq import address
-    from relayq.submit import Context
+    from relayq.core import address
+    from relayq.queue.submit import Context
 
     if not args.recipients:
         raise UsageError("Recipient names must be specified")
@@ -388,10 +388,10 @@ def _verbose_printer(args: Args) -> Callable[[str], None] | None:
 
 
 def queue_run(cfg: Config, log: Log, args: Args) -> int:
-    from relayq import selector
-    from relayq.runner import Runner
-    from relayq.spool import Spool
-    from relayq.submit import Context
+    from relayq.core import selector
+    from relayq.delivery.runner import Runner
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context
 
     sels = [selector.parse(s) for s in args.selectors]
     spool = Spool(cfg.queue_dir)
@@ -409,7 +409,7 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
 def ask_flush(spool: Spool) -> int:
     """`sendmail -q` by a user who may not run the queue: the daemon runs it (like
     `postqueue -f`), or, with no daemon, a clear refusal."""
-    from relayq.control import ask
+    from relayq.system.control import ask
 
     status = ask(spool.socket_path, "flush", 60.0)
     if status is None:
@@ -422,8 +422,8 @@ def ask_flush(spool: Spool) -> int:
 
 
 def submit(cfg: Config, log: Log, args: Args) -> int:
-    from relayq.spool import Spool
-    from relayq.submit import Context, Request, enqueue
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context, Request, enqueue
 
     user, uid, gecos = _user()
     req = Request(user=user, uid=uid)
@@ -450,7 +450,7 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         msg.release()
         return EX_OK
     if mode == "b":
-        from relayq.background import deliver_detached
+        from relayq.delivery.background import deliver_detached
 
         deliver_detached(cfg, spool, log, ctx, [msg.qid], {msg.qid: msg.detach()})
         return EX_OK
@@ -466,7 +466,8 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
 
 def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
     """A queue we may not write (a user's mail, a root-owned queue): via maildrop/."""
-    from relayq import address, maildrop
+    from relayq.core import address
+    from relayq.queue import maildrop
 
     for arg in req.recipients:  # refuse a bad address now, not after exit 0
         address.parse_recipient_args(arg)
@@ -484,8 +485,8 @@ def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
 
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
-    from relayq import policy
-    from relayq.runner import Runner
+    from relayq.core import policy
+    from relayq.delivery.runner import Runner
 
     runner = Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args))
     try:

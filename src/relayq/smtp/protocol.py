@@ -14,7 +14,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relayq import dsnparams
+from relayq.core import dsnparams
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -298,7 +298,7 @@ def mail_params(
 
 
 def _checked(check: Callable[[str], str], value: str) -> str:
-    """A value through relayq.dsnparams, the rule every way in applied already."""
+    """A value through relayq.core.dsnparams, the rule every way in applied already."""
     try:
         return check(value)
     except dsnparams.BadParam as exc:
@@ -306,7 +306,7 @@ def _checked(check: Callable[[str], str], value: str) -> str:
 
 
 def _queued_envid(value: str) -> str:
-    """ENVID as queued. Every way in checks it (relayq.dsnparams), but a queue written
+    """ENVID as queued. Every way in checks it (relayq.core.dsnparams), but a queue written
     by an older relayq may hold one that is printable ASCII and still not xtext (it
     took `-V a=b` with exit 0): that one goes out xtext-encoded (or, too long then,
     without ENVID: it only labels reports), so the mail is not refused at last.

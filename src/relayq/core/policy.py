@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relayq.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
+from relayq.core.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
 
 LOOP_STATUS = "4.4.6"  # the relay is ourselves: waits for the administrator's fix
 LOOP_REASON = f"{LOOP_STATUS} mail loops back to me"

@@ -4,7 +4,7 @@ The listener is Python from the first byte (aiosmtpd on asyncio): one
 process tops out at one CPU, about 400 short sessions a second here, while
 Postfix runs an smtpd process per client. So the daemon forks listeners
 that accept on the same sockets (the kernel hands each connection to one of
-them): each runs relayq.listener.Listener exactly as the daemon's own does,
+them): each runs relayq.server.listener.Listener exactly as the daemon's own does,
 and commits through the same enqueue(). Their messages reach the daemon's
 delivery workers through the queue directory (the inotify wake-up), not
 through a call.
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from relayq.config import Config
-    from relayq.listener import Listener
-    from relayq.log import Log
+    from relayq.core.config import Config
+    from relayq.server.listener import Listener
+    from relayq.system.log import Log
 
 MAX_PROCESSES = 4
 
@@ -137,8 +137,8 @@ class Listeners:
 def _child(listener: Listener, slot: int, life: int,
            loader: Callable[[], Config] | None) -> None:  # pragma: no cover - child
     """A listener process: serve until the daemon goes away or says stop."""
-    from relayq.errors import RelayqError
-    from relayq.submit import Context
+    from relayq.core.errors import RelayqError
+    from relayq.queue.submit import Context
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

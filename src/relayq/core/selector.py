@@ -20,7 +20,7 @@ it would select everything, and it is nearly always a typo for `-qRaddr`.
 
 from __future__ import annotations
 
-from relayq.errors import UsageError
+from relayq.core.errors import UsageError
 
 KINDS = ("I", "R", "S")
 

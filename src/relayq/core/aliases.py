@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relayq.errors import EX_DATAERR, RelayqError
+from relayq.core.errors import EX_DATAERR, RelayqError
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -24,8 +24,8 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from relayq import address, dsn, policy, selector
-from relayq.envelope import (
+from relayq.core import address, dsn, policy, selector
+from relayq.core.envelope import (
     BOUNCE,
     DOUBLE,
     FAILED,
@@ -37,19 +37,19 @@ from relayq.envelope import (
     Notice,
     Recipient,
 )
-from relayq.errors import DamagedQueueFile, RelayqError
-from relayq.log import delay
+from relayq.core.errors import DamagedQueueFile, RelayqError
+from relayq.system.log import delay
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
     from typing import BinaryIO
 
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.spool import Claim, NewMessage, Spool
-    from relayq.submit import Context
-    from relayq.transport.local import LocalTransport
-    from relayq.transport.smtp import Outcome, SmtpTransport
+    from relayq.core.config import Config
+    from relayq.delivery.local_transport import LocalTransport
+    from relayq.delivery.smtp_transport import Outcome, SmtpTransport
+    from relayq.queue.spool import Claim, NewMessage, Spool
+    from relayq.queue.submit import Context
+    from relayq.system.log import Log
 
 
 RECORD = 32  # bytes per queue id in the pipe a queue run's workers share
@@ -98,7 +98,7 @@ class Runner:
 
     def transport(self) -> SmtpTransport:
         if self._transport is None:
-            from relayq.transport.smtp import SmtpTransport
+            from relayq.delivery.smtp_transport import SmtpTransport
 
             self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info)
         return self._transport
@@ -239,7 +239,7 @@ class Runner:
 
         Returns why it deferred, and whether the last record holds every outcome.
         """
-        from relayq.transport.smtp import OutgoingMessage
+        from relayq.delivery.smtp_transport import OutgoingMessage
 
         env = claim.envelope
         if self.verbose:
@@ -286,7 +286,7 @@ class Runner:
 
     def local(self) -> LocalTransport:
         if self._local is None:
-            from relayq.transport.local import LocalTransport
+            from relayq.delivery.local_transport import LocalTransport
 
             domains = self.cfg.local_domains or self.ctx.local
             self._local = LocalTransport(self.cfg, self.ctx.domain, domains)
@@ -304,7 +304,7 @@ class Runner:
         was recorded: a failure on disk always has its bounce (made by
         deliver() before the final record).
         """
-        from relayq.transport import local as lt
+        from relayq.delivery import local_transport as lt
 
         env = claim.envelope
         transport = self.local()
@@ -570,7 +570,7 @@ class Runner:
         """Users' mail waiting in maildrop/ (no daemon took it) joins the queue first."""
         if not os.path.isdir(self.spool.maildrop) or not self.spool.writable():
             return
-        from relayq.maildrop import Taker
+        from relayq.queue.maildrop import Taker
 
         try:
             Taker(self.cfg, self.spool, self.log, self.ctx).take_all()

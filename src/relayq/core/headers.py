@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 
-from relayq.address import check_text, compact, parse_list, qualify, split
-from relayq.errors import DataError
+from relayq.core.address import check_text, compact, parse_list, qualify, split
+from relayq.core.errors import DataError
 
 TYPE_CHECKING = False  # typing (and re, which it imports) costs ~8 ms at startup
 if TYPE_CHECKING:

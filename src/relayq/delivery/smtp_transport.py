@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from relayq import policy, wire
-from relayq.errors import RelayqError
+from relayq.core import policy, wire
+from relayq.core.errors import RelayqError
 from relayq.smtp import protocol as proto
 from relayq.smtp.client import (
     AuthFailed,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     import dns.resolver
 
-    from relayq.config import Config
+    from relayq.core.config import Config
     from relayq.smtp.protocol import Reply
 
 SENT = "sent"
@@ -242,7 +242,7 @@ class SmtpTransport:
         """Refuse, without sending, what this relay cannot carry, even converted.
 
         8-bit data for a relay without 8BITMIME and lines over 998 octets are
-        converted on the way out (relayq.wire). Without SMTPUTF8 (RFC 6531
+        converted on the way out (relayq.core.wire). Without SMTPUTF8 (RFC 6531
         3.2) a message goes only if its envelope is ASCII and its UTF-8
         header text has an exact RFC 2047 form (Subject, display names).
         """
@@ -513,7 +513,7 @@ class SmtpTransport:
         since it can stall.
         """
         if not self._ehlo_name:
-            from relayq import hostname
+            from relayq.system import hostname
 
             self._ehlo_name = hostname.smtp_name(self.config.ehlo_name, self.config.domain)
         return self._ehlo_name
@@ -628,7 +628,7 @@ def loop_reason(ip: str, port: int, listen: list[str], own_name: str, *replies: 
     """Why a relay is ourselves, or "": its address is one of our listen addresses
     (config.own_listener), or its greeting or EHLO reply names it as we name
     ourselves (hostname.smtp_name), as sendmail and Postfix decide."""
-    from relayq.config import own_listener
+    from relayq.core.config import own_listener
 
     spec = own_listener(ip, port, listen)
     where = f"[{ip}]:{port}"

@@ -39,14 +39,15 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from relayq import address, aliases, dsnparams, mailbox
-from relayq.transport.smtp import DEFERRED, FAILED, SENT, Outcome
+from relayq.core import address, aliases, dsnparams
+from relayq.delivery import mailbox
+from relayq.delivery.smtp_transport import DEFERRED, FAILED, SENT, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
     from typing import BinaryIO
 
-    from relayq.config import Config
+    from relayq.core.config import Config
 
 DEFAULT_USER = "nobody"
 NOBODY_ID = 65534
@@ -108,7 +109,7 @@ def is_record(addr: str) -> bool:
 
 
 def xtext(text: str) -> str:
-    """RFC 3461 xtext, for the ORCPT of an expanded recipient (relayq.dsnparams)."""
+    """RFC 3461 xtext, for the ORCPT of an expanded recipient (relayq.core.dsnparams)."""
     return dsnparams.xtext_encode(text)
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import pwd
 
-from relayq.errors import EX_NOINPUT, EX_OK, EX_TEMPFAIL, RelayqError
+from relayq.core.errors import EX_NOINPUT, EX_OK, EX_TEMPFAIL, RelayqError
 
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.spool import Claim, Spool
+    from relayq.core.config import Config
+    from relayq.queue.spool import Claim, Spool
+    from relayq.system.log import Log
 
 ACTIONS = ("hold", "release", "delete", "requeue")
 LOCK_WAIT = 5.0  # seconds a delivery in progress has to finish
@@ -87,8 +87,8 @@ def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> in
         if action == "requeue":
             requeued.append(qid)
     if requeued:
-        from relayq.runner import Runner
-        from relayq.submit import Context
+        from relayq.delivery.runner import Runner
+        from relayq.queue.submit import Context
 
         runner = Runner(cfg, spool, log, Context(cfg))
         try:

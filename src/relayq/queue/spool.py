@@ -4,13 +4,13 @@ Layout under the queue directory:
 
     queue/QID.d    the message (headers and body, LF line ends); never replaced,
                    so it is also the lock: a runner holds flock(LOCK_EX) on it
-    queue/QID.e    the envelope record (relayq.envelope), replaced atomically
+    queue/QID.e    the envelope record (relayq.core.envelope), replaced atomically
     queue/QID.t    a new envelope being written (ignored by readers)
     quarantine/    damaged files moved out of the way, with a log line
     maildrop/      (shared queues only: made by root, or by a service user in a
                    top directory others may enter) where users who may not write
-                   queue/ leave mail for the daemon or a queue run (relayq.maildrop)
-    relayq.sock    (while the daemon runs) its local socket (relayq.control)
+                   queue/ leave mail for the daemon or a queue run (relayq.queue.maildrop)
+    relayq.sock    (while the daemon runs) its local socket (relayq.system.control)
 
 Who may write: root, or the user owning queue/, commits directly. A queue
 made by root is public: its top directory is 0711 (no listing), queue/ and
@@ -37,8 +37,8 @@ import os
 import sys
 import time
 
-from relayq.envelope import MAX_REPLY, Envelope
-from relayq.errors import DamagedQueueFile, QueueError, RelayqError, TempFailure
+from relayq.core.envelope import MAX_REPLY, Envelope
+from relayq.core.errors import DamagedQueueFile, QueueError, RelayqError, TempFailure
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -288,7 +288,7 @@ class Spool:
     def writable(self) -> bool:
         """May this process commit to the queue itself (root, or the queue's owner)?
 
-        False means: hand the message over through maildrop/ (relayq.maildrop).
+        False means: hand the message over through maildrop/ (relayq.queue.maildrop).
         A queue that does not exist yet will be created by, and belong to, us.
         """
         euid = os.geteuid()

@@ -3,7 +3,7 @@
 A caller that is neither root nor the queue's owner (`Spool.writable()`)
 writes its request to `maildrop/tHEX` (mode 0640): the sendmail arguments
 that matter, then the message as read. It asks the daemon over its socket
-(relayq.control) to take that file; the daemon checks that the asker owns
+(relayq.system.control) to take that file; the daemon checks that the asker owns
 it (SO_PEERCRED), copies it into the queue through enqueue() and removes it.
 When no daemon answers, the caller renames the file to `dHEX` and syncs the
 file system: the message is then durable and waits there until the daemon
@@ -25,17 +25,17 @@ import os
 import stat
 import time
 
-from relayq.errors import DataError, PermissionRefused, QueueError, RelayqError, TempFailure
+from relayq.core.errors import DataError, PermissionRefused, QueueError, RelayqError, TempFailure
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.spool import Spool
-    from relayq.submit import Context, Request
+    from relayq.core.config import Config
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context, Request
+    from relayq.system.log import Log
 
 MAGIC = b"relayq-drop 1\n"
 MAX_HEAD = 1 << 20  # the request part: fields and recipients
@@ -163,7 +163,7 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
           limit: int, *, count_hops: bool = False) -> Pending:
     """Write the request and the message to a new maildrop/tHEX; with `count_hops`
     (no -h given) refuse, as the taker would, a header of too many Received fields."""
-    from relayq import policy
+    from relayq.core import policy
 
     hops = policy.HopCounter()
     drop = spool.maildrop
@@ -208,7 +208,7 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
 
 def request_fields(req: Request, mode: str) -> list[tuple[str, str]]:
     """What the taker needs of a Request; DataError for a value it would refuse."""
-    from relayq import policy
+    from relayq.core import policy
 
     fields: list[tuple[str, str]] = []
     if req.sender is not None:
@@ -243,7 +243,7 @@ def hand_over(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[byte
     """Submit as a user who may not write the queue: the queue id the daemon gave
     ("" when it took the file but its answer was lost), or the drop file's name
     when no daemon took it (it waits, durable, in maildrop/)."""
-    from relayq import control
+    from relayq.system import control
 
     pending = write(spool, fields, chunks, limit, count_hops=count_hops)
     try:
@@ -471,7 +471,7 @@ class Taker:
         """The submitter heard exit 0 long ago: a refusal must reach them by mail."""
         import pwd
 
-        from relayq.submit import Request, enqueue
+        from relayq.queue.submit import Request, enqueue
 
         if _TOLD.get(st.st_uid, 0) >= MAX_NOTICES:
             return
@@ -551,7 +551,7 @@ class Taker:
         queue id tells when, without reading them: a 1 h margin for a clock
         that stepped back); each envelope is read at most once per Taker.
         """
-        from relayq.spool import qid_time
+        from relayq.queue.spool import qid_time
 
         if self._ids is None:
             self._ids = self.spool.ids()
@@ -581,7 +581,7 @@ class Taker:
         """
         import pwd
 
-        from relayq.submit import Request, enqueue
+        from relayq.queue.submit import Request, enqueue
 
         head, first = _read_head(fd)
         chunks = _reader(fd, first, size_limit(self.cfg))
@@ -678,11 +678,11 @@ class Taker:
 
 def _check_dsn(req: Request) -> str:
     """What sendmail's -N, -R, -B and -V allow, made canonical by the rule of every way
-    in (relayq.dsnparams); Malformed for what no client of ours writes. Returns a note
+    in (relayq.core.dsnparams); Malformed for what no client of ours writes. Returns a note
     for the log when an ENVID had to be changed: a file written by an older relayq,
     which took any printable -V with exit 0, is still delivered (xtext-encoded, or
     without its ENVID when that is too long), never refused after that exit 0."""
-    from relayq import dsnparams
+    from relayq.core import dsnparams
 
     try:
         req.notify = dsnparams.notify(req.notify) if req.notify else ""

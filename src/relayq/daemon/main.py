@@ -12,12 +12,12 @@ One process with three kinds of thread, and its helper processes:
 - `concurrency` worker threads take queue ids from one shared queue (a qid is
   never handed to two workers at once; the message's flock guards against
   other processes anyway). Each drives its own delivery agent process
-  (relayq.agent), which keeps its smarthost connection across messages and
+  (relayq.daemon.agent), which keeps its smarthost connection across messages and
   closes it after a few idle seconds: delivery is mostly Python, and in
   threads it would share one GIL with the listener;
-- optionally the SMTP listener (relayq.listener), an asyncio loop in its own
+- optionally the SMTP listener (relayq.server.listener), an asyncio loop in its own
   thread, which hands every committed message straight to the workers, plus
-  one forked listener process per further CPU (relayq.prefork) on the same
+  one forked listener process per further CPU (relayq.server.prefork) on the same
   sockets, whose messages the inotify wake-up finds.
 
 Periodic and wake-up runs never retry a message early (force=False); only
@@ -59,8 +59,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from relayq import policy
-from relayq.errors import (
+from relayq.core import policy
+from relayq.core.errors import (
     EX_OK,
     EX_OSERR,
     EX_SOFTWARE,
@@ -73,14 +73,14 @@ from relayq.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq import control
-    from relayq.agent import Agent
-    from relayq.config import Config, Source
-    from relayq.listener import Listener
-    from relayq.log import Log
-    from relayq.prefork import Listeners
-    from relayq.runner import Runner
-    from relayq.submit import Context
+    from relayq.core.config import Config, Source
+    from relayq.daemon.agent import Agent
+    from relayq.delivery.runner import Runner
+    from relayq.queue.submit import Context
+    from relayq.server.listener import Listener
+    from relayq.server.prefork import Listeners
+    from relayq.system import control
+    from relayq.system.log import Log
 
 POLL = 0.25  # how often the queue directory is looked at
 RESCAN = 5.0  # a full listing at least this often (mtime granularity backstop)
@@ -262,7 +262,7 @@ def _serves_users(cfg: Config) -> bool:
     """Is this the host's daemon, whose queue takes every user's mail (maildrop/)?
     Root's, daemon_user's, or one reading the system configuration; a user's
     private daemon is not."""
-    from relayq.config import SYSTEM_CONFIG
+    from relayq.core.config import SYSTEM_CONFIG
 
     if os.geteuid() == 0 or cfg.path == SYSTEM_CONFIG:
         return True
@@ -331,8 +331,8 @@ class Options:
 
 class Daemon:
     def __init__(self, cfg: Config, log: Log, opts: Options) -> None:
-        from relayq.spool import Spool
-        from relayq.submit import Context
+        from relayq.queue.spool import Spool
+        from relayq.queue.submit import Context
 
         self.cfg = cfg
         self.log = log
@@ -434,7 +434,7 @@ class Daemon:
             except (OSError, RelayqError) as exc:
                 self.log.warning(f"queue sweep failed: {exc}")
 
-    # -- users' mail (maildrop/) and requests (relayq.control) ---------------------------
+    # -- users' mail (maildrop/) and requests (relayq.system.control) ---------------------------
 
     def take_drops(self, run: bool | None = None) -> None:
         """Have users' maildrop/ files copied into the queue when its mtime moved (or
@@ -470,7 +470,7 @@ class Daemon:
             self._take_all_drops(run)
 
     def _take_all_drops(self, run: bool | None) -> None:
-        from relayq.maildrop import Taker
+        from relayq.queue.maildrop import Taker
 
         try:
             taken = Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
@@ -485,7 +485,7 @@ class Daemon:
 
     def start_control(self) -> None:
         """The local socket, for a queue users hand mail to (one with maildrop/)."""
-        from relayq import control
+        from relayq.system import control
 
         if not os.path.isdir(self.spool.maildrop):
             return
@@ -498,13 +498,13 @@ class Daemon:
         self.control.start()
 
     def answer(self, uid: int, gid: int, request: str) -> control.Reply:
-        """One request on the local socket (relayq.control), from uid/gid (kernel's word)."""
-        from relayq.control import Reply
+        """One request on the local socket (relayq.system.control), from uid/gid (kernel's word)."""
+        from relayq.system.control import Reply
 
         verb, _, arg = request.partition(" ")
         try:
             if verb == "take":
-                from relayq.maildrop import Taker
+                from relayq.queue.maildrop import Taker
 
                 qid, mode = Taker(self.cfg, self.spool, self.log, self.ctx).take(arg, uid)
                 if mode not in ("q", "d"):
@@ -595,12 +595,12 @@ class Daemon:
     # -- workers -----------------------------------------------------------------------
 
     def _new_runner(self) -> Runner:
-        from relayq.runner import Runner
+        from relayq.delivery.runner import Runner
 
         return Runner(self.cfg, self.spool, self.log, self.ctx)
 
     def _spawn(self) -> Agent | None:
-        from relayq.agent import Agent
+        from relayq.daemon.agent import Agent
 
         try:
             return Agent(self.cfg, self.log)
@@ -609,12 +609,12 @@ class Daemon:
             return None
 
     def _worker(self, n: int) -> None:
-        """Take queue ids and have this worker's agent deliver them (see relayq.agent).
+        """Take queue ids and have this worker's agent deliver them (see relayq.daemon.agent).
 
         Without an agent (none could be started, or they keep dying) the
         worker delivers in this process with its own Runner, as before agents.
         """
-        from relayq.agent import AgentGone
+        from relayq.daemon.agent import AgentGone
 
         runner: Runner | None = None
         generation = -1
@@ -749,9 +749,9 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; a bad one is refused and the old kept."""
-        from relayq.log import Log
-        from relayq.spool import Spool
-        from relayq.submit import Context
+        from relayq.queue.spool import Spool
+        from relayq.queue.submit import Context
+        from relayq.system.log import Log
 
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
         try:
@@ -784,10 +784,10 @@ class Daemon:
     # -- main loop ---------------------------------------------------------------------
 
     def fork_listeners(self) -> None:
-        """More listener processes (relayq.prefork), while this process has one thread."""
+        """More listener processes (relayq.server.prefork), while this process has one thread."""
         if self.listener is None:
             return
-        from relayq import prefork
+        from relayq.server import prefork
 
         count = prefork.wanted(self.cfg) - 1
         if count <= 0:
@@ -891,12 +891,12 @@ def _show(seconds: float) -> str:
 
 def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
     """Everything that can fail before we are ready: pid file, sockets, privileges."""
-    from relayq.spool import Spool
+    from relayq.queue.spool import Spool
 
     sockets: list[socket.socket] = []
     passed = systemd_sockets()
     if opts.listen or passed:
-        from relayq import listener
+        from relayq.server import listener
 
         if passed:
             listener.check_sockets(cfg, passed)
@@ -913,11 +913,6 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         import json  # noqa: F401
         import pwd  # noqa: F401
 
-        import relayq.cli.mailq
-        import relayq.control
-        import relayq.maildrop
-        import relayq.runner
-        import relayq.transport.smtp  # noqa: F401
 
         spool = Spool(cfg.queue_dir)
         owner = _service_owner(cfg)
@@ -938,7 +933,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
             daemon.kill_agents()
         raise
     if sockets:
-        from relayq.listener import Listener
+        from relayq.server.listener import Listener
 
         daemon.listener = Listener(cfg, log, daemon.ctx, sockets, on_commit=daemon.committed)
     return daemon, pid
@@ -948,7 +943,7 @@ def run(cfg: Config, log: Log, opts: Options) -> int:
     """Start the daemon: in the foreground, or detached the sendmail way."""
     cfg.check_no_loop()  # a smarthost that is our listener: 78 on the terminal
     if opts.listen:
-        from relayq import listener
+        from relayq.server import listener
 
         listener.check_config(cfg)  # exit 78 on the terminal, before forking
     if opts.foreground or under_systemd():
@@ -1028,7 +1023,7 @@ def start(*, source: Source, tag: str, interval: str | None, listen: bool,
     here at start and on SIGHUP (the path and default queue stay those of the start,
     even after dropping to daemon_user).
     """
-    from relayq.log import Log
+    from relayq.system.log import Log
 
     loader = source.load
     cfg = loader()

@@ -1,6 +1,6 @@
 """Background delivery: a child process that delivers what was just committed.
 
-Kept apart from relayq.runner so that `sendmail` in its default (background)
+Kept apart from relayq.delivery.runner so that `sendmail` in its default (background)
 mode imports none of the delivery code before it exits: the child imports it
 after the fork, when the caller already has its answer.
 """
@@ -12,10 +12,10 @@ import os
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.spool import Spool
-    from relayq.submit import Context
+    from relayq.core.config import Config
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context
+    from relayq.system.log import Log
 
 
 def deliver_detached(
@@ -49,7 +49,7 @@ def deliver_detached(
         null = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):
             os.dup2(null, target)
-        from relayq.runner import Runner  # only now: the caller must not pay for it
+        from relayq.delivery.runner import Runner  # only now: the caller must not pay for it
 
         runner = Runner(cfg, spool, log, ctx)
         try:

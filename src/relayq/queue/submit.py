@@ -1,6 +1,6 @@
 """enqueue(): the single funnel through which every new message enters the queue.
 
-Reads the message stream, fixes its header (relayq.headers), streams the body
+Reads the message stream, fixes its header (relayq.core.headers), streams the body
 to the spool in chunks (memory stays flat for any size), and commits. On
 return the message is durable and still locked by the caller, who may hand
 the lock to a delivering child or deliver it in-process.
@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import time
 
-from relayq import address, dsnparams, headers, hostname, policy
-from relayq.envelope import Envelope, Recipient
-from relayq.errors import DataError, UsageError
-from relayq.lines import Normalizer
+from relayq.core import address, dsnparams, headers, policy
+from relayq.core.envelope import Envelope, Recipient
+from relayq.core.errors import DataError, UsageError
+from relayq.core.lines import Normalizer
+from relayq.system import hostname
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.spool import NewMessage, Spool
+    from relayq.core.config import Config
+    from relayq.queue.spool import NewMessage, Spool
+    from relayq.system.log import Log
 
 MAX_HEADER = 1 << 20
 MAX_HOPS = policy.MAX_HOPS
@@ -212,7 +213,7 @@ def enqueue(
 
 
 def _check_dsn(req: Request) -> None:
-    """The DSN parameters through the rule the SMTP client applies (relayq.dsnparams),
+    """The DSN parameters through the rule the SMTP client applies (relayq.core.dsnparams),
     made canonical: what is queued is what a relay will be sent, never a refusal later."""
     try:
         req.envid = dsnparams.envid(req.envid) if req.envid else ""

@@ -17,12 +17,12 @@ above U+0080 (including the surrogates standing for undecodable bytes) is
 treated as an ordinary atom character, so 8-bit and UTF-8 addresses pass
 through unchanged.
 
-Pure code: no I/O, and only the `relayq.errors` import.
+Pure code: no I/O, and only the `relayq.core.errors` import.
 """
 
 from __future__ import annotations
 
-from relayq.errors import DataError
+from relayq.core.errors import DataError
 
 MAX_ADDRESS = 998  # RFC 5322 line limit; nothing longer can be a sane address
 

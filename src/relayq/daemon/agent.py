@@ -30,12 +30,12 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relayq.config import Config
-    from relayq.log import Log
+    from relayq.core.config import Config
+    from relayq.system.log import Log
 
 IDLE_CLOSE = 5.0  # let the smarthost connection go after this idle time
 FRESH_LOCK_WAIT = 0.005  # a new message's writer holds its lock until the directory fsync
-_BOOT = "import sys; sys.path[:] = {path!r}; from relayq.agent import main; main()"
+_BOOT = "import sys; sys.path[:] = {path!r}; from relayq.daemon.agent import main; main()"
 
 
 class AgentGone(Exception):
@@ -46,7 +46,7 @@ class Agent:
     """The daemon's end of one agent process."""
 
     def __init__(self, cfg: Config, log: Log) -> None:
-        from relayq.config import SCHEMA
+        from relayq.core.config import SCHEMA
 
         setup = marshal.dumps({  # the effective settings, defaults and queue_dir included
             "values": {key: getattr(cfg, key) for key in SCHEMA}, "path": cfg.path,
@@ -136,12 +136,12 @@ class _Lines:
 def main() -> None:  # pragma: no cover - runs in the agent process (tested end to end)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    from relayq.config import Config
-    from relayq.daemon import drop_privileges
-    from relayq.log import Log
-    from relayq.runner import Runner
-    from relayq.spool import Spool
-    from relayq.submit import Context
+    from relayq.core.config import Config
+    from relayq.daemon.main import drop_privileges
+    from relayq.delivery.runner import Runner
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context
+    from relayq.system.log import Log
 
     lines = _Lines()
     try:

@@ -48,22 +48,23 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP
 
-from relayq import address, dsnparams, hostname
-from relayq.config import parse_listen
-from relayq.errors import (
+from relayq.core import address, dsnparams
+from relayq.core.config import parse_listen
+from relayq.core.errors import (
     EX_OK,
     ConfigError,
     DataError,
     RelayqError,
     TempFailure,
 )
+from relayq.system import hostname
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq.config import Config
-    from relayq.log import Log
-    from relayq.submit import Context
+    from relayq.core.config import Config
+    from relayq.queue.submit import Context
+    from relayq.system.log import Log
 
 LOCAL_CLIENTS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 DEFAULT_SIZE = 32 << 20  # advertised in SIZE when max_message_size is 0
@@ -162,7 +163,7 @@ class State:
         self.on_commit = on_commit
         self.handover = False  # -bs by a user who may not write the queue: via maildrop/
         # connections per listener process, one slot each in memory the
-        # processes share (relayq.prefork), so the limit holds for them all
+        # processes share (relayq.server.prefork), so the limit holds for them all
         self.counts = memoryview(bytearray(8)).cast("q")
         self.slot = 0
         self.busy = 0  # commits in progress
@@ -392,7 +393,7 @@ class Server(SMTP):
         self._mail_dsn = {}
         if arg and self.session is not None and self.session.extended_smtp:
             arg, taken = _take_params(arg, ("RET", "ENVID"))
-            try:  # the rule every way in and the SMTP client apply (relayq.dsnparams)
+            try:  # the rule every way in and the SMTP client apply (relayq.core.dsnparams)
                 self._mail_dsn = {key: check(taken[key]) if key in taken else ""
                                   for key, check in (("RET", dsnparams.ret),
                                                      ("ENVID", dsnparams.envid))}
@@ -550,8 +551,8 @@ class Handler:
     def _commit(self, envelope: Any, content: bytes, session: Any = None,
                 server: Server | None = None) -> str:
         """enqueue() in a worker thread; the message is durable when this returns."""
-        from relayq.spool import Spool
-        from relayq.submit import Request, enqueue
+        from relayq.queue.spool import Spool
+        from relayq.queue.submit import Request, enqueue
 
         st = self.state
         who = server.peer_user() if server is not None and st.strict else None
@@ -575,7 +576,7 @@ class Handler:
         req.bs = not st.strict
         spool = Spool(st.cfg.queue_dir)  # create() makes the directories if they went away
         if st.handover:
-            from relayq import maildrop
+            from relayq.queue import maildrop
 
             qid = maildrop.hand_over_request(st.cfg, spool, req, _chunks(content))
             return qid or "(handed to the relayq daemon)"
@@ -887,8 +888,8 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
     The protocol runs on one end of a socketpair; two threads copy stdin to
     it and it to stdout, so any stdin works (pipe, file, terminal).
     """
-    from relayq.spool import Spool
-    from relayq.submit import Context
+    from relayq.queue.spool import Spool
+    from relayq.queue.submit import Context
 
     ctx = Context(cfg)
     state = State(cfg, log, ctx, user=user, uid=uid, strict=False, on_commit=None)
@@ -938,9 +939,9 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
 
 def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: str) -> None:
     """Deliver what a -bs session queued: background child, in process, or not at all."""
-    from relayq.background import deliver_detached
-    from relayq.runner import Runner
-    from relayq.spool import Spool
+    from relayq.delivery.background import deliver_detached
+    from relayq.delivery.runner import Runner
+    from relayq.queue.spool import Spool
 
     spool = Spool(cfg.queue_dir)
     if mode in "qd":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.errors import ConfigError, PermissionRefused
+from relayq.core.errors import ConfigError, PermissionRefused
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 

@@ -46,7 +46,7 @@ from both ends.
 
 from __future__ import annotations
 
-from relayq.errors import DamagedQueueFile
+from relayq.core.errors import DamagedQueueFile
 
 FORMAT_VERSION = 1
 MAGIC = "relayq-envelope"

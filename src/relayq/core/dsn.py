@@ -15,13 +15,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from relayq.envelope import flatten
-from relayq.headers import format_date
+from relayq.core.envelope import flatten
+from relayq.core.headers import format_date
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from relayq.envelope import Envelope, Recipient
+    from relayq.core.envelope import Envelope, Recipient
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -156,8 +156,8 @@ def _qp(text: str) -> str:
 
 
 def _xtext_decode(text: str) -> str:
-    """RFC 3461 xtext ('+2B' is '+'), decoded the one way relayq.dsnparams does."""
-    from relayq.dsnparams import xtext_decode
+    """RFC 3461 xtext ('+2B' is '+'), decoded the one way relayq.core.dsnparams does."""
+    from relayq.core.dsnparams import xtext_decode
 
     return xtext_decode(text)
 

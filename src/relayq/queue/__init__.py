@@ -1,0 +1,1 @@
+"""The queue: the only code touching queue files (spool, maildrop writer, enqueue funnel)."""

@@ -1,0 +1,1 @@
+"""The SMTP listener on loopback, `-bs`, and its prefork."""

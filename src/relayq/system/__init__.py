@@ -1,0 +1,1 @@
+"""The host's resources besides the queue: log, host name, control socket, privileges."""

@@ -1,1 +1,0 @@
-"""relayq.transport"""
