@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 from tests.integration.test_daemon import free_port
 
-from relayq.core import config, dsnparams
+from relayq.core import dsnparams
 from relayq.core.errors import EX_OK, EX_USAGE
 from relayq.delivery.runner import Runner
 from relayq.queue.spool import Spool
 from relayq.queue.submit import Context
 from relayq.server.listener import Listener, bind
+from relayq.system import configfile
 from relayq.system.log import Log
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class InProcess:
     def __init__(self, root: Path, sh: Smarthost) -> None:
         self.rq = Relayq(root, smarthost=sh.smarthost, listen=[f"127.0.0.1:{free_port()}"],
                          delivery_mode="deferred")
-        self.cfg = config.load(str(self.rq.config), explicit=True)
+        self.cfg = configfile.load(str(self.rq.config), explicit=True)
         self.log = Log("relayq-test", use_syslog=False, path=str(self.rq.log_file))
         self.ctx = Context(self.cfg)
         self.spool = Spool(self.cfg.queue_dir)

@@ -33,9 +33,10 @@ TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq.core.config import Config, Source
+    from relayq.core.config import Config
     from relayq.queue.spool import Claim, Spool
     from relayq.queue.submit import Context, Request
+    from relayq.system.configfile import Source
     from relayq.system.log import Log
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
@@ -318,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from relayq.core import config
+    from relayq.system import configfile
 
     args = parse(argv)
     # who may use which configuration, decided before any mode opens or starts
     # anything (a web application's caller may control argv, D1): 77 otherwise
-    source = config.select(args.config)
+    source = configfile.select(args.config)
     if args.mode == "p":
         from relayq.cli.mailq import main as mailq_main
 
