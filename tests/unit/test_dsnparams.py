@@ -37,7 +37,10 @@ def test_xtext_is_decoded_one_way_everywhere() -> None:
     value = "rfc822;" + dsnparams.xtext_encode("j\u00f6rg+x=y@example.org")
     assert value == "rfc822;j+C3+B6rg+2Bx+3Dy@example.org"
     assert dsn._original_recipient(value) == "rfc822;j\u00f6rg+x=y@example.org"
-    assert dsn._xtext_decode("+c3+b6") == "\u00f6" == dsnparams.xtext_decode("+C3+B6")
+    assert dsnparams.xtext_decode("+c3+b6") == "\u00f6" == dsnparams.xtext_decode("+C3+B6")
+    assert dsnparams.orcpt_address(value) == ("rfc822", "j\u00f6rg+x=y@example.org")
+    assert dsnparams.orcpt_address("x-other; a+2Bb ") == ("x-other", "a+2Bb")  # kept as is
+    assert dsnparams.orcpt_address("no-semicolon") is None
     assert local.orcpt_for("j\u00f6rg@example.org") == "rfc822;j+C3+B6rg@example.org"
     assert dsnparams.xtext_decode("a+zz+2") == "a+zz+2"  # kept as written, never an error
 
