@@ -48,6 +48,9 @@ DANGEROUS = {
 DELIVERY = {"i": "i", "interactive": "i", "b": "b", "background": "b", "q": "q",
             "queue": "q", "queueonly": "q", "d": "d", "deferred": "d"}
 ERROR_MODES = set("pqmwe")
+# the DSN flags: (the SMTP parameter, the Args attribute)
+DSN_FLAGS = {"B": ("BODY", "body"), "N": ("NOTIFY", "notify"), "R": ("RET", "ret"),
+             "V": ("ENVID", "envid")}
 
 
 class Args:
@@ -227,11 +230,6 @@ def _option(args: Args, opt: str, value: str, shown: str) -> None:
         raise PermissionRefused(f"-{opt}: writing to a file named by the caller is not allowed")
     else:  # -d debug, -M macro, -p protocol, -Q quarantine: harmless here
         args.ignored.append(shown)
-
-
-# the DSN flags: (the SMTP parameter, the Args attribute)
-DSN_FLAGS = {"B": ("BODY", "body"), "N": ("NOTIFY", "notify"), "R": ("RET", "ret"),
-             "V": ("ENVID", "envid")}
 
 
 def _queue_option(args: Args, value: str) -> None:

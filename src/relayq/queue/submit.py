@@ -30,7 +30,8 @@ MAX_HOPS = policy.MAX_HOPS
 
 
 class Request:
-    """What the caller asked for; filled from argv (sendmail) or SMTP (listener)."""
+    """What the caller asked for: from argv (cli.submission.request_for), SMTP (the
+    listener) or a maildrop/ file (the taker), each through the one constructor."""
 
     __slots__ = (
         "body",
