@@ -5,7 +5,7 @@ import atheris
 with atheris.instrument_imports():
     from harness import run
 
-    from relayq.cli.sendmail import parse
+    from relayq.cli.flags import parse
     from relayq.core.errors import RelayqError
 
 

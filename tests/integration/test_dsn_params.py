@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 from tests.integration.test_daemon import free_port
 
-from relayq.core import config, dsnparams
+from relayq.core import dsnparams
 from relayq.core.errors import EX_OK, EX_USAGE
 from relayq.delivery.runner import Runner
 from relayq.queue.spool import Spool
 from relayq.queue.submit import Context
 from relayq.server.listener import Listener, bind
+from relayq.system import configfile
 from relayq.system.log import Log
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class InProcess:
     def __init__(self, root: Path, sh: Smarthost) -> None:
         self.rq = Relayq(root, smarthost=sh.smarthost, listen=[f"127.0.0.1:{free_port()}"],
                          delivery_mode="deferred")
-        self.cfg = config.load(str(self.rq.config), explicit=True)
+        self.cfg = configfile.load(str(self.rq.config), explicit=True)
         self.log = Log("relayq-test", use_syslog=False, path=str(self.rq.log_file))
         self.ctx = Context(self.cfg)
         self.spool = Spool(self.cfg.queue_dir)
@@ -167,3 +168,25 @@ def test_sendmail_bs_applies_the_same_rule(tmp_path: Path) -> None:
     assert (env.envid, env.ret) == ("ok+2B", "HDRS")
     [rcpt] = env.recipients
     assert (rcpt.notify, rcpt.orcpt) == ("DELAY", "rfc822;b+40")
+
+
+def test_the_listener_refuses_what_every_other_way_in_refuses(
+        live: tuple[InProcess, Smarthost]) -> None:
+    """The table of tests/unit/test_dsnparams.py (sendmail's flags, enqueue(), the maildrop
+    taker and the SMTP client refuse each of these), through a real listener: 501."""
+    from tests.unit.test_dsnparams import BAD
+
+    env, _ = live
+    with smtplib.SMTP("127.0.0.1", env.port, timeout=30) as c:
+        c.ehlo()
+        for name, value, _flag in BAD:
+            if name == "BODY" or " " in value or not value.isascii():
+                continue  # BODY is aiosmtpd's; a space ends the parameter; smtplib is ASCII
+            if name == "NOTIFY":
+                assert c.mail("alice@example.org")[0] == 250
+                code, text = c.rcpt("bob@example.org", [f"{name}={value}"])
+                c.rset()
+            else:
+                code, text = c.mail("alice@example.org", [f"{name}={value}"])
+            assert code == 501 and text.startswith(b"5.5.4"), (name, value, code, text)
+    assert env.spool.ids() == []

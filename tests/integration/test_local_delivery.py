@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import Relayq, assert_one_line_error
 
-from relayq.core import config
 from relayq.core.envelope import FAILED, PENDING, SENT, Recipient
 from relayq.core.errors import EX_NOUSER, EX_OK
 from relayq.delivery import mailbox
 from relayq.delivery.local_transport import LocalTransport, User
 from relayq.delivery.runner import Runner
 from relayq.queue.submit import Context
+from relayq.system import configfile
 from relayq.system.log import Log
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def send(rq: Relayq, *rcpts: str, msg: bytes = MSG) -> None:
 
 def runner(rq: Relayq, **users: User) -> Runner:
     """An in-process runner; `users` replaces the passwd lookups when given."""
-    cfg = config.load(str(rq.config), explicit=True)
+    cfg = configfile.load(str(rq.config), explicit=True)
     ctx = Context(cfg)
     run = Runner(cfg, rq.spool, Log(use_syslog=False, path=str(rq.log_file)), ctx)
     if users:

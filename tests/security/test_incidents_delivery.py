@@ -33,12 +33,12 @@ from tests.integration import test_local_delivery as local
 from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.system.test_crash_injection import _strace_works
 
-from relayq.core import config
 from relayq.core.envelope import FAILED, PENDING, SENT
 from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
 from relayq.delivery.local_transport import User
 from relayq.delivery.runner import Runner
 from relayq.queue.submit import Context
+from relayq.system import configfile
 from relayq.system.log import Log
 from relayq.testing.smarthost import Smarthost
 
@@ -420,7 +420,7 @@ def test_D13_a_hundred_runs_against_a_relay_refusing_everything_keep_the_queue_b
     to_carol = [submit(rq, "carol@example.org", sender=f"t{n}@example.org") for n in range(3)]
     for qid in to_carol:
         age(rq, qid, created_by=7200)  # old enough for its one delay warning
-    cfg = config.load(str(rq.config), explicit=True)
+    cfg = configfile.load(str(rq.config), explicit=True)
     runner = Runner(cfg, rq.spool, Log(use_syslog=False, path=str(rq.log_file)), Context(cfg))
     sizes = []
     try:

@@ -33,6 +33,7 @@ from tests.integration.test_listener import Raw, session
 from tests.integration.test_smtp_transport import closed_port, config
 
 from relayq.cli import sendmail as sendmail_cli
+from relayq.cli import submission
 from relayq.core import address, aliases
 from relayq.core import config as relayq_config
 from relayq.core.envelope import PENDING, SENT, Envelope, Recipient
@@ -40,7 +41,7 @@ from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL, RelayqError
 from relayq.delivery.local_transport import LocalTarget, orcpt_for
 from relayq.delivery.smtp_transport import OutgoingMessage, SmtpTransport
 from relayq.queue.spool import Spool
-from relayq.queue.submit import Context, Request, enqueue
+from relayq.queue.submit import Context, enqueue
 from relayq.smtp import protocol as proto
 from relayq.system.log import Log
 
@@ -332,10 +333,7 @@ def test_D5_every_envelope_field_round_trips_or_is_refused_at_intake(tmp_path: P
         before = spool.ids()
         try:
             args = sendmail_cli.parse(argv)
-            req = Request(user="alice", uid=1000)  # what cli.sendmail.submit() builds
-            req.sender, req.full_name = args.sender, args.full_name or ""
-            req.recipients = args.recipients
-            req.notify, req.ret, req.envid = args.notify, args.ret, args.envid
+            req = submission.request_for(args, "alice", 1000, "")  # what sendmail builds
             msg, env = enqueue(cfg, spool, req, iter([b"Subject: x\n\nbody\n"]), log, ctx)
         except RelayqError:
             assert spool.ids() == before  # refused at intake: nothing committed

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.core import config, dsn
+from relayq.core import dsn
 from relayq.core.errors import EX_OK
 from relayq.delivery.runner import Runner
 from relayq.queue.submit import Context
+from relayq.system import configfile
 from relayq.system.log import Log
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ def test_D1_an_exception_while_reporting_never_resends(
     rq = Relayq(tmp_path, smarthost=sh.smarthost)
     assert rq.sendmail("-f", "alice@example.org", "good@example.org", "bad@example.org",
                        input=MSG).returncode == EX_OK
-    cfg = config.load(str(rq.config), explicit=True)
+    cfg = configfile.load(str(rq.config), explicit=True)
     real = dsn.build
     calls = []
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
-from relayq.core.config import load
 from relayq.queue.spool import Spool
 from relayq.queue.submit import Context, Request, enqueue
+from relayq.system.configfile import load
 from relayq.system.log import Log
 
 if TYPE_CHECKING:

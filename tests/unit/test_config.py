@@ -72,12 +72,3 @@ def test_durations() -> None:
 def test_secrets_are_masked() -> None:
     cfg = config.parse('password = "hunter2"\nuser = "u"')
     assert "hunter2" not in repr(cfg.effective())
-
-
-def test_default_paths() -> None:
-    env = {"XDG_CONFIG_HOME": "/h/.cfg"}
-    assert config.default_path(env, 0, "/root") == "/etc/relayq/relayq.toml"
-    assert config.default_path(env, 1000, "/h") == "/h/.cfg/relayq/relayq.toml"
-    assert config.default_path({"RELAYQ_CONFIG": "/x.toml"}, 0, "/") == "/x.toml"
-    assert config.default_queue({}, 0, "/root") == "/var/spool/relayq"
-    assert config.default_queue({}, 1000, "/home/a") == "/home/a/.local/state/relayq"

@@ -37,7 +37,10 @@ def test_xtext_is_decoded_one_way_everywhere() -> None:
     value = "rfc822;" + dsnparams.xtext_encode("j\u00f6rg+x=y@example.org")
     assert value == "rfc822;j+C3+B6rg+2Bx+3Dy@example.org"
     assert dsn._original_recipient(value) == "rfc822;j\u00f6rg+x=y@example.org"
-    assert dsn._xtext_decode("+c3+b6") == "\u00f6" == dsnparams.xtext_decode("+C3+B6")
+    assert dsnparams.xtext_decode("+c3+b6") == "\u00f6" == dsnparams.xtext_decode("+C3+B6")
+    assert dsnparams.orcpt_address(value) == ("rfc822", "j\u00f6rg+x=y@example.org")
+    assert dsnparams.orcpt_address("x-other; a+2Bb ") == ("x-other", "a+2Bb")  # kept as is
+    assert dsnparams.orcpt_address("no-semicolon") is None
     assert local.orcpt_for("j\u00f6rg@example.org") == "rfc822;j+C3+B6rg@example.org"
     assert dsnparams.xtext_decode("a+zz+2") == "a+zz+2"  # kept as written, never an error
 
@@ -100,3 +103,85 @@ def test_sendmail_dsn_flags_are_canonical() -> None:
     for flag in ("-N", "-R", "-B"):
         with pytest.raises(UsageError):
             sendmail.parse([flag, "bogus", "bob@example.org"])
+
+
+def test_check_names_each_rule_by_its_smtp_keyword() -> None:
+    assert dsnparams.check("NOTIFY", "delay") == "DELAY"
+    assert dsnparams.check("RET", "full") == "FULL"
+    assert dsnparams.check("ENVID", "a+2b") == "a+2B"
+    assert dsnparams.check("BODY", "7bit") == "7BIT"
+    assert dsnparams.check("ORCPT", "rfc822;j\u00f6rg@x", utf8=True) == "rfc822;j+C3+B6rg@x"
+    with pytest.raises(dsnparams.BadParam):
+        dsnparams.check("ORCPT", "rfc822;j\u00f6rg@x")  # not xtext without SMTPUTF8
+
+
+def test_given_checks_what_a_command_carried_and_refuses_an_empty_one() -> None:
+    assert dsnparams.given({"RET": "hdrs"}, ("RET", "ENVID")) == {"RET": "HDRS", "ENVID": ""}
+    with pytest.raises(dsnparams.BadParam):
+        dsnparams.given({"NOTIFY": ""}, ("NOTIFY", "ORCPT"))  # `NOTIFY=` is no value
+
+
+def test_envelope_checks_the_request_set_and_leaves_the_absent_empty() -> None:
+    assert dsnparams.envelope("", "", "", "") == ("", "", "", "")
+    assert dsnparams.envelope("never", "hdrs", "q+2b", "8bitmime") == (
+        "NEVER", "HDRS", "q+2B", "8BITMIME")
+    with pytest.raises(dsnparams.BadParam):
+        dsnparams.envelope("", "", "a=b", "")
+
+
+def test_recorded_envid_tolerates_an_older_relayqs_printable_envid_only() -> None:
+    assert dsnparams.recorded_envid("ok+2b") == ("ok+2B", "")
+    value, note = dsnparams.recorded_envid("a=b")
+    assert value == "a+3Db" and "sent xtext-encoded as a+3Db" in note
+    assert dsnparams.recorded_envid("=" * 40)[0] == ""  # too long encoded: left out
+    assert "left out" in dsnparams.recorded_envid("=" * 40)[1]
+    for damaged in ("has space", "\u00e9t\u00e9", "tab\there", ""):
+        with pytest.raises(dsnparams.BadParam):
+            dsnparams.recorded_envid(damaged)
+
+
+# a bad value of each parameter, as SMTP writes it (keyword=value) and the sendmail flag
+BAD = [("NOTIFY", "NEVER,DELAY", "-N"), ("NOTIFY", "ALWAYS", "-N"), ("RET", "NONE", "-R"),
+       ("BODY", "BINARYMIME", "-B"), ("ENVID", "a+zz", "-V"), ("ENVID", "x" * 101, "-V"),
+       ("ENVID", "has space", "-V"), ("ENVID", "\u00e9t\u00e9", "-V")]
+
+
+@pytest.mark.parametrize(("name", "value", "flag"), BAD)
+def test_every_way_in_refuses_the_same_value(name: str, value: str, flag: str) -> None:
+    """sendmail's flags, a Request at enqueue(), a maildrop file and the SMTP client
+    apply the one rule (the listener's 501 is in tests/integration/test_dsn_params.py).
+    The one tolerance: a printable-ASCII ENVID read back from a record relayq wrote
+    (maildrop file, queue) goes out xtext-encoded, as recorded_envid says."""
+    from relayq.cli import flags
+    from relayq.core.errors import DataError
+    from relayq.queue import maildrop, submit
+
+    with pytest.raises(UsageError):
+        flags.parse([flag, value, "bob@example.org"])
+    req = submit.Request(user="alice", uid=1000, **{name.lower(): value})
+    with pytest.raises(DataError):
+        submit._check_dsn(req)
+    drop = submit.Request(user="alice", uid=1000, **{name.lower(): value})
+    legacy = name == "ENVID" and all(33 <= ord(c) <= 126 for c in value)
+    if legacy:
+        assert maildrop._check_dsn(drop) and dsnparams.is_xtext(drop.envid)
+    else:
+        with pytest.raises(maildrop.Malformed):
+            maildrop._check_dsn(drop)
+    built = {"NOTIFY": lambda: p.rcpt_params(DSN_CAPS, notify=value),
+             "RET": lambda: p.mail_params(DSN_CAPS, ret=value),
+             "ENVID": lambda: p.mail_params(DSN_CAPS, envid=value)}
+    if name in built and not legacy:
+        with pytest.raises(p.CommandError):
+            built[name]()
+
+
+def test_a_bad_orcpt_is_refused_by_enqueue_and_the_client() -> None:
+    from relayq.core.errors import DataError
+    from relayq.queue import submit
+
+    req = submit.Request(user="alice", uid=1000, rcpt_params={"b@x": ("", "rfc822;a=b")})
+    with pytest.raises(DataError):
+        submit._check_dsn(req)
+    with pytest.raises(p.CommandError):
+        p.rcpt_params(DSN_CAPS, orcpt="rfc822;a=b")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayq.cli.sendmail import parse as parse_flags
+from relayq.cli.flags import parse as parse_flags
 from relayq.core.envelope import Envelope, Recipient
 from relayq.core.errors import DamagedQueueFile, RelayqError
 from relayq.smtp.protocol import ReplyParser, SmtpProtocolError

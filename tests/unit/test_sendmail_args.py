@@ -2,7 +2,7 @@
 
 import pytest
 
-from relayq.cli.sendmail import parse
+from relayq.cli.flags import parse
 from relayq.core.errors import EX_NOPERM, EX_USAGE, RelayqError
 
 

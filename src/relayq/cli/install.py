@@ -168,10 +168,10 @@ def install(root: str, bindir: str, force: bool, python: str | None = None) -> l
 
 def _make_system_queue() -> str:
     """Users hand mail to the system queue from the first message on (SECURITY.md)."""
-    from relayq.core import config
     from relayq.queue.spool import Spool
+    from relayq.system import configfile
 
-    cfg = config.load()
+    cfg = configfile.load()
     Spool(cfg.queue_dir).ensure()
     return f"{cfg.queue_dir}: the queue, with maildrop/ for users' mail"
 

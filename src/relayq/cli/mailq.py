@@ -156,10 +156,10 @@ def _main(args: list[str]) -> int:
     if opts.help:
         sys.stdout.write(USAGE)
         return 0
-    from relayq.core import config
     from relayq.queue.spool import Spool
+    from relayq.system import configfile
 
-    cfg = config.select(opts.config).load()  # -C is root's (77)
+    cfg = configfile.select(opts.config).load()  # -C is root's (77)
     spool = Spool(cfg.queue_dir)
     spool.enter()
     if not spool.writable():

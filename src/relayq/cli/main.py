@@ -58,10 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from relayq.core import config
+    from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
-    source = config.select(args.config)
+    source = configfile.select(args.config)
     if args.command == "version":
         from relayq import __version__
 

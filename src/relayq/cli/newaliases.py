@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def _main(argv: list[str]) -> int:
-    from relayq.core import config
+    from relayq.system import configfile
 
     path = None
     if argv[:1] == ["-C"] and len(argv) > 1:
@@ -22,7 +22,7 @@ def _main(argv: list[str]) -> int:
         from relayq.core.errors import UsageError
 
         raise UsageError("usage: newaliases [-C config]")
-    cfg = config.select(path).load()  # -C is root's (77)
+    cfg = configfile.select(path).load()  # -C is root's (77)
     return check(cfg)
 
 

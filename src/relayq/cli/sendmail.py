@@ -1,15 +1,11 @@
-"""The `sendmail` command: sendmail 8.12+ flags as programs really pass them.
+"""The `sendmail` command, the front door: argv -> Args (relayq.cli.flags), then the mode.
 
-Flags are parsed by hand with getopt's rules (clustering `-oi`, `-odq`,
-attached or separate arguments `-fuser@x` / `-f user@x`, `--`), because
-sendmail's syntax fits neither argparse nor getopt, and because this module
-runs once per message: it imports only what committing a message needs.
+The submission mode (a message on stdin) is relayq.cli.submission's, up to the
+commit point; what follows the commit (background or interactive delivery)
+starts here. The other modes (-q, -bs, -bd, -bp, -bv, -bi) are dispatched to
+their modules, each imported only when its mode runs: this module runs once
+per message, and a queue-only submission loads only what committing needs.
 Delivery code (sockets, TLS, DNS) is imported only after the commit point.
-
-Flags that name files or change privileges (`-X`, `-D`, `-oQ`, `-O
-QueueDirectory=`, ...) are refused with EX_NOPERM: they have been the way in
-for attacks through programs that pass user input to sendmail
-(CVE-2016-10033). Harmless flags we do not implement are accepted and logged.
 """
 
 from __future__ import annotations
@@ -18,289 +14,22 @@ import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.core import dsnparams
-from relayq.core.errors import (
-    EX_OK,
-    EX_TEMPFAIL,
-    DataError,
-    PermissionRefused,
-    RelayqError,
-    UsageError,
-)
+from relayq.cli.flags import Args, parse
+from relayq.core.errors import EX_OK, EX_TEMPFAIL, RelayqError, UsageError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
-    from relayq.core.config import Config, Source
+    from relayq.cli.submission import Committed
+    from relayq.core.config import Config
     from relayq.queue.spool import Claim, Spool
-    from relayq.queue.submit import Context, Request
+    from relayq.queue.submit import Context
+    from relayq.system.configfile import Source
     from relayq.system.log import Log
 
-WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
-FLAGS = set("cGIimnsTtUv")
-
-# sendmail's one-letter -o options and their long names
-SHORT_OPTIONS = {
-    "A": "AliasFile", "a": "AliasWait", "B": "BlankSub", "b": "MinFreeBlocks",
-    "C": "CheckpointInterval", "c": "HoldExpensive", "D": "AutoRebuildAliases",
-    "d": "DeliveryMode", "E": "ErrorHeader", "e": "ErrorMode", "F": "TempFileMode",
-    "f": "SaveFromLine", "G": "MatchGECOS", "H": "HelpFile", "h": "MaxHopCount",
-    "i": "IgnoreDots", "j": "SendMimeErrors", "K": "ConnectionCacheTimeout",
-    "k": "ConnectionCacheSize", "L": "LogLevel", "l": "UseErrorsTo", "m": "MeToo",
-    "n": "CheckAliases", "O": "DaemonPortOptions", "o": "OldStyleHeaders",
-    "P": "PostmasterCopy", "p": "PrivacyOptions", "Q": "QueueDirectory", "q": "QueueFactor",
-    "R": "DontPruneRoutes", "r": "Timeout", "S": "StatusFile", "s": "SuperSafe",
-    "T": "QueueTimeout", "t": "TimeZoneSpec", "U": "UserDatabaseSpec", "u": "DefaultUser",
-    "V": "FallbackMXhost", "v": "Verbose", "w": "TryNullMXList", "X": "RefuseLA",
-    "x": "QueueLA", "Y": "ForkEachJob", "y": "RecipientFactor", "Z": "RetryFactor",
-    "z": "ClassFactor", "7": "SevenBitInput", "8": "EightBitMode",
-}
-# options that name files, directories or users: an attacker's tools, refused
-DANGEROUS = {
-    "aliasfile", "errorheader", "tempfilemode", "helpfile", "queuedirectory", "statusfile",
-    "defaultuser", "userdatabasespec", "daemonportoptions", "forwardpath", "runasuser",
-    "trusteduser", "safefileenvironment", "dontblamesendmail", "controlsocketname",
-    "hoststatusdirectory", "pidfile", "deadletterdrop", "queuefilemode", "serviceswitchfile",
-    "hostsfile", "cacertfile", "cacertpath", "servercertfile", "serverkeyfile",
-    "clientcertfile", "clientkeyfile", "crlfile", "dhparameters", "randfile",
-    "defaultauthinfo", "mailboxdatabase", "milter", "inputmailfilters",
-}
-DELIVERY = {"i": "i", "interactive": "i", "b": "b", "background": "b", "q": "q",
-            "queue": "q", "queueonly": "q", "d": "d", "deferred": "d"}
-ERROR_MODES = set("pqmwe")
-
-
-class Args:
-    """Parsed sendmail command line."""
-
-    def __init__(self) -> None:
-        self.mode = "m"  # -b: m deliver, p print queue, s smtp, d daemon, i aliases, v verify
-        self.queue_run = False
-        self.queue_interval = ""
-        self.selectors: list[str] = []
-        self.sender: str | None = None
-        self.full_name: str | None = None
-        self.extract = False
-        self.ignore_dots = False
-        self.delivery: str | None = None
-        self.error_mode = "p"
-        self.verbose = False
-        self.tag = "relayq"
-        self.config: str | None = None
-        self.notify = ""
-        self.ret = ""
-        self.envid = ""
-        self.body = ""
-        self.hops: int | None = None
-        self.recipients: list[str] = []
-        self.ignored: list[str] = []
-        self.queue_group = "c"
-        self.foreground = False  # -bD: the daemon stays in the foreground
-
-
-def _long_option(args: Args, name: str, value: str, shown: str) -> None:
-    key = name.strip().lower()
-    if key in DANGEROUS:
-        raise PermissionRefused(f"{shown}: option {name} is not allowed")
-    if key == "deliverymode":
-        mode = DELIVERY.get(value.strip().lower())
-        if mode is None:
-            raise UsageError(f"{shown}: unknown delivery mode {value!r}")
-        args.delivery = mode
-    elif key == "errormode":
-        if not value or value[0] not in ERROR_MODES:
-            raise UsageError(f"{shown}: unknown error mode {value!r}")
-        args.error_mode = value[0]
-    elif key == "ignoredots":
-        args.ignore_dots = value.strip().lower() not in ("false", "f", "no", "n", "0")
-    elif key == "verbose":
-        args.verbose = value.strip().lower() not in ("false", "f", "no", "n", "0")
-    else:
-        args.ignored.append(shown)
-
-
-def _short_option(args: Args, value: str, shown: str) -> None:
-    if not value:
-        raise UsageError("option requires an argument -- 'o'")
-    letter, rest = value[0], value[1:]
-    name = SHORT_OPTIONS.get(letter)
-    if name is None:
-        args.ignored.append(shown)
-        return
-    if letter == "d":
-        if rest and rest[0] not in DELIVERY:
-            raise UsageError(f"{shown}: unknown delivery mode {rest!r}")
-        args.delivery = DELIVERY[rest[0]] if rest else "i"
-    else:
-        _long_option(args, name, rest.lstrip("="), shown)
-
-
-MAX_ARG = 4096  # no flag, address or name is longer; a flood is an attack, not mail
-
-
-def parse(argv: list[str]) -> Args:
-    """argv (without the program name) -> Args; raises UsageError / PermissionRefused."""
-    for n, arg in enumerate(argv, 1):
-        # no argument may carry a line break (header or SMTP command injection,
-        # CVE-2015-8476) or be a flood, whatever the flag it belongs to
-        if "\r" in arg or "\n" in arg:
-            raise DataError(f"argument {n} contains a line break")
-        if len(arg) > MAX_ARG:
-            raise DataError(f"argument {n} is longer than {MAX_ARG} characters")
-    args = Args()
-    positional: list[str] = []
-    seen_sender = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            positional.extend(argv[i:])
-            break
-        if not arg.startswith("-") or arg == "-":
-            positional.append(arg)  # glibc getopt permutes: options may follow
-            continue
-        j = 1
-        while j < len(arg):
-            opt = arg[j]
-            j += 1
-            if opt in FLAGS:
-                if opt == "t":
-                    args.extract = True
-                elif opt == "i":
-                    args.ignore_dots = True
-                elif opt == "v":
-                    args.verbose = True
-                elif opt == "I":
-                    args.mode = "i"
-                else:
-                    args.ignored.append(f"-{opt}")
-                continue
-            if opt not in WITH_ARG:
-                raise UsageError(f"illegal option -- {opt}")
-            value = arg[j:]
-            j = len(arg)
-            if not value and opt not in "qd":
-                if i >= len(argv):
-                    raise UsageError(f"option requires an argument -- {opt}")
-                value = argv[i]
-                i += 1
-            shown = f"-{opt}{value}"
-            if opt in "fr":
-                if seen_sender:
-                    raise UsageError('More than one "from" person')
-                seen_sender = True
-                args.sender = value
-            elif opt == "F":
-                args.full_name = value
-            elif opt == "b":
-                if value[:1] not in set("mpsdDivthHP") or len(value) != 1:
-                    raise UsageError(f"Invalid operation mode {value}")
-                args.mode = "d" if value == "D" else value
-                args.foreground = value == "D"
-            elif opt == "q":
-                _queue_option(args, value)
-            elif opt == "A":
-                if value not in ("c", "m"):
-                    raise UsageError(f"Invalid -A argument {value!r}: use -Ac or -Am")
-                args.queue_group = value
-            elif opt == "B":
-                args.body = _dsn(dsnparams.body, value, "-B")
-            elif opt == "C":
-                args.config = value
-            elif opt == "h":
-                if not (value.isascii() and value.isdigit()):
-                    raise UsageError(f"Bad hop count ({value})")
-                args.hops = int(value)
-            elif opt == "L":
-                if not value or len(value) > 64 or not all(
-                    c.isalnum() or c in "-_.@" for c in value
-                ):
-                    raise UsageError(f"Invalid syslog tag {value!r}")
-                args.tag = value
-            elif opt == "N":
-                args.notify = _dsn(dsnparams.notify, value, "-N")
-            elif opt == "R":
-                args.ret = _dsn(dsnparams.ret, value, "-R")
-            elif opt == "V":  # sendmail refuses a -V that is not xtext (EX_USAGE) too
-                args.envid = _dsn(dsnparams.envid, value, "-V")
-            elif opt == "o":
-                _short_option(args, value, shown)
-            elif opt == "O":
-                name, _, val = value.partition("=")
-                _long_option(args, name, val, shown)
-            elif opt == "e":
-                _short_option(args, "e" + value, shown)
-            elif opt in "XD":
-                raise PermissionRefused(f"-{opt}: writing to a file named by the caller is not "
-                                        "allowed")
-            else:  # -d debug, -M macro, -p protocol, -Q quarantine: harmless here
-                args.ignored.append(shown)
-    args.recipients = positional
-    return args
-
-
-def _queue_option(args: Args, value: str) -> None:
-    args.queue_run = True
-    if value == "p":
-        args.queue_interval = "p"
-        return
-    if not value or value == "f":
-        return
-    if value[0] in "IRS" or value[0] == "!":
-        args.selectors.append(value)
-    elif value[0].isdigit():
-        args.queue_interval = value
-    elif value[0] == "p":  # persistent runner: the daemon; -qp alone uses queue_interval
-        args.queue_interval = value[1:] or "p"
-    elif value[0] in "GQL":
-        args.ignored.append(f"-q{value}")
-    else:
-        raise UsageError(f"Invalid -q value -q{value}")
-
-
-def _dsn(check: Callable[[str], str], value: str, flag: str) -> str:
-    """A DSN flag's value through the one validator the SMTP client uses too."""
-    try:
-        return check(value)
-    except dsnparams.BadParam as exc:
-        raise UsageError(f"Invalid {flag} value {value!r}: {exc}") from None
-
-
-def _stdin_chunks() -> Iterator[bytes]:
-    fd = sys.stdin.fileno() if sys.stdin is not None else 0
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except InterruptedError:
-            continue
-        except OSError as exc:
-            raise RelayqError(f"cannot read the message: {exc.strerror}", 74) from None
-        if not chunk:
-            return
-        yield chunk
-
-
-def _user() -> tuple[str, int, str]:
-    """(login name, uid, full name from GECOS), sendmail's username() rules."""
-    import pwd
-
-    uid = os.getuid()
-    try:
-        pw = pwd.getpwuid(uid)
-        name, gecos = pw.pw_name, pw.pw_gecos
-    except KeyError:
-        return str(uid), uid, ""
-    if uid == 0:
-        try:
-            login = os.getlogin()
-            name, gecos = login, pwd.getpwnam(login).pw_gecos
-        except (OSError, KeyError):
-            pass
-    full = gecos.split(",", 1)[0].replace("&", name.capitalize()).strip()
-    return name, uid, full
+__all__ = ["Args", "main", "parse"]
 
 
 def _open(args: Args, source: Source) -> tuple[Config, Log]:
@@ -318,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from relayq.core import config
+    from relayq.system import configfile
 
     args = parse(argv)
     # who may use which configuration, decided before any mode opens or starts
     # anything (a web application's caller may control argv, D1): 77 otherwise
-    source = config.select(args.config)
+    source = configfile.select(args.config)
     if args.mode == "p":
         from relayq.cli.mailq import main as mailq_main
 
@@ -352,11 +81,12 @@ def _main(argv: list[str]) -> int:
 
 def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
+    from relayq.cli.submission import user_names
     from relayq.queue.spool import Spool
     from relayq.server.listener import serve_stdio
 
     cfg, log = _open(args, source)
-    user, uid, _ = _user()
+    user, uid, _ = user_names()
     Spool(cfg.queue_dir).enter()
     mode = args.delivery or cfg.delivery_mode
     return serve_stdio(cfg, log, user=user, uid=uid, mode=mode)
@@ -422,30 +152,19 @@ def ask_flush(spool: Spool) -> int:
 
 
 def submit(cfg: Config, log: Log, args: Args) -> int:
-    from relayq.queue.spool import Spool
-    from relayq.queue.submit import Context, Request, enqueue
+    """The submission mode (relayq.cli.submission), then the delivery its mode asks for."""
+    from relayq.cli import submission
 
-    user, uid, gecos = _user()
-    req = Request(user=user, uid=uid)
-    req.sender = args.sender
-    req.full_name = args.full_name if args.full_name is not None else (
-        os.environ.get("NAME") or gecos)
-    req.extract = args.extract
-    req.ignore_dots = args.ignore_dots
-    req.recipients = args.recipients
-    req.notify, req.ret, req.envid, req.body, req.hops = (
-        args.notify, args.ret, args.envid, args.body, args.hops)
-    if not args.recipients and not args.extract:
-        raise UsageError("Recipient names must be specified")
-    spool = Spool(cfg.queue_dir)  # create() makes the directories the first time
-    spool.enter()
-    if not spool.writable():
-        return _hand_over(cfg, spool, req, args)
-    ctx = Context(cfg)
-    msg, _ = enqueue(cfg, spool, req, _stdin_chunks(), log, ctx)
-    mode = args.delivery or cfg.delivery_mode
-    if args.verbose and mode == "b":
-        mode = "i"  # sendmail: -v delivers in the foreground so the dialogue can be shown
+    done = submission.submit(cfg, log, args)
+    if done is None:  # handed over through maildrop/
+        return EX_OK
+    return _after_commit(cfg, log, done, args)
+
+
+def _after_commit(cfg: Config, log: Log, done: Committed, args: Args) -> int:
+    """Start the delivery the mode asks for; the message is committed: any trouble
+    now leaves it queued for the next run, and the caller hears 0 (or -oep's status)."""
+    msg, spool, ctx, mode = done.msg, done.spool, done.ctx, done.mode
     if mode in "qd":
         msg.release()
         return EX_OK
@@ -462,26 +181,6 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
         log.error(f"{msg.qid}: {exc.message}; queued for the next run")
         return EX_OK
     return _interactive(cfg, log, ctx, claim, args)
-
-
-def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
-    """A queue we may not write (a user's mail, a root-owned queue): via maildrop/."""
-    from relayq.core import address
-    from relayq.queue import maildrop
-
-    for arg in req.recipients:  # refuse a bad address now, not after exit 0
-        address.parse_recipient_args(arg)
-    if req.sender:
-        address.parse_mailbox(req.sender, "sender")
-    name = maildrop.hand_over_request(cfg, spool, req, _stdin_chunks(), args.delivery or "")
-    if args.verbose:
-        if maildrop.valid_name(name):
-            print(f"relayq: no daemon took the message; it waits in {spool.maildrop} "
-                  "for the next queue run", flush=True)
-        else:
-            print(f"relayq: handed to the relayq daemon{' as ' + name if name else ''}",
-                  flush=True)
-    return EX_OK
 
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:

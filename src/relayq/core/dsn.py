@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from relayq.core import dsnparams
 from relayq.core.envelope import flatten
 from relayq.core.headers import format_date
 
@@ -155,21 +156,12 @@ def _qp(text: str) -> str:
     return binascii.b2a_qp(text.encode("utf-8", "surrogateescape"), istext=True).decode("ascii")
 
 
-def _xtext_decode(text: str) -> str:
-    """RFC 3461 xtext ('+2B' is '+'), decoded the one way relayq.core.dsnparams does."""
-    from relayq.core.dsnparams import xtext_decode
-
-    return xtext_decode(text)
-
-
 def _original_recipient(orcpt: str) -> str:
     """Stored ORCPT "rfc822;xtext" -> "rfc822;decoded" for Original-Recipient."""
-    kind, sep, addr = orcpt.partition(";")
-    if not sep:
+    parts = dsnparams.orcpt_address(orcpt)
+    if parts is None:
         return ""
-    kind = kind.strip()
-    if kind.lower() == "rfc822":
-        addr = _xtext_decode(addr.strip())
+    kind, addr = parts
     return f"{kind};{addr.strip()}"
 
 
@@ -459,7 +451,7 @@ def _status_part(
     head += ["Content-Description: Delivery report", ""]
     out = [f"Reporting-MTA: dns; {reporting_mta}"]
     if env.envid:
-        out.append(f"Original-Envelope-Id: {safe(_xtext_decode(env.envid))}")
+        out.append(f"Original-Envelope-Id: {safe(dsnparams.xtext_decode(env.envid))}")
     out.append(f"Arrival-Date: {format_date(env.created, tz_offset)}")
     last = format_date(env.last_try or now, tz_offset)
     for action, group in ((FAILED, failed), (DELAYED, delayed)):

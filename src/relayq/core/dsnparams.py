@@ -8,7 +8,10 @@ the SMTP client writes on the way out: never exit 0 (or 250) followed by a
 refusal at the relay.
 
 Each checker returns the canonical form (upper-case keywords, upper-case
-xtext hex digits) or raises BadParam with a one-line reason. Pure: no I/O.
+xtext hex digits) or raises BadParam with a one-line reason; `check()` names
+them by their SMTP keyword, `envelope()` checks a request's envelope-wide
+set, and `recorded_envid()` is the one tolerance for an ENVID an older relayq
+queued. Pure: no I/O.
 
 xtext (RFC 3461 section 4): printable US-ASCII 33..126 except "+" and "=",
 which, like any other octet, are written "+HH". Lower-case hex digits are
@@ -137,3 +140,67 @@ def body(value: str) -> str:
     if value.upper() not in BODIES:
         raise BadParam("BODY must be 7BIT or 8BITMIME")
     return value.upper()
+
+
+_CHECKS = {"NOTIFY": notify, "RET": ret, "ENVID": envid, "BODY": body}
+
+
+def check(name: str, value: str, utf8: bool = False) -> str:
+    """One parameter by its SMTP keyword (NOTIFY, RET, ENVID, ORCPT, BODY), canonical.
+
+    The entry of every way in: sendmail's -N, -R, -V and -B, the listener's
+    MAIL and RCPT, a Request at enqueue(), a maildrop file, and the way out
+    (the SMTP client's MAIL and RCPT lines). `utf8` is orcpt()'s.
+    """
+    if name == "ORCPT":
+        return orcpt(value, utf8)
+    return _CHECKS[name](value)
+
+
+def given(params: dict[str, str], names: tuple[str, ...], utf8: bool = False
+          ) -> dict[str, str]:
+    """The `names` of one SMTP command's parameters, checked; "" for those not given
+    (a parameter given empty, `NOTIFY=`, is refused)."""
+    return {name: check(name, params[name], utf8) if name in params else "" for name in names}
+
+
+def envelope(notify: str, ret: str, envid: str, body: str) -> tuple[str, str, str, str]:
+    """A request's envelope-wide parameters ("": not given), each canonical:
+    (NOTIFY, RET, ENVID, BODY)."""
+    return (check("NOTIFY", notify) if notify else "", check("RET", ret) if ret else "",
+            check("ENVID", envid) if envid else "", check("BODY", body) if body else "")
+
+
+def recorded_envid(value: str) -> tuple[str, str]:
+    """An ENVID read back from what relayq itself wrote (the queue, a maildrop file):
+    (the ENVID to send, "" or a note for the log about how it had to change).
+
+    An older relayq took any printable ASCII `-V` (`-V a=b`) with exit 0: such
+    a value goes out xtext-encoded, or, too long then, is left out (it only
+    labels reports), so the mail is not refused after that exit 0. Anything
+    else (a space, a control or a non-ASCII character) is a damaged record:
+    BadParam. (The maildrop taker used to encode those too; the SMTP client
+    refused them: the stricter rule is kept, for both.)
+    """
+    try:
+        return envid(value), ""
+    except BadParam as exc:
+        reason = str(exc)
+    if not value or not all(33 <= ord(c) <= 126 for c in value):
+        raise BadParam("ENVID is not valid xtext") from None
+    try:
+        encoded = envid(xtext_encode(value))
+    except BadParam:
+        return "", f"ENVID {value!r} ({reason}) left out"
+    return encoded, f"ENVID {value!r} ({reason}) sent xtext-encoded as {encoded}"
+
+
+def orcpt_address(value: str) -> tuple[str, str] | None:
+    """A stored ORCPT "addr-type;xtext" -> (addr-type, address), the address
+    xtext-decoded when the type is rfc822 (the one reading of an ORCPT, for
+    Original-Recipient and Delivered-To); None without a ";"."""
+    kind, sep, addr = value.partition(";")
+    if not sep:
+        return None
+    kind, addr = kind.strip(), addr.strip()
+    return kind, xtext_decode(addr) if kind.lower() == "rfc822" else addr

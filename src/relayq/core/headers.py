@@ -356,6 +356,29 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
     The input list is not modified. Raises DataError if an option or
     recipient would put CR, LF or NUL into a header or the envelope.
     """
+    _check_options(opts, argv_recipients)
+    names = [f.name.lower() for f in fields]
+    present = frozenset(names)
+    resent = any(name.startswith("resent-") for name in names)
+    hops = names.count("received")
+    # 1. Recipients: argv first, then (with -t) the header ones; first of duplicates wins.
+    recipients = _recipients(fields, names, opts, argv_recipients, resent)
+    # 2. and 3. Bcc dropped or emptied; addresses qualified or masqueraded in place.
+    out = _rewrite_fields(fields, names, opts, present, resent)
+    # 4. The missing Date, From and Message-ID (Resent- variants for resent messages).
+    date = format_date(opts.now, opts.tz_offset)
+    added, msgid = _missing_fields(fields, names, opts, present, resent, date)
+    # 5. Our trace field goes first.
+    received = _received(opts, recipients, date)
+    if opts.auth_warning:
+        added.insert(0, _make("X-Authentication-Warning", opts.auth_warning))
+    final = [received, *added, *out]
+    eight_bit = any(not f.raw.isascii() for f in final)
+    return Result(final, recipients, hops, resent, msgid, eight_bit)
+
+
+def _check_options(opts: Options, argv_recipients: list[str]) -> None:
+    """DataError for an option or argv recipient that would break a header line."""
     for what, text in (
         ("domain", opts.domain),
         ("masquerade domain", opts.masquerade_as),
@@ -369,15 +392,13 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
     for rcpt in argv_recipients:
         check_text(rcpt, "recipient")
 
-    names = [f.name.lower() for f in fields]
-    present = frozenset(names)
-    resent = any(name.startswith("resent-") for name in names)
-    hops = names.count("received")
-    domain = opts.domain
 
-    # 1. Recipients: argv first, then (with -t) the header ones; first of duplicates wins.
+def _recipients(fields: list[Field], names: list[str], opts: Options,
+                argv_recipients: list[str], resent: bool) -> list[str]:
+    """argv's recipients, then (with -t) the header's; the first of duplicates wins."""
     recipients: list[str] = []
     seen: set[str] = set()
+    domain = opts.domain
 
     def add(addr: str) -> None:
         key = _dedupe_key(addr)
@@ -393,8 +414,13 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
             if name in wanted:
                 for found in parse_list(field.value):
                     add(_header_recipient(found.addr, field, domain))
+    return recipients
 
-    # 2. Bcc: deleted when a visible recipient field exists, else kept empty.
+
+def _rewrite_fields(fields: list[Field], names: list[str], opts: Options,
+                    present: frozenset[str], resent: bool) -> list[Field]:
+    """Bcc deleted when a visible recipient field exists, else kept empty; addresses
+    qualified (sender fields masqueraded) in place."""
     visible = bool(present & {"to", "cc", "apparently-to"}) or (
         resent and bool(present & {"resent-to", "resent-cc"})
     )
@@ -404,44 +430,42 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
             if not visible:
                 out.append(Field(field.name, field.head))
             continue
-        # 3. Qualify (and for sender fields, masquerade) addresses in place.
         if name in _QUALIFY:
             if opts.masquerade_as and name in _SENDER_FIELDS:
                 field = _rewrite_addresses(field, _masquerader(opts))
             else:
-                field = _rewrite_addresses(field, _qualifier(domain))
+                field = _rewrite_addresses(field, _qualifier(opts.domain))
         out.append(field)
+    return out
 
-    # 4. The missing Date, From and Message-ID (Resent- variants for resent messages).
+
+def _missing_fields(fields: list[Field], names: list[str], opts: Options,
+                    present: frozenset[str], resent: bool, date: str
+                    ) -> tuple[list[Field], str]:
+    """(the Date, From and Message-ID fields to add, the message's Message-ID)."""
     added: list[Field] = []
-    date = format_date(opts.now, opts.tz_offset)
     date_name, id_name = ("Resent-Date", "Resent-Message-ID") if resent else ("Date", "Message-ID")
     if date_name.lower() not in present:
         added.append(_make(date_name, date))
     if "from" not in present:
         added.append(_make("From", _from_value(opts)))
-    msgid = ""
     for field, name in zip(fields, names, strict=True):
         if name == id_name.lower():
-            msgid = _msgid_of(field.value)
-            break
-    else:
-        msgid = make_msgid(opts.now, opts.qid, opts.hostname)
-        added.append(_make(id_name, msgid))
+            return added, _msgid_of(field.value)
+    msgid = make_msgid(opts.now, opts.qid, opts.hostname)
+    added.append(_make(id_name, msgid))
+    return added, msgid
 
-    # 5. Our trace field goes first.
+
+def _received(opts: Options, recipients: list[str], date: str) -> Field:
+    """Our trace field: sendmail's SMTP form for the listener, its local form for argv."""
     for_clause = f"\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    if opts.received_from:  # sendmail's SMTP form
+    if opts.received_from:
         trace = (f"from {opts.received_from}\n\tby {opts.hostname} (relayq) with ESMTP "
                  f"id {opts.qid}")
     else:
         trace = f"(from {opts.user}@localhost)\n\tby {opts.hostname} (relayq) id {opts.qid}"
-    received = _make("Received", f"{trace}{for_clause}; {date}")
-    if opts.auth_warning:
-        added.insert(0, _make("X-Authentication-Warning", opts.auth_warning))
-    final = [received, *added, *out]
-    eight_bit = any(not f.raw.isascii() for f in final)
-    return Result(final, recipients, hops, resent, msgid, eight_bit)
+    return _make("Received", f"{trace}{for_clause}; {date}")
 
 
 def _make(name: str, value: str) -> Field:

@@ -73,13 +73,14 @@ from relayq.core.errors import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from relayq.core.config import Config, Source
+    from relayq.core.config import Config
     from relayq.daemon.agent import Agent
     from relayq.delivery.runner import Runner
     from relayq.queue.submit import Context
     from relayq.server.listener import Listener
     from relayq.server.prefork import Listeners
     from relayq.system import control
+    from relayq.system.configfile import Source
     from relayq.system.log import Log
 
 POLL = 0.25  # how often the queue directory is looked at

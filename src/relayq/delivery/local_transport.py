@@ -108,11 +108,6 @@ def is_record(addr: str) -> bool:
     return addr[:1] in ("\\", "/", "|")
 
 
-def xtext(text: str) -> str:
-    """RFC 3461 xtext, for the ORCPT of an expanded recipient (relayq.core.dsnparams)."""
-    return dsnparams.xtext_encode(text)
-
-
 class LocalTransport:
     def __init__(
         self,
@@ -413,14 +408,15 @@ def run_as(user: User, extra_groups: list[int], work: Callable[[], tuple[str, st
 
 
 def orcpt_for(addr: str) -> str:
-    return "rfc822;" + xtext(addr)
+    """The ORCPT of an expanded recipient: its original address as xtext."""
+    return "rfc822;" + dsnparams.xtext_encode(addr)
 
 
 def delivered_to(record: str, orcpt: str, target: LocalTarget, domain: str) -> str:
     """The Delivered-To value for a recorded target: the user's address, else the original."""
     if target.kind == aliases.USER:
         return f"{target.value}@{domain}"
-    kind, sep, value = orcpt.partition(";")
-    if sep and kind.strip().lower() == "rfc822" and value:
-        return dsnparams.xtext_decode(value.strip())
+    parts = dsnparams.orcpt_address(orcpt)
+    if parts and parts[0].lower() == "rfc822" and parts[1]:
+        return parts[1]
     return record

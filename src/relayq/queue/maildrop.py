@@ -590,25 +590,17 @@ class Taker:
             user = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
             user = str(st.st_uid)
-        req = Request(user=user, uid=st.st_uid)
-        sender = fields.get("sender")
-        req.sender = sender if isinstance(sender, str) else None
-        req.full_name = str(fields.get("name", ""))
-        req.extract = "extract" in fields
-        req.ignore_dots = "idots" in fields
-        req.bs = "bs" in fields
-        rcpts = fields["rcpt"]
-        req.recipients = list(rcpts) if isinstance(rcpts, list) else []
-        req.notify = str(fields.get("notify", ""))
-        req.ret = str(fields.get("ret", ""))
-        req.envid = str(fields.get("envid", ""))
-        req.body = str(fields.get("body", ""))
-        req.drop = identity(name, st)
-        hops = str(fields.get("hops", ""))
-        if hops:
-            if not (hops.isascii() and hops.isdigit()) or len(hops) > 3:
-                raise Malformed("malformed hop count")
-            req.hops = int(hops)
+        sender, rcpts, hops = fields.get("sender"), fields["rcpt"], str(fields.get("hops", ""))
+        if hops and (not (hops.isascii() and hops.isdigit()) or len(hops) > 3):
+            raise Malformed("malformed hop count")
+        req = Request(user=user, uid=st.st_uid,
+                      sender=sender if isinstance(sender, str) else None,
+                      full_name=str(fields.get("name", "")), extract="extract" in fields,
+                      ignore_dots="idots" in fields, bs="bs" in fields,
+                      recipients=list(rcpts) if isinstance(rcpts, list) else [],
+                      notify=str(fields.get("notify", "")), ret=str(fields.get("ret", "")),
+                      envid=str(fields.get("envid", "")), body=str(fields.get("body", "")),
+                      hops=int(hops) if hops else None, drop=identity(name, st))
         note = _check_dsn(req)
         if note:
             self.log.warning(f"maildrop: a file from uid {st.st_uid} ({user}): {note}")
@@ -679,31 +671,16 @@ class Taker:
 def _check_dsn(req: Request) -> str:
     """What sendmail's -N, -R, -B and -V allow, made canonical by the rule of every way
     in (relayq.core.dsnparams); Malformed for what no client of ours writes. Returns a note
-    for the log when an ENVID had to be changed: a file written by an older relayq,
-    which took any printable -V with exit 0, is still delivered (xtext-encoded, or
-    without its ENVID when that is too long), never refused after that exit 0."""
+    for the log when an ENVID had to be changed (dsnparams.recorded_envid: a file written
+    by an older relayq is still delivered, never refused after its exit 0)."""
     from relayq.core import dsnparams
 
     try:
-        req.notify = dsnparams.notify(req.notify) if req.notify else ""
-        req.ret = dsnparams.ret(req.ret) if req.ret else ""
-        req.body = dsnparams.body(req.body) if req.body else ""
+        req.notify, req.ret, _, req.body = dsnparams.envelope(req.notify, req.ret, "", req.body)
+        req.envid, note = dsnparams.recorded_envid(req.envid) if req.envid else ("", "")
     except dsnparams.BadParam as exc:
         raise Malformed(f"malformed request: {exc}") from None
-    if not req.envid:
-        return ""
-    try:
-        req.envid = dsnparams.envid(req.envid)
-        return ""
-    except dsnparams.BadParam as exc:
-        reason = str(exc)
-    raw = req.envid
-    try:
-        req.envid = dsnparams.envid(dsnparams.xtext_encode(raw))
-        return f"ENVID {raw!r} ({reason}) sent xtext-encoded as {req.envid}"
-    except dsnparams.BadParam:
-        req.envid = ""
-        return f"ENVID {raw!r} ({reason}) left out"
+    return note
 
 
 def _reader(fd: int, first: bytes, limit: int) -> Iterator[bytes]:

@@ -30,7 +30,8 @@ MAX_HOPS = policy.MAX_HOPS
 
 
 class Request:
-    """What the caller asked for; filled from argv (sendmail) or SMTP (listener)."""
+    """What the caller asked for: from argv (cli.submission.request_for), SMTP (the
+    listener) or a maildrop/ file (the taker), each through the one constructor."""
 
     __slots__ = (
         "body",
@@ -52,25 +53,47 @@ class Request:
         "user",
     )
 
-    def __init__(self, *, user: str, uid: int) -> None:
+    def __init__(
+        self,
+        *,
+        user: str,
+        uid: int,
+        sender: str | None = None,
+        full_name: str = "",
+        extract: bool = False,
+        ignore_dots: bool = False,
+        recipients: list[str] | None = None,
+        rcpt_params: dict[str, tuple[str, str]] | None = None,
+        received_from: str = "",
+        identified: bool = False,
+        notify: str = "",
+        ret: str = "",
+        envid: str = "",
+        body: str = "",
+        hops: int | None = None,
+        bs: bool = False,
+        drop: str = "",
+    ) -> None:
+        """The one way to build a request: sendmail's argv, the listener's SMTP
+        transaction and the maildrop taker's file each give their fields here."""
         self.user = user
         self.uid = uid
-        self.sender: str | None = None  # None: the submitting user; "": null sender
-        self.full_name = ""
-        self.extract = False
-        self.ignore_dots = False
-        self.recipients: list[str] = []  # argv arguments, each maybe a list
+        self.sender = sender  # None: the submitting user; "": null sender
+        self.full_name = full_name
+        self.extract = extract
+        self.ignore_dots = ignore_dots
+        self.recipients = recipients if recipients is not None else []  # argv arguments
         # per-recipient DSN parameters from SMTP (address as given -> (NOTIFY, ORCPT))
-        self.rcpt_params: dict[str, tuple[str, str]] = {}
-        self.received_from = ""  # SMTP: "HELO (localhost [127.0.0.1])" for the trace field
-        self.identified = False  # SMTP: user/uid are the client socket's owner (the kernel's)
-        self.notify = ""
-        self.ret = ""
-        self.envid = ""
-        self.body = ""
-        self.hops: int | None = None
-        self.bs = False  # an SMTP session on stdin (sendmail -bs), not the listener
-        self.drop = ""  # the maildrop/ file this is a copy of (maildrop.identity)
+        self.rcpt_params = rcpt_params if rcpt_params is not None else {}
+        self.received_from = received_from  # SMTP: "HELO (localhost [127.0.0.1])" (trace)
+        self.identified = identified  # SMTP: user/uid are the client socket's owner
+        self.notify = notify
+        self.ret = ret
+        self.envid = envid
+        self.body = body
+        self.hops = hops
+        self.bs = bs  # an SMTP session on stdin (sendmail -bs), not the listener
+        self.drop = drop  # the maildrop/ file this is a copy of (maildrop.identity)
 
 
 class Context:
@@ -114,17 +137,14 @@ def enqueue(
     log: Log,
     ctx: Context | None = None,
 ) -> tuple[NewMessage, Envelope]:
+    """Check the request, fix the header, stream the message and commit it; the
+    returned message is durable and still locked by the caller."""
     ctx = ctx or Context(cfg)
     now = time.time()
     argv_rcpts: list[str] = []
     for arg in req.recipients:
         argv_rcpts.extend(address.parse_recipient_args(arg))
-    if req.sender is None:
-        sender = ctx.envelope_sender(req.user)
-    elif req.sender:
-        sender = ctx.envelope_sender(address.parse_mailbox(req.sender, "sender"))
-    else:
-        sender = ""
+    sender = _sender(req, ctx)
     address.check_text(req.full_name, "full name")
     _check_dsn(req)  # every caller checks; the envelope must not trust it
     warning = _auth_warning(cfg, ctx, req, sender)
@@ -139,66 +159,17 @@ def enqueue(
 
     msg = spool.create()
     try:
-        opts = headers.Options(
-            domain=ctx.domain,
-            masquerade_as=ctx.masquerade,
-            local_domains=ctx.local,
-            sender=sender,
-            full_name=req.full_name,
-            extract=req.extract,
-            qid=msg.qid,
-            user=req.user,
-            now=now,
-            tz_offset=-time.timezone if time.localtime(now).tm_isdst <= 0 else -time.altzone,
-            hostname=ctx.fqdn,
-            received_from=req.received_from,
-            auth_warning=warning if cfg.auth_warnings else "",
-        )
+        opts = _options(cfg, ctx, req, sender, msg.qid, now, warning)
         result = headers.rewrite(fields, opts, argv_rcpts)
-        if not result.recipients:
-            if req.extract:
-                raise UsageError("No recipient addresses found in header")
-            raise UsageError("Recipient names must be specified")
-        hops = req.hops if req.hops is not None else result.hops
-        refusal = policy.hop_refusal(hops)
-        if refusal:
-            raise DataError(refusal)
-
-        eight_bit = result.eight_bit_headers
+        _check_result(req, result)
         msg.write(headers.serialize(result.fields))
         body = rest.encode("utf-8", "surrogateescape")
-        if body:
-            eight_bit = eight_bit or not body.isascii()
-            msg.write(body)
-        if not at_eof:
-            for chunk in source:
-                out = norm.feed(chunk)
-                if out:
-                    eight_bit = eight_bit or not out.isascii()
-                    msg.write(out)
-            out = norm.finish()
-            if out:
-                eight_bit = eight_bit or not out.isascii()
-                msg.write(out)
+        eight_bit = _write_body(msg, body, source, norm, at_eof)
         if cfg.max_message_size and msg.size > cfg.max_message_size:
             raise DataError(
                 f"Message is too large ({msg.size} bytes; the limit is {cfg.max_message_size})"
             )
-
-        rcpts = []
-        for r in result.recipients:
-            notify, orcpt = req.rcpt_params.get(r, (req.notify, ""))
-            rcpts.append(Recipient(r, notify=notify, orcpt=orcpt))
-        env = Envelope(msg.qid, sender, rcpts, now)
-        env.user, env.uid = req.user, req.uid
-        env.size = msg.size
-        env.msgid = result.msgid
-        env.envid, env.ret = req.envid, req.ret
-        env.drop = req.drop
-        env.smtputf8 = result.eight_bit_headers or any(
-            address.needs_smtputf8(a) for a in [sender, *result.recipients]
-        )
-        env.body = "8BITMIME" if eight_bit or req.body == "8BITMIME" else req.body
+        env = _envelope(msg, req, result, sender, now, eight_bit or result.eight_bit_headers)
         msg.commit(env)
     except BaseException:
         msg.abort()
@@ -212,17 +183,97 @@ def enqueue(
     return msg, env
 
 
+def _sender(req: Request, ctx: Context) -> str:
+    """The envelope sender: the submitting user's, the given one, or "" (null)."""
+    if req.sender is None:
+        return ctx.envelope_sender(req.user)
+    if req.sender:
+        return ctx.envelope_sender(address.parse_mailbox(req.sender, "sender"))
+    return ""
+
+
+def _options(cfg: Config, ctx: Context, req: Request, sender: str, qid: str, now: float,
+             warning: str) -> headers.Options:
+    """What the header rewrite needs to know of this submission."""
+    return headers.Options(
+        domain=ctx.domain,
+        masquerade_as=ctx.masquerade,
+        local_domains=ctx.local,
+        sender=sender,
+        full_name=req.full_name,
+        extract=req.extract,
+        qid=qid,
+        user=req.user,
+        now=now,
+        tz_offset=-time.timezone if time.localtime(now).tm_isdst <= 0 else -time.altzone,
+        hostname=ctx.fqdn,
+        received_from=req.received_from,
+        auth_warning=warning if cfg.auth_warnings else "",
+    )
+
+
+def _check_result(req: Request, result: headers.Result) -> None:
+    """UsageError without recipients; DataError for a message that has looped."""
+    if not result.recipients:
+        if req.extract:
+            raise UsageError("No recipient addresses found in header")
+        raise UsageError("Recipient names must be specified")
+    hops = req.hops if req.hops is not None else result.hops
+    refusal = policy.hop_refusal(hops)
+    if refusal:
+        raise DataError(refusal)
+
+
+def _write_body(msg: NewMessage, body: bytes, source: Iterable[bytes], norm: Normalizer,
+                at_eof: bool) -> bool:
+    """The body read with the header, then the rest of the stream, normalized, to
+    the spool; True if any of it is 8-bit."""
+    eight_bit = False
+    if body:
+        eight_bit = not body.isascii()
+        msg.write(body)
+    if not at_eof:
+        for chunk in source:
+            out = norm.feed(chunk)
+            if out:
+                eight_bit = eight_bit or not out.isascii()
+                msg.write(out)
+        out = norm.finish()
+        if out:
+            eight_bit = eight_bit or not out.isascii()
+            msg.write(out)
+    return eight_bit
+
+
+def _envelope(msg: NewMessage, req: Request, result: headers.Result, sender: str,
+              now: float, eight_bit: bool) -> Envelope:
+    """The queued envelope of a written message (eight_bit: any 8-bit header or body)."""
+    rcpts = []
+    for r in result.recipients:
+        notify, orcpt = req.rcpt_params.get(r, (req.notify, ""))
+        rcpts.append(Recipient(r, notify=notify, orcpt=orcpt))
+    env = Envelope(msg.qid, sender, rcpts, now)
+    env.user, env.uid = req.user, req.uid
+    env.size = msg.size
+    env.msgid = result.msgid
+    env.envid, env.ret = req.envid, req.ret
+    env.drop = req.drop
+    env.smtputf8 = result.eight_bit_headers or any(
+        address.needs_smtputf8(a) for a in [sender, *result.recipients]
+    )
+    env.body = "8BITMIME" if eight_bit or req.body == "8BITMIME" else req.body
+    return env
+
+
 def _check_dsn(req: Request) -> None:
     """The DSN parameters through the rule the SMTP client applies (relayq.core.dsnparams),
     made canonical: what is queued is what a relay will be sent, never a refusal later."""
     try:
-        req.envid = dsnparams.envid(req.envid) if req.envid else ""
-        req.ret = dsnparams.ret(req.ret) if req.ret else ""
-        req.notify = dsnparams.notify(req.notify) if req.notify else ""
-        req.body = dsnparams.body(req.body) if req.body else ""
+        req.notify, req.ret, req.envid, req.body = dsnparams.envelope(
+            req.notify, req.ret, req.envid, req.body)
         req.rcpt_params = {
-            rcpt: (dsnparams.notify(notify) if notify else "",
-                   dsnparams.orcpt(orcpt) if orcpt else "")
+            rcpt: (dsnparams.check("NOTIFY", notify) if notify else "",
+                   dsnparams.check("ORCPT", orcpt) if orcpt else "")
             for rcpt, (notify, orcpt) in req.rcpt_params.items()}
     except dsnparams.BadParam as exc:
         raise DataError(str(exc)) from None

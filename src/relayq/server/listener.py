@@ -394,9 +394,7 @@ class Server(SMTP):
         if arg and self.session is not None and self.session.extended_smtp:
             arg, taken = _take_params(arg, ("RET", "ENVID"))
             try:  # the rule every way in and the SMTP client apply (relayq.core.dsnparams)
-                self._mail_dsn = {key: check(taken[key]) if key in taken else ""
-                                  for key, check in (("RET", dsnparams.ret),
-                                                     ("ENVID", dsnparams.envid))}
+                self._mail_dsn = dsnparams.given(taken, ("RET", "ENVID"))
             except dsnparams.BadParam as exc:
                 await self.push(f"501 5.5.4 {_one_line(str(exc))}")
                 return
@@ -407,10 +405,7 @@ class Server(SMTP):
         if arg and self.session is not None and self.session.extended_smtp:
             arg, taken = _take_params(arg, ("NOTIFY", "ORCPT"))
             try:  # ORCPT in UTF-8 (an SMTPUTF8 client) is kept as xtext
-                self._rcpt_dsn = {
-                    "NOTIFY": dsnparams.notify(taken["NOTIFY"]) if "NOTIFY" in taken else "",
-                    "ORCPT": dsnparams.orcpt(taken["ORCPT"], utf8=True)
-                    if "ORCPT" in taken else ""}
+                self._rcpt_dsn = dsnparams.given(taken, ("NOTIFY", "ORCPT"), utf8=True)
             except dsnparams.BadParam as exc:
                 await self.push(f"501 5.5.4 {_one_line(str(exc))}")
                 return
@@ -556,24 +551,19 @@ class Handler:
 
         st = self.state
         who = server.peer_user() if server is not None and st.strict else None
-        req = Request(user=who[0] if who else st.user, uid=who[1] if who else st.uid)
-        req.identified = who is not None  # the sender is then that user's -f
-        req.sender = "" if envelope.mail_from == "<>" else envelope.mail_from
-        req.recipients = list(envelope.rcpt_tos)
-        req.ignore_dots = True  # aiosmtpd has already removed the transparency dots
-        req.received_from = _trace(session, st.user, who[0] if who else "")
-        domain = st.ctx.domain
-        for rcpt, params in envelope.rcpt_dsn.items():
-            req.rcpt_params[rcpt] = params
-            req.rcpt_params[address.qualify(rcpt, domain)] = params
-        req.ret = envelope.dsn.get("RET", "")
-        req.envid = envelope.dsn.get("ENVID", "")
+        params = {}
+        for rcpt, pair in envelope.rcpt_dsn.items():
+            params[rcpt] = params[address.qualify(rcpt, st.ctx.domain)] = pair
         body = [o.split("=", 1)[1] for o in envelope.mail_options if o.startswith("BODY=")]
-        try:  # aiosmtpd has refused any other BODY already
-            req.body = dsnparams.body(body[0]) if body else ""
-        except dsnparams.BadParam:
-            req.body = ""
-        req.bs = not st.strict
+        req = Request(user=who[0] if who else st.user, uid=who[1] if who else st.uid,
+                      identified=who is not None,  # the sender is then that user's -f
+                      sender="" if envelope.mail_from == "<>" else envelope.mail_from,
+                      recipients=list(envelope.rcpt_tos), rcpt_params=params,
+                      ignore_dots=True,  # aiosmtpd has already removed the transparency dots
+                      received_from=_trace(session, st.user, who[0] if who else ""),
+                      ret=envelope.dsn.get("RET", ""), envid=envelope.dsn.get("ENVID", ""),
+                      body=body[0] if body else "",  # enqueue() checks it (aiosmtpd did)
+                      bs=not st.strict)
         spool = Spool(st.cfg.queue_dir)  # create() makes the directories if they went away
         if st.handover:
             from relayq.queue import maildrop

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from relayq.core import dsnparams
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Iterable, Iterator
 
 MAX_REPLY_LINES = 512
 MAX_REPLY_BYTES = 64 * 1024
@@ -290,36 +290,28 @@ def mail_params(
         out.append("SMTPUTF8")
     if caps.dsn:
         if ret:
-            out.append(f"RET={_checked(dsnparams.ret, ret)}")
+            out.append(f"RET={_checked('RET', ret)}")
         envid = _queued_envid(envid) if envid else ""
         if envid:
             out.append(f"ENVID={envid}")
     return out
 
 
-def _checked(check: Callable[[str], str], value: str) -> str:
+def _checked(name: str, value: str, utf8: bool = False) -> str:
     """A value through relayq.core.dsnparams, the rule every way in applied already."""
     try:
-        return check(value)
+        return dsnparams.check(name, value, utf8)
     except dsnparams.BadParam as exc:
         raise CommandError(str(exc)) from None
 
 
 def _queued_envid(value: str) -> str:
-    """ENVID as queued. Every way in checks it (relayq.core.dsnparams), but a queue written
-    by an older relayq may hold one that is printable ASCII and still not xtext (it
-    took `-V a=b` with exit 0): that one goes out xtext-encoded (or, too long then,
-    without ENVID: it only labels reports), so the mail is not refused at last.
-    Anything else (a control character) is a damaged record: CommandError."""
+    """ENVID as queued, through dsnparams.recorded_envid (an older relayq's non-xtext
+    ENVID goes out encoded or left out); a damaged record is a CommandError."""
     try:
-        return dsnparams.envid(value)
-    except dsnparams.BadParam:
-        if not all(33 <= ord(c) <= 126 for c in value):
-            raise CommandError("ENVID is not valid xtext") from None
-    try:
-        return dsnparams.envid(dsnparams.xtext_encode(value))
-    except dsnparams.BadParam:
-        return ""
+        return dsnparams.recorded_envid(value)[0]
+    except dsnparams.BadParam as exc:
+        raise CommandError(str(exc)) from None
 
 
 def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> list[str]:
@@ -327,9 +319,9 @@ def rcpt_params(caps: Capabilities, *, notify: str = "", orcpt: str = "") -> lis
     out: list[str] = []
     if caps.dsn:
         if notify:
-            out.append("NOTIFY=" + _checked(dsnparams.notify, notify))
+            out.append("NOTIFY=" + _checked("NOTIFY", notify))
         if orcpt:  # UTF-8 (an older relayq stored it so) goes out as xtext
-            out.append("ORCPT=" + _checked(lambda v: dsnparams.orcpt(v, utf8=True), orcpt))
+            out.append("ORCPT=" + _checked("ORCPT", orcpt, utf8=True))
     return out
 
 
