@@ -353,7 +353,7 @@ def _main(argv: list[str]) -> int:
 def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
     from relayq.queue.spool import Spool
-    from relayq.server.listener import serve_stdio
+    from relayq.server.stdio import serve_stdio
 
     cfg, log = _open(args, source)
     user, uid, _ = _user()
