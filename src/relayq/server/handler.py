@@ -10,7 +10,7 @@ session and envelope objects and the few methods our Server offers.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relayq.core import address, dsnparams
 from relayq.core.errors import DataError, RelayqError, TempFailure
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     from relayq.core.config import Config
     from relayq.queue.submit import Context
-    from relayq.server.aio import Server
     from relayq.system.log import Log
 
 DEFAULT_SIZE = 32 << 20  # advertised in SIZE when max_message_size is 0
@@ -30,6 +29,18 @@ _ENHANCED = {"221": "2.0.0", "250": "2.0.0", "251": "2.1.5", "252": "2.5.0",
              "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
              "530": "5.7.0", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3",
              "554": "5.0.0", "555": "5.5.4"}
+
+
+class Server(Protocol):
+    """What the hooks use of the session's server (relayq.server.aio.Server): the DSN
+    parameters it took off MAIL and RCPT, its timer and the peer's identity."""
+
+    mail_dsn: dict[str, str]
+    rcpt_dsn: dict[str, str]
+
+    def restart_timer(self, duration: float | None = None) -> None: ...
+
+    def peer_user(self) -> tuple[str, int] | None: ...
 
 
 class State:
