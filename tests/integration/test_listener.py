@@ -423,16 +423,16 @@ def test_root_binds_then_runs_as_daemon_user(tmp_path: Path) -> None:
 
 
 def test_dsn_parameters_are_split_off_case_intact() -> None:
-    from relayq.server.listener import _take_params
+    from relayq.server.handler import take_params
 
-    arg, taken = _take_params('FROM:<"a b>"@example.org> BODY=8BITMIME ret=hdrs ENVID=Ab+2B',
-                              ("RET", "ENVID"))
+    arg, taken = take_params('FROM:<"a b>"@example.org> BODY=8BITMIME ret=hdrs ENVID=Ab+2B',
+                             ("RET", "ENVID"))
     assert arg == 'FROM:<"a b>"@example.org> BODY=8BITMIME'
     assert taken == {"RET": "hdrs", "ENVID": "Ab+2B"}
 
 
 def test_bs_line_ends_across_chunks() -> None:
-    from relayq.server.listener import _LFtoCRLF
+    from relayq.server.stdio import _LFtoCRLF
 
     conv = _LFtoCRLF()
     chunks = [b"a\r", b"\nb\n", b"c\r\n\r", b"\n", b"\n"]

@@ -18,7 +18,8 @@ from tests.integration.test_listener import Raw, session
 from relayq.core.config import Config
 from relayq.core.errors import EX_OK
 from relayq.queue.submit import Context
-from relayq.server.listener import Server, State
+from relayq.server.aio import Server
+from relayq.server.handler import State
 from relayq.system.log import Log
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ def _fqdn() -> str:
 
 
 def test_the_table_row_of_the_client_socket_gives_its_uid() -> None:
-    from relayq.server.listener import _proc_hex, find_socket_uid
+    from relayq.server.sockets import _proc_hex, find_socket_uid
 
     client, server = _proc_hex("127.0.0.1", 40000), _proc_hex("127.0.0.1", 2525)
     table = (
@@ -65,7 +65,7 @@ def test_the_table_row_of_the_client_socket_gives_its_uid() -> None:
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "::1"])
 def test_peer_uid_of_a_real_loopback_connection(ip: str) -> None:
-    from relayq.server.listener import peer_uid
+    from relayq.server.sockets import peer_uid
 
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     with socket.socket(family) as lsock:

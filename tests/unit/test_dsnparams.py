@@ -154,7 +154,8 @@ def test_every_way_in_refuses_the_same_value(name: str, value: str, flag: str) -
     (maildrop file, queue) goes out xtext-encoded, as recorded_envid says."""
     from relayq.cli import flags
     from relayq.core.errors import DataError
-    from relayq.queue import maildrop, submit
+    from relayq.delivery import intake
+    from relayq.queue import submit
 
     with pytest.raises(UsageError):
         flags.parse([flag, value, "bob@example.org"])
@@ -164,10 +165,10 @@ def test_every_way_in_refuses_the_same_value(name: str, value: str, flag: str) -
     drop = submit.Request(user="alice", uid=1000, **{name.lower(): value})
     legacy = name == "ENVID" and all(33 <= ord(c) <= 126 for c in value)
     if legacy:
-        assert maildrop._check_dsn(drop) and dsnparams.is_xtext(drop.envid)
+        assert intake.check_dsn(drop) and dsnparams.is_xtext(drop.envid)
     else:
-        with pytest.raises(maildrop.Malformed):
-            maildrop._check_dsn(drop)
+        with pytest.raises(intake.Malformed):
+            intake.check_dsn(drop)
     built = {"NOTIFY": lambda: p.rcpt_params(DSN_CAPS, notify=value),
              "RET": lambda: p.mail_params(DSN_CAPS, ret=value),
              "ENVID": lambda: p.mail_params(DSN_CAPS, envid=value)}

@@ -83,7 +83,7 @@ def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
     from relayq.cli.submission import user_names
     from relayq.queue.spool import Spool
-    from relayq.server.listener import serve_stdio
+    from relayq.server.stdio import serve_stdio
 
     cfg, log = _open(args, source)
     user, uid, _ = user_names()

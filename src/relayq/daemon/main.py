@@ -332,6 +332,7 @@ class Options:
 
 class Daemon:
     def __init__(self, cfg: Config, log: Log, opts: Options) -> None:
+        from relayq.delivery.intake import Notices
         from relayq.queue.spool import Spool
         from relayq.queue.submit import Context
 
@@ -367,6 +368,7 @@ class Daemon:
         self._last_flush = 0.0
         self._listing: set[int] = set()  # uids whose queue listing is being made
         self._last_drop_look = 0.0
+        self._drop_notices = Notices()  # maildrop/: what this process said already
 
     @property
     def interval(self) -> float:
@@ -471,10 +473,11 @@ class Daemon:
             self._take_all_drops(run)
 
     def _take_all_drops(self, run: bool | None) -> None:
-        from relayq.queue.maildrop import Taker
+        from relayq.delivery.intake import Taker
 
         try:
-            taken = Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
+            taken = Taker(self.cfg, self.spool, self.log, self.ctx,
+                          self._drop_notices).take_all()
         except OSError as exc:
             self.log.error(f"maildrop: {exc}")
             return
@@ -505,7 +508,7 @@ class Daemon:
         verb, _, arg = request.partition(" ")
         try:
             if verb == "take":
-                from relayq.queue.maildrop import Taker
+                from relayq.delivery.intake import Taker
 
                 qid, mode = Taker(self.cfg, self.spool, self.log, self.ctx).take(arg, uid)
                 if mode not in ("q", "d"):

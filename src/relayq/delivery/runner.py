@@ -570,7 +570,7 @@ class Runner:
         """Users' mail waiting in maildrop/ (no daemon took it) joins the queue first."""
         if not os.path.isdir(self.spool.maildrop) or not self.spool.writable():
             return
-        from relayq.queue.maildrop import Taker
+        from relayq.delivery.intake import Taker
 
         try:
             Taker(self.cfg, self.spool, self.log, self.ctx).take_all()
