@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from relayq.core.config import Config, Source
-    from relayq.queue.spool import Claim, Spool
+    from relayq.queue.claim import Claim
+    from relayq.queue.spool import Spool
     from relayq.queue.submit import Context, Request
     from relayq.system.log import Log
 
