@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from relayq.core.envelope import Envelope, Recipient
-from relayq.queue.spool import make_qid
+from relayq.queue.names import make_qid
 
 BIN = os.path.dirname(sys.executable)
 

@@ -10,7 +10,8 @@ import pytest
 
 from relayq.core.envelope import FAILED, SENT, Envelope, Recipient
 from relayq.core.errors import DamagedQueueFile
-from relayq.queue.spool import Spool, make_qid
+from relayq.queue.names import make_qid
+from relayq.queue.spool import Spool
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -134,7 +135,7 @@ def test_listing_reports_size_lock_and_vanished_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_locks: bool
 ) -> None:
     if not proc_locks:  # the fallback where /proc is not mounted
-        monkeypatch.setattr("relayq.queue.spool._held_inodes", lambda dev: None)
+        monkeypatch.setattr("relayq.queue.listing.held_inodes", lambda dev: None)
     spool = Spool(str(tmp_path))
     spool.ensure()
     kept = commit(spool, b"12345\n")
@@ -155,9 +156,9 @@ def test_concurrent_directory_syncs_are_shared(tmp_path: Path) -> None:
     import threading
     import time as _time
 
-    from relayq.queue.spool import _GroupSync
+    from relayq.queue.durable import GroupSync
 
-    sync = _GroupSync(str(tmp_path))
+    sync = GroupSync(str(tmp_path))
     with sync.cond:
         sync.running = True  # as if an fsync were under way: newcomers must wait for the next
     threads = [threading.Thread(target=sync.sync) for _ in range(8)]

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relayq.core import wire
+from relayq.core import mimescan, wire
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -59,8 +59,8 @@ def blocks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Run once with the real block sizes, once with tiny ones (every boundary is crossed)."""
     with pytest.MonkeyPatch.context() as mp:
         if request.param == "tiny":
-            mp.setattr(wire, "READ", 61)
-            mp.setattr(wire, "PIECE", 100)  # longer than any boundary line
+            mp.setattr(mimescan, "READ", 61)  # the scanner reads the file
+            mp.setattr(mimescan, "PIECE", 100)  # longer than any boundary line
             mp.setattr(wire, "QP_BLOCK", 11)
         yield
 

@@ -136,7 +136,8 @@ def status(cfg: Config, as_json: bool) -> int:
     import time
 
     from relayq.daemon.main import PidFile, pid_path
-    from relayq.queue.spool import Spool, qid_time
+    from relayq.queue.names import qid_time
+    from relayq.queue.spool import Spool
 
     spool = Spool(cfg.queue_dir)
     now = time.time()

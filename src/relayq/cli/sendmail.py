@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
     from relayq.cli.submission import Committed
     from relayq.core.config import Config
-    from relayq.queue.spool import Claim, Spool
+    from relayq.queue.claim import Claim
+    from relayq.queue.spool import Spool
     from relayq.queue.submit import Context
     from relayq.system.configfile import Source
     from relayq.system.log import Log

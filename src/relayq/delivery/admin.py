@@ -19,7 +19,8 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from relayq.core.config import Config
-    from relayq.queue.spool import Claim, Spool
+    from relayq.queue.claim import Claim
+    from relayq.queue.spool import Spool
     from relayq.system.log import Log
 
 ACTIONS = ("hold", "release", "delete", "requeue")

@@ -331,7 +331,7 @@ class Taker:
         queue id tells when, without reading them: a 1 h margin for a clock
         that stepped back); each envelope is read at most once per Taker.
         """
-        from relayq.queue.spool import qid_time
+        from relayq.queue.names import qid_time
 
         if self._ids is None:
             self._ids = self.spool.ids()

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from relayq.core.config import Config
     from relayq.delivery.local_transport import LocalTransport
     from relayq.delivery.smtp_transport import Outcome, SmtpTransport
-    from relayq.queue.spool import Claim, NewMessage, Spool
+    from relayq.queue.claim import Claim
+    from relayq.queue.spool import NewMessage, Spool
     from relayq.queue.submit import Context
     from relayq.system.log import Log
 

@@ -23,144 +23,31 @@ QID.t, fsynced and renamed to QID.e, and the directory is fsynced. A crash
 before that leaves no QID.e, so nothing is visible; the stray files are
 removed by a later scan. A failed write, fsync or close fails the commit.
 
-Queue IDs are 14 characters of sendmail's base-60 alphabet: year%60, month,
-day, hour, minute, second, four characters of microseconds and four of the
-process id. They sort by submission time and are unique on the host (the data
-file is created with O_EXCL, and a collision picks the next microsecond).
+Queue IDs (relayq.queue.names) sort by submission time and are unique on the
+host: the data file is created with O_EXCL, and a collision picks the next
+microsecond. Durability primitives: relayq.queue.durable; a message locked for
+delivery: relayq.queue.claim; the mailq view: relayq.queue.listing.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import sys
 import time
 
-from relayq.core.envelope import MAX_REPLY, Envelope
-from relayq.core.errors import DamagedQueueFile, QueueError, RelayqError, TempFailure
+from relayq.core.envelope import Envelope
+from relayq.core.errors import DamagedQueueFile, RelayqError, TempFailure
+from relayq.queue.claim import Claim
+from relayq.queue.durable import fsync_dir, io_error, read_small, unlink_if_there
+from relayq.queue.names import make_qid
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from typing import BinaryIO
 
-ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
 KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
-
-
-def _b60(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        value, digit = divmod(value, 60)
-        out.append(ALPHABET[digit])
-    return "".join(reversed(out))
-
-
-def make_qid(now: float, pid: int) -> str:
-    t = time.gmtime(now)
-    head = "".join(
-        ALPHABET[v] for v in (t.tm_year % 60, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
-    )
-    return head + _b60(int((now % 1) * 1_000_000), 4) + _b60(pid, 4)
-
-
-def qid_time(qid: str, now: float) -> float:
-    """When a queue id was made (UTC seconds): the inverse of make_qid, with the
-    year taken as the latest one not after `now` that matches year % 60."""
-    import calendar
-
-    try:
-        y, mo, d, h, mi, sec = (ALPHABET.index(c) for c in qid[:6])
-        micro = 0
-        for c in qid[6:10]:
-            micro = micro * 60 + ALPHABET.index(c)
-    except ValueError:
-        return 0.0
-    this_year = time.gmtime(now).tm_year
-    year = this_year - ((this_year - y) % 60)
-    try:
-        return calendar.timegm((year, mo, d, h, mi, sec, 0, 0, 0)) + micro / 1_000_000
-    except (ValueError, OverflowError):
-        return 0.0
-
-
-def _unlink_if_there(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(path: str) -> None:
-    if "threading" not in sys.modules:  # one thread (sendmail): no one to share with,
-        _fsync_path(path)  # and importing threading would cost 4 ms
-        return
-    _group_sync(path).sync()
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _GroupSync:
-    """One directory fsync shared by the threads that need it at the same time.
-
-    A caller's change (a rename, an unlink) is made before it asks; any fsync
-    that *starts* after it asked makes that change durable. So while one
-    fsync runs, later callers wait and are all served by the next one: with
-    N concurrent commits (the listener's sessions) about 2 fsyncs instead of N.
-    """
-
-    def __init__(self, path: str) -> None:
-        import threading
-
-        self.path = path
-        self.cond = threading.Condition()
-        self.asked = 0  # requests registered
-        self.done = 0  # every request up to this one is durable
-        self.running = False
-        self.rounds = 0  # fsyncs made (for tests and curiosity)
-
-    def sync(self) -> None:
-        with self.cond:
-            self.asked += 1
-            mine = self.asked
-            while self.done < mine and self.running:
-                self.cond.wait()
-            if self.done >= mine:
-                return
-            self.running = True
-            covers = self.asked
-        try:
-            _fsync_path(self.path)
-        except BaseException:
-            with self.cond:
-                self.running = False
-                self.cond.notify_all()
-            raise
-        with self.cond:
-            self.running = False
-            self.done = max(self.done, covers)
-            self.rounds += 1
-            self.cond.notify_all()
-
-
-_SYNCS: dict[str, _GroupSync] = {}
-
-
-def _group_sync(path: str) -> _GroupSync:
-    sync = _SYNCS.get(path)
-    if sync is None:
-        sync = _SYNCS.setdefault(path, _GroupSync(path))
-    return sync
-
 
 def _become(uid: int, gid: int) -> None:
     import pwd
@@ -176,15 +63,6 @@ def _become(uid: int, gid: int) -> None:
         raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
                           71) from None
 
-
-def _io_error(action: str, exc: OSError) -> RelayqError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return TempFailure(f"cannot {action}: no space left on the queue file system")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return QueueError(f"cannot {action}: {exc.strerror}", code=77)
-    if exc.errno == errno.EROFS:
-        return QueueError(f"cannot {action}: {exc.strerror}", code=73)
-    return QueueError(f"cannot {action}: {exc.strerror or exc}")
 
 
 class Spool:
@@ -212,9 +90,9 @@ class Spool:
                 continue
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
-                _fsync_dir(os.path.dirname(path))  # the new directory itself must survive
+                fsync_dir(os.path.dirname(path))  # the new directory itself must survive
             except OSError as exc:
-                raise _io_error(f"create queue directory {path}", exc) from None
+                raise io_error(f"create queue directory {path}", exc) from None
         if public is None:
             public = os.geteuid() == 0
         if public and not os.path.lexists(self.maildrop):
@@ -243,7 +121,7 @@ class Spool:
             finally:
                 os.close(top)
         except OSError as exc:
-            raise _io_error(f"give the queue to uid {owner[0]}", exc) from None
+            raise io_error(f"give the queue to uid {owner[0]}", exc) from None
 
     def enter(self) -> None:
         """Root in a queue that belongs to another user (daemon_user) becomes that user
@@ -261,7 +139,7 @@ class Spool:
             except FileNotFoundError:
                 return
             except OSError as exc:
-                raise _io_error(f"look at the queue directory {path}", exc) from None
+                raise io_error(f"look at the queue directory {path}", exc) from None
             if st.st_uid != 0:
                 _become(st.st_uid, st.st_gid)
                 return
@@ -279,11 +157,11 @@ class Spool:
                 os.fchmod(fd, 0o1733 if os.geteuid() == 0 else 0o3733)
             finally:
                 os.close(fd)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except FileExistsError:
             pass
         except OSError as exc:
-            raise _io_error(f"create the drop directory {self.maildrop}", exc) from None
+            raise io_error(f"create the drop directory {self.maildrop}", exc) from None
 
     def writable(self) -> bool:
         """May this process commit to the queue itself (root, or the queue's owner)?
@@ -306,7 +184,7 @@ class Spool:
             parent = os.path.dirname(parent)  # makedirs will create the rest as us
         return os.access(parent, os.W_OK)
 
-    def _path(self, qid: str, ext: str) -> str:
+    def path(self, qid: str, ext: str) -> str:
         return os.path.join(self.queue, qid + ext)
 
     # -- writing a new message ------------------------------------------------
@@ -324,7 +202,7 @@ class Spool:
             name = qid or make_qid(now, pid)
             try:
                 fd = os.open(
-                    self._path(name, ".d"),
+                    self.path(name, ".d"),
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                     0o600,
                 )
@@ -338,19 +216,19 @@ class Spool:
                 self.ensure()
                 continue
             except OSError as exc:
-                raise _io_error("create a queue file", exc) from None
+                raise io_error("create a queue file", exc) from None
             fcntl.flock(fd, fcntl.LOCK_EX)
             return NewMessage(self, name, fd)
         raise TempFailure("cannot allocate a queue id")
 
     def _reopen(self, qid: str) -> int:
         """The debris of a report whose making was cut off, truncated for writing again."""
-        if os.path.exists(self._path(qid, ".e")):
+        if os.path.exists(self.path(qid, ".e")):
             raise TempFailure(f"{qid}: queue id already committed")
         try:
-            fd = os.open(self._path(qid, ".d"), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.path(qid, ".d"), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise _io_error("create a queue file", exc) from None
+            raise io_error("create a queue file", exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_nlink == 0:  # swept meanwhile: start afresh
@@ -361,7 +239,7 @@ class Spool:
             raise TempFailure(f"{qid}: report being written by another process") from None
         except OSError as exc:
             os.close(fd)
-            raise _io_error("create a queue file", exc) from None
+            raise io_error("create a queue file", exc) from None
         except BaseException:
             os.close(fd)
             raise
@@ -393,8 +271,8 @@ class Spool:
         With `first` (the commit of a new message) a failure removes QID.e
         too, so a commit the caller saw fail never leaves a message behind.
         """
-        tmp = self._path(env.qid, ".t")
-        final = self._path(env.qid, ".e")
+        tmp = self.path(env.qid, ".t")
+        final = self.path(env.qid, ".e")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
@@ -407,14 +285,14 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-            _fsync_dir(self.queue)
+            fsync_dir(self.queue)
         except OSError as exc:
             for path in (tmp, final) if first else (tmp,):
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
-            raise _io_error(f"write envelope {env.qid}", exc) from None
+            raise io_error(f"write envelope {env.qid}", exc) from None
 
     # -- reading --------------------------------------------------------------
 
@@ -425,7 +303,7 @@ class Spool:
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise _io_error("read the queue directory", exc) from None
+            raise io_error("read the queue directory", exc) from None
 
     def stream_ids(self, counts: dict[str, int] | None = None) -> Iterator[str]:
         """Committed queue ids in directory order, as the directory is read.
@@ -448,7 +326,7 @@ class Spool:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise _io_error("read the queue directory", exc) from None
+            raise io_error("read the queue directory", exc) from None
 
     @staticmethod
     def debris_suspected(counts: dict[str, int]) -> bool:
@@ -464,24 +342,24 @@ class Spool:
 
     def read_envelope(self, qid: str) -> Envelope:
         try:
-            with open(self._path(qid, ".e"), "rb") as f:
+            with open(self.path(qid, ".e"), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise _io_error(f"read envelope {qid}", exc) from None
+            raise io_error(f"read envelope {qid}", exc) from None
         env = Envelope.loads(raw, qid)
-        if not os.path.exists(self._path(qid, ".d")):
+        if not os.path.exists(self.path(qid, ".d")):
             raise DamagedQueueFile(f"{qid}: envelope without data file")
         return env
 
     def data_path(self, qid: str) -> str:
-        return self._path(qid, ".d")
+        return self.path(qid, ".d")
 
     def is_locked(self, qid: str) -> bool:
         """True while a runner (or the submitting process) holds the message."""
         try:
-            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -504,9 +382,9 @@ class Spool:
         fsync, about a millisecond.
         """
         try:
-            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            if os.path.exists(self._path(qid, ".e")):
+            if os.path.exists(self.path(qid, ".e")):
                 raise DamagedQueueFile(f"{qid}: envelope without data file") from None
             return None
         deadline = time.monotonic() + wait
@@ -547,20 +425,20 @@ class Spool:
         suffix = suffix or time.strftime("%Y%m%dT%H%M%S")
         moved = []
         for ext in (".d", ".e"):
-            src = self._path(qid, ext)
+            src = self.path(qid, ext)
             dst = os.path.join(self.quarantine_dir, f"{qid}{ext}.{suffix}")
             tmp = dst + ".t"
             try:
-                _unlink_if_there(tmp)
+                unlink_if_there(tmp)
                 os.link(src, tmp)
                 os.rename(tmp, dst)
                 moved.append(src)
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.quarantine_dir)
+        fsync_dir(self.quarantine_dir)
         for src in reversed(moved):  # the envelope first, as finish() does
-            _unlink_if_there(src)
-        _fsync_dir(self.queue)
+            unlink_if_there(src)
+        fsync_dir(self.queue)
 
     def dead_letters(self) -> Iterator[tuple[str, Envelope, int]]:
         """(qid, envelope, data size) of each dead letter kept in quarantine/ (see bury)."""
@@ -574,7 +452,7 @@ class Spool:
                 continue
             path = os.path.join(self.quarantine_dir, name)
             try:
-                env = Envelope.loads(_read_small(path), qid)
+                env = Envelope.loads(read_small(path), qid)
                 size = os.stat(os.path.join(self.quarantine_dir, f"{qid}.d{rest[1:]}")).st_size
             except (OSError, DamagedQueueFile):
                 continue
@@ -588,7 +466,7 @@ class Spool:
         for name in os.listdir(self.quarantine_dir):
             if name.startswith((f"{qid}.e.", f"{qid}.d.")):
                 os.unlink(os.path.join(self.quarantine_dir, name))
-        _fsync_dir(self.quarantine_dir)
+        fsync_dir(self.quarantine_dir)
         return True
 
     def sweep(self, now: float | None = None, names: list[str] | None = None) -> list[str]:
@@ -636,7 +514,7 @@ class Spool:
 
     def _lock_orphan(self, qid: str) -> int | None:
         try:
-            fd = os.open(self._path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path(qid, ".d"), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         try:
@@ -644,7 +522,7 @@ class Spool:
         except BlockingIOError:
             os.close(fd)
             return None
-        if os.path.exists(self._path(qid, ".e")):
+        if os.path.exists(self.path(qid, ".e")):
             os.close(fd)
             return None
         return fd
@@ -652,81 +530,10 @@ class Spool:
     def listing(
         self, ids: list[str] | None = None
     ) -> Iterator[tuple[str, Envelope | None, str, int, bool]]:
-        """(qid, envelope or None, problem, data size, locked) for each message, for mailq.
+        """Each message with its state, for mailq (see relayq.queue.listing)."""
+        from relayq.queue.listing import listing
 
-        The lock state comes from /proc/locks, read again every LOCKS_EVERY
-        seconds: mailq takes no lock itself (a test lock could make a queue
-        run skip the message), and one stat of the data file is all it costs
-        per message. Without /proc each data file is test-locked instead. A
-        message delivered since the directory was listed comes back with the
-        problem "job completed" (sendmail's words); one bad file never stops
-        the listing.
-        """
-        queue = self.queue + "/"
-        held: set[int] | None = None
-        fresh_until = 0.0
-        for n, qid in enumerate(self.ids() if ids is None else ids):
-            try:
-                raw = _read_small(queue + qid + ".e")
-            except FileNotFoundError:
-                yield qid, None, "job completed", 0, False
-                continue
-            except OSError as exc:
-                yield qid, None, f"cannot read envelope: {exc.strerror}", 0, False
-                continue
-            try:
-                env = Envelope.loads(raw, qid)
-            except DamagedQueueFile as exc:
-                yield qid, None, exc.message, 0, False
-                continue
-            try:
-                st = os.stat(queue + qid + ".d")
-            except OSError:
-                gone = not os.path.exists(self._path(qid, ".e"))
-                yield qid, None, "job completed" if gone else "envelope without data file", 0, False
-                continue
-            if n % 64 == 0 and time.monotonic() >= fresh_until:
-                held = _held_inodes(st.st_dev)  # can cost milliseconds: not too often
-                fresh_until = time.monotonic() + LOCKS_EVERY
-            locked = st.st_ino in held if held is not None else self.is_locked(qid)
-            yield qid, env, "", st.st_size, locked
-
-
-LOCKS_EVERY = 0.25  # seconds: a long listing reads /proc/locks again this often
-
-
-def _held_inodes(dev: int) -> set[int] | None:
-    """Inodes on device `dev` with an flock held (not waited for), from /proc/locks."""
-    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:"
-    try:
-        with open("/proc/locks", "rb") as f:
-            text = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    held = set()
-    for line in text.splitlines():
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" second
-        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].startswith(want):
-            ino = parts[5][len(want):]
-            if ino.isdigit():
-                held.add(int(ino))
-    return held
-
-
-def _read_small(path: str) -> bytes:
-    """A whole small file with plain system calls (io.open costs more than the read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        first = os.read(fd, 65536)
-        if len(first) < 65536:
-            return first  # a short read of a regular file is its end
-        chunks = [first]
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return listing(self, ids)
 
 
 class NewMessage:
@@ -746,7 +553,7 @@ class NewMessage:
                 view = view[os.write(self.fd, view) :]
         except OSError as exc:
             self.abort()
-            raise _io_error("write the message to the queue", exc) from None
+            raise io_error("write the message to the queue", exc) from None
         self.size += len(data)
 
     def commit(self, env: Envelope) -> None:
@@ -755,7 +562,7 @@ class NewMessage:
             os.fsync(self.fd)
         except OSError as exc:
             self.abort()
-            raise _io_error("sync the message to disk", exc) from None
+            raise io_error("sync the message to disk", exc) from None
         try:
             self.spool.write_envelope(env, first=True)
         except BaseException:
@@ -779,7 +586,7 @@ class NewMessage:
             return
         self.done = True
         try:
-            os.unlink(self.spool._path(self.qid, ".d"))
+            os.unlink(self.spool.path(self.qid, ".d"))
         except OSError:
             pass
         self.release()
@@ -790,131 +597,3 @@ class NewMessage:
     def __exit__(self, *exc: object) -> None:
         if not self.done:
             self.abort()
-
-
-class Claim:
-    """A message locked by this process for delivery."""
-
-    def __init__(self, spool: Spool, env: Envelope, fd: int) -> None:
-        self.spool = spool
-        self.envelope = env
-        self.fd = fd
-        self._reserve = -1  # the in-flight file, written full (see mark_sending)
-        self._reserved = 0
-        self.finished = False  # removed from the queue: every recipient final, reports made
-
-    @property
-    def qid(self) -> str:
-        return self.envelope.qid
-
-    def open_data(self) -> BinaryIO:
-        return open(self.spool.data_path(self.qid), "rb")
-
-    def record(self) -> None:
-        """Make the envelope's new state durable (atomic replace).
-
-        After an attempt (a reserve is held, see mark_sending) the record is
-        written into the reserved in-flight file, which needs no new space:
-        a full queue file system cannot turn a relay's 250 into a resend. A
-        failure is tried again once with a fresh temp file (never trusting
-        a failed fsync's file) before it is raised.
-        """
-        fd, self._reserve = self._reserve, -1
-        if fd >= 0:
-            try:
-                self._record_in_place(fd)
-                return
-            except OSError:
-                pass  # the ordinary way below, with a fresh file
-            finally:
-                os.close(fd)
-        try:
-            self.spool.write_envelope(self.envelope)
-        except RelayqError:
-            self.spool.write_envelope(self.envelope)
-        self._unmark()
-
-    def _record_in_place(self, fd: int) -> None:
-        data = self.envelope.dumps()
-        if len(data) > self._reserved:
-            raise OSError(errno.EFBIG, "record larger than its reserve")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], done)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-        os.rename(self.spool._path(self.qid, ".f"), self.spool._path(self.qid, ".e"))
-        _fsync_dir(self.spool.queue)
-
-    # The in-flight file (QID.f): made before the message goes to the
-    # smarthost, its directory entry synced, and consumed by the record of the
-    # outcome. A runner killed in between leaves it, and the next attempt logs
-    # a possible duplicate: the smarthost may have accepted the message already.
-    # It also reserves the space of that record (the file is written full
-    # before the relay hears anything), so the record never needs new space.
-
-    def mark_sending(self, recipients: int = 1) -> None:
-        """Reserve the record of an attempt for `recipients`; TempFailure if the
-        queue cannot hold it (nothing is sent then: its outcome could not be kept)."""
-        self._drop_reserve()
-        size = len(self.envelope.dumps()) + 4096 + recipients * (MAX_REPLY + 64)
-        path = self.spool._path(self.qid, ".f")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise _io_error(f"reserve the record of {self.qid}", exc) from None
-        try:
-            block = b"\n" * min(size, 1 << 16)
-            done = 0
-            while done < size:
-                done += os.write(fd, block[: size - done])
-            _fsync_dir(self.spool.queue)
-        except OSError as exc:
-            os.close(fd)
-            self._unmark()
-            raise _io_error(f"reserve the record of {self.qid}", exc) from None
-        self._reserve, self._reserved = fd, size
-
-    def _drop_reserve(self) -> None:
-        if self._reserve >= 0:
-            os.close(self._reserve)
-            self._reserve = -1
-
-    def was_cut_off(self) -> bool:
-        """An earlier attempt died between sending and recording."""
-        return os.path.exists(self.spool._path(self.qid, ".f"))
-
-    def _unmark(self) -> None:
-        self._drop_reserve()
-        try:
-            os.unlink(self.spool._path(self.qid, ".f"))
-        except OSError:
-            pass
-
-    def finish(self) -> None:
-        """Remove a message whose every recipient is final.
-
-        The envelope goes first (and that removal is synced) so that a crash
-        can never bring the message back for another delivery.
-        """
-        try:
-            os.unlink(self.spool._path(self.qid, ".e"))
-            _fsync_dir(self.spool.queue)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise _io_error(f"remove delivered message {self.qid}", exc) from None
-        self.finished = True
-        self._unmark()
-        try:
-            os.unlink(self.spool._path(self.qid, ".d"))
-        except OSError:
-            pass  # debris; sweep() removes it later
-        self.release()
-
-    def release(self) -> None:
-        self._drop_reserve()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
