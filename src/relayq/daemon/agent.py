@@ -137,7 +137,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     from relayq.core.config import Config
-    from relayq.daemon.main import drop_privileges
+    from relayq.daemon.life import become
     from relayq.delivery.runner import Runner
     from relayq.queue.spool import Spool
     from relayq.queue.submit import Context
@@ -149,7 +149,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
         setup = marshal.loads(lines.exact(int(header)))
         cfg = Config(setup["values"], setup["path"])
         log = Log(setup["tag"], use_syslog=cfg.syslog, path=cfg.log_file, echo=setup["echo"])
-        drop_privileges(cfg.daemon_user, log)
+        become(cfg.daemon_user, log)
     except (EOFError, ValueError, KeyError):
         os._exit(1)
     spool = Spool(cfg.queue_dir)

@@ -163,15 +163,10 @@ def _group_sync(path: str) -> _GroupSync:
 
 
 def _become(uid: int, gid: int) -> None:
-    import pwd
+    from relayq.system import privilege
 
     try:
-        try:
-            os.initgroups(pwd.getpwuid(uid).pw_name, gid)
-        except KeyError:
-            os.setgroups([gid])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        privilege.drop_to(uid, gid)
     except OSError as exc:
         raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
                           71) from None
