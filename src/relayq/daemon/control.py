@@ -56,6 +56,11 @@ class Requests:
         if self.server is not None:
             self.server.close()
 
+    def join(self, deadline: float) -> None:
+        """After close(): the socket's threads, waited for until `deadline`."""
+        if self.server is not None:
+            self.server.join(deadline)
+
     def answer(self, uid: int, gid: int, request: str) -> control.Reply:
         """One request from uid/gid (the kernel's word)."""
         from relayq.system.control import Reply

@@ -274,6 +274,7 @@ class Daemon:
         stuck = self.dispatcher.in_flight()
         self.pool.stop_agents(deadline)
         self.watcher.join(deadline)
+        self.requests.join(deadline)
         if stuck:
             self.log.warning(f"abandoning {len(stuck)} delivery in flight ({', '.join(stuck)}); "
                              "it stays queued")
