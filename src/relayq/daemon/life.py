@@ -87,7 +87,6 @@ def monotonic_usec() -> int:
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
 
 
-
 def under_systemd() -> bool:
     """systemd sets INVOCATION_ID for every service and NOTIFY_SOCKET for Type=notify."""
     return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
@@ -197,7 +196,6 @@ def poke(cfg: Config) -> int | None:
     except OSError:
         return None
     return pid
-
 
 
 def service_owner(cfg: Config) -> tuple[int, int] | None:
