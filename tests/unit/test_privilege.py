@@ -174,3 +174,56 @@ def test_not_root_cannot_drop(users: None) -> None:
 
     seen = in_child(work)
     assert seen["raised"] == "PermissionError" and seen["errno"] == 1
+
+
+def _raise_cap_setuid() -> None:
+    """Keep CAP_SETUID across setresuid (PR_SET_KEEPCAPS) and make it effective again:
+    ids that read back as dropped while root is one setuid(0) away."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (Data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0].effective |= 1 << 7  # CAP_SETUID, still permitted thanks to KEEPCAPS
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def test_ids_that_look_dropped_but_keep_cap_setuid_raise(users: None) -> None:
+    """The check does not trust the ids: setuid(0) itself must fail."""
+    import ctypes
+
+    pw = pwd.getpwnam(DAEMON_USER)
+
+    def work() -> dict[str, Any]:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(8, 1, 0, 0, 0) != 0:  # PR_SET_KEEPCAPS
+            return {"raised": "skip"}
+        os.setgroups([pw.pw_gid])
+        os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+        os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+        try:
+            _raise_cap_setuid()
+        except OSError:
+            return {"raised": "skip"}
+        try:
+            privilege.check_dropped(pw.pw_uid, pw.pw_gid, [pw.pw_gid])
+        except privilege.PrivilegeError as exc:
+            return {"raised": "PrivilegeError", "message": exc.strerror}
+        return {"raised": None}
+
+    seen = in_child(work)
+    if seen["raised"] == "skip":
+        pytest.skip("cannot keep CAP_SETUID here")
+    assert seen == {"raised": "PrivilegeError",
+                    "message": f"root could be regained after dropping to uid {pw.pw_uid}"}
