@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from relayq.core.envelope import Envelope, Recipient
 from relayq.core.errors import QueueError, TempFailure
-from relayq.queue import durable, listing, names
+from relayq.queue import durable, names
+from relayq.queue import peek as listing
 from relayq.queue.claim import Claim
 from relayq.queue.spool import Spool
 

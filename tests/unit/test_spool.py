@@ -135,7 +135,7 @@ def test_listing_reports_size_lock_and_vanished_messages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_locks: bool
 ) -> None:
     if not proc_locks:  # the fallback where /proc is not mounted
-        monkeypatch.setattr("relayq.queue.listing.held_inodes", lambda dev: None)
+        monkeypatch.setattr("relayq.queue.peek.held_inodes", lambda dev: None)
     spool = Spool(str(tmp_path))
     spool.ensure()
     kept = commit(spool, b"12345\n")

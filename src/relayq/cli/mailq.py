@@ -23,21 +23,21 @@ Importing this module costs little: json is imported only for --json.
 from __future__ import annotations
 
 import gc
-import os
 import sys
-import time
 
-from relayq.core.errors import EX_IOERR, PermissionRefused, QueueError, RelayqError, UsageError
+from relayq.core.errors import EX_IOERR, RelayqError
+from relayq.queue.listing import (  # noqa: F401  (prtstr: its old name)
+    collect,
+    parse_args,
+    prtstr,
+    render_json,
+    render_text,
+    stream_text,
+)
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from typing import Any
-
-    from relayq.core.config import Config
-    from relayq.core.envelope import Envelope
-    from relayq.core.selector import Selector
     from relayq.queue.spool import Spool
 
 USAGE = """\
@@ -53,37 +53,6 @@ usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C c
   -L, -O, -o     accepted and ignored (sendmail options)
 """
 
-MAX_SELECTORS = 100  # over the daemon's socket: each is tried on every message
-
-HEADER = b"-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------\n"
-HEADER_V = b"-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------\n"
-
-
-class Options:
-    __slots__ = ("config", "help", "json", "selectors", "verbose")
-
-    def __init__(self) -> None:
-        self.config: str | None = None
-        self.help = False
-        self.json = False
-        self.selectors: list[Selector] = []
-        self.verbose = False
-
-
-class Item:
-    """One queue entry as listed: a message, or a damaged entry (env is None)."""
-
-    __slots__ = ("env", "locked", "problem", "qid", "size")
-
-    def __init__(
-        self, qid: str, env: Envelope | None, problem: str, size: int, locked: bool
-    ) -> None:
-        self.qid = qid
-        self.env = env
-        self.problem = problem
-        self.size = size
-        self.locked = locked
-
 
 def main(argv: list[str] | None = None, *, prog: str = "mailq") -> int:
     """Console script `mailq`; `sendmail -bp` calls it with its remaining flags."""
@@ -91,64 +60,6 @@ def main(argv: list[str] | None = None, *, prog: str = "mailq") -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     return run(lambda: _main(args), prog)
-
-
-def parse_args(args: list[str]) -> Options:
-    """sendmail-style flags: clustered (-vAc) or with separate values (-C file)."""
-    opts = Options()
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--json":
-            opts.json = True
-            continue
-        if arg == "--help":
-            opts.help = True
-            continue
-        if arg == "--":
-            if i < len(args):
-                raise UsageError(f"unexpected argument {args[i]!r}")
-            break
-        if arg.startswith("--") or not arg.startswith("-") or arg == "-":
-            raise UsageError(f"unknown argument {arg!r} (see mailq --help)")
-        j = 1
-        while j < len(arg):
-            flag = arg[j]
-            j += 1
-            if flag == "v":
-                opts.verbose = True
-                continue
-            if flag == "h":
-                opts.help = True
-                continue
-            if flag not in "ACLOoqb":
-                raise UsageError(f"unknown option -{flag} (see mailq --help)")
-            value = arg[j:]
-            if not value:
-                if i >= len(args):
-                    raise UsageError(f"option -{flag} needs a value")
-                value = args[i]
-                i += 1
-            _option(opts, flag, value)
-            break
-    return opts
-
-
-def _option(opts: Options, flag: str, value: str) -> None:
-    if flag == "A":
-        if value not in ("c", "m"):
-            raise UsageError(f"-A{value}: expected -Ac or -Am")
-    elif flag == "b":
-        if value != "p":
-            raise UsageError(f"-b{value}: mailq only lists the queue (-bp)")
-    elif flag == "C":
-        opts.config = value
-    elif flag == "q":
-        from relayq.core.selector import parse
-
-        opts.selectors.append(parse(value))
-    # -L tag, -O option=value, -oXvalue: sendmail settings with no meaning here
 
 
 def _main(args: list[str]) -> int:
@@ -209,246 +120,6 @@ def _ask_daemon(spool: Spool, args: list[str]) -> int:
     finally:
         conn.close()
     return 0
-
-
-def listing_for(cfg: Config, spool: Spool, uid: int, gid: int, request: str) -> Iterator[bytes]:
-    """For the daemon: the listing a user asked for; their own messages only,
-    unless they are root or in the admin group. Errors are raised before the
-    first byte, so they become the reply's status."""
-    import json
-
-    try:
-        args = json.loads(request or "[]")
-    except ValueError:
-        args = None
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise UsageError("malformed listing request")
-    opts = parse_args(args)
-    if opts.config is not None:
-        raise PermissionRefused("-C: only root may name a configuration file")
-    if len(opts.selectors) > MAX_SELECTORS:
-        raise UsageError(f"more than {MAX_SELECTORS} -q selectors")
-    items = collect(spool, opts.selectors, None if _sees_all(cfg, uid, gid) else uid)
-    if opts.json:
-        data = render_json(spool.queue, items)
-    else:
-        data = render_text(spool.queue, items, opts.verbose)
-    return iter([data])
-
-
-def _sees_all(cfg: Config, uid: int, gid: int) -> bool:
-    import grp
-    import pwd
-
-    if uid == 0:
-        return True
-    if not cfg.admin_group:
-        return False
-    try:
-        admin = grp.getgrnam(cfg.admin_group).gr_gid
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return False
-    return admin == gid or admin in os.getgrouplist(name, gid)
-
-
-def collect(spool: Spool, selectors: list[Selector], uid: int | None = None) -> list[Item]:
-    """Read the queue once; raises PermissionRefused (77) if it may not be read.
-
-    With `uid`, only that user's messages (the daemon listing for a user).
-    """
-    from relayq.core.selector import matches
-
-    has_rs = any(s.kind in "RS" for s in selectors)
-    items: list[Item] = []
-    for qid, env, problem, size, locked in spool.listing(_ids(spool)):
-        if uid is not None and (env is None or env.uid != uid):
-            continue  # before any selector work: not theirs to see
-        if env is None:
-            if problem == "job completed" or has_rs or not matches(selectors, qid, "", []):
-                continue
-            items.append(Item(qid, None, _why(qid, problem), 0, False))
-            continue
-        if not matches(selectors, qid, env.sender, [r.address for r in env.pending()]):
-            continue
-        items.append(Item(qid, env, "", size, locked))
-    return items
-
-
-def _ids(spool: Spool) -> list[str]:
-    return spool.ids(_names(spool))
-
-
-def _names(spool: Spool) -> list[str]:
-    try:
-        return spool.names()
-    except QueueError:
-        if not os.access(spool.queue, os.R_OK | os.X_OK):
-            raise PermissionRefused(f"{spool.queue}: permission denied") from None
-        raise
-
-
-def _why(qid: str, problem: str) -> str:
-    prefix = f"{qid}: "
-    return problem[len(prefix) :] if problem.startswith(prefix) else problem
-
-
-def stream_text(spool: Spool, verbose: bool) -> Iterator[bytes]:
-    """The whole-queue listing, printed as it is read: the first line comes at
-    once however large the queue. The count is the directory's; a message
-    delivered meanwhile shows as "(job completed)", as in sendmail."""
-    names = _names(spool)
-    path = spool.queue
-    n = sum(1 for name in names if name.endswith(".e"))
-    if not n:
-        yield _b(f"{path} is empty\n\t\tTotal requests: 0\n")
-        yield render_dead(spool, verbose)
-        return
-    yield _b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")
-    yield HEADER_V if verbose else HEADER  # out before the sort (40 ms at 100,000)
-    ids = spool.ids(names)
-    del names
-    for qid, env, problem, size, locked in spool.listing(ids):
-        if env is None and problem == "job completed":
-            yield _b(f"{qid:>13} (job completed)\n")
-        else:
-            yield render_item(Item(qid, env, _why(qid, problem), size, locked), verbose)
-    yield _b(f"\t\tTotal requests: {n}\n")
-    yield render_dead(spool, verbose)
-
-
-def render_dead(spool: Spool, verbose: bool) -> bytes:
-    """Dead letters (nobody could be told of their failure) after the queue: kept
-    until an operator removes them, so they are listed until then."""
-    dead = [render_item(Item(qid, env, "", size, False), verbose)
-            for qid, env, size in spool.dead_letters()]
-    if not dead:
-        return b""
-    n = len(dead)
-    return b"".join([_b(f"\t\t{spool.quarantine_dir} ({n} dead letter{'' if n == 1 else 's'})\n"),
-                     *dead, _b(f"\t\tTotal dead letters: {n}\n")])
-
-
-def prtstr(text: str, limit: int) -> bytes:
-    """sendmail's prtstr(): at most `limit` columns, `\\` doubled, the rest as \\ooo."""
-    if text.isascii() and text.isprintable() and "\\" not in text:
-        return text[:limit].encode()  # the usual address: nothing to escape
-    out = bytearray()
-    ml = limit
-    for c in text.encode("utf-8", "surrogateescape"):
-        if ml <= 0:
-            break
-        ml -= 1
-        if c == 0x5C:
-            if ml > 0:
-                ml -= 1
-                out += b"\\\\"
-        elif 0x20 <= c < 0x7F:
-            out.append(c)
-        else:
-            ml -= 3
-            if ml > 0:
-                out += b"\\%03o" % c
-    return bytes(out)
-
-
-def _b(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
-def render_text(path: str, items: list[Item], verbose: bool = False) -> bytes:
-    """The listing of sendmail 8.17's print_single_queue() and printqueue()."""
-    if not items:
-        return _b(f"{path} is empty\n\t\tTotal requests: 0\n")
-    n = len(items)
-    out = [_b(f"\t\t{path} ({n} request{'' if n == 1 else 's'})\n")]
-    out.append(HEADER_V if verbose else HEADER)
-    out.extend(render_item(item, verbose) for item in items)
-    out.append(_b(f"\t\tTotal requests: {n}\n"))
-    return b"".join(out)
-
-
-def render_item(item: Item, verbose: bool) -> bytes:
-    env = item.env
-    if env is None:
-        return _b(f"{item.qid:>13} (damaged: {item.problem})\n")
-    pending = env.pending()
-    stamp = time.ctime(env.created)
-    line = [_b(f"{item.qid:>13}{'*' if item.locked else ' '}")]
-    sender = env.sender or "<>"
-    if verbose:
-        priority = 30000 * len(pending) + item.size
-        line.append(_b(f"{item.size:8d} {priority:10d} {stamp[4:16]} "))
-        line.append(prtstr(sender, 78))
-    else:
-        line.append(_b(f"{item.size:8d} {stamp[:16]} "))
-        line.append(prtstr(sender, 39))
-    body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
-    error = ("Held by the administrator (relayq release)" if env.held
-             else f"Dead letter: {env.dead}" if env.dead else env.error)
-    if error or body:
-        line.append(_b(f"\n    {body[:10]:>10}"))
-        if error:
-            line.append(b"   (" + _b(error)[: 100 if verbose else 60] + b")")
-    for r in pending or (env.recipients if env.dead else []):
-        if verbose:
-            line.append(b"\n\t\t\t\t\t\t" + prtstr(r.address, 71))
-        else:
-            line.append(b"\n\t\t\t\t\t " + prtstr(r.address, 38))
-    line.append(b"\n")
-    return b"".join(line)
-
-
-def _iso(t: float) -> str | None:
-    if not t:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def render_json(path: str, items: list[Item]) -> bytes:
-    """Everything about every listed message, for scripts."""
-    import json
-
-    messages: list[dict[str, Any]] = []
-    damaged: list[dict[str, str]] = []
-    for item in items:
-        env = item.env
-        if env is None:
-            damaged.append({"id": item.qid, "problem": item.problem})
-            continue
-        messages.append(
-            {
-                "id": item.qid,
-                "size": item.size,
-                "created": _iso(env.created),
-                "sender": env.sender,
-                "user": env.user,
-                "body": env.body,
-                "smtputf8": env.smtputf8,
-                "envid": env.envid,
-                "ret": env.ret,
-                "msgid": env.msgid,
-                "is_dsn": env.is_dsn,
-                "locked": item.locked,
-                "attempts": env.attempts,
-                "last_try": _iso(env.last_try),
-                "next_try": _iso(env.next_try),
-                "error": env.error,
-                "held": env.held,
-                "recipients": [
-                    {
-                        "address": r.address,
-                        "state": r.state,
-                        "reply": r.reply,
-                        "notify": r.notify,
-                        "orcpt": r.orcpt,
-                    }
-                    for r in env.recipients
-                ],
-            }
-        )
-    doc = {"queue": path, "messages": messages, "damaged": damaged, "total": len(items)}
-    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
 
 def _write(data: bytes) -> None:

@@ -9,11 +9,14 @@ and waits for it without holding the GIL.
 An agent is a fresh interpreter (fork+exec, never a bare fork of the
 threaded daemon, whose locks another thread may hold), with the daemon's
 import path. It reads its configuration from the pipe (a secret never
-appears in argv or the environment), then one request per line, `QID FORCE`,
-and answers each with the number of messages it left queued. It keeps its
-Runner, and so its smarthost connection, across requests and lets the
-connection go when idle. Signals are the daemon's business: the agent
-ignores them, finishes the message in hand and exits when its input closes
+appears in argv or the environment): the settings the daemon's one loader
+(configfile.Source.load, secret check included) read at start or on SIGHUP. The
+agent never reads the file itself: it would see an edit before the daemon's
+SIGHUP does. Then one request per line, `QID FORCE`, and answers each with
+the number of messages it left queued. It keeps its Runner, and so its
+smarthost connection, across requests and lets the connection go when idle.
+Signals are the daemon's business: the agent ignores them, finishes the
+message in hand and exits when its input closes
 (the daemon stopped, died or was reloaded). A daemon that gives up on a
 stuck agent kills it: the kernel drops the message's lock and the message
 stays queued with its last recorded state.
@@ -137,7 +140,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     from relayq.core.config import Config
-    from relayq.daemon.main import drop_privileges
+    from relayq.daemon.life import become
     from relayq.delivery.runner import Runner
     from relayq.queue.spool import Spool
     from relayq.queue.submit import Context
@@ -149,7 +152,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
         setup = marshal.loads(lines.exact(int(header)))
         cfg = Config(setup["values"], setup["path"])
         log = Log(setup["tag"], use_syslog=cfg.syslog, path=cfg.log_file, echo=setup["echo"])
-        drop_privileges(cfg.daemon_user, log)
+        become(cfg.daemon_user, log)
     except (EOFError, ValueError, KeyError):
         os._exit(1)
     spool = Spool(cfg.queue_dir)

@@ -353,21 +353,9 @@ def _status_code(reply: str) -> str:
 
 def drop_privileges(user: User, extra_groups: list[int]) -> None:
     """Become `user` for good (real, effective and saved ids); checked afterwards."""
-    try:
-        groups = os.getgrouplist(user.name, user.gid)
-    except OSError:
-        groups = [user.gid]
-    os.setgroups(sorted({*groups, *extra_groups}))
-    os.setresgid(user.gid, user.gid, user.gid)
-    os.setresuid(user.uid, user.uid, user.uid)
-    if os.getresuid() != (user.uid,) * 3 or os.getresgid() != (user.gid,) * 3:
-        raise OSError("could not drop privileges")
-    if user.uid != 0:
-        try:
-            os.setuid(0)
-        except OSError:
-            return
-        raise OSError("privileges could be regained")
+    from relayq.system import privilege
+
+    privilege.drop_to(user.uid, user.gid, name=user.name, extra_groups=extra_groups)
 
 
 def run_as(user: User, extra_groups: list[int], work: Callable[[], tuple[str, str]]

@@ -26,7 +26,8 @@ removed by a later scan. A failed write, fsync or close fails the commit.
 Queue IDs (relayq.queue.names) sort by submission time and are unique on the
 host: the data file is created with O_EXCL, and a collision picks the next
 microsecond. Durability primitives: relayq.queue.durable; a message locked for
-delivery: relayq.queue.claim; the mailq view: relayq.queue.listing.
+delivery: relayq.queue.claim; the mailq view: relayq.queue.peek (read) and
+relayq.queue.listing (rendered).
 """
 
 from __future__ import annotations
@@ -50,15 +51,10 @@ STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are deb
 KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
 
 def _become(uid: int, gid: int) -> None:
-    import pwd
+    from relayq.system import privilege
 
     try:
-        try:
-            os.initgroups(pwd.getpwuid(uid).pw_name, gid)
-        except KeyError:
-            os.setgroups([gid])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        privilege.drop_to(uid, gid)
     except OSError as exc:
         raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
                           71) from None
@@ -530,8 +526,8 @@ class Spool:
     def listing(
         self, ids: list[str] | None = None
     ) -> Iterator[tuple[str, Envelope | None, str, int, bool]]:
-        """Each message with its state, for mailq (see relayq.queue.listing)."""
-        from relayq.queue.listing import listing
+        """Each message with its state, for mailq (see relayq.queue.peek)."""
+        from relayq.queue.peek import listing
 
         return listing(self, ids)
 

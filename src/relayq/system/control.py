@@ -153,6 +153,7 @@ class Server:
         self.warn = warn
         self.lock = threading.Lock()
         self.busy: dict[int, int] = {}  # uid -> requests in progress
+        self.threads: list[threading.Thread] = []  # accepting, then one per request
         self.sock = self._bind()
 
     def _bind(self) -> socket.socket:
@@ -185,14 +186,32 @@ class Server:
     def start(self) -> None:
         import threading
 
-        threading.Thread(target=self._accept, name="relayq-control", daemon=True).start()
+        self.threads = [threading.Thread(target=self._accept, name="relayq-control",
+                                         daemon=True)]
+        self.threads[0].start()
 
     def close(self) -> None:
+        import socket
+
         try:
             os.unlink(self.path)
         except OSError:
             pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of _accept
+        except OSError:
+            pass
         self.sock.close()
+
+    def join(self, deadline: float) -> None:
+        """After close(): wait for the accepting thread and the requests in progress
+        until `deadline` (time.monotonic()); a client slow to read is left behind."""
+        import time
+
+        with self.lock:
+            threads = list(self.threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self) -> None:
         import threading
@@ -217,7 +236,10 @@ class Server:
                 self._answer(conn, Reply(75, "too many requests; try again"))
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, uid, gid), daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(conn, uid, gid), daemon=True)
+            with self.lock:
+                self.threads = [x for x in self.threads if x.is_alive()] + [t]
+            t.start()
 
     def _serve(self, conn: socket.socket, uid: int, gid: int) -> None:
         try:

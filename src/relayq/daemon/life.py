@@ -1,0 +1,360 @@
+"""The daemon's process life: detaching, the pid file, systemd, signals, privileges.
+
+Started the sendmail way (`sendmail -q29m`, `sendmail -bd -q29m`, `relayq
+daemon` from a terminal) it detaches: double fork, setsid, stdio to
+/dev/null; the parent waits until the child has its pid file and sockets and
+exits 0, or prints the child's one-line error with its exit code. Under
+systemd (`--foreground`, or INVOCATION_ID / NOTIFY_SOCKET set) it stays in
+the foreground and speaks sd_notify (READY, RELOADING, STOPPING), and takes
+the listening sockets systemd passes (socket activation).
+
+The pid file is written atomically (temp file, fsync, link into place) and
+the daemon holds an flock on it for its whole life: a locked pid file means
+a live daemon (start refused, exit 75); an unlocked one is stale and
+replaced.
+
+Signals only raise flags (Wake) for the main loop: SIGTERM/SIGINT stop,
+SIGHUP reloads the configuration, SIGUSR1 runs the whole queue now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from relayq.core.errors import (
+    EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
+    ConfigError,
+    RelayqError,
+    TempFailure,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from relayq.core.config import Config
+    from relayq.system.log import Log
+
+ROOT_PID_FILE = "/run/relayq.pid"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_interval(text: str) -> float:
+    """A sendmail queue interval: `30s`, `29m`, `1h30m`, `2d`; a bare number is minutes."""
+    total, num = 0, ""
+    for ch in text.strip():
+        if ch.isdigit():
+            num += ch
+        elif ch.lower() in _UNITS and num:
+            total += int(num) * _UNITS[ch.lower()]
+            num = ""
+        else:
+            raise UsageError(f"Invalid queue interval {text!r} (use e.g. 30s, 29m, 1h30m)")
+    if num:
+        total += int(num) * 60  # sendmail's convtime(): minutes by default for -q
+    if total <= 0:
+        raise UsageError(f"Invalid queue interval {text!r}: must be at least 1s")
+    return float(total)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd about our state (READY=1, RELOADING=1, STOPPING=1); False if not asked."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError:
+        return False
+    return True
+
+
+def monotonic_usec() -> int:
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+
+
+def under_systemd() -> bool:
+    """systemd sets INVOCATION_ID for every service and NOTIFY_SOCKET for Type=notify."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
+
+
+def pid_path(cfg: Config) -> str:
+    """The configured pid file, else /run/relayq.pid for root, else one in the queue dir."""
+    if cfg.pid_file:
+        return cfg.pid_file
+    if os.geteuid() == 0:
+        return ROOT_PID_FILE
+    return os.path.join(cfg.queue_dir, "relayq.pid")
+
+
+class PidFile:
+    """A pid file that is also a lock: held (flock) by the live daemon for its whole life."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    @staticmethod
+    def running(path: str) -> int | None:
+        """The pid of the live daemon holding `path`, or None (absent or stale)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            return None
+        finally:
+            os.close(fd)
+
+    def _refuse(self, pid: int) -> TempFailure:
+        who = f"pid {pid}" if pid > 0 else "pid unknown"
+        return TempFailure(f"a relayq daemon is already running ({who}, pid file {self.path})")
+
+    def acquire(self) -> None:
+        """Write our pid atomically and lock it; TempFailure (75) if a daemon holds it."""
+        pid = self.running(self.path)
+        if pid is not None:
+            raise self._refuse(pid)
+        folder = os.path.dirname(self.path) or "."
+        tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # ours by name (our pid), left by a process long gone
+            # never through a link: the folder may belong to the service user
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RelayqError(f"cannot write pid file {self.path}: {exc.strerror}",
+                              EX_OSERR) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            for _ in range(5):
+                try:
+                    os.link(tmp, self.path)  # atomic, and never over a live daemon's file
+                    break
+                except FileExistsError:
+                    other = self.running(self.path)
+                    if other is not None:
+                        raise self._refuse(other) from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)  # stale: nobody holds it
+            else:
+                raise TempFailure(f"cannot take pid file {self.path}: it keeps changing")
+        except BaseException as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise RelayqError(f"cannot write pid file {self.path}: {exc.strerror}",
+                                  EX_OSERR) from None
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass  # after dropping privileges /run may not be ours: the lock says stale
+        os.close(self.fd)
+        self.fd = -1
+
+
+def poke(cfg: Config) -> int | None:
+    """SIGUSR1 to the running daemon (for `relayq flush`); its pid, or None if none runs."""
+    pid = PidFile.running(pid_path(cfg))
+    if pid is None or pid <= 0:
+        return None
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return None
+    return pid
+
+
+def service_owner(cfg: Config) -> tuple[int, int] | None:
+    """(uid, gid) of daemon_user when root will become it: the queue is made its."""
+    if not cfg.daemon_user or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(cfg.daemon_user)
+    except KeyError:
+        raise ConfigError(f"daemon_user: no such user {cfg.daemon_user!r}") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def serves_users(cfg: Config) -> bool:
+    """Is this the host's daemon, whose queue takes every user's mail (maildrop/)?
+    Root's, daemon_user's, or one reading the system configuration; a user's
+    private daemon is not."""
+    from relayq.core.config import SYSTEM_CONFIG
+
+    if os.geteuid() == 0 or cfg.path == SYSTEM_CONFIG:
+        return True
+    import pwd
+
+    try:
+        return bool(cfg.daemon_user) and pwd.getpwuid(os.geteuid()).pw_name == cfg.daemon_user
+    except KeyError:
+        return False
+
+
+def become(user: str, log: Log) -> None:
+    """As root with `daemon_user` set: become that user for good (relayq.system.privilege)
+    after binding port 25; the daemon and each delivery agent call it."""
+    if not user or os.geteuid() != 0:
+        return
+    import pwd
+
+    from relayq.system import privilege
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"daemon_user: no such user {user!r}") from None
+    try:
+        privilege.drop_to(pw.pw_uid, pw.pw_gid, name=pw.pw_name)
+    except OSError as exc:
+        raise RelayqError(f"cannot become {user}: {exc.strerror}", EX_OSERR) from None
+    os.environ["HOME"] = pw.pw_dir
+    log.info(f"running as {user} (uid {pw.pw_uid})")
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_FDS from fd 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    out = []
+    for fd in range(3, 3 + count):
+        os.set_inheritable(fd, False)
+        out.append(socket.socket(fileno=fd))
+    return out
+
+
+class Wake:
+    """What the main loop is woken for: flags raised by signals and other threads."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.flags: set[str] = set()
+
+    def raise_flag(self, flag: str) -> None:
+        """"term", "hup" or "usr1" (a whole queue run); "" only wakes the loop."""
+        if flag:
+            self.flags.add(flag)
+        self.event.set()
+
+    def wait(self, timeout: float) -> set[str]:
+        """Sleep up to `timeout` or until woken; the flags raised meanwhile."""
+        self.event.wait(timeout)
+        self.event.clear()
+        flags, self.flags = self.flags, set()
+        return flags
+
+    def _signal(self, signum: int, frame: object) -> None:
+        names: dict[int, str] = {signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
+        self.raise_flag(names.get(signum, "term"))
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, self._signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def detach(start: Callable[[], tuple[Callable[[], int], Callable[[], None]]], log: Log) -> int:
+    """Double fork; the parent reports the child's start result (0, or the error and code).
+
+    `start` runs in the child: everything that can fail before the daemon is
+    ready; it answers (serve, release): the main loop and what to undo after.
+    """
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        return _started(r, pid)
+    os.close(r)
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):
+            os.dup2(null, target)
+        if null > 2:
+            os.close(null)
+        serve, release = start()
+    except RelayqError as exc:
+        _report(w, exc.code, exc.message)
+        os._exit(exc.code)
+    except BaseException as exc:
+        _report(w, EX_SOFTWARE, f"cannot start: {type(exc).__name__}: {exc}")
+        os._exit(EX_SOFTWARE)
+    _report(w, EX_OK, "started")
+    code = EX_SOFTWARE
+    try:
+        code = serve()
+    except BaseException as exc:
+        with contextlib.suppress(BaseException):
+            log.error(f"daemon failed: {type(exc).__name__}: {exc}")
+    finally:
+        release()
+    os._exit(code)
+
+
+def _started(r: int, pid: int) -> int:
+    """The parent's side: the child's one-line answer, as our exit or error."""
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    text = b"".join(chunks).decode("utf-8", "replace").strip()
+    status, _, message = text.partition(" ")
+    if not status.isdigit():
+        raise RelayqError("the daemon died while starting (see the mail log)", EX_SOFTWARE)
+    if int(status) != EX_OK:
+        raise RelayqError(message, int(status))
+    return EX_OK
+
+
+def _report(fd: int, code: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{code} {message}\n".encode())
+        os.close(fd)

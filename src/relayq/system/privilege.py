@@ -1,0 +1,83 @@
+"""Dropping root for good: the one way relayq becomes another user.
+
+Three places need it: root entering a queue that belongs to the service user
+(relayq.queue.spool), the daemon and its agents becoming `daemon_user` after
+binding port 25 (relayq.daemon), and a local delivery run as the recipient
+(relayq.delivery.local_transport). They used to do it three ways, one of
+which never checked the result. Here it is done once, the strongest way:
+
+1. the supplementary groups become the target's (its group list, plus any
+   `extra_groups` the caller names), never root's;
+2. real, effective and saved gid, then uid (setresgid/setresuid: a saved id
+   of 0 would let the process climb back);
+3. checked: the ids read back as asked, and setuid(0) and setresuid(0, 0, 0)
+   fail with PermissionError. A process that could regain root raises.
+
+A failure is an OSError (with strerror), which every caller already turns
+into its own error: 71 for the queue and the daemon, a deferral for a local
+delivery. This module stays cheap to import (root's sendmail enters the
+service user's queue on the submission path): no typing, no dataclasses.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+
+class PrivilegeError(OSError):
+    """The ids did not change as asked, or root could be regained."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPERM, message)
+
+
+def groups_of(uid: int, gid: int, name: str | None = None) -> list[int]:
+    """The target's groups: its group list from the group database, or just its gid
+    when it has no passwd entry (a queue owned by a bare uid)."""
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return [gid]
+    try:
+        return os.getgrouplist(name, gid)
+    except OSError:
+        return [gid]
+
+
+def drop_to(uid: int, gid: int, *, name: str | None = None,
+            extra_groups: Iterable[int] = ()) -> None:
+    """Become uid/gid for the rest of the process (root's only way out); checked.
+
+    `name` is the target's login name when the caller knows it (else it is
+    looked up); `extra_groups` are added to its group list.
+    """
+    groups = sorted({*groups_of(uid, gid, name), *extra_groups})
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    check_dropped(uid, gid, groups)
+
+
+def check_dropped(uid: int, gid: int, groups: Iterable[int]) -> None:
+    """Raise PrivilegeError unless we are uid/gid with exactly `groups`, for good."""
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PrivilegeError(f"could not drop privileges to uid {uid}, gid {gid}")
+    if set(os.getgroups()) != set(groups):
+        raise PrivilegeError(f"could not set the groups of uid {uid}")
+    if uid == 0:
+        return  # becoming root is not dropping anything
+    for climb in (lambda: os.setuid(0), lambda: os.setresuid(0, 0, 0)):
+        try:
+            climb()
+        except PermissionError:
+            continue
+        raise PrivilegeError(f"root could be regained after dropping to uid {uid}")
