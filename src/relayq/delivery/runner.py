@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from relayq.core.config import Config
+    from relayq.core.outcome import Outcome
     from relayq.delivery.local_transport import LocalTransport
-    from relayq.delivery.smtp_transport import Outcome, SmtpTransport
+    from relayq.delivery.smtp_transport import SmtpTransport
     from relayq.queue.spool import Claim, NewMessage, Spool
     from relayq.queue.submit import Context
     from relayq.system.log import Log
