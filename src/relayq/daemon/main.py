@@ -665,8 +665,7 @@ class Daemon:
                     else:
                         if runner is None:
                             runner = self._new_runner()
-                        left = runner.process(qid, force, [])
-                        runner.deliver_bounces()
+                        left = runner.process(qid, force)
                 except Exception as exc:  # a bug must not kill the worker
                     self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                                    "left in the queue")
