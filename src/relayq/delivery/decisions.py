@@ -38,10 +38,10 @@ WARNED = "warned"
 
 @dataclass(frozen=True)
 class Rules:
-    """The settings the decisions depend on (seconds)."""
+    """The settings the decisions depend on (seconds; the defaults are config's)."""
 
-    retry_min: float = 900.0
-    retry_max: float = 3600.0
+    retry_min: float = 300.0
+    retry_max: float = 4000.0
     max_queue_age: float = 5 * 86400.0
     delay_warning: float = 0.0  # 0: no delay warnings
 
