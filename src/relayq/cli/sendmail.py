@@ -483,6 +483,7 @@ def _hand_over(cfg: Config, spool: Spool, req: Request, args: Args) -> int:
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
     from relayq.core import policy
+    from relayq.core.outcome import FAILED
     from relayq.delivery.runner import Runner
 
     with Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args)) as runner:
@@ -493,7 +494,7 @@ def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) 
                       "queued for the next run")
             return EX_OK
     codes = runner.failed_codes
-    failed = [r for r in claim.envelope.recipients if r.state == "failed"]
+    failed = [r for r in claim.envelope.recipients if r.state == FAILED]
     status = policy.interactive_status(codes)
     # -oep prints; -oem/-oew mail the error back (the bounce is always queued);
     # -oeq is quiet; -oee exits 0 (sendmail's ErrorMode)

@@ -198,7 +198,7 @@ def reports(env: Envelope, now: float, rules: Rules) -> list[Step]:
     owed = env.owed()
     if owed:
         if dsn.should_bounce(env):
-            wanted = [i for i in owed if dsn.wanted(env.recipients[i], "failed")]
+            wanted = [i for i in owed if dsn.wanted(env.recipients[i], dsn.FAILED)]
             if wanted:
                 steps.append(Step(BOUNCE, wanted))
             if len(wanted) < len(owed):  # NOTIFY said no: the sender's choice
@@ -210,7 +210,7 @@ def reports(env: Envelope, now: float, rules: Rules) -> list[Step]:
     if (rules.delay_warning and not env.warned and env.pending()
             and dsn.should_bounce(env) and now - env.created >= rules.delay_warning):
         delayed = [i for i, r in enumerate(env.recipients)
-                   if r.state == PENDING and dsn.wanted(r, "delayed")]
+                   if r.state == PENDING and dsn.wanted(r, dsn.DELAYED)]
         steps.append(Step(WARNING, delayed) if delayed else Step(WARNED, []))
     return steps
 
