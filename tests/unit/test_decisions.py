@@ -3,6 +3,8 @@ sockets, no sleeps. The clock is a number passed in; it may go back."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -56,6 +58,16 @@ def test_outcome_words_are_the_queue_file_format() -> None:
     assert b"rcpt\tpending\t" in raw and b"rcpt\tsent\t" in raw and b"rcpt\tfailed\t" in raw
     back = Envelope.loads(raw, env.qid)
     assert [r.state for r in back.recipients] == [PENDING, SENT, FAILED]
+
+
+def test_outcome_words_cost_the_submission_path_no_heavy_import() -> None:
+    """The envelope (on the sendmail path) takes its words from core.outcome: plain
+    str constants, so no enum, typing or dataclasses comes with them."""
+    probe = ("import sys, relayq.core.outcome, relayq.core.envelope; "
+             "print(sorted(m for m in ('enum', 'typing', 'dataclasses') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, check=True,
+                         timeout=60)
+    assert out.stdout.decode().strip() == "[]"
 
 
 def test_outcome_compares_by_value() -> None:
