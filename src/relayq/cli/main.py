@@ -115,11 +115,8 @@ def _main(argv: list[str]) -> int:
 
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
-    runner = Runner(cfg, spool, log, Context(cfg), verbose=verbose)
-    try:
+    with Runner(cfg, spool, log, Context(cfg), verbose=verbose) as runner:
         left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
-    finally:
-        runner.close()
     if left and args.command == "flush":
         # what is left may be held by a running daemon: have it retry everything too
         from relayq.daemon.main import poke

@@ -129,11 +129,8 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
     spool.enter()
     if not spool.writable():
         return ask_flush(spool)
-    runner = Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args))
-    try:
+    with Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args)) as runner:
         left = runner.run(force=True, selectors=sels, workers=cfg.concurrency)
-    finally:
-        runner.close()
     return EX_TEMPFAIL if left else EX_OK
 
 
@@ -186,22 +183,18 @@ def _after_commit(cfg: Config, log: Log, done: Committed, args: Args) -> int:
 
 def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
     from relayq.core import policy
+    from relayq.core.outcome import FAILED
     from relayq.delivery.runner import Runner
 
-    runner = Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args))
-    try:
+    with Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args)) as runner:
         try:
-            codes = runner.deliver(claim)
-            failed = [r for r in claim.envelope.recipients if r.state == "failed"]
+            runner.process(claim.qid, claim=claim)
         except Exception as exc:  # the message is committed: the caller must hear 0
             log.error(f"{claim.qid}: delivery attempt failed: {type(exc).__name__}: {exc}; "
                       "queued for the next run")
             return EX_OK
-        finally:
-            claim.release()
-        runner.deliver_bounces()
-    finally:
-        runner.close()
+    codes = runner.failed_codes
+    failed = [r for r in claim.envelope.recipients if r.state == FAILED]
     status = policy.interactive_status(codes)
     # -oep prints; -oem/-oew mail the error back (the bounce is always queued);
     # -oeq is quiet; -oee exits 0 (sendmail's ErrorMode)

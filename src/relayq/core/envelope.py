@@ -47,14 +47,12 @@ from both ends.
 from __future__ import annotations
 
 from relayq.core.errors import DamagedQueueFile
+from relayq.core.outcome import FAILED, PENDING, SENT, STATES
+
+__all__ = ["FAILED", "PENDING", "SENT", "STATES"]  # the states, as before (core.outcome)
 
 FORMAT_VERSION = 1
 MAGIC = "relayq-envelope"
-
-PENDING = "pending"
-SENT = "sent"
-FAILED = "failed"
-STATES = (PENDING, SENT, FAILED)
 
 # Kinds of report (the `notice` key): to the sender about failures or a delay,
 # or to the postmaster about a message that cannot be reported to its sender.

@@ -173,8 +173,7 @@ def main() -> None:  # pragma: no cover - runs in the agent process (tested end 
                 if runner is None:
                     runner = Runner(cfg, spool, log, ctx)
                     runner.claim_wait = FRESH_LOCK_WAIT
-                left = runner.process(qid, force == "1", [])
-                runner.deliver_bounces()
+                left = runner.process(qid, force == "1")
             except Exception as exc:  # a bug must not kill the agent
                 log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                           "left in the queue")

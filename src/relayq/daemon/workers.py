@@ -61,9 +61,7 @@ class _Slot:
 
         if self.runner is None:
             self.runner = Runner(host.cfg, host.spool, host.log, host.ctx)
-        left = self.runner.process(qid, force, [])
-        self.runner.deliver_bounces()
-        return left
+        return self.runner.process(qid, force)
 
 
 class Pool:

@@ -91,12 +91,8 @@ def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> in
         from relayq.delivery.runner import Runner
         from relayq.queue.submit import Context
 
-        runner = Runner(cfg, spool, log, Context(cfg))
-        try:
-            left = sum(runner.process(qid, True, []) for qid in requeued)
-            left += runner.deliver_bounces()
-        finally:
-            runner.close()
+        with Runner(cfg, spool, log, Context(cfg)) as runner:
+            left = sum(runner.process(qid, True) for qid in requeued) + runner.reports_left
         if left:
             code = code or EX_TEMPFAIL
     return code

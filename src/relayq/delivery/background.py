@@ -51,20 +51,10 @@ def deliver_detached(
             os.dup2(null, target)
         from relayq.delivery.runner import Runner  # only now: the caller must not pay for it
 
-        runner = Runner(cfg, spool, log, ctx)
-        try:
+        with Runner(cfg, spool, log, ctx) as runner:
             for qid in qids:
-                if qid in held:
-                    claim = spool.adopt(qid, held.pop(qid))
-                    try:
-                        runner.deliver(claim)
-                    finally:
-                        claim.release()
-                else:
-                    runner.process(qid, False, [])
-            runner.deliver_bounces()
-        finally:
-            runner.close()
+                claim = spool.adopt(qid, held.pop(qid)) if qid in held else None
+                runner.process(qid, claim=claim)
     except BaseException as exc:
         try:
             log.error(f"background delivery of {' '.join(qids)} failed: "

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from relayq.core import address, aliases, dsnparams
+from relayq.core.outcome import DEFERRED, FAILED, OUTCOMES, SENT, Outcome
 from relayq.delivery import mailbox
-from relayq.delivery.smtp_transport import DEFERRED, FAILED, SENT, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -54,6 +54,8 @@ NOBODY_ID = 65534
 PIPE_TIMEOUT = 300.0
 MAX_OUTPUT = 4096  # bytes of a command's output kept for the bounce
 TEMP_EXITS = (71, 74, 75)  # EX_OSERR, EX_IOERR, EX_TEMPFAIL: try again later
+DELIVER = "deliver"  # an Expansion's status besides FAILED and DEFERRED: its own mailbox
+EXPANDED = "expanded"  # an alias: addresses and local targets
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class LocalTarget:
 class Expansion:
     """What one local recipient stands for."""
 
-    status: str  # "deliver" | "expanded" | "failed" | "deferred"
+    status: str  # DELIVER | EXPANDED | FAILED | DEFERRED
     reply: str = ""
     direct: LocalTarget | None = None  # status "deliver": the recipient's own mailbox
     records: list[str] = field(default_factory=list)  # remote addresses + target records
@@ -192,14 +194,14 @@ class LocalTransport:
             )
         except aliases.AliasError as exc:
             code = "451" if exc.temporary else "554"
-            status = "deferred" if exc.temporary else "failed"
+            status = DEFERRED if exc.temporary else FAILED
             return Expansion(status, f"{code} {exc.status} {exc.message}")
         if not aliased:
             user = self.user(local)
             if user is None:
-                return Expansion("failed", f"550 5.1.1 <{addr}>... User unknown")
-            return Expansion("deliver", direct=LocalTarget(aliases.USER, user.name, user.name))
-        exp = Expansion("expanded")
+                return Expansion(FAILED, f"550 5.1.1 <{addr}>... User unknown")
+            return Expansion(DELIVER, direct=LocalTarget(aliases.USER, user.name, user.name))
+        exp = Expansion(EXPANDED)
         for leaf in leaves:
             if leaf.kind == aliases.ADDRESS:
                 exp.records.append(leaf.value)
@@ -217,7 +219,7 @@ class LocalTransport:
                 exp.records.append(target.record)
         if not exp.records:
             names = ", ".join(exp.unknown)
-            return Expansion("failed", f"550 5.1.1 <{addr}>... User unknown ({names})")
+            return Expansion(FAILED, f"550 5.1.1 <{addr}>... User unknown ({names})")
         return exp
 
     def trusted_targets(self, originals: list[str]) -> dict[str, LocalTarget]:
@@ -388,7 +390,7 @@ def run_as(user: User, extra_groups: list[int], work: Callable[[], tuple[str, st
             chunks.append(chunk)
     _, wstatus = os.waitpid(pid, 0)
     status, sep, reply = b"".join(chunks).decode("utf-8", "replace").partition("\t")
-    if not sep or status not in (SENT, FAILED, DEFERRED):
+    if not sep or status not in OUTCOMES:
         how = (f"signal {os.WTERMSIG(wstatus)}" if os.WIFSIGNALED(wstatus)
                else f"status {os.waitstatus_to_exitcode(wstatus)}")
         return DEFERRED, f"451 4.3.0 local delivery process died ({how})"

@@ -134,10 +134,6 @@ def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: st
     if mode == "b":
         deliver_detached(cfg, spool, log, ctx, qids)
         return
-    runner = Runner(cfg, spool, log, ctx)
-    try:
+    with Runner(cfg, spool, log, ctx) as runner:
         for qid in qids:
-            runner.process(qid, False, [])
-        runner.deliver_bounces()
-    finally:
-        runner.close()
+            runner.process(qid)
