@@ -26,11 +26,13 @@ test-deps:
 test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -n 2 -q
 
 lint: venv
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info
