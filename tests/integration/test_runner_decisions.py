@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from tests.helpers.relayq_env import Relayq
 
-from relayq.core import config
 from relayq.core.errors import EX_OK
 from relayq.core.outcome import DEFERRED, FAILED, SENT, Outcome
 from relayq.delivery import decisions
 from relayq.delivery.runner import Runner
 from relayq.queue.submit import Context
+from relayq.system import configfile
 from relayq.system.log import Log
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def test_one_attempt_records_what_decide_decides(
     assert rq.sendmail("-f", "alice@example.org", *rcpts, input=MSG).returncode == EX_OK
     [(before, _)] = rq.queued()
     qid = before.qid
-    cfg = config.load(str(rq.config), explicit=True)
+    cfg = configfile.load(str(rq.config), explicit=True)
     with Runner(cfg, rq.spool, Log(use_syslog=False, path=str(rq.log_file)),
                 Context(cfg)) as runner:
         assert runner.process(qid, force=True) == 1  # "later" waits

@@ -10,7 +10,6 @@ Delivery code (sockets, TLS, DNS) is imported only after the commit point.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from relayq.cli._exit import run
@@ -24,9 +23,7 @@ if TYPE_CHECKING:
 
     from relayq.cli.submission import Committed
     from relayq.core.config import Config
-    from relayq.queue.claim import Claim
     from relayq.queue.spool import Spool
-    from relayq.queue.submit import Context
     from relayq.system.configfile import Source
     from relayq.system.log import Log
 
@@ -160,46 +157,20 @@ def submit(cfg: Config, log: Log, args: Args) -> int:
 
 
 def _after_commit(cfg: Config, log: Log, done: Committed, args: Args) -> int:
-    """Start the delivery the mode asks for; the message is committed: any trouble
-    now leaves it queued for the next run, and the caller hears 0 (or -oep's status)."""
-    msg, spool, ctx, mode = done.msg, done.spool, done.ctx, done.mode
-    if mode in "qd":
-        msg.release()
-        return EX_OK
-    if mode == "b":
-        from relayq.delivery.background import deliver_detached
-
-        deliver_detached(cfg, spool, log, ctx, [msg.qid], {msg.qid: msg.detach()})
-        return EX_OK
-    fd = msg.detach()
-    try:
-        claim = spool.adopt(msg.qid, fd)
-    except RelayqError as exc:  # committed all the same: the caller must hear 0
-        os.close(fd)
-        log.error(f"{msg.qid}: {exc.message}; queued for the next run")
-        return EX_OK
-    return _interactive(cfg, log, ctx, claim, args)
-
-
-def _interactive(cfg: Config, log: Log, ctx: Context, claim: Claim, args: Args) -> int:
+    """Start the delivery the mode asks for (relayq.delivery.after); the message is
+    committed: any trouble now leaves it queued, and the caller hears 0 (or, when
+    interactive, the attempt's status as -oe says)."""
     from relayq.core import policy
-    from relayq.core.outcome import FAILED
-    from relayq.delivery.runner import Runner
+    from relayq.delivery.after import deliver_committed
 
-    with Runner(cfg, claim.spool, log, ctx, verbose=_verbose_printer(args)) as runner:
-        try:
-            runner.process(claim.qid, claim=claim)
-        except Exception as exc:  # the message is committed: the caller must hear 0
-            log.error(f"{claim.qid}: delivery attempt failed: {type(exc).__name__}: {exc}; "
-                      "queued for the next run")
-            return EX_OK
-    codes = runner.failed_codes
-    failed = [r for r in claim.envelope.recipients if r.state == FAILED]
-    status = policy.interactive_status(codes)
+    msg = done.msg
+    attempt = deliver_committed(cfg, log, done.ctx, done.spool, [msg.qid], done.mode,
+                                {msg.qid: msg.detach()}, _verbose_printer(args))
+    status = policy.interactive_status(attempt.codes)
     # -oep prints; -oem/-oew mail the error back (the bounce is always queued);
     # -oeq is quiet; -oee exits 0 (sendmail's ErrorMode)
     if status and args.error_mode == "p":
-        for r in failed:
+        for r in attempt.failed:
             print(f"sendmail: {r.address}... {r.reply}", file=sys.stderr)
     if args.error_mode == "e":
         return EX_OK

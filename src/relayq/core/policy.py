@@ -10,6 +10,29 @@ JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
 MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loop
 
 
+class Mode:
+    """The delivery modes: sendmail's -odX letters and relayq.toml's delivery_mode
+    (plain str constants: the enum module would cost the submission path ~5 ms)."""
+
+    BACKGROUND = "b"
+    INTERACTIVE = "i"
+    QUEUE = "q"
+    DEFERRED = "d"
+
+
+LEAVE, CHILD, NOW = "leave", "child", "now"  # what after_commit() answers
+
+
+def after_commit(mode: str) -> str:
+    """The one rule for a message just committed, whoever committed it (sendmail,
+    -bs, a maildrop hand-over taken by the daemon): LEAVE it for a queue run
+    (queue, deferred), deliver it in a CHILD nobody waits for (background), or
+    NOW, while the submitter waits (interactive, and any other letter)."""
+    if mode in (Mode.QUEUE, Mode.DEFERRED):
+        return LEAVE
+    return CHILD if mode == Mode.BACKGROUND else NOW
+
+
 def hop_refusal(hops: int) -> str:
     """The one hop-count rule (enqueue, and the hand-over client before its exit 0):
     why a message is refused, or ""."""

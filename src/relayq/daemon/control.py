@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from relayq.core import policy
 from relayq.core.errors import RelayqError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class Requests:
         host = self.host
         qid, mode = Taker(host.cfg, host.spool, host.log, host.ctx,
                           host.drop_notices).take(name, uid)
-        if mode not in ("q", "d"):
+        if policy.after_commit(mode) != policy.LEAVE:
             host.committed(qid)
         return Reply(0, qid)
 

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from relayq.core import policy
 from relayq.core.errors import RelayqError
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ class Watcher:
         for qid, mode in taken:
             if run is not None:  # taken for a queue run: sent by it, as it sends the rest
                 host.dispatch(qid, run)
-            elif mode not in ("q", "d"):
+            elif policy.after_commit(mode) != policy.LEAVE:
                 host.committed(qid)
 
     # -- threads ---------------------------------------------------------------------

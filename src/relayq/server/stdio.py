@@ -123,17 +123,8 @@ def serve_stdio(cfg: Config, log: Log, *, user: str, uid: int, mode: str) -> int
 
 
 def deliver_after(cfg: Config, log: Log, ctx: Context, qids: list[str], mode: str) -> None:
-    """Deliver what a -bs session queued: background child, in process, or not at all."""
-    from relayq.delivery.background import deliver_detached
-    from relayq.delivery.runner import Runner
+    """Deliver what a -bs session queued, as its mode asks (relayq.delivery.after)."""
+    from relayq.delivery.after import deliver_committed
     from relayq.queue.spool import Spool
 
-    spool = Spool(cfg.queue_dir)
-    if mode in "qd":
-        return
-    if mode == "b":
-        deliver_detached(cfg, spool, log, ctx, qids)
-        return
-    with Runner(cfg, spool, log, ctx) as runner:
-        for qid in qids:
-            runner.process(qid)
+    deliver_committed(cfg, log, ctx, Spool(cfg.queue_dir), qids, mode)
