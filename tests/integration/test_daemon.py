@@ -29,7 +29,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+def wait_for(check: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll `check` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not check():

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers.daemon_ready import socket_stamp, wait_startup_run
 from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.integration.test_listener import Raw, session
@@ -95,7 +96,11 @@ class Listening:
             "concurrency": 1}  # its start-up run may deliver: one connection at a time
         values.update(settings)
         rq = Relayq(self.root, **values)
-        self.daemons.append(DaemonProcess(rq, "--listen").wait_started())
+        sock = rq.queue_dir / "relayq.sock"
+        before = socket_stamp(sock)
+        daemon = DaemonProcess(rq, "--listen").wait_started()
+        self.daemons.append(daemon)
+        wait_startup_run(sock, before, daemon.proc)  # or it delivers what a test queues
         return rq, port
 
     def stop(self) -> None:
