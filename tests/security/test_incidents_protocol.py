@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.helpers.daemon_ready import socket_stamp, wait_startup_run
 from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 from tests.integration.test_listener import Raw, session
@@ -96,11 +95,8 @@ class Listening:
             "concurrency": 1}  # its start-up run may deliver: one connection at a time
         values.update(settings)
         rq = Relayq(self.root, **values)
-        sock = rq.queue_dir / "relayq.sock"
-        before = socket_stamp(sock)
-        daemon = DaemonProcess(rq, "--listen").wait_started()
-        self.daemons.append(daemon)
-        wait_startup_run(sock, before, daemon.proc)  # or it delivers what a test queues
+        # past its start-up run, or that run delivers what a test queues
+        self.daemons.append(DaemonProcess(rq, "--listen").wait_ready())
         return rq, port
 
     def stop(self) -> None:
@@ -1152,7 +1148,7 @@ def test_D11_a_peer_off_this_host_is_refused_even_on_a_public_listener(tmp_path:
                 delivery_mode="deferred", smtp_processes=1)
     if not netns_available():  # the best this host allows: a loopback peer, not a local one
         rq.configure(listen=[f"127.0.0.1:{port}"])
-        d = DaemonProcess(rq, "--listen").wait_started()
+        d = DaemonProcess(rq, "--listen").wait_ready()
         try:
             with Raw(port, source="127.0.0.2") as c:
                 assert c.reply().startswith("554 5.7.1 ") and c.closed()
