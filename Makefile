@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace
+# 4 workers on 2 cores: most tests wait (on subprocesses, sockets, timeouts), not compute.
+# One test at a time per worker, so the slow ones tests/conftest.py puts first spread out.
+PYTEST_ARGS ?= -n 4 --maxschedchunk 1
 
 .PHONY: demo test venv test-deps lint clean bench fuzz
 
@@ -27,7 +30,7 @@ test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest $(PYTEST_ARGS) -q
 
 lint: venv
 	$(BIN)/ruff check src tests bench fuzz

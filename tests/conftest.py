@@ -1,4 +1,10 @@
-"""Shared fixtures: test PKI (trustme) and a smarthost factory (loopback only)."""
+"""Shared fixtures: test PKI (trustme) and a smarthost factory (loopback only).
+
+Also the order the suite runs in: the tests whose `pytest.mark.timeout` is above the
+default (the slow ones; their timeout says how slow) go first, slowest first, so that
+with `pytest -n N --maxschedchunk 1` (the Makefile's `test`) no worker picks up the
+10,000-message load test near the end while the others sit idle.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,26 @@ from relayq.testing.tls import TestPKI
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+
+def timeout_of(item: pytest.Item, default: float) -> float:
+    """The item's own `pytest.mark.timeout` (function, class or module), else the default."""
+    mark = item.get_closest_marker("timeout")
+    if mark is None:
+        return default
+    value = mark.args[0] if mark.args else mark.kwargs.get("timeout", default)
+    return float(value) if value else default
+
+
+def slow_first(items: list[pytest.Item], default: float) -> list[pytest.Item]:
+    """Tests with a timeout above the default first (largest first); the rest keep their
+    order. Stable, so every xdist worker computes the same order."""
+    return sorted(items, key=lambda item: -max(timeout_of(item, default), default))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    default = float(config.getoption("timeout", None) or config.getini("timeout") or 0)
+    items[:] = slow_first(items, default)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import email
 import time
 from typing import TYPE_CHECKING
 
+import pytest
 from tests.helpers.relayq_env import Relayq
 
 from relayq.core.errors import EX_OK, EX_TEMPFAIL
@@ -94,6 +95,7 @@ def test_a_postmaster_copy_that_fails_is_kept_as_a_dead_letter(
     assert list(rq.spool.dead_letters()) == [] and "dead letter deleted by" in rq.log()
 
 
+@pytest.mark.timeout(600)  # 200 `relayq flush` runs: 25 s alone, 140 s with -n 4 and a load test
 def test_a_hundred_runs_against_a_relay_that_refuses_everything_stay_bounded(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:

@@ -7,16 +7,17 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.helpers.daemon_ready import socket_stamp, wait_startup_run
 from tests.helpers.relayq_env import BIN, Relayq, assert_one_line_error
 
 from relayq.core.errors import EX_CONFIG, EX_OK, EX_TEMPFAIL
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
     from relayq.testing.smarthost import SmarthostFactory
 
@@ -29,7 +30,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+def wait_for(check: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
     """Poll `check` until it is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -45,6 +46,8 @@ class DaemonProcess:
                  cmd: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.rq = rq
         self.stderr_path = rq.root / "daemon.err"
+        self.socket = Path(str(rq.settings.get("queue_dir", rq.queue_dir))) / "relayq.sock"
+        self.socket_before = socket_stamp(self.socket)  # a killed daemon's, if any
         full_env = {**rq.env, **(env or {})}
         argv = cmd or [str(BIN / "relayq"), "daemon", "--foreground", *args]
         with open(self.stderr_path, "ab") as err:
@@ -56,6 +59,13 @@ class DaemonProcess:
         wait_for(lambda: "starting daemon" in self.rq.log() or self.proc.poll() is not None,
                  what="the daemon to start")
         assert self.proc.poll() is None, self.stderr_path.read_text()
+        return self
+
+    def wait_ready(self) -> DaemonProcess:
+        """Started and past its start-up queue run, which would deliver a message
+        committed before it (wake-ups off or not): see tests.helpers.daemon_ready."""
+        self.wait_started()
+        wait_startup_run(self.socket, self.socket_before, self.proc)
         return self
 
     def signal(self, sig: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import pytest
 from tests.helpers.relayq_env import Relayq
 
 from relayq.core.errors import EX_OK, EX_TEMPFAIL
@@ -64,6 +65,7 @@ def test_connection_dropped_after_the_final_dot_defers_and_says_so(
     assert rq.log().count("possible duplicate: an earlier attempt lost the relay's reply") == 1
 
 
+@pytest.mark.timeout(240)  # the relay waits 30 s by design
 def test_a_final_250_after_thirty_seconds_is_a_delivery(
     tmp_path: Path, smarthost_factory: SmarthostFactory
 ) -> None:

@@ -97,7 +97,7 @@ def listen(rq: Relayq) -> Iterator[Callable[..., int]]:
 
     def run(**settings: object) -> int:
         rq.configure(**settings)
-        d = DaemonProcess(rq, "--listen").wait_started()
+        d = DaemonProcess(rq, "--listen").wait_ready()
         started.append(d)
         return int(str(rq.settings["listen"][0]).rsplit(":", 1)[1])  # type: ignore[index]
 
@@ -406,7 +406,7 @@ def test_root_binds_then_runs_as_daemon_user(tmp_path: Path) -> None:
                     daemon_user="nobody")
         rq.log_file.touch()
         os.chown(rq.log_file, 65534, 65534)
-        d = DaemonProcess(rq, "--listen").wait_started()
+        d = DaemonProcess(rq, "--listen").wait_ready()
         try:
             wait_for(lambda: "running as nobody" in rq.log(), what="the privilege drop")
             status = Path(f"/proc/{d.proc.pid}/status").read_text()

@@ -102,7 +102,7 @@ def other(tmp_path: Path) -> Iterator[Relayq]:
     b = Relayq(root, pid_file=str(root / "relayq.pid"), queue_interval="1h",
                listen=[f"127.0.0.1:{free_port()}"], delivery_mode="deferred",
                ehlo_name="relayq.example.org")  # this host's name, whatever the machine's
-    d = DaemonProcess(b, "--listen").wait_started()
+    d = DaemonProcess(b, "--listen").wait_ready()
     yield b
     d.stop()
 
@@ -150,7 +150,7 @@ def test_a_smarthost_at_our_listen_address_is_never_sent_to(
 def test_a_reload_to_a_loop_is_refused(rq: Relayq) -> None:
     port = free_port()
     rq.configure(listen=[f"127.0.0.1:{port}"], delivery_mode="deferred")
-    d = DaemonProcess(rq, "--listen").wait_started()
+    d = DaemonProcess(rq, "--listen").wait_ready()
     try:
         rq.configure(smarthost=f"localhost:{port}")
         d.signal(signal.SIGHUP)

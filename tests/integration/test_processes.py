@@ -138,7 +138,7 @@ def test_listener_processes_share_the_sockets_and_one_connection_limit(
 ) -> None:
     sh = smarthost_factory()
     rq.configure(smarthost=sh.smarthost, smtp_processes=3, smtp_max_connections=4)
-    d = DaemonProcess(rq, "--listen").wait_started()
+    d = DaemonProcess(rq, "--listen").wait_ready()
     daemons.append(d)
     wait_for(lambda: len(listeners(d.proc.pid)) == 2, what="two forked listeners")
     port = port_of(rq)
@@ -164,7 +164,7 @@ def test_forked_listeners_reload_and_follow_a_killed_daemon(
 ) -> None:
     sh = smarthost_factory()
     rq.configure(smarthost=sh.smarthost, smtp_processes=2, max_message_size=100000)
-    d = DaemonProcess(rq, "--listen").wait_started()
+    d = DaemonProcess(rq, "--listen").wait_ready()
     daemons.append(d)
     wait_for(lambda: len(listeners(d.proc.pid)) == 1, what="a forked listener")
     port = port_of(rq)

@@ -785,7 +785,7 @@ def test_D16_no_process_shows_the_password_in_argv_or_environment(
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=rq.env)
         else:
-            daemon = DaemonProcess(rq, "--listen").wait_started()
+            daemon = DaemonProcess(rq, "--listen").wait_ready()
             submit(rq, "bob@example.org")
         assert gated.reached.wait(30), rq.log()
         procs = relayq_processes(rq)

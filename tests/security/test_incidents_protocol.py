@@ -96,7 +96,8 @@ class Listening:
             "concurrency": 1}  # its start-up run may deliver: one connection at a time
         values.update(settings)
         rq = Relayq(self.root, **values)
-        self.daemons.append(DaemonProcess(rq, "--listen").wait_started())
+        # past its start-up run, or that run delivers what a test queues
+        self.daemons.append(DaemonProcess(rq, "--listen").wait_ready())
         return rq, port
 
     def stop(self) -> None:
@@ -1145,7 +1146,7 @@ def test_D11_a_peer_off_this_host_is_refused_even_on_a_public_listener(tmp_path:
                 delivery_mode="deferred", smtp_processes=1)
     if not netns_available():  # the best this host allows: a loopback peer, not a local one
         rq.configure(listen=[f"127.0.0.1:{port}"])
-        d = DaemonProcess(rq, "--listen").wait_started()
+        d = DaemonProcess(rq, "--listen").wait_ready()
         try:
             with Raw(port, source="127.0.0.2") as c:
                 assert c.reply().startswith("554 5.7.1 ") and c.closed()

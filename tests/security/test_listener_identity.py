@@ -95,7 +95,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Relayq, int, int]]:
     port4, port6 = free_port(), free_port()
     rq = Relayq(tmp_path, pid_file=str(tmp_path / "relayq.pid"), queue_interval="1h",
                 listen=[f"127.0.0.1:{port4}", f"[::1]:{port6}"], delivery_mode="deferred")
-    d = DaemonProcess(rq, "--listen").wait_started()
+    d = DaemonProcess(rq, "--listen").wait_ready()
     yield rq, port4, port6
     d.stop()
 

@@ -168,6 +168,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.timeout(300)  # a run under strace per fault: ~12 s, more when loaded
 @pytest.mark.skipif(not _strace_works(), reason="strace cannot trace here")
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_D1_every_failure_after_the_250_sends_nothing_again(
@@ -213,6 +214,7 @@ def test_D1_every_failure_after_the_250_sends_nothing_again(
     assert tried >= 3
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.skipif(not _strace_works(), reason="strace cannot trace here")
 def test_D2_a_kill_during_a_later_transaction_resends_at_most_that_one(
     tmp_path: Path, smarthost_factory: SmarthostFactory

@@ -8,6 +8,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
+import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 from tests.security.test_promises_review_reserve import qfs  # noqa: F401 - fixture
 from tests.system.test_hostile_matrix import fill
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from relayq.testing.smarthost import SmarthostFactory
 
 
+# a 65 s watch by design; the room is for a loaded machine
+@pytest.mark.timeout(400)
 def test_failing_report_is_retried_on_the_recheck_ramp(
     tmp_path: Path, qfs: Path, smarthost_factory: SmarthostFactory  # noqa: F811
 ) -> None:

@@ -24,6 +24,7 @@ CALLS = ("rename", "fsync", "unlink", "ftruncate", "pwrite64", "openat")
 pytestmark = pytest.mark.skipif(not _strace_works(), reason="strace cannot trace here")
 
 
+@pytest.mark.timeout(400)  # ~50 s for the many-call kinds (a run per call), more when loaded
 @pytest.mark.parametrize("syscall", CALLS)
 def test_kill_at_every_call_of_the_double_bounce_path(
     syscall: str, tmp_path: Path, smarthost_factory: SmarthostFactory

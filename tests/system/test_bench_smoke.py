@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
+@pytest.mark.timeout(300)  # above each script's own 120 s, so that one reports first
 @pytest.mark.parametrize(
     ("script", "args", "expect"),
     [
