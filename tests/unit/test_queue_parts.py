@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.unit.test_spool import commit
 
-from relayq.core.envelope import Envelope, Recipient
 from relayq.core.errors import QueueError, TempFailure
 from relayq.queue import durable, names
 from relayq.queue import peek as listing
@@ -88,20 +88,10 @@ def test_held_inodes_sees_a_held_flock_and_forgets_it(tmp_path: Path) -> None:
     assert st_.st_ino not in (listing.held_inodes(st_.st_dev) or set())
 
 
-def committed(spool: Spool) -> str:
-    msg = spool.create()
-    msg.write(b"Subject: x\n\nhi\n")
-    env = Envelope(msg.qid, "a@example.org", [Recipient("r@example.org")], time.time())
-    env.size = msg.size
-    msg.commit(env)
-    msg.release()
-    return msg.qid
-
-
 def test_claim_reserve_is_consumed_by_the_record(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path))
     spool.ensure()
-    qid = committed(spool)
+    qid = commit(spool)
     claim = spool.claim(qid)
     assert isinstance(claim, Claim)
     assert not claim.was_cut_off()
