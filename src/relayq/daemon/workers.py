@@ -148,6 +148,9 @@ class Pool:
                 except Exception as exc:
                     self.host.log.error(f"{qid}: delivery failed: {type(exc).__name__}: "
                                         f"{exc}; left in the queue")
+                except BaseException:  # the thread ends: its record must not stay active
+                    self.host.dispatcher.finish(qid, 1, False)
+                    raise
                 self._finished(qid, left, force)
         finally:
             slot.close_runner()
