@@ -161,9 +161,13 @@ def _after_commit(cfg: Config, log: Log, done: Committed, args: Args) -> int:
     committed: any trouble now leaves it queued, and the caller hears 0 (or, when
     interactive, the attempt's status as -oe says)."""
     from relayq.core import policy
-    from relayq.delivery.after import deliver_committed
 
     msg = done.msg
+    if policy.after_commit(done.mode) == policy.LEAVE:  # queue-only: import nothing more
+        msg.release()
+        return EX_OK
+    from relayq.delivery.after import deliver_committed
+
     attempt = deliver_committed(cfg, log, done.ctx, done.spool, [msg.qid], done.mode,
                                 {msg.qid: msg.detach()}, _verbose_printer(args))
     status = policy.interactive_status(attempt.codes)

@@ -38,7 +38,6 @@ import time
 
 from relayq.core.envelope import Envelope
 from relayq.core.errors import DamagedQueueFile, RelayqError, TempFailure
-from relayq.queue.claim import Claim
 from relayq.queue.durable import fsync_dir, io_error, read_small, unlink_if_there
 from relayq.queue.names import make_qid
 
@@ -46,6 +45,8 @@ TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from relayq.queue.claim import Claim
 
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
 KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
@@ -401,10 +402,14 @@ class Spool:
         except BaseException:
             os.close(fd)
             raise
+        from relayq.queue.claim import Claim  # not on the submission path
+
         return Claim(self, env, fd)
 
     def adopt(self, qid: str, fd: int) -> Claim:
         """Turn a lock already held (the submitter's, across fork) into a claim."""
+        from relayq.queue.claim import Claim
+
         return Claim(self, self.read_envelope(qid), fd)
 
     # -- damage and debris ----------------------------------------------------
