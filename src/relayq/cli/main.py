@@ -93,7 +93,7 @@ def _main(argv: list[str]) -> int:
 
     spool = Spool(cfg.queue_dir)
     if args.command in ("status", "flush"):
-        from relayq.daemon.main import pid_path
+        from relayq.daemon.life import pid_path
 
         cfg.pid_file = pid_path(cfg)  # root's answer, not the service user's
     spool.enter()  # root in the service user's queue works as that user
@@ -119,7 +119,7 @@ def _main(argv: list[str]) -> int:
         left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
     if left and args.command == "flush":
         # what is left may be held by a running daemon: have it retry everything too
-        from relayq.daemon.main import poke
+        from relayq.daemon.life import poke
 
         pid = poke(cfg)
         if pid is not None:
@@ -132,7 +132,7 @@ def status(cfg: Config, as_json: bool) -> int:
     """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
     import time
 
-    from relayq.daemon.main import PidFile, pid_path
+    from relayq.daemon.life import PidFile, pid_path
     from relayq.queue.names import qid_time
     from relayq.queue.spool import Spool
 
