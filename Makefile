@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace
+TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace groff-base man-db
 # 4 workers on 2 cores: most tests wait (on subprocesses, sockets, timeouts), not compute.
 # One test at a time per worker, so the slow ones tests/conftest.py puts first spread out.
 PYTEST_ARGS ?= -n 4 --maxschedchunk 1
 
-.PHONY: demo test venv test-deps lint clean bench fuzz
+.PHONY: demo test venv test-deps lint clean bench fuzz man
 
 $(BIN)/python:
 	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
@@ -36,6 +36,10 @@ lint: venv
 	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# the man pages, generated from the config schema, the flag tables and the parser (built, not committed)
+man: venv
+	$(BIN)/python -m relayq.cli.manpages build/man docs
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

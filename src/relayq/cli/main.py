@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from relayq.queue.spool import Spool
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayq", description="relayq mail relay administration")
     p.add_argument("-C", "--config", help="configuration file")
     p.add_argument("-v", "--verbose", action="store_true", help="show the SMTP dialogue")
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="deliver the messages whose retry time has come")
     sub.add_parser("check-config", help="print the effective configuration, secrets masked")
     st = sub.add_parser("status", help="queue size, oldest message, daemon (fast at any size)")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="one JSON document")
     sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
     for action, what in (("hold", "keep messages queued: no run delivers them"),
                          ("release", "undo hold: deliver at the next run"),
@@ -51,13 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="interpreter for the launchers (same Python version as relayq's; "
                         "default: the one running relayq)")
     q = sub.add_parser("mailq", help="list the queue (as mailq)")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
     sub.add_parser("version", help="print the version")
     return p
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
