@@ -26,13 +26,12 @@ if TYPE_CHECKING:
 
 PAGES = ("sendmail.8", "mailq.1", "newaliases.8", "relayq.8", "relayq.toml.5")
 DOCS = ("configuration.md", "sendmail-compat.md")
-SEE_ALSO = r""".SH SEE ALSO
-.BR sendmail (8),
-.BR mailq (1),
-.BR newaliases (8),
-.BR relayq (8),
-.BR relayq.toml (5)
-"""
+
+
+def see_also(page: str) -> str:
+    """The other pages of the set, each naming the rest."""
+    refs = [f".BR {p.rsplit('.', 1)[0]} ({p.rsplit('.', 1)[1]})" for p in PAGES if p != page]
+    return ".SH SEE ALSO\n" + ",\n".join(refs) + "\n"
 
 
 def esc(text: str) -> str:
@@ -135,7 +134,7 @@ def relayq_toml(configuration_md: str) -> str:
     out += [".SH FILES", ".TP", "/etc/relayq/relayq.toml", "the system configuration",
             ".TP", "/usr/share/doc/relayq/configuration.md",
             "TLS, secrets, smarthosts, mail loops and local delivery in detail"]
-    return "\n".join(out) + "\n" + SEE_ALSO
+    return "\n".join(out) + "\n" + see_also("relayq.toml.5")
 
 
 # sendmail(8)
@@ -180,7 +179,7 @@ def sendmail_page(compat_md: str) -> str:
             ".SH EXIT STATUS", "sysexits(3): 0 queued or delivered, 64 usage, 65 data,",
             "69 unavailable, 75 temporary failure (mail left queued), 77 not permitted,",
             "78 configuration."]
-    return "\n".join(out) + "\n" + _files() + SEE_ALSO
+    return "\n".join(out) + "\n" + _files() + see_also("sendmail.8")
 
 
 def _files() -> str:
@@ -208,7 +207,7 @@ def mailq_page() -> str:
             entries[-1][1] += " " + line.strip()
     for flag, text in entries:
         out += [".TP", "\\fB" + esc(flag).replace("-", "\\-") + "\\fR", esc(text)]
-    return "\n".join(out) + "\n" + _files() + SEE_ALSO
+    return "\n".join(out) + "\n" + _files() + see_also("mailq.1")
 
 
 def newaliases_page() -> str:
@@ -219,7 +218,7 @@ def newaliases_page() -> str:
             "(default " + esc(toml_default("aliases_file")) + ") is parsed at each local",
             "delivery. This proves it parses and prints its size; a missing file means",
             "no aliases."]
-    return "\n".join(out) + "\n" + SEE_ALSO
+    return "\n".join(out) + "\n" + see_also("newaliases.8")
 
 
 # relayq(8)
@@ -253,7 +252,7 @@ def relayq_page(parser: argparse.ArgumentParser) -> str:
         args = _arguments(sub)
         if args:
             out += [".RS", *args, ".RE"]
-    return "\n".join(out) + "\n" + _files() + SEE_ALSO
+    return "\n".join(out) + "\n" + _files() + see_also("relayq.8")
 
 
 def render(page: str, docs: dict[str, str]) -> str:
