@@ -226,3 +226,50 @@ def test_hook_returns_while_the_flush_still_waits(name: str, laptop: Relayq,
             pass
     wait_for(lambda: flushes(laptop) == [], "the stopped flush to exit")
     assert laptop.spool.ids() == [qid]  # a stopped flush leaves the message queued
+
+
+def test_two_links_up_at_once_deliver_once(laptop: Relayq,
+                                           smarthost_factory: SmarthostFactory) -> None:
+    """Wi-Fi and a VPN come up together: two flushes race; the message's lock lets
+    one of them deliver it, once."""
+    host = smarthost_factory()
+    laptop.configure(smarthost=host.smarthost)
+    queue_one(laptop)
+    assert_quiet(run_hook("networkmanager", ["wlp2s0", "up"], hook_env(laptop, {})))
+    assert_quiet(run_hook("networkmanager", ["tun0", "vpn-up"], hook_env(laptop, {})))
+    wait_for(lambda: laptop.spool.ids() == [] and flushes(laptop) == [], "both flushes to end")
+    assert len(host.transactions) == 1
+
+
+@pytest.mark.parametrize("line", ["queue_dir = '{q}'  # a TOML literal string",
+                                  'queue_dir="{q}"'])
+def test_queue_dir_spellings_are_read(line: str, laptop: Relayq,
+                                      smarthost_factory: SmarthostFactory) -> None:
+    """The hooks find the queue in the configuration however the key is spelt."""
+    host = smarthost_factory()
+    laptop.configure(smarthost=host.smarthost)
+    text = laptop.config.read_text()
+    queue_line = next(x for x in text.splitlines() if x.startswith("queue_dir"))
+    laptop.write_config(text.replace(queue_line, line.format(q=laptop.queue_dir)))
+    assert_quiet(run_hook("ifupdown", [], hook_env(laptop, UP["ifupdown"][1])))
+    assert_nothing_started(laptop, lambda: host.connections)  # empty: nothing to do
+    queue_one(laptop)
+    assert_quiet(run_hook("ifupdown", [], hook_env(laptop, UP["ifupdown"][1])))
+    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
+    wait_for(lambda: flushes(laptop) == [], "the flush to end")
+
+
+def test_unreadable_queue_dir_value_lets_relayq_decide(laptop: Relayq,
+                                                       smarthost_factory: SmarthostFactory) -> None:
+    """A value the hook's sed cannot read (an escape) is not taken for "no mail": it
+    flushes, and relayq, which reads TOML properly, finds the queue."""
+    host = smarthost_factory()
+    laptop.configure(smarthost=host.smarthost)
+    text = laptop.config.read_text()
+    queue_line = next(x for x in text.splitlines() if x.startswith("queue_dir"))
+    escaped = str(laptop.queue_dir).replace("/", "\\u002F")
+    laptop.write_config(text.replace(queue_line, f'queue_dir = "{escaped}"'))
+    queue_one(laptop)
+    assert_quiet(run_hook("ppp", UP["ppp"][0], hook_env(laptop, UP["ppp"][1])))
+    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
+    wait_for(lambda: flushes(laptop) == [], "the flush to end")
