@@ -16,7 +16,12 @@ def test_each_mode_has_one_action(mode: str, action: str) -> None:
     assert policy.after_commit(mode) == action
 
 
-def test_every_configurable_mode_is_a_mode() -> None:
-    letters = {policy.Mode.BACKGROUND, policy.Mode.INTERACTIVE, policy.Mode.QUEUE,
-               policy.Mode.DEFERRED}
-    assert set(config.DELIVERY_MODES.values()) == letters
+@pytest.mark.parametrize(("name", "letter"), [
+    ("background", "b"), ("interactive", "i"), ("queue", "q"), ("deferred", "d")])
+def test_relayq_toml_and_sendmail_flags_name_the_same_modes(name: str, letter: str) -> None:
+    from relayq.cli import flags
+
+    assert config.parse(f'delivery_mode = "{name}"').delivery_mode == letter
+    assert flags.parse(["-O", f"DeliveryMode={name}", "a@example.org"]).delivery == letter
+    assert flags.parse([f"-od{letter}", "a@example.org"]).delivery == letter
+    assert policy.after_commit(letter) != policy.NOW or letter == policy.Mode.INTERACTIVE

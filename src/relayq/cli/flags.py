@@ -13,7 +13,7 @@ for attacks through programs that pass user input to sendmail
 
 from __future__ import annotations
 
-from relayq.core import dsnparams
+from relayq.core import dsnparams, policy
 from relayq.core.errors import DataError, PermissionRefused, UsageError
 
 WITH_ARG = set("ABbCDdeFfhLMNOopQqRrVX")
@@ -45,8 +45,8 @@ DANGEROUS = {
     "clientcertfile", "clientkeyfile", "crlfile", "dhparameters", "randfile",
     "defaultauthinfo", "mailboxdatabase", "milter", "inputmailfilters",
 }
-DELIVERY = {"i": "i", "interactive": "i", "b": "b", "background": "b", "q": "q",
-            "queue": "q", "queueonly": "q", "d": "d", "deferred": "d"}
+DELIVERY = {**policy.MODE_NAMES, **{m: m for m in policy.MODE_NAMES.values()},
+            "queueonly": policy.Mode.QUEUE}
 ERROR_MODES = set("pqmwe")
 # the DSN flags: (the SMTP parameter, the Args attribute)
 DSN_FLAGS = {"B": ("BODY", "body"), "N": ("NOTIFY", "notify"), "R": ("RET", "ret"),

@@ -79,15 +79,14 @@ def _main(argv: list[str]) -> int:
 
 def smtp_session(args: Args, source: Source) -> int:
     """`sendmail -bs`: SMTP on stdin/stdout through the listener's handler."""
-    from relayq.cli.submission import user_names
+    from relayq.cli.submission import chosen_mode, user_names
     from relayq.queue.spool import Spool
     from relayq.server.stdio import serve_stdio
 
     cfg, log = _open(args, source)
     user, uid, _ = user_names()
     Spool(cfg.queue_dir).enter()
-    mode = args.delivery or cfg.delivery_mode
-    return serve_stdio(cfg, log, user=user, uid=uid, mode=mode)
+    return serve_stdio(cfg, log, user=user, uid=uid, mode=chosen_mode(args, cfg))
 
 
 def verify(cfg: Config, args: Args) -> int:

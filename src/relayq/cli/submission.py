@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+from relayq.core import policy
 from relayq.core.errors import RelayqError, UsageError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
@@ -58,10 +59,15 @@ def request_for(args: Args, user: str, uid: int, default_name: str) -> Request:
 def delivery_mode(args: Args, cfg: Config) -> str:
     """The delivery mode after the commit: -odX, else the configured one; -v makes
     background interactive (sendmail: the dialogue is shown in the foreground)."""
-    mode = args.delivery or cfg.delivery_mode
-    if args.verbose and mode == "b":
-        return "i"
+    mode = chosen_mode(args, cfg)
+    if args.verbose and mode == policy.Mode.BACKGROUND:
+        return policy.Mode.INTERACTIVE
     return mode
+
+
+def chosen_mode(args: Args, cfg: Config) -> str:
+    """-odX, else relayq.toml's delivery_mode (what `-bs` uses as it is)."""
+    return args.delivery or cfg.delivery_mode
 
 
 def submit(cfg: Config, log: Log, args: Args) -> Committed | None:

@@ -8,6 +8,7 @@ relayq.system.configfile's.
 
 from __future__ import annotations
 
+from relayq.core import policy
 from relayq.core.errors import ConfigError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
@@ -19,7 +20,7 @@ SYSTEM_CONFIG = "/etc/relayq/relayq.toml"
 SYSTEM_QUEUE = "/var/spool/relayq"
 
 TLS_MODES = ("required", "opportunistic", "none", "implicit")
-DELIVERY_MODES = {"background": "b", "interactive": "i", "queue": "q", "deferred": "d"}
+DELIVERY_MODES = policy.MODE_NAMES
 AUTH_MECHANISMS = ("", "PLAIN", "LOGIN", "XOAUTH2")
 SECRET_KEYS = ("password",)
 

@@ -20,6 +20,9 @@ class Mode:
     DEFERRED = "d"
 
 
+# relayq.toml's names for them (sendmail's -odX also takes the letters and "queueonly")
+MODE_NAMES = {"background": Mode.BACKGROUND, "interactive": Mode.INTERACTIVE,
+              "queue": Mode.QUEUE, "deferred": Mode.DEFERRED}
 LEAVE, CHILD, NOW = "leave", "child", "now"  # what after_commit() answers
 
 

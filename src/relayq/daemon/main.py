@@ -43,6 +43,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from relayq.core import policy
 from relayq.core.errors import EX_OK, ConfigError, RelayqError, TempFailure
 from relayq.daemon.dispatcher import Dispatcher
 from relayq.daemon.life import (
@@ -125,7 +126,7 @@ class Daemon:
     @property
     def wakeups(self) -> bool:
         """New mail goes out at once, except in laptop (deferred) mode."""
-        return self.cfg.delivery_mode != "d"
+        return self.cfg.delivery_mode != policy.Mode.DEFERRED
 
     def install_signals(self) -> None:
         self.wake.install_signals()

@@ -90,6 +90,7 @@ def group_sync(path: str) -> GroupSync:
 
 
 def io_error(action: str, exc: OSError) -> RelayqError:
+    """The one errno -> failure mapping for writing queue files (queue/ and maildrop/)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return TempFailure(f"cannot {action}: no space left on the queue file system")
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -97,7 +98,6 @@ def io_error(action: str, exc: OSError) -> RelayqError:
     if exc.errno == errno.EROFS:
         return QueueError(f"cannot {action}: {exc.strerror}", code=73)
     return QueueError(f"cannot {action}: {exc.strerror or exc}")
-
 
 
 def read_small(path: str) -> bytes:

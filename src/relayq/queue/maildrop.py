@@ -16,11 +16,11 @@ nothing in the file, is relayq.delivery.intake.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 
-from relayq.core.errors import DataError, PermissionRefused, QueueError, RelayqError, TempFailure
+from relayq.core.errors import DataError, QueueError, RelayqError
+from relayq.queue.durable import io_error
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -151,12 +151,12 @@ class Pending:
             raise QueueError("the message vanished from the drop directory before it "
                              "was queued", 75) from None
         except OSError as exc:
-            raise _error("keep the message in the drop directory", exc) from None
+            raise io_error("keep the message in the drop directory", exc) from None
         try:
             os.fsync(self.fd)
             _syncfs(self.fd)  # the rename too: we may not open maildrop/ to fsync it
         except OSError as exc:
-            raise _error("sync the drop directory", exc) from None
+            raise io_error("sync the drop directory", exc) from None
         self.name = final
         return False
 
@@ -188,7 +188,7 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
                          "drop directory (start the relayq daemon, or run sendmail -q as "
                          "root once)", 75) from None
     except OSError as exc:
-        raise _error("create a file in the drop directory", exc) from None
+        raise io_error("create a file in the drop directory", exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # while held, nobody takes it as abandoned
         os.fchmod(fd, 0o640)  # the taker may be the queue's group, whatever our umask
@@ -212,7 +212,7 @@ def write(spool: Spool, fields: list[tuple[str, str]], chunks: Iterable[bytes],
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise _error("write to the drop directory", exc) from None
+            raise io_error("write to the drop directory", exc) from None
         raise
     return Pending(drop, name, fd)
 
@@ -301,11 +301,3 @@ def _syncfs(fd: int) -> None:
     except (OSError, AttributeError):
         pass
     os.sync()
-
-
-def _error(action: str, exc: OSError) -> RelayqError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return TempFailure(f"cannot {action}: no space left on the queue file system")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return PermissionRefused(f"cannot {action}: {exc.strerror}")
-    return QueueError(f"cannot {action}: {exc.strerror or exc}")
