@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
+from tests.integration.test_daemon import wait_for
 
 from relayq.core.errors import EX_OK, EX_TEMPFAIL
 from relayq.queue.spool import STALE_SECONDS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from relayq.testing.smarthost import Smarthost, SmarthostFactory
@@ -31,13 +31,6 @@ SENDMAIL = str(BIN / "sendmail")
 MSGID = re.compile(rb"^Message-ID: (<[^>]+>)\r?$", re.MULTILINE | re.IGNORECASE)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def popen(rq: Relayq, *args: str,

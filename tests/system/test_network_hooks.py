@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
+from tests.integration.test_daemon import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,13 +65,6 @@ NOT_UP: list[tuple[str, list[str], dict[str, str]]] = [
 ]
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def hook_env(rq: Relayq, extra: dict[str, str], relayq_bin: str | None = None) -> dict[str, str]:
@@ -151,8 +144,8 @@ def test_link_up_delivers_the_waiting_mail(name: str, laptop: Relayq,
     queue_one(laptop)
     args, extra = UP[name]
     assert_quiet(run_hook(name, args, hook_env(laptop, extra)))
-    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
-    wait_for(lambda: laptop.spool.ids() == [] and flushes(laptop) == [], "the flush to end")
+    wait_for(lambda: len(host.transactions) == 1, 60, "the flush to deliver")
+    wait_for(lambda: laptop.spool.ids() == [] and flushes(laptop) == [], 60, "the flush to end")
     assert host.transactions[0].rcpt_tos == ["user@example.org"]
 
 
@@ -161,8 +154,8 @@ def test_vpn_up_flushes_too(laptop: Relayq, smarthost_factory: SmarthostFactory)
     laptop.configure(smarthost=host.smarthost)
     queue_one(laptop)
     assert_quiet(run_hook("networkmanager", ["tun0", "vpn-up"], hook_env(laptop, {})))
-    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
-    wait_for(lambda: flushes(laptop) == [], "the flush to end")
+    wait_for(lambda: len(host.transactions) == 1, 60, "the flush to deliver")
+    wait_for(lambda: flushes(laptop) == [], 60, "the flush to end")
 
 
 def _event_id(name: str, args: list[str], env: dict[str, str]) -> str:
@@ -215,7 +208,7 @@ def test_hook_returns_while_the_flush_still_waits(name: str, laptop: Relayq,
     qid = queue_one(laptop)
     args, extra = UP[name]
     assert_quiet(run_hook(name, args, hook_env(laptop, extra)))
-    wait_for(lambda: host.connections >= 1, "the flush to connect")
+    wait_for(lambda: host.connections >= 1, 60, "the flush to connect")
     pids = flushes(laptop)
     assert pids, "the flush should still be running"
     assert laptop.spool.is_locked(qid) and host.transactions == []
@@ -224,7 +217,7 @@ def test_hook_returns_while_the_flush_still_waits(name: str, laptop: Relayq,
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    wait_for(lambda: flushes(laptop) == [], "the stopped flush to exit")
+    wait_for(lambda: flushes(laptop) == [], 60, "the stopped flush to exit")
     assert laptop.spool.ids() == [qid]  # a stopped flush leaves the message queued
 
 
@@ -237,7 +230,7 @@ def test_two_links_up_at_once_deliver_once(laptop: Relayq,
     queue_one(laptop)
     assert_quiet(run_hook("networkmanager", ["wlp2s0", "up"], hook_env(laptop, {})))
     assert_quiet(run_hook("networkmanager", ["tun0", "vpn-up"], hook_env(laptop, {})))
-    wait_for(lambda: laptop.spool.ids() == [] and flushes(laptop) == [], "both flushes to end")
+    wait_for(lambda: laptop.spool.ids() == [] and flushes(laptop) == [], 60, "both flushes to end")
     assert len(host.transactions) == 1
 
 
@@ -255,8 +248,8 @@ def test_queue_dir_spellings_are_read(line: str, laptop: Relayq,
     assert_nothing_started(laptop, lambda: host.connections)  # empty: nothing to do
     queue_one(laptop)
     assert_quiet(run_hook("ifupdown", [], hook_env(laptop, UP["ifupdown"][1])))
-    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
-    wait_for(lambda: flushes(laptop) == [], "the flush to end")
+    wait_for(lambda: len(host.transactions) == 1, 60, "the flush to deliver")
+    wait_for(lambda: flushes(laptop) == [], 60, "the flush to end")
 
 
 def test_unreadable_queue_dir_value_lets_relayq_decide(laptop: Relayq,
@@ -271,5 +264,5 @@ def test_unreadable_queue_dir_value_lets_relayq_decide(laptop: Relayq,
     laptop.write_config(text.replace(queue_line, f'queue_dir = "{escaped}"'))
     queue_one(laptop)
     assert_quiet(run_hook("ppp", UP["ppp"][0], hook_env(laptop, UP["ppp"][1])))
-    wait_for(lambda: len(host.transactions) == 1, "the flush to deliver")
-    wait_for(lambda: flushes(laptop) == [], "the flush to end")
+    wait_for(lambda: len(host.transactions) == 1, 60, "the flush to deliver")
+    wait_for(lambda: flushes(laptop) == [], 60, "the flush to end")

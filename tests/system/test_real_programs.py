@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import BIN, Relayq
+from tests.integration.test_daemon import wait_for
 
 from relayq.core.errors import EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
     from email.message import EmailMessage
     from pathlib import Path
 
@@ -56,13 +57,6 @@ def local_user() -> str:
     return name
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def parse(t: Transaction) -> EmailMessage:
