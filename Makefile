@@ -24,7 +24,7 @@ demo: venv
 	@bash scripts/demo.sh
 
 test-deps:
-	@scripts/apt-install.sh $(TEST_PACKAGES)
+	@scripts/apt-install.sh $(TEST_PACKAGES) $(DEB_PACKAGES)
 
 test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz
