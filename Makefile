@@ -8,7 +8,7 @@ TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace groff-b
 # One test at a time per worker, so the slow ones tests/conftest.py puts first spread out.
 PYTEST_ARGS ?= -n 4 --maxschedchunk 1
 
-.PHONY: demo test venv test-deps lint clean bench fuzz man
+.PHONY: demo test venv test-deps lint clean bench fuzz man deb
 
 $(BIN)/python:
 	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || scripts/apt-install.sh python3-venv
@@ -24,7 +24,7 @@ demo: venv
 	@bash scripts/demo.sh
 
 test-deps:
-	@scripts/apt-install.sh $(TEST_PACKAGES)
+	@scripts/apt-install.sh $(TEST_PACKAGES) $(DEB_PACKAGES)
 
 test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz
@@ -40,6 +40,13 @@ lint: venv
 # the man pages, generated from the config schema, the flag tables and the parser (built, not committed)
 man: venv
 	$(BIN)/python -m relayq.cli.manpages build/man docs
+
+# the Debian package (debian/), built and checked by lintian in build/deb/
+DEB_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-wheel python3-aiosmtpd python3-dnspython lintian
+deb:
+	@scripts/apt-install.sh $(DEB_PACKAGES)
+	@scripts/build-deb.sh
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

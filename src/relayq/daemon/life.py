@@ -24,6 +24,7 @@ import fcntl
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from relayq.system.log import Log
 
 ROOT_PID_FILE = "/run/relayq.pid"
+RUN_DIR = "/run/relayq"  # RuntimeDirectory=relayq in contrib/systemd/*.service
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -92,11 +94,20 @@ def under_systemd() -> bool:
     return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
 
 
-def pid_path(cfg: Config) -> str:
-    """The configured pid file, else /run/relayq.pid for root, else one in the queue dir."""
+def pid_path(cfg: Config, run_dir: str = RUN_DIR) -> str:
+    """The configured pid file; else, while the units' RuntimeDirectory exists, the one
+    in it (the service, running as its user, and root's `relayq flush` must agree);
+    else /run/relayq.pid for root, else one in the queue dir."""
     if cfg.pid_file:
         return cfg.pid_file
-    if os.geteuid() == 0:
+    euid = os.geteuid()
+    try:
+        st = os.stat(run_dir, follow_symlinks=False)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and euid in (0, st.st_uid):
+        return os.path.join(run_dir, "relayq.pid")
+    if euid == 0:
         return ROOT_PID_FILE
     return os.path.join(cfg.queue_dir, "relayq.pid")
 
