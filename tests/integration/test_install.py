@@ -203,3 +203,24 @@ def test_flags_that_do_not_fit_the_root_are_refused(tmp_path: Path, args: list[s
     assert r.returncode == 64 and r.stderr.startswith("relayq: --"), r.stderr
     assert len(r.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_package_builds_call(tmp_path: Path) -> None:
+    """debian/rules' call: Debian's python3 runs the modules pybuild put in the staging
+    root, from the source tree (where docs/ is); they are left as they are."""
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3")
+    lib = tmp_path / "debian/relayq/usr/share/relayq"
+    shutil.copytree(REPO / "src/relayq", lib / "relayq",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(lib), PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run(["/usr/bin/python3", "-m", "relayq.cli.main", "install", "--root",
+                        str(tmp_path / "debian/relayq"), "--python", "/usr/bin/python3",
+                        "--libdir", "/usr/share/relayq"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "copied" not in r.stdout
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p for p in written if str(REPO).encode() in p.read_bytes()] == []
+    assert [p for p in written if p.suffix == ".pyc"] == []
+    assert (tmp_path / "debian/relayq/usr/share/man/man8/relayq.8").is_file()
