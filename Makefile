@@ -52,7 +52,7 @@ clean:
 	rm -rf $(VENV) demo build *.egg-info
 
 bench: venv
-	$(BIN)/relayq install --root /var/tmp/relayq-bench/root >/dev/null
+	$(BIN)/relayq install --root /var/tmp/relayq-bench/root --venv >/dev/null
 	$(BIN)/python bench/submit.py --sendmail /var/tmp/relayq-bench/root/usr/sbin/sendmail
 	$(BIN)/python bench/drain.py
 	$(BIN)/python bench/wakeup.py
