@@ -308,6 +308,13 @@ def uninstall(root: str, bindir: str | None) -> list[str]:
     return done
 
 
+def _packaged() -> bool:
+    """Is this relayq the Debian package's (its modules in TARGET_LIBDIR)?"""
+    import relayq
+
+    return os.path.realpath(relayq.__file__).startswith(TARGET_LIBDIR + os.sep)
+
+
 def run_install(root: str, force: bool, remove: bool, python: str | None = None, *,
                 venv: bool = False, libdir: str | None = None) -> int:
     """`relayq install [--force] [--uninstall] [--root DIR [--venv]] [--python PATH]
@@ -322,6 +329,13 @@ def run_install(root: str, force: bool, remove: bool, python: str | None = None,
     if libdir is not None and not staging:
         raise RelayqError("--libdir: only for a staging root (--root DIR without --venv)",
                           EX_USAGE)
+    if root == "/" and _packaged():
+        if remove:
+            raise RelayqError("installed by the Debian package relayq: remove it with "
+                              "`apt remove relayq`", EX_USAGE)
+        print("relayq: the Debian package relayq already installs sendmail, mailq, "
+              "newaliases and relayq (dpkg -L relayq); nothing to do")
+        return EX_OK
     bindir = os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv[0] else sys.executable))
     if not os.path.exists(os.path.join(bindir, "sendmail")):
         bindir = os.path.dirname(sys.executable)
