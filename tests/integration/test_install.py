@@ -20,13 +20,26 @@ from relayq.core.errors import RelayqError
 
 def test_install_writes_launchers_and_links(tmp_path: Path) -> None:
     lines = install(str(tmp_path), str(BIN), force=False)
-    assert len(lines) == 5
+    assert len(lines) == 5 + len(manpages.PAGES)
     assert os.readlink(tmp_path / "usr/bin/relayq") == str(BIN / "relayq")
     for rel in ("usr/sbin/sendmail", "usr/lib/sendmail", "usr/bin/mailq", "usr/bin/newaliases"):
         head = (tmp_path / rel).read_text().splitlines()[0]
         assert head.endswith(" -IS") and head.startswith("#!/")
     # idempotent
-    assert len(install(str(tmp_path), str(BIN), force=False)) == 5
+    assert len(install(str(tmp_path), str(BIN), force=False)) == 5 + len(manpages.PAGES)
+
+
+def test_host_install_writes_and_removes_its_man_pages_only(tmp_path: Path) -> None:
+    install(str(tmp_path), str(BIN), force=False)
+    man8 = tmp_path / "usr/local/share/man/man8"
+    for page in manpages.PAGES:
+        section = page.rsplit(".", 1)[1]
+        text = (tmp_path / f"usr/local/share/man/man{section}/{page}").read_text()
+        assert text.startswith(".TH ") and "relayq" in text.splitlines()[0]
+    (man8 / "newaliases.8").write_text(".TH NEWALIASES 8 \"\" \"other MTA\"\n")  # not ours
+    uninstall(str(tmp_path), str(BIN))
+    assert not (man8 / "sendmail.8").exists()
+    assert (man8 / "newaliases.8").read_text().startswith(".TH NEWALIASES 8")
 
 
 def test_launcher_queues_mail_and_ignores_a_hostile_environment(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ SAVED = ".relayq-saved"
 TARGET_PYTHON = "/usr/bin/python3"
 TARGET_LIBDIR = "/usr/share/relayq"  # Debian Python policy: a program's private modules
 MANDIR = "usr/share/man"
+LOCAL_MANDIR = "usr/local/share/man"  # a host install: not a package's
 
 
 def _owner(path: str) -> str:
@@ -219,8 +220,40 @@ def install(root: str, bindir: str, force: bool, python: str | None = None) -> l
         else:
             os.symlink(source, path)
             done.append(f"{path} -> {source}")
+    try:
+        done += _write_pages(os.path.join(root, LOCAL_MANDIR), _man_pages())
+    except RelayqError as exc:  # a wheel without its docs: the commands still work
+        done.append(f"man pages not written: {exc}")
     if root == "/" and os.geteuid() == 0:
         done.append(_make_system_queue())
+    return done
+
+
+def _write_pages(mandir: str, pages: dict[str, str]) -> list[str]:
+    done = []
+    for page, text in pages.items():
+        path = os.path.join(mandir, "man" + page.rsplit(".", 1)[1], page)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write(path, text.encode(), 0o644)
+        done.append(f"{path}: man page")
+    return done
+
+
+def _remove_pages(mandir: str) -> list[str]:
+    """The pages install wrote (their .TH line names relayq), none another program's."""
+    from relayq.cli import manpages
+
+    done = []
+    for page in manpages.PAGES:
+        path = os.path.join(mandir, "man" + page.rsplit(".", 1)[1], page)
+        try:
+            with open(path, "rb") as f:
+                first = f.readline(200)
+        except OSError:
+            continue
+        if first.startswith(b".TH ") and b'"relayq' in first:
+            os.unlink(path)
+            done.append(f"removed {path}")
     return done
 
 
@@ -248,12 +281,7 @@ def stage(root: str, force: bool, python: str | None = None,
         done += _make_room(path, _ours(path, None), root)
         _write(path, launcher(command, python, paths), 0o755)
         done.append(f"{path}: launcher, {python} -IS running {STAGED[command]} from {libdir}")
-    for page, text in pages.items():
-        path = os.path.join(root, MANDIR, "man" + page.rsplit(".", 1)[1], page)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write(path, text.encode(), 0o644)
-        done.append(f"{path}: man page")
-    return done
+    return done + _write_pages(os.path.join(root, MANDIR), pages)
 
 
 def _copy_package(dest: str) -> str:
@@ -269,14 +297,16 @@ def _copy_package(dest: str) -> str:
 def _man_pages() -> dict[str, str]:
     """The man pages (cli/manpages renders them from the tables the commands run on),
     with the prose of the source tree's docs/: beside the running package (a
-    checkout) or in the current directory (a package build runs in the source tree)."""
+    checkout), installed with the wheel (share/relayq/docs), or in the current
+    directory (a package build runs in the source tree)."""
     from pathlib import Path
 
     import relayq
     from relayq.cli import manpages
 
     here = Path(os.path.abspath(relayq.__file__)).parent.parent.parent / "docs"
-    for docs in (here, Path.cwd() / "docs"):
+    wheel = Path(sys.prefix) / "share" / "relayq" / "docs"  # pyproject's data-files
+    for docs in (here, wheel, Path.cwd() / "docs"):
         if all((docs / name).is_file() for name in manpages.DOCS):
             texts = manpages.read_docs(docs)
             return {page: manpages.render(page, texts) for page in manpages.PAGES}
@@ -305,7 +335,7 @@ def uninstall(root: str, bindir: str | None) -> list[str]:
             _undivert(path, root)
             if os.path.lexists(path):
                 done.append(f"restored the original {path}")
-    return done
+    return done + _remove_pages(os.path.join(root, MANDIR if bindir is None else LOCAL_MANDIR))
 
 
 def _packaged() -> bool:
