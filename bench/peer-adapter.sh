@@ -48,8 +48,8 @@ case "${1:-}" in
                     # them: with Debian's own python3 when it is relayq's version (a packaged
                     # relayq uses it; pyenv's shared-libpython build starts ~1 ms slower)
                     [ -x "$BIN/sendmail" ] || make -C "$HERE" venv >/dev/null; configure
-                    "$BIN/relayq" install --root "$DIR/root" --python /usr/bin/python3 \
-                        >/dev/null 2>&1 || "$BIN/relayq" install --root "$DIR/root" >/dev/null ;;
+                    "$BIN/relayq" install --root "$DIR/root" --venv --python /usr/bin/python3 \
+                        >/dev/null 2>&1 || "$BIN/relayq" install --root "$DIR/root" --venv >/dev/null ;;
     stop)           bash "$0" listener-stop ;;
     purge)          bash "$0" listener-stop; rm -rf "$DIR" ;;
     *) echo "unknown action ${1:-}" >&2; exit 2 ;;

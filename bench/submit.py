@@ -87,7 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--sendmail", default=BIN,
-                    help="the sendmail to time (e.g. a launcher from `relayq install --root`)")
+                    help="the sendmail to time "
+                         "(e.g. a launcher from `relayq install --root DIR --venv`)")
     ap.add_argument("--max-mib", type=int, default=100, help="largest message size")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="relayq-bench-")

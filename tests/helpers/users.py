@@ -2,7 +2,7 @@
 
 The users are created once per machine (useradd, under a lock: xdist workers
 share the machine) and left in place. They run relayq through launchers made
-by `relayq install --python /usr/bin/python3`: the test venv's interpreter
+by `relayq install --root DIR --venv --python /usr/bin/python3`: the test venv's interpreter
 lives under /root, which other users cannot read, exactly as on a real host
 where relayq is installed for everyone.
 """
@@ -65,13 +65,15 @@ def ensure_users() -> None:
 
 
 def install_launchers() -> Path:
-    """`relayq install --python /usr/bin/python3` into a directory everyone can read."""
+    """`relayq install --venv --python /usr/bin/python3` into a directory everyone can read
+    (launchers that run the test venv's relayq, not a staging root)."""
     if not Path("/usr/bin/python3").exists():
         pytest.skip("no /usr/bin/python3 for the other users")
     root = Path(tempfile.mkdtemp(prefix="relayq-bin-", dir="/tmp"))
     root.chmod(0o755)
-    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(root), "--python",
-                        "/usr/bin/python3"], capture_output=True, text=True, check=False)
+    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(root), "--venv",
+                        "--python", "/usr/bin/python3"], capture_output=True, text=True,
+                       check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot install launchers for /usr/bin/python3: {r.stderr.strip()}")
     return root

@@ -1,29 +1,45 @@
-"""relayq install: links into a directory tree, refusal, --force keeps the original."""
+"""relayq install: links into a directory tree, refusal, --force keeps the original; a
+staging root (packaging) that names only target paths and runs under Debian's python3."""
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import subprocess
-from typing import TYPE_CHECKING
+import sys
+from pathlib import Path
 
+import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
+from relayq.cli import manpages
 from relayq.cli.install import install, uninstall
 from relayq.core.errors import RelayqError
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def test_install_writes_launchers_and_links(tmp_path: Path) -> None:
     lines = install(str(tmp_path), str(BIN), force=False)
-    assert len(lines) == 5
+    assert len(lines) == 5 + len(manpages.PAGES)
     assert os.readlink(tmp_path / "usr/bin/relayq") == str(BIN / "relayq")
     for rel in ("usr/sbin/sendmail", "usr/lib/sendmail", "usr/bin/mailq", "usr/bin/newaliases"):
         head = (tmp_path / rel).read_text().splitlines()[0]
         assert head.endswith(" -IS") and head.startswith("#!/")
     # idempotent
-    assert len(install(str(tmp_path), str(BIN), force=False)) == 5
+    assert len(install(str(tmp_path), str(BIN), force=False)) == 5 + len(manpages.PAGES)
+
+
+def test_host_install_writes_and_removes_its_man_pages_only(tmp_path: Path) -> None:
+    install(str(tmp_path), str(BIN), force=False)
+    man8 = tmp_path / "usr/local/share/man/man8"
+    for page in manpages.PAGES:
+        section = page.rsplit(".", 1)[1]
+        text = (tmp_path / f"usr/local/share/man/man{section}/{page}").read_text()
+        assert text.startswith(".TH ") and "relayq" in text.splitlines()[0]
+    (man8 / "newaliases.8").write_text(".TH NEWALIASES 8 \"\" \"other MTA\"\n")  # not ours
+    uninstall(str(tmp_path), str(BIN))
+    assert not (man8 / "sendmail.8").exists()
+    assert (man8 / "newaliases.8").read_text().startswith(".TH NEWALIASES 8")
 
 
 def test_launcher_queues_mail_and_ignores_a_hostile_environment(tmp_path: Path) -> None:
@@ -63,16 +79,17 @@ def test_refuses_another_mta_unless_forced(tmp_path: Path) -> None:
 
 
 def test_command_line(tmp_path: Path) -> None:
-    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(tmp_path)],
+    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(tmp_path), "--venv"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert b"written by relayq install" in (tmp_path / "usr/sbin/sendmail").read_bytes()
+    assert os.readlink(tmp_path / "usr/bin/relayq") == str(BIN / "relayq")
 
 
 def test_python_choice_must_be_the_same_version(tmp_path: Path) -> None:
     import sys
 
-    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(tmp_path),
+    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(tmp_path), "--venv",
                         "--python", "/bin/true"], capture_output=True, text=True, check=False)
     assert r.returncode == 64 and "--python /bin/true" in r.stderr, r.stderr
     assert not (tmp_path / "usr").exists()
@@ -92,3 +109,131 @@ def test_launcher_exit_codes_and_messages_survive_the_fast_exit(tmp_path: Path) 
     r = subprocess.run(f"{tmp_path}/root/usr/bin/mailq -v | head -c 1", shell=True, env=rq.env,
                        capture_output=True, timeout=30, check=False)
     assert r.returncode == 0 and b"Traceback" not in r.stderr
+
+
+# A staging root: `relayq install --root DIR` from a package build (debian/rules)
+
+REPO = Path(__file__).resolve().parents[2]
+COMMANDS = ("usr/sbin/sendmail", "usr/lib/sendmail", "usr/bin/mailq", "usr/bin/newaliases",
+            "usr/bin/relayq")
+
+
+def stage(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([str(BIN / "relayq"), "install", "--root", str(root), *args],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_a_staging_root_names_target_paths_only(tmp_path: Path) -> None:
+    r = stage(tmp_path)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() or p.is_symlink()]
+    leaks = [str(p) for p in written for build in (str(REPO), sys.prefix, sys.base_prefix)
+             if build.encode() in p.read_bytes() or build in os.path.realpath(p)]
+    assert leaks == []
+    for rel in COMMANDS:
+        path = tmp_path / rel
+        assert path.is_file() and not path.is_symlink() and os.access(path, os.X_OK)
+        lines = path.read_text().splitlines()
+        assert lines[0] == "#!/usr/bin/python3 -IS"
+        search = next(line for line in lines if line.startswith("sys.path[:0] = "))
+        paths = ast.literal_eval(search.removeprefix("sys.path[:0] = "))
+        assert paths[0] == "/usr/share/relayq" and "/usr/lib/python3/dist-packages" in paths
+    assert "relayq.cli.main import main" in (tmp_path / "usr/bin/relayq").read_text()
+    lib = tmp_path / "usr/share/relayq/relayq"
+    assert (lib / "cli" / "sendmail.py").is_file()
+    assert [p for p in lib.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"] == []
+    pages = sorted(p.name for p in (tmp_path / "usr/share/man").rglob("*.[158]"))
+    assert pages == sorted(manpages.PAGES)
+    assert (tmp_path / "usr/share/man/man1/mailq.1").is_file()
+    assert (tmp_path / "usr/share/man/man5/relayq.toml.5").is_file()
+    # one line per action, each naming what it wrote
+    out = r.stdout.splitlines()
+    assert len(out) == len(COMMANDS) + 1 + len(manpages.PAGES), r.stdout
+    assert all(line.startswith(str(tmp_path)) for line in out), r.stdout
+
+
+def test_a_staging_root_keeps_the_modules_the_package_build_put_there(tmp_path: Path) -> None:
+    built = tmp_path / "opt/relayq/lib/relayq"
+    built.mkdir(parents=True)
+    (built / "__init__.py").write_text("# pybuild's\n")
+    r = stage(tmp_path, "--libdir", "/opt/relayq/lib", "--python", "/usr/bin/python3")
+    assert (built / "__init__.py").read_text() == "# pybuild's\n"
+    assert sorted(p.name for p in built.iterdir()) == ["__init__.py"]
+    assert "copied" not in r.stdout and len(r.stdout.splitlines()) == 5 + len(manpages.PAGES)
+    head = (tmp_path / "usr/sbin/sendmail").read_text()
+    assert "sys.path[:0] = ['/opt/relayq/lib', " in head
+
+
+def test_staged_commands_run_under_debians_python3(tmp_path: Path) -> None:
+    """The staged tree laid over /usr in a private mount namespace: as the installed
+    package, Debian's python3 importing relayq from /usr/share/relayq and its
+    dependencies from python3-* packages."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a private mount namespace needs root and unshare")
+    stage(tmp_path / "stage")
+    rq = Relayq(tmp_path)
+    env = dict(rq.env, PATH="/usr/sbin:/usr/bin:/sbin:/bin", PYTHONPATH=str(REPO / "src"))
+    script = (f"mount -t overlay overlay -o lowerdir={tmp_path}/stage/usr:/usr /usr && "
+              "/usr/sbin/sendmail -odq a@example.org < /dev/stdin && "
+              "/usr/lib/sendmail -odq -oi b@example.org < /dev/null && "
+              "/usr/bin/mailq && /usr/bin/relayq version && /usr/bin/relayq check-config && "
+              "/usr/bin/newaliases && /usr/bin/python3 -IS -c "
+              "\"import sys; sys.path[:0] = ['/usr/share/relayq']; import relayq; "
+              "print(relayq.__file__)\"")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], input=b"Subject: x\n\nx\n",
+                       env=env, capture_output=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert len(rq.queued()) == 2
+    out = r.stdout.decode()
+    assert "Total requests: 2" in out and "relayq " in out
+    assert "/usr/share/relayq/relayq/__init__.py" in out
+    assert not Path("/usr/share/relayq").exists()  # only inside the namespace
+
+
+def test_staged_man_pages_render_without_warnings(tmp_path: Path) -> None:
+    if shutil.which("man") is None:
+        pytest.fail("man is needed: make test-deps installs man-db")
+    stage(tmp_path)
+    env = dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="", MANPAGER="cat", PAGER="cat")
+    for page in manpages.PAGES:
+        path = tmp_path / "usr/share/man" / f"man{page.rsplit('.', 1)[1]}" / page
+        man = subprocess.run(["man", "--warnings", "-l", str(path)], capture_output=True,
+                             text=True, timeout=60, env=env, check=False)
+        assert (man.returncode, man.stderr) == (0, ""), page
+        assert man.stdout.startswith(page.rsplit(".", 1)[0].upper() + "(")
+    relayq_8 = (tmp_path / "usr/share/man/man8/relayq.8").read_text()
+    assert "\\fB\\-\\-libdir\\fR" in relayq_8 and "\\fB\\-\\-venv\\fR" in relayq_8
+
+
+@pytest.mark.parametrize("args", [["--venv"], ["--libdir", "/usr/share/relayq"],
+                                  ["--root", "x", "--venv", "--libdir", "/usr/share/relayq"],
+                                  ["--root", "x", "--libdir", "share/relayq"]])
+def test_flags_that_do_not_fit_the_root_are_refused(tmp_path: Path, args: list[str]) -> None:
+    args = [str(tmp_path / a) if a == "x" else a for a in args]
+    r = subprocess.run([str(BIN / "relayq"), "install", *args], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 64 and r.stderr.startswith("relayq: --"), r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_package_builds_call(tmp_path: Path) -> None:
+    """debian/rules' call: Debian's python3 runs the modules pybuild put in the staging
+    root, from the source tree (where docs/ is); they are left as they are."""
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3")
+    lib = tmp_path / "debian/relayq/usr/share/relayq"
+    shutil.copytree(REPO / "src/relayq", lib / "relayq",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(lib), PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run(["/usr/bin/python3", "-m", "relayq.cli.main", "install", "--root",
+                        str(tmp_path / "debian/relayq"), "--python", "/usr/bin/python3",
+                        "--libdir", "/usr/share/relayq"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "copied" not in r.stdout
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p for p in written if str(REPO).encode() in p.read_bytes()] == []
+    assert [p for p in written if p.suffix == ".pyc"] == []
+    assert (tmp_path / "debian/relayq/usr/share/man/man8/relayq.8").is_file()

@@ -134,8 +134,8 @@ def test_ten_thousand_from_eight_submitters_while_a_daemon_drains(
     rq = Relayq(tmp_path, smarthost=sh.smarthost, concurrency=4, queue_interval="1h",
                 pid_file=str(tmp_path / "relayq.pid"))
     root = tmp_path / "root"
-    subprocess.run([str(BIN / "relayq"), "install", "--root", str(root)], check=True,
-                   capture_output=True)  # the -IS launcher, as installed hosts run it
+    subprocess.run([str(BIN / "relayq"), "install", "--root", str(root), "--venv"],
+                   check=True, capture_output=True)  # the -IS launcher, as installed hosts run it
     sendmail = str(root / "usr/sbin/sendmail")
     d = daemon(rq)
     failures: list[bytes] = []

@@ -4,6 +4,10 @@ aiosmtpd is pinned below its next minor version; within that range a release
 may still rename or reshape a private member. Each test here names one member
 the listener uses, so an upgrade that breaks the reliance fails here, saying
 which, before a session misbehaves. The list is the one in aio.py's docstring.
+
+They must pass on both aiosmtpd releases relayq supports: the venv's (the newest
+1.4 from PyPI) and Debian 12's 1.4.3+deb12u1 (tests/system/test_debian_python.py
+runs this file under /usr/bin/python3 with Debian's packages).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from aiosmtpd.smtp import SMTP
 
 from relayq.core.config import Config
 from relayq.queue.submit import Context
-from relayq.server.aio import HTTP_VERBS, Server
+from relayq.server.aio import CONNECTED_CB, HTTP_VERBS, Server
 from relayq.server.handler import State
 from relayq.system.log import Log
 
@@ -35,7 +39,7 @@ METHODS = [
     ("_timeout_cb", False, ["self"]),
     ("_reset_timeout", False, ["self", "duration"]),
     ("_getaddr", False, ["self", "arg"]),
-    ("_cb_client_connected", False, ["self", "reader", "writer"]),
+    (CONNECTED_CB, False, ["self", "reader", "writer"]),  # its name depends on the release
     ("connection_made", False, ["self", "transport"]),
     ("connection_lost", False, ["self", "error"]),
     ("push", True, ["self", "status"]),
@@ -65,6 +69,17 @@ def test_a_method_the_listener_relies_on_is_there_as_it_was(
         f"{_where(name)} is {'no longer' if is_coroutine else 'now'} a coroutine")
     got = list(inspect.signature(member).parameters)
     assert got == params, f"{_where(name)} takes {got} now, not {params}"
+
+
+def test_the_constructor_hands_the_streams_to_the_connected_callback(server: Server) -> None:
+    """clone() builds the stream state itself, passing the method named CONNECTED_CB
+    as SMTP.__init__ does (asyncio keeps it as `_client_connected_cb`)."""
+    given = getattr(server, "_client_connected_cb", None)
+    assert getattr(given, "__func__", None) is getattr(SMTP, CONNECTED_CB), (
+        f"{_where(CONNECTED_CB)} is no longer what SMTP() gives asyncio's reader protocol")
+    assert given.__self__ is server
+    clone = server.clone()
+    assert clone._client_connected_cb.__self__ is clone, "a clone calls back the template"
 
 
 @pytest.mark.parametrize(("name", "kind"), CLASS_ATTRIBUTES,
@@ -168,7 +183,7 @@ def test_the_timer_takes_a_duration(server: Server) -> None:
 
 
 def test_a_session_reads_from_the_reader_and_sees_its_buffer() -> None:
-    """A real session over a socketpair: `_cb_client_connected` gives `_reader`,
+    """A real session over a socketpair: the CONNECTED_CB method gives `_reader`,
     whose asyncio `_buffer` unread_input() reads (the -bs session's end)."""
     cfg = Config({})
     state = State(cfg, Log(use_syslog=False), Context(cfg), user="smtp", uid=0,

@@ -3,11 +3,11 @@ check-config, status, mailq, install)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from relayq.cli._exit import run
+from relayq.cli.args import build_parser
 from relayq.core.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqError
 
 TYPE_CHECKING = False
@@ -15,45 +15,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from relayq.core.config import Config
     from relayq.queue.spool import Spool
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="relayq", description="relayq mail relay administration")
-    p.add_argument("-C", "--config", help="configuration file")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the SMTP dialogue")
-    p.add_argument("-L", "--tag", default="relayq", help="syslog tag")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("flush", help="try every queued message now (sendmail -q); "
-                   "a running daemon is told to retry too")
-    d = sub.add_parser("daemon", help="queue runs on an interval, and the SMTP listener")
-    d.add_argument("--listen", action="store_true", help="also accept SMTP (listen addresses)")
-    d.add_argument("--foreground", action="store_true",
-                   help="do not detach (implied under systemd)")
-    d.add_argument("-q", dest="interval", metavar="INTERVAL",
-                   help="time between queue runs, e.g. 30m (default: queue_interval)")
-    sub.add_parser("run", help="deliver the messages whose retry time has come")
-    sub.add_parser("check-config", help="print the effective configuration, secrets masked")
-    st = sub.add_parser("status", help="queue size, oldest message, daemon (fast at any size)")
-    st.add_argument("--json", action="store_true", help="one JSON document")
-    sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
-    for action, what in (("hold", "keep messages queued: no run delivers them"),
-                         ("release", "undo hold: deliver at the next run"),
-                         ("delete", "remove messages from the queue, undelivered"),
-                         ("requeue", "make messages due and try them now")):
-        a = sub.add_parser(action, help=what)
-        a.add_argument("qids", nargs="+", metavar="QID", help="queue ids, as mailq shows them")
-    i = sub.add_parser("install", help="link /usr/sbin/sendmail, mailq, newaliases to relayq")
-    i.add_argument("--force", action="store_true",
-                   help="replace another MTA's commands (they are kept aside)")
-    i.add_argument("--uninstall", action="store_true", help="remove the links, restore originals")
-    i.add_argument("--root", default="/", help="install below this directory (packaging)")
-    i.add_argument("--python", metavar="PATH",
-                   help="interpreter for the launchers (same Python version as relayq's; "
-                        "default: the one running relayq)")
-    q = sub.add_parser("mailq", help="list the queue (as mailq)")
-    q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
-    sub.add_parser("version", help="print the version")
-    return p
 
 
 def _main(argv: list[str]) -> int:
@@ -75,7 +36,8 @@ def _main(argv: list[str]) -> int:
     if args.command == "install":
         from relayq.cli.install import run_install
 
-        return run_install(args.root, args.force, args.uninstall, args.python)
+        return run_install(args.root, args.force, args.uninstall, args.python,
+                           venv=args.venv, libdir=args.libdir)
     if args.command == "daemon":
         from relayq.daemon import main as daemon
 

@@ -3,9 +3,10 @@
 relayq.toml(5) is `core.config.SCHEMA` (the meaning from docs/configuration.md's
 key table where it says more), sendmail(8) is `cli.flags`' tables (the prose from
 docs/sendmail-compat.md's flag table; a flag with no row there is an error, not a
-page without it), relayq(8) is `cli.main`'s argument parser, mailq(1) is
+page without it), relayq(8) is `cli.args`' argument parser, mailq(1) is
 `cli.mailq.USAGE`. `render()` is pure (texts in, roff out); `main()` is
-`make man`, which writes build/man/: the pages are built, never committed.
+`make man`, which writes build/man/: the pages are built, never committed
+(`relayq install --root DIR` writes them into a package's staging root).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def relayq_page(parser: argparse.ArgumentParser) -> str:
 
 def render(page: str, docs: dict[str, str]) -> str:
     """The roff text of one of PAGES; `docs` maps DOCS names to their text."""
-    from relayq.cli.main import build_parser
+    from relayq.cli.args import build_parser
 
     makers: dict[str, Callable[[], str]] = {
         "sendmail.8": lambda: sendmail_page(docs["sendmail-compat.md"]),
@@ -269,12 +270,17 @@ def render(page: str, docs: dict[str, str]) -> str:
     return makers[page]()
 
 
+def read_docs(docsdir: Path) -> dict[str, str]:
+    """The DOCS texts `render` takes, from a source tree's docs/."""
+    return {name: (docsdir / name).read_text() for name in DOCS}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m relayq.cli.manpages OUTDIR [DOCSDIR]` (make man)."""
     args = sys.argv[1:] if argv is None else argv
     outdir = Path(args[0] if args else "build/man")
     docsdir = Path(args[1] if len(args) > 1 else "docs")
-    docs = {name: (docsdir / name).read_text() for name in DOCS}
+    docs = read_docs(docsdir)
     outdir.mkdir(parents=True, exist_ok=True)
     for page in PAGES:
         (outdir / page).write_text(render(page, docs))

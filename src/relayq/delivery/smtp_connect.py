@@ -165,13 +165,23 @@ def parse_dns_server(spec: str) -> tuple[str, int]:
 
 
 def make_resolver(servers: list[str], timeout: float) -> dns.resolver.Resolver | None:
-    """A dnspython resolver with a short timeout; `servers` override resolv.conf."""
-    import dns.nameserver
+    """A dnspython resolver with a short timeout; `servers` override resolv.conf.
+
+    dnspython 2.4 and later take a port per server (Do53Nameserver); Debian 12's
+    2.3 takes addresses and a port for each address (nameserver_ports).
+    """
     import dns.resolver
 
     if servers:
         res = dns.resolver.Resolver(configure=False)
-        res.nameservers = [dns.nameserver.Do53Nameserver(*parse_dns_server(s)) for s in servers]
+        given = [parse_dns_server(s) for s in servers]
+        try:
+            import dns.nameserver
+        except ImportError:  # dnspython 2.3
+            res.nameservers = [ip for ip, _ in given]
+            res.nameserver_ports = dict(given)
+        else:
+            res.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in given]
     else:
         try:
             res = dns.resolver.Resolver()

@@ -13,9 +13,21 @@ fails, naming the member, when one goes away or changes):
 - `_reader`: the stream DATA reads from, wrapped in _LineCap for DATA, and its
   asyncio `_buffer` (is input still unanswered? unread_input, for -bs);
 - `_smtp_methods`, `_auth_methods` (of `_AuthMechAttr(method, is_builtin)`) and
-  `_cb_client_connected`: what clone() copies and rebinds;
+  the method the reader calls with the streams (CONNECTED_CB): what clone()
+  copies and rebinds;
 - `line_length_limit`, `local_part_limit`, `hostname`, `loop`: attributes read or
   set before SMTP.__init__ builds its reader.
+
+Two aiosmtpd releases are supported: the newest 1.4 from PyPI (1.4.6, the venv)
+and Debian 12's python3-aiosmtpd 1.4.3-1.1+deb12u1, which the .deb depends on.
+Of what relayq uses they differ only in CONNECTED_CB's name (and 1.4.3 asks
+asyncio for a loop when given none: relayq always passes one). Debian backported the fix for SMTP
+smuggling (CVE-2024-27305, upstream 1.4.5) and for STARTTLS command injection
+(CVE-2024-34083, 1.4.6): both read DATA line by line with readuntil(b"\r\n"),
+so a bare LF or CR never ends a line there, and "\n.\n", "\n.\r\n",
+"\r\n.\n" are data; the handler refuses any message that holds one (550 5.6.0,
+relayq.server.handler). tests/system/test_debian_python.py runs the same probes
+against both and compares every reply.
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ _aiolog.addHandler(logging.NullHandler())
 _aiolog.propagate = False
 
 _UNKNOWN = object()
+
+# the SMTP method asyncio's StreamReaderProtocol calls with (reader, writer): Debian 12's
+# aiosmtpd 1.4.3 names it _client_connected_cb, later releases _cb_client_connected
+CONNECTED_CB = "_client_connected_cb" if hasattr(SMTP, "_client_connected_cb") \
+    else "_cb_client_connected"
 
 
 class Server(SMTP):
@@ -92,9 +109,12 @@ class Server(SMTP):
                                for k, v in self._auth_methods.items()}
         proto.mail_dsn, proto.rcpt_dsn = {}, {}
         proto._peer_user = _UNKNOWN
+        # from the class: in 1.4.3 asyncio's attribute for the callback has the method's
+        # name, so the instance copied above holds the template's bound method under it
+        connected = getattr(Server, CONNECTED_CB).__get__(proto)
         asyncio.StreamReaderProtocol.__init__(
             proto, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=proto._cb_client_connected, loop=self.loop)
+            client_connected_cb=connected, loop=self.loop)
         return proto
 
     # connection bookkeeping
@@ -254,9 +274,10 @@ class Server(SMTP):
 class _LineCap:
     """The stream aiosmtpd reads message data from, with a bound on a too-long line.
 
-    aiosmtpd 1.4.6 refuses a data line longer than the limit, but keeps every
-    piece of it until its CRLF arrives: one endless line grew the listener by
-    as much as the client cared to send (200 MB sent, 200 MB held). Past
+    aiosmtpd (1.4.6 and Debian's 1.4.3+deb12u1 alike) refuses a data line longer
+    than the limit, but keeps every piece of it until its CRLF arrives: one
+    endless line grew the listener by as much as the client cared to send
+    (200 MB sent, 200 MB held). Past
     RUNAWAY_LINE bytes, the rest of such a line is read and dropped here; the
     caller still sees the line end where it really ends (its CRLF is handed
     over on the next readuntil), so "\\r\\n.\\r\\n" is found exactly where it was.
