@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.debbuild import BuildFailed, newer_package, package
-from tests.helpers.debroot import DebRoot, changed_since, skip_unless_possible
+from tests.helpers.debroot import DebRoot, Entry, changed_since, skip_unless_possible
 from tests.integration.test_daemon import wait_for
 
 from relayq.testing.smarthost import Smarthost
@@ -103,8 +103,9 @@ def prepare(root: DebRoot, mailname: str | None, smarthost: str) -> None:
         owner = root.run(["dpkg-query", "-S", path])
         if owner.returncode == 0:  # another MTA's sendmail, in the machine below
             root.purge(*{line.split(":")[0] for line in owner.stdout.splitlines()})
+    # and what relayq itself leaves on this machine (tests running it as root)
     root.ok(["rm", "-rf", *COMMANDS, "/etc/relayq", "/var/spool/relayq", "/usr/share/relayq",
-             "/etc/mailname"])
+             "/var/cache/relayq", "/var/log/relayq", "/run/relayq", "/etc/mailname"])
     if mailname is not None:
         root.ok(["sh", "-c", 'printf "%s\\n" "$1" > /etc/mailname', "sh", mailname])
     root.preseed([f"relayq shared/mailname string {mailname or 'host.example.org'}",
@@ -303,7 +304,7 @@ def test_fresh_install_mail_remove_and_purge(root: DebRoot, deb: Path,
     f.assert_none()
 
 
-def check_nothing_left(root: DebRoot, f: Findings, before: dict[str, object],
+def check_nothing_left(root: DebRoot, f: Findings, before: dict[str, Entry],
                        baseline_packages: set[str]) -> None:
     """After the purge the root differs from before the install only in what
     ALLOWED_AFTER_PURGE names and in the packages apt pulled in (their files)."""
@@ -312,13 +313,14 @@ def check_nothing_left(root: DebRoot, f: Findings, before: dict[str, object],
     for pkg in pulled:
         owned.update(root.ok(["dpkg-query", "-L", pkg]).split("\n"))
     left = []
-    for path in changed_since(before, root.changes()):  # type: ignore[arg-type]
+    for path in changed_since(before, root.changes()):
         if any(rx.fullmatch(path) for rx in ALLOWED_AFTER_PURGE) or path in owned:
             continue
         if "/__pycache__" in path and path.split("/__pycache__")[0] in owned:
             continue  # py3compile's bytecode of a pulled-in package
-        if root.path(path).is_dir() and not root.path(path).is_symlink() and \
-                Path(path).is_dir():
+        was = before.get(path)
+        if (was is None or was.kind != "whiteout") and Path(path).is_dir() and \
+                root.path(path).is_dir() and not root.path(path).is_symlink():
             continue  # a directory of the machine's, copied up on the way
         left.append(path)
     f.check(not left, f"after purge the root still has (or lost) {left}")
