@@ -279,8 +279,10 @@ def test_fresh_install_mail_remove_and_purge(root: DebRoot, deb: Path,
     f = Findings()
     prepare(root, None, host.smarthost)
     before = root.changes()
-    baseline_packages = set(root.ok(["dpkg-query", "-W", "-f=${Package}\\n"]).split())
-    install(root, deb)
+    baseline_packages = installed_packages(root)
+    out = install(root, deb)
+    f.check("needs a look" not in out and "no smarthost" not in out,
+            f"postinst complains about the preseeded configuration: {out[-600:]!r}")
     check_installed(root, f, "host.example.org", host.smarthost)
     check_commands(root, f, host, "host.example.org")
 
@@ -304,17 +306,23 @@ def test_fresh_install_mail_remove_and_purge(root: DebRoot, deb: Path,
     f.assert_none()
 
 
+def installed_packages(root: DebRoot) -> set[str]:
+    return set(root.ok(["dpkg-query", "-W", "-f=${Package}\\n"]).split())
+
+
 def check_nothing_left(root: DebRoot, f: Findings, before: dict[str, Entry],
-                       baseline_packages: set[str]) -> None:
+                       baseline_packages: set[str], also: str = "") -> None:
     """After the purge the root differs from before the install only in what
-    ALLOWED_AFTER_PURGE names and in the packages apt pulled in (their files)."""
-    pulled = set(root.ok(["dpkg-query", "-W", "-f=${Package}\\n"]).split()) - baseline_packages
+    ALLOWED_AFTER_PURGE (and the pattern `also`) names and in the packages apt
+    pulled in (their files)."""
+    allowed = [*ALLOWED_AFTER_PURGE, *([re.compile(also)] if also else [])]
+    pulled = installed_packages(root) - baseline_packages
     owned: set[str] = set()
     for pkg in pulled:
         owned.update(root.ok(["dpkg-query", "-L", pkg]).split("\n"))
     left = []
     for path in changed_since(before, root.changes()):
-        if any(rx.fullmatch(path) for rx in ALLOWED_AFTER_PURGE) or path in owned:
+        if any(rx.fullmatch(path) for rx in allowed) or path in owned:
             continue
         if "/__pycache__" in path and path.split("/__pycache__")[0] in owned:
             continue  # py3compile's bytecode of a pulled-in package
@@ -337,7 +345,11 @@ def test_kept_mailname_upgrade_keeps_queued_mail_purge_keeps_queue(
     f = Findings()
     prepare(root, "kept.example.net", smarthost)
     root.preseed(["relayq shared/mailname string asked.example.org"])
-    install(root, deb)
+    before = root.changes()
+    baseline_packages = installed_packages(root)
+    out = install(root, deb)
+    f.check("needs a look" not in out and "no smarthost" not in out,
+            f"postinst complains about the preseeded configuration: {out[-600:]!r}")
     f.check(root.path("/etc/mailname").read_text() == "kept.example.net\n",
             f"/etc/mailname was changed to {root.path('/etc/mailname').read_text()!r}")
 
@@ -376,4 +388,5 @@ def test_kept_mailname_upgrade_keeps_queued_mail_purge_keeps_queue(
     f.check(queue_files(root) == left, "purge with mail queued did not keep the queue as it was")
     f.check("/var/spool/relayq" in purge.stdout + purge.stderr,
             f"purge kept the queue silently: {purge.stdout + purge.stderr!r}")
+    check_nothing_left(root, f, before, baseline_packages, also=r"/var/spool/relayq(/.*)?")
     f.assert_none()
