@@ -49,6 +49,8 @@ HOOKS = ("/etc/NetworkManager/dispatcher.d/relayq", "/etc/networkd-dispatcher/ro
          "/etc/network/if-up.d/relayq", "/etc/ppp/ip-up.d/relayq")
 MAN = ("man8/sendmail.8", "man1/mailq.1", "man8/newaliases.8", "man8/relayq.8",
        "man5/relayq.toml.5")
+IFUP_ENV = {"IFACE": "eth0", "LOGICAL": "eth0", "ADDRFAM": "inet", "METHOD": "dhcp",
+            "MODE": "start", "PHASE": "post-up", "VERBOSITY": "0"}  # what ifupdown passes
 USER = "rqdeb-user"  # an ordinary user made inside the root
 MESSAGE = "To: {to}\nSubject: {subject}\n\nhi\n"
 
@@ -164,6 +166,19 @@ def check_installed(root: DebRoot, f: Findings, mailname: str, smarthost: str) -
         owner = root.run(["dpkg-query", "-S", path]).stdout.strip()
         f.check(owner == f"relayq: {path}", f"dpkg -S {path}: {owner!r}")
         f.check(root.run(["test", "-x", path]).returncode == 0, f"{path} is not executable")
+    fields = dict(line.split("=", 1) for line in root.ok(
+        ["dpkg-query", "-W", "-f=Provides=${Provides}\\nConflicts=${Conflicts}\\n"
+         "Replaces=${Replaces}\\nDepends=${Depends}\\nRecommends=${Recommends}\\n",
+         "relayq"]).splitlines())
+    for field in ("Provides", "Conflicts", "Replaces"):
+        f.check("mail-transport-agent" in fields[field], f"{field}: {fields[field]!r}")
+    wanted = {"Depends": ("python3", "python3-aiosmtpd", "python3-dnspython"),
+              "Recommends": ("python3-uvloop",)}
+    for field, names in wanted.items():
+        have = {alt.split()[0].split(":")[0]  # python3:any is python3
+                for alt in re.split(r"[,|]", fields[field]) if alt.strip()}
+        f.check(set(names) <= have, f"{field}: {fields[field]!r} lacks {set(names) - have}")
+    f.check(root.path("/usr/lib/sysusers.d/relayq.conf").exists(), "no sysusers.d/relayq.conf")
     for dep in (*DEPENDENCIES, "relayq"):
         f.check(root.installed(dep), f"{dep} is not installed (Depends/Recommends)")
     units = {u: [d for d in ("/usr/lib/systemd/system", "/lib/systemd/system")
@@ -303,6 +318,13 @@ def test_fresh_install_mail_remove_and_purge(root: DebRoot, deb: Path,
     f.check(root.run("debconf-show relayq").stdout.strip() == "",
             f"debconf still has: {root.run('debconf-show relayq').stdout.strip()!r}")
     check_nothing_left(root, f, before, baseline_packages)
+
+    # installed again over what purge leaves (the user, /etc/mailname): as good as new
+    root.preseed([f"relayq relayq/smarthost string {host.smarthost}"])
+    install(root, deb)
+    check_user_and_spool(root, f)
+    submit(root, "again@example.org", "after a reinstall")
+    wait_for(lambda: received(host, "after a reinstall"), 120, "mail after the reinstall")
     f.assert_none()
 
 
@@ -372,10 +394,18 @@ def test_kept_mailname_upgrade_keeps_queued_mail_purge_keeps_queue(
             "the upgrade changed /etc/mailname")
 
     with Smarthost(port=port) as host:
+        # the link comes up: the installed ifupdown hook, as ifupdown runs it, flushes
+        root.ok(["/etc/network/if-up.d/relayq"], env=IFUP_ENV, timeout=60)
+        try:
+            wait_for(lambda: received(host, "across the upgrade"), 60, "the hook's flush")
+        except AssertionError:
+            f.check(False, "the installed ifupdown hook did not flush the queue")
         root.ok(["relayq", "flush"], timeout=120)
         wait_for(lambda: received(host, "across the upgrade"), 120, "the queued message")
         wait_for(lambda: "queued@example.org" not in root.ok(["mailq"]), 60, "an empty queue")
         root.ok(["sendmail", "-q"], timeout=120)  # another queue run finds nothing to send
+        root.ok("for i in $(seq 600); do pgrep -x timeout >/dev/null || exit 0; sleep 0.1; "
+                "done; exit 1", timeout=120)  # the hook's flush has ended
         f.check(received(host, "across the upgrade") == [["queued@example.org"]],
                 f"delivered as {received(host, 'across the upgrade')}, not once")
 
