@@ -110,7 +110,15 @@ def _cached(out: Path, build: object) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         deb = build()  # type: ignore[operator]
         done.write_text(deb.name + "\n")
+        _prune(keep=out.name.removesuffix("-next"))
         return Path(deb)
+
+
+def _prune(keep: str) -> None:
+    """Builds of earlier sources go: build/deb-test holds this state's two at most."""
+    for old in CACHE.iterdir():
+        if old.is_dir() and old.name.removesuffix("-next") != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def package(repo: Path = REPO) -> Path:

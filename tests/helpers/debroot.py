@@ -24,6 +24,7 @@ Files inside are readable from the test through `path()` (/proc/PID/root).
 
 from __future__ import annotations
 
+import functools
 import os
 import selectors
 import shutil
@@ -76,6 +77,7 @@ while True:
 """
 
 
+@functools.cache
 def why_not() -> str:
     """Why this machine cannot make a root ("" when it can): the reason a test skips with."""
     if os.geteuid() != 0:

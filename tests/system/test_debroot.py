@@ -48,7 +48,6 @@ def tiny_deb(where: Path, depends: str) -> Path:
     return deb
 
 
-@pytest.mark.timeout(300)
 def test_a_package_installs_in_the_root_only(root: DebRoot, tmp_path: Path) -> None:
     root.purge("python3-dnspython")  # installed here: the root must resolve it itself
     assert not root.installed("python3-dnspython")
@@ -70,7 +69,6 @@ def test_a_package_installs_in_the_root_only(root: DebRoot, tmp_path: Path) -> N
     assert not host.stdout.startswith("ii")
 
 
-@pytest.mark.timeout(300)
 def test_the_root_keeps_state_reaches_loopback_and_ends_clean(
         root: DebRoot, smarthost_factory: SmarthostFactory) -> None:
     host = smarthost_factory()
