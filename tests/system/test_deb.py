@@ -305,6 +305,12 @@ def test_fresh_install_mail_remove_and_purge(root: DebRoot, deb: Path,
     f.check(root.path("/etc/relayq/relayq.toml").exists(), "remove took /etc/relayq/relayq.toml")
     f.check(root.path("/var/spool/relayq/queue").is_dir(), "remove took /var/spool/relayq")
     f.check(not root.path("/usr/sbin/sendmail").exists(), "remove left /usr/sbin/sendmail")
+    # the hooks are conffiles and stay until purge: with relayq gone they do nothing
+    for hook, args, env in (("/etc/network/if-up.d/relayq", [], IFUP_ENV),
+                            ("/etc/NetworkManager/dispatcher.d/relayq", ["eth0", "up"], {})):
+        res = root.run([hook, *args], env=env, timeout=60)
+        f.check((res.returncode, res.stdout, res.stderr) == (0, "", ""),
+                f"{hook} after remove: exit {res.returncode} {res.stdout!r} {res.stderr!r}")
 
     purge = root.run(["dpkg", "--purge", "relayq"])
     assert purge.returncode == 0, purge.stdout + purge.stderr
