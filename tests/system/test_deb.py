@@ -416,13 +416,17 @@ def test_kept_mailname_upgrade_keeps_queued_mail_purge_keeps_queue(
                 f"delivered as {received(host, 'across the upgrade')}, not once")
 
     submit(root, "left@example.org", "left at purge", "-odq")
+    # a damaged message is mail too: purge counts what quarantine/ holds
+    root.ok("echo damaged > /var/spool/relayq/quarantine/x.e && chown relayq: "
+            "/var/spool/relayq/quarantine/x.e")
     left = queue_files(root)
     f.check(left, "the message for the purge did not queue")
     purge = root.run(["dpkg", "--purge", "relayq"])
     assert purge.returncode == 0, purge.stdout + purge.stderr
     f.check(not root.path("/etc/relayq").exists(), "purge left /etc/relayq")
     f.check(queue_files(root) == left, "purge with mail queued did not keep the queue as it was")
-    f.check("/var/spool/relayq" in purge.stdout + purge.stderr,
-            f"purge kept the queue silently: {purge.stdout + purge.stderr!r}")
+    said = purge.stdout + purge.stderr
+    f.check("/var/spool/relayq kept" in said and "queued: 1," in said
+            and "quarantine/: 1)" in said, f"purge kept the queue silently: {said!r}")
     check_nothing_left(root, f, before, baseline_packages, also=r"/var/spool/relayq(/.*)?")
     f.assert_none()
