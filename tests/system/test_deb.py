@@ -189,6 +189,18 @@ def check_installed(root: DebRoot, f: Findings, mailname: str, smarthost: str) -
     enabled = root.ok("ls /etc/systemd/system/*.wants/ 2>/dev/null || true").split()
     f.check(not [u for u in enabled if u.startswith("relayq-listener")],
             f"the listener is enabled: {enabled}")
+    # an upgrade restarts the queue runner (systemd is not running here: read the script)
+    postinst = root.path("/var/lib/dpkg/info/relayq.postinst").read_text()
+    f.check(re.search(r"_dh_action=restart\n.*deb-systemd-invoke \$_dh_action [^\n]*"
+                      r"relayq\.service", postinst, re.S) is not None,
+            "the postinst does not restart relayq.service after an upgrade")
+    # the system's MTA: a program that needs one (bsd-mailx: default-mta |
+    # mail-transport-agent) is content with relayq and pulls in no other
+    plan = root.run(["apt-get", "install", "-s", "-y", "bsd-mailx"]).stdout
+    f.check("Inst bsd-mailx" in plan or "bsd-mailx is already" in plan,
+            f"apt cannot plan bsd-mailx: {plan[-300:]!r}")
+    others = [w for w in ("exim4", "postfix", "nullmailer", "Remv relayq") if w in plan]
+    f.check(not others, f"installing bsd-mailx would bring {others}")
     for hook in HOOKS:
         st = root.path(hook).stat() if root.path(hook).exists() else None
         f.check(st is not None and st.st_mode & 0o111 and st.st_uid == 0,
