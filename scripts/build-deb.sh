@@ -31,7 +31,7 @@ as=""
 [ "$(id -u)" -eq 0 ] && as="runuser -u nobody -- env HOME=/tmp"
 $as lintian --fail-on error,warning --display-info "$deb" > "$out/lintian.txt" 2>&1 || {
 	cat "$out/lintian.txt" >&2
-	echo "make deb: lintian found errors" >&2
+	echo "make deb: lintian: errors or unexplained warnings (fix them or explain them in debian/relayq.lintian-overrides)" >&2
 	exit 1
 }
 sed 's/^/lintian: /' "$out/lintian.txt"

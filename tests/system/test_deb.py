@@ -442,3 +442,65 @@ def test_kept_mailname_upgrade_keeps_queued_mail_purge_keeps_queue(
             and "quarantine/: 1)" in said, f"purge kept the queue silently: {said!r}")
     check_nothing_left(root, f, before, baseline_packages, also=r"/var/spool/relayq(/.*)?")
     f.assert_none()
+
+
+def reconfigure(root: DebRoot, answer: str) -> str:
+    """dpkg-reconfigure relayq answering the smarthost question (the teletype frontend
+    reads the answer from stdin as a terminal user would type it)."""
+    res = root.run(["dpkg-reconfigure", "-fteletype", "relayq"], input=answer + "\n",
+                   env={"DEBIAN_FRONTEND": "teletype"}, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout + res.stderr
+
+
+def test_debconf_answers_and_the_administrators_file(root: DebRoot, deb: Path) -> None:
+    """An answer that is not a host list is refused; the configuration is the
+    administrator's: its mode, owner, symlink, other lines and own edits survive
+    reinstalls and answers, and only a changed answer rewrites the smarthost line."""
+    f = Findings()
+    config = "/etc/relayq/relayq.toml"
+    prepare(root, "host.example.org", 'evil.example.org" \\n password = "x')
+    said = install(root, deb)
+    f.check("not host[:port]" in said, f"a hostile answer was not refused aloud: {said[-400:]!r}")
+    text = root.path(config).read_text()
+    f.check("evil" not in text and not re.search(r"^smarthost", text, re.M),
+            f"the refused answer reached the file: {text!r}")
+    f.check("no smarthost" in said, "install without a smarthost did not say so")
+
+    # the administrator's file: a password (mode 0640 root:relayq), a comment on the line
+    mine = ('# mine\nuser = "bob"\npassword = "s3cret"\n'
+            'smarthost = "old.example.org:587"   # the relay\n')
+    root.ok(["sh", "-c", f'printf "%s" "$1" > {config} && chown root:relayq {config} && '
+             f"chmod 0640 {config}", "sh", mine])
+    reconfigure(root, "new.example.org:587")
+    text = root.path(config).read_text()
+    f.check(text == mine.replace('smarthost = "old.example.org:587"   # the relay',
+                                 'smarthost = "new.example.org:587"'),
+            f"a new answer did more than change the smarthost line: {text!r}")
+    st = root.path(config).stat()
+    f.check((st.st_mode & 0o777, st.st_uid) == (0o640, 0) and st.st_gid != 0,
+            f"the file's mode/owner changed: {oct(st.st_mode)} {st.st_uid}:{st.st_gid}")
+    before = root.path(config).read_bytes()
+    reinstall = root.run(["dpkg", "-i", f"/tmp/{deb.name}"], timeout=300)
+    f.check(reinstall.returncode == 0, reinstall.stdout + reinstall.stderr)
+    f.check(root.path(config).read_bytes() == before, "a reinstall rewrote the file")
+
+    # commented out by the administrator: a reinstall does not bring it back
+    root.ok(["sed", "-i", "s/^smarthost/# smarthost/", config])
+    root.ok(["dpkg", "-i", f"/tmp/{deb.name}"], timeout=300)
+    f.check(not re.search(r"^smarthost", root.path(config).read_text(), re.M),
+            "a reinstall put back the smarthost line the administrator commented out")
+
+    # a file without a newline at its end, behind a symlink: an answer appends a line
+    root.ok(["sh", "-c", f'mkdir -p /srv && printf "user = \\"bob\\"" > /srv/relayq.toml && '
+             f"rm {config} && ln -s /srv/relayq.toml {config}"])
+    reconfigure(root, "[192.0.2.7]:2525, b.example.org")
+    f.check(root.path(config).is_symlink(), "the symlink became a file")
+    try:
+        values = tomllib.loads(root.path("/srv/relayq.toml").read_text())
+    except tomllib.TOMLDecodeError as e:
+        values = {"error": str(e)}
+    f.check(values == {"user": "bob", "smarthost": ["[192.0.2.7]:2525", "b.example.org"]},
+            f"after the answer the file says {values}")
+    f.check(not root.ok("ls /etc/relayq /srv").count(".relayq-new"), "a temporary file is left")
+    f.assert_none()
