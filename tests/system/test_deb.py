@@ -360,9 +360,16 @@ def check_nothing_left(root: DebRoot, f: Findings, before: dict[str, Entry],
     owned: set[str] = set()
     for pkg in pulled:
         owned.update(root.ok(["dpkg-query", "-L", pkg]).split("\n"))
+    owned.update({"/usr" + p for p in owned if p.startswith(("/lib/", "/bin/", "/sbin/"))})
+    # what a pulled-in package's maintainer scripts enable (cron: rc links, wants)
+    units = {Path(p).name for p in owned if "/systemd/system/" in p}
+    scripts = {Path(p).name for p in owned if p.startswith("/etc/init.d/")}
+    enabled = [re.compile(rf"/etc/rc[0-6S]\.d/[SK]\d\d{re.escape(n)}") for n in scripts] + [
+        re.compile(rf"/(etc/systemd/system|var/lib/systemd/deb-systemd-helper-enabled)/"
+                   rf"(.*/)?{re.escape(u)}(\.dsh-also)?") for u in units]
     left = []
     for path in changed_since(before, root.changes()):
-        if any(rx.fullmatch(path) for rx in allowed) or path in owned:
+        if any(rx.fullmatch(path) for rx in allowed + enabled) or path in owned:
             continue
         if "/__pycache__" in path and path.split("/__pycache__")[0] in owned:
             continue  # py3compile's bytecode of a pulled-in package
