@@ -124,6 +124,19 @@ def test_a_host_install_leaves_a_packages_commands_alone_unless_forced(tmp_path:
     assert list(tmp_path.rglob("*.relayq-saved")) == []
 
 
+def test_a_packages_file_is_named_through_its_diversion() -> None:
+    """dpkg-query -S lists diversions before the owner: the owner is what is named.
+    (A local diversion, as --force makes, means the file there is no package's.)"""
+    from relayq.cli.install import _owner
+
+    r = subprocess.run(["dpkg-divert", "--listpackage", "/bin/sh"], capture_output=True,
+                       text=True, check=False) if shutil.which("dpkg-divert") else None
+    if r is None or r.stdout.strip() != "dash":
+        pytest.skip("needs dpkg and /bin/sh diverted by dash (Debian 12)")
+    assert _owner("/bin/sh") == "package dash"
+    assert _owner(str(BIN / "sendmail")) == "another program"
+
+
 def test_refuses_another_mta_unless_forced(tmp_path: Path) -> None:
     other = tmp_path / "usr" / "sbin" / "sendmail"
     other.parent.mkdir(parents=True)

@@ -72,7 +72,7 @@ def _dpkg_package(path: str) -> str | None:
     if not shutil.which("dpkg-query"):
         return None
     r = subprocess.run(["dpkg-query", "-S", path], capture_output=True, text=True,
-                       check=False)
+                       env=dict(os.environ, LC_ALL="C"), check=False)  # untranslated lines
     if r.returncode != 0 or f"local diversion from: {path}\n" in r.stdout:
         return None
     for line in r.stdout.splitlines():  # "pkg[, pkg]: path", after any diversion lines
