@@ -137,8 +137,8 @@ class System:
         """`relayq ARGS` run the way the launchers run sendmail (same interpreter and
         path): the installed `relayq` is a link into the venv, which lives under /root."""
         launcher = (self.launchers / "usr/sbin/sendmail").read_text().splitlines()
-        [path_line] = [line for line in launcher if line.startswith("sys.path[:0]")]
-        code = (f"import sys\n{path_line}\nfrom relayq.cli._exit import leave\n"
+        path_lines = "\n".join(line for line in launcher if line.startswith("sys.path"))
+        code = (f"import sys\n{path_lines}\nfrom relayq.cli._exit import leave\n"
                 "from relayq.cli.main import main\nleave(main(sys.argv[1:]))\n")
         return ["/usr/bin/python3", "-IS", "-c", code, *args]
 

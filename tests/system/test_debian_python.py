@@ -2,13 +2,14 @@
 
 The .deb Depends on python3-aiosmtpd (1.4.3-1.1+deb12u1) and python3-dnspython
 (2.3.0) and only Recommends python3-uvloop; its launchers start /usr/bin/python3
--I -S with relayq's folder and /usr/lib/python3/dist-packages on sys.path (as
-`relayq install` writes them). Here a daemon started that way takes a real SMTP
-session on loopback, `sendmail -bs` another, both are queued and `relayq flush`
-delivers them through an MX lookup (dnspython) to a smarthost; the SMTP smuggling
-probes get exactly the replies the venv's newer aiosmtpd gives, with uvloop and
-without it; and Debian's pytest (python3-pytest) runs the aiosmtpd contract tests
-on Debian's aiosmtpd.
+-I -S with relayq's folder ahead of the standard library and
+/usr/lib/python3/dist-packages after it (as `relayq install` writes them).
+Here a daemon started that way takes a real SMTP session on loopback,
+`sendmail -bs` another, both are queued and `relayq flush` delivers them
+through an MX lookup (dnspython) to a smarthost; the SMTP smuggling probes get
+exactly the replies the venv's newer aiosmtpd gives, with uvloop and without
+it; and Debian's pytest (python3-pytest) runs the aiosmtpd contract tests on
+Debian's aiosmtpd.
 
 Without uvloop: it cannot leave sys.path (it lives in dist-packages with the rest),
 so the launcher puts a folder first whose `uvloop.py` raises ImportError, as a
@@ -79,8 +80,9 @@ def debian() -> dict[str, str]:
 def launcher(where: Path, *, hide_uvloop: bool, command: str = "relayq",
              module: str = "relayq.cli.main") -> Path:
     """`relayq` (or `module`'s command) the way the .deb starts it: -I -S, relayq's src
-    and dist-packages on sys.path (relayq.cli.install.launcher's text)."""
-    paths = [SRC, DIST_PACKAGES]
+    ahead of the standard library, dist-packages after it (relayq.cli.install.launcher's
+    text)."""
+    paths = [SRC]
     if hide_uvloop:
         hidden = where / "no-uvloop"
         hidden.mkdir(exist_ok=True)
@@ -93,6 +95,7 @@ def launcher(where: Path, *, hide_uvloop: bool, command: str = "relayq",
     path.write_text(f"#!{DEBIAN_PYTHON} -IS\n"
                     "import sys\n"
                     f"sys.path[:0] = {paths!r}\n"
+                    f"sys.path += [{DIST_PACKAGES!r}]\n"
                     "from relayq.cli._exit import leave\n"
                     f"from {module} import main\n"
                     "leave(main())\n")
@@ -193,7 +196,7 @@ def test_debian_python_runs_on_debian_packages_only(debian: dict[str, str]) -> N
     if release.exists() and release.read_text().startswith("12."):
         assert {k: debian.get(k, "missing") for k in WANT} == WANT | (
             {} if "uvloop" in debian else {"uvloop": "missing"})  # only Recommended
-    code = (f"import sys; sys.path[:0] = [{SRC!r}, {DIST_PACKAGES!r}]\n"
+    code = (f"import sys; sys.path[:0] = [{SRC!r}]; sys.path += [{DIST_PACKAGES!r}]\n"
             "import aiosmtpd, dns.resolver, relayq.server.listener, relayq.delivery.smtp_connect\n"
             "print(relayq.__file__, aiosmtpd.__file__, dns.resolver.__file__, sep='\\n')\n")
     r = subprocess.run([DEBIAN_PYTHON, "-I", "-S", "-c", code], capture_output=True, text=True,

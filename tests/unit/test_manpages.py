@@ -93,3 +93,15 @@ def test_each_page_renders_without_warnings(name: str, tmp_path: Path) -> None:
     assert (man.returncode, man.stderr) == (0, "")
     title = name.rsplit(".", 1)[0].upper()
     assert man.stdout.startswith(f"{title}(") and "NAME" in man.stdout
+
+
+def test_the_docs_may_be_gzipped(tmp_path: Path) -> None:
+    """The Debian package ships docs/ gzipped in /usr/share/doc/relayq: the same texts."""
+    import gzip
+
+    assert not manpages.has_docs(tmp_path)
+    (tmp_path / "configuration.md").write_text(DOCS["configuration.md"])
+    (tmp_path / "sendmail-compat.md.gz").write_bytes(
+        gzip.compress(DOCS["sendmail-compat.md"].encode()))
+    assert manpages.has_docs(tmp_path)
+    assert manpages.read_docs(tmp_path) == DOCS

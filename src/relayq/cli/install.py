@@ -5,17 +5,25 @@ are written as small launchers that start Python the cheap and safe way
 (`python -I -S`: no site processing, no PYTHONPATH or user site from the
 caller's environment) with this installation's library paths filled in; that
 saves a third of sendmail's start-up, which every cron job and web request
-waits for. /usr/bin/relayq is a link to the console script. A path that
-another MTA owns is left alone with a clear refusal, unless --force: then the
+waits for. Only relayq's own folder goes ahead of the standard library; the
+site directories its dependencies come from go after it, as plain python3
+orders them, so an `enum/` or `typing.py` someone's pip left there cannot
+replace the standard one. /usr/bin/relayq is a link to the console script.
+A path that another MTA owns is left alone with a clear refusal, unless --force: then the
 original is kept aside (dpkg-divert on Debian, so package upgrades respect it;
 a `.relayq-saved` copy elsewhere) and `relayq install --uninstall` puts it back.
+The Debian package relayq counts as another MTA here: its launchers carry our
+mark too, but they are dpkg's files.
 
 `--root DIR` is a staging root for a package (DESTDIR): every path written
 inside the files is where it will be on the target, never one of this build.
 All five commands are launchers for the target's interpreter (--python,
 /usr/bin/python3), whose module path is --libdir (/usr/share/relayq, Debian's
-place for a program's private modules) and that interpreter's own site
-directories (python3-aiosmtpd, python3-dnspython); the man pages go in too.
+place for a program's private modules) and, after the standard library, that
+interpreter's own site directories (python3-aiosmtpd, python3-dnspython; never
+/usr/local for Debian's python3: a package must not depend on it); the man
+pages go in too, their prose from the source tree's docs/ or, run from the
+installed package, the copies it ships gzipped in /usr/share/doc/relayq.
 `--root DIR --venv` writes launchers under DIR that run this installation
 (tests and benchmarks), as the host install does.
 """
@@ -28,6 +36,11 @@ import subprocess
 import sys
 
 from relayq.core.errors import EX_CANTCREAT, EX_NOINPUT, EX_OK, EX_USAGE, RelayqError
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 LINKS = {
     "usr/sbin/sendmail": "sendmail",
@@ -43,34 +56,64 @@ LAUNCHED = {  # command -> module whose main() it runs
 }
 STAGED = {**LAUNCHED, "relayq": "relayq.cli.main"}  # a staging root has no console script
 MARK = b"# written by relayq install"
+FOR_PACKAGE = b" for a package: "  # after MARK in a staged launcher: dpkg's, not ours
+PACKAGE = "relayq"
 SAVED = ".relayq-saved"
 TARGET_PYTHON = "/usr/bin/python3"
 TARGET_LIBDIR = "/usr/share/relayq"  # Debian Python policy: a program's private modules
 MANDIR = "usr/share/man"
 LOCAL_MANDIR = "usr/local/share/man"  # a host install: not a package's
+PACKAGE_DOCS = "/usr/share/doc/relayq"  # the package's docs/, gzipped (dh_installdocs)
+
+
+def _dpkg_package(path: str) -> str | None:
+    """The Debian package whose file is at `path`: none when a local diversion (ours,
+    the admin's) has put the package's file aside and something else there."""
+    if not shutil.which("dpkg-query"):
+        return None
+    r = subprocess.run(["dpkg-query", "-S", path], capture_output=True, text=True,
+                       env=dict(os.environ, LC_ALL="C"), check=False)  # untranslated lines
+    if r.returncode != 0 or f"local diversion from: {path}\n" in r.stdout:
+        return None
+    for line in r.stdout.splitlines():  # "pkg[, pkg]: path", after any diversion lines
+        names, _, where = line.partition(": ")
+        if where == path and not names.startswith("diversion by "):
+            return names.split(",", 1)[0]
+    return None
+
+
+def _head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(512)
+    except OSError:
+        return b""
 
 
 def _owner(path: str) -> str:
-    """The Debian package that ships `path`, or a plain description."""
-    if shutil.which("dpkg-query"):
-        r = subprocess.run(["dpkg-query", "-S", path], capture_output=True, text=True,
-                           check=False)
-        if r.returncode == 0 and r.stdout:
-            return "package " + r.stdout.split(":", 1)[0]
-    return "another program"
+    """The package `path` is a file of (a staged launcher's mark names it, or dpkg
+    does), or a plain description."""
+    head = b"" if os.path.islink(path) else _head(path)
+    if MARK + FOR_PACKAGE in head:
+        return "package " + head.split(FOR_PACKAGE, 1)[1].split(b" ", 1)[0].decode(
+            errors="replace")
+    return f"package {name}" if (name := _dpkg_package(path)) else "another program"
 
 
-def _ours(path: str, bindir: str | None) -> bool:
-    """A link into this installation, or a launcher we wrote (any installation).
-    A staging root (bindir None) links nothing, so no link there is ours."""
-    try:
-        if os.path.islink(path):
-            return bindir is not None and \
-                os.path.realpath(path).startswith(os.path.realpath(bindir) + os.sep)
-        with open(path, "rb") as f:
-            return MARK in f.read(512)
-    except OSError:
-        return False
+def _ours(path: str, bindir: str | None, root: str = "/") -> bool:
+    """Is `path` ours to replace or remove? For a staging root (bindir None) any
+    launcher we wrote there; it links nothing, so no link is ours. For a host
+    install a link into this installation or its own launchers, never a package's:
+    one staged for a package, or on the host a file dpkg says a package owns."""
+    if os.path.islink(path):
+        looks_ours = bindir is not None and \
+            os.path.realpath(path).startswith(os.path.realpath(bindir) + os.sep)
+    else:
+        head = _head(path)
+        looks_ours = MARK in head and (bindir is None or MARK + FOR_PACKAGE not in head)
+    if not looks_ours or bindir is None:
+        return looks_ours
+    return root != "/" or _dpkg_package(path) is None
 
 
 def interpreter(choice: str | None) -> str:
@@ -97,39 +140,49 @@ def interpreter(choice: str | None) -> str:
     return choice
 
 
-def this_path() -> list[str]:
-    """The module path of this installation: relayq's own directory and the one
-    holding its dependencies (aiosmtpd, dnspython)."""
+Search = tuple[list[str], list[str]]  # (ahead of the standard library, after it)
+
+
+def this_path() -> Search:
+    """The module path of this installation: relayq's own directory ahead of the
+    standard library (an editable checkout's src/), the site directory holding its
+    dependencies (aiosmtpd, dnspython) after it, where plain python puts it. A
+    relayq installed into that site directory needs nothing ahead."""
     import sysconfig
 
     import relayq
 
-    paths = [os.path.dirname(os.path.dirname(os.path.abspath(relayq.__file__)))]
-    purelib = sysconfig.get_path("purelib")
-    if purelib not in paths:
-        paths.append(purelib)
-    return paths
+    own = os.path.dirname(os.path.dirname(os.path.abspath(relayq.__file__)))
+    site = list(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]))
+    inside = os.path.realpath(own) in {os.path.realpath(d) for d in site}
+    return ([] if inside else [own]), site
 
 
 def site_dirs(python: str) -> list[str]:
     """Where the target interpreter's own packages live (Debian's python3-aiosmtpd and
     python3-dnspython: /usr/lib/python3/dist-packages), asked of it with site on:
     the launchers run with -S, so they must name them. -I keeps this environment's
-    PYTHONPATH and user site out of the answer."""
-    code = "import site; print(*site.getsitepackages(), sep='\\n')"
+    PYTHONPATH and user site out of the answer. For Debian's python3 (prefix /usr)
+    /usr/local is left out: a package must not load what a local pip put there."""
+    code = "import site, sys; print(sys.prefix, *site.getsitepackages(), sep='\\n')"
     r = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True,
                        timeout=60, check=False)
     if r.returncode != 0:
         raise RelayqError(f"--python {python}: cannot list its site directories: "
                           f"{(r.stderr.strip().splitlines() or ['no output'])[-1]}", EX_USAGE)
-    return [line for line in r.stdout.splitlines() if line]
+    prefix, *dirs = [line for line in r.stdout.splitlines() if line] or [""]
+    if prefix == "/usr":
+        dirs = [d for d in dirs if not (d + "/").startswith("/usr/local/")]
+    return dirs
 
 
-def launcher(command: str, python: str | None = None, paths: list[str] | None = None) -> bytes:
+def launcher(command: str, python: str | None = None, paths: Search | None = None) -> bytes:
     """The text of a -I -S launcher for one command: of this installation, or of a
-    staged one when `paths` (its module path on the target) is given."""
+    staged one when `paths` (its module path on the target, relayq's folder first)
+    is given."""
     note = "(run it again after moving or upgrading relayq)" if paths is None else \
-        f"for a package: relayq in {paths[0]}"
+        f"{FOR_PACKAGE.decode().strip()} {PACKAGE} in {paths[0][0]}"
+    ahead, after = this_path() if paths is None else paths
     if command in LAUNCHED:  # the fast exit: sendmail runs once per message
         ending = (f"from relayq.cli._exit import leave\nfrom {LAUNCHED[command]} import main\n"
                   "leave(main())\n")
@@ -139,7 +192,8 @@ def launcher(command: str, python: str | None = None, paths: list[str] | None = 
         f"#!{python or interpreter(None)} -IS\n"  # one shebang argument: -I and -S
         f"{MARK.decode()} {note}\n"
         "import sys\n"
-        f"sys.path[:0] = {this_path() if paths is None else paths!r}\n"
+        + (f"sys.path[:0] = {ahead!r}\n" if ahead else "")
+        + (f"sys.path += {after!r}\n" if after else "")
         + ending
     ).encode()
 
@@ -209,11 +263,12 @@ def install(root: str, bindir: str, force: bool, python: str | None = None) -> l
         source = os.path.join(bindir, command)
         if not os.path.exists(source):
             raise RelayqError(f"{source} is missing: install relayq first", EX_CANTCREAT)
-        _refuse(path, _ours(path, bindir), force)
-        plan.append((path, source, command))
+        ours = _ours(path, bindir, root)
+        _refuse(path, ours, force)
+        plan.append((path, source, command, ours))
     done = []
-    for path, source, command in plan:
-        done += _make_room(path, _ours(path, bindir), root)
+    for path, source, command, ours in plan:
+        done += _make_room(path, ours, root)
         if command in LAUNCHED:
             _write(path, launcher(command, python), 0o755)
             done.append(f"{path}: launcher for {source}")
@@ -268,7 +323,7 @@ def stage(root: str, force: bool, python: str | None = None,
     if not os.path.isabs(libdir):
         raise RelayqError(f"--libdir {libdir}: not an absolute path (where relayq's modules "
                           "are on the target)", EX_USAGE)
-    paths = [libdir, *(d for d in site_dirs(python) if d != libdir)]
+    paths = [libdir], [d for d in site_dirs(python) if d != libdir]
     pages = _man_pages()
     for rel in LINKS:
         _refuse(os.path.join(root, rel), _ours(os.path.join(root, rel), None), force)
@@ -294,20 +349,23 @@ def _copy_package(dest: str) -> str:
     return f"{dest}: relayq's modules, copied from {source}"
 
 
-def _man_pages() -> dict[str, str]:
+def _man_pages(places: list[Path] | None = None) -> dict[str, str]:
     """The man pages (cli/manpages renders them from the tables the commands run on),
-    with the prose of the source tree's docs/: beside the running package (a
-    checkout), installed with the wheel (share/relayq/docs), or in the current
-    directory (a package build runs in the source tree)."""
+    with the prose of the source tree's docs/ from the first of `places` that has
+    it: beside the running package (a checkout), installed with the wheel
+    (share/relayq/docs), in the current directory (a package build runs in the
+    source tree), or the Debian package's gzipped copies (so it can stage a root)."""
     from pathlib import Path
 
     import relayq
     from relayq.cli import manpages
 
-    here = Path(os.path.abspath(relayq.__file__)).parent.parent.parent / "docs"
-    wheel = Path(sys.prefix) / "share" / "relayq" / "docs"  # pyproject's data-files
-    for docs in (here, wheel, Path.cwd() / "docs"):
-        if all((docs / name).is_file() for name in manpages.DOCS):
+    if places is None:
+        places = [Path(os.path.abspath(relayq.__file__)).parent.parent.parent / "docs",
+                  Path(sys.prefix) / "share" / "relayq" / "docs",  # pyproject's data-files
+                  Path.cwd() / "docs", Path(PACKAGE_DOCS)]
+    for docs in places:
+        if manpages.has_docs(docs):
             texts = manpages.read_docs(docs)
             return {page: manpages.render(page, texts) for page in manpages.PAGES}
     raise RelayqError("the man pages need relayq's docs/" + " and docs/".join(manpages.DOCS)
@@ -329,7 +387,7 @@ def uninstall(root: str, bindir: str | None) -> list[str]:
     done = []
     for rel in LINKS:
         path = os.path.join(root, rel)
-        if os.path.lexists(path) and _ours(path, bindir):
+        if os.path.lexists(path) and _ours(path, bindir, root):
             os.unlink(path)
             done.append(f"removed {path}")
             _undivert(path, root)

@@ -270,9 +270,24 @@ def render(page: str, docs: dict[str, str]) -> str:
     return makers[page]()
 
 
+def has_docs(docsdir: Path) -> bool:
+    """Does `docsdir` hold every one of DOCS, plain or gzipped (NAME.gz)?"""
+    return all((docsdir / name).is_file() or (docsdir / f"{name}.gz").is_file()
+               for name in DOCS)
+
+
 def read_docs(docsdir: Path) -> dict[str, str]:
-    """The DOCS texts `render` takes, from a source tree's docs/."""
-    return {name: (docsdir / name).read_text() for name in DOCS}
+    """The DOCS texts `render` takes, from a source tree's docs/ or the Debian
+    package's /usr/share/doc/relayq (where dh_installdocs gzipped them)."""
+    import gzip
+
+    def read(name: str) -> str:
+        if (docsdir / name).is_file():
+            return (docsdir / name).read_text(encoding="utf-8")
+        with gzip.open(docsdir / f"{name}.gz", "rt", encoding="utf-8") as f:
+            return f.read()
+
+    return {name: read(name) for name in DOCS}
 
 
 def main(argv: list[str] | None = None) -> int:
