@@ -377,6 +377,7 @@ def start(*, source: Source, tag: str, interval: str | None, listen: bool,
     """
     from relayq.system.log import Log
 
+    source.daemon = True  # an unreadable file is an error here, never the defaults
     loader = source.load
     cfg = loader()
     seconds = parse_interval(interval) if interval and interval != "p" else None
