@@ -10,6 +10,7 @@ changes.
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING
 
 import pytest
@@ -26,17 +27,25 @@ CONF = "/etc/relayq/relayq.toml"
 SPOOL = "/var/spool/relayq"
 LAUNCHERS = "/opt/rq"
 MSG = "Subject: hello\n\nhi\n"
+LOG = "/var/log/relayq-test.log"
+PUBLIC = f'smarthost = "[127.0.0.1]:9"\nsyslog = false\nlog_file = "{LOG}"\n'
+# what a root-made queue looks like once tmpfiles gave its directories to relayq
+ROOT_MADE = (f"mkdir -m 0711 {SPOOL} && cd {SPOOL} && mkdir -m 0700 queue quarantine "
+             "&& mkdir maildrop && chmod 1733 maildrop")
+TMPFILES = (f"cd {SPOOL} && chown relayq:relayq . queue quarantine maildrop "
+            "&& chmod 3733 maildrop")
 
 
 class Host:
     """A DebRoot with relayq's launchers in /opt/rq and a relayq system user."""
 
-    def __init__(self, root: DebRoot) -> None:
+    def __init__(self, root: DebRoot, service_user: bool = True) -> None:
         self.root = root
         root.ok([str(BIN / "relayq"), "install", "--root", LAUNCHERS, "--venv",
                  "--python", "/usr/bin/python3"])
-        root.ok("useradd --system --user-group --no-create-home --home-dir /nonexistent "
-                "--shell /usr/sbin/nologin relayq")
+        if service_user:
+            root.ok("useradd --system --user-group --no-create-home --home-dir /nonexistent "
+                    "--shell /usr/sbin/nologin relayq")
         launcher = root.path(f"{LAUNCHERS}/usr/sbin/sendmail").read_text().splitlines()
         [self.path_line] = [line for line in launcher if line.startswith("sys.path[:0]")]
 
@@ -58,6 +67,14 @@ class Host:
         self.root.ok(f"mkdir -p /etc/relayq && cat > {CONF} && chgrp {group} {CONF} "
                      f"&& chmod {mode:o} {CONF}", input=text)
 
+    def queued(self) -> tuple[list[str], list[str]]:
+        """(queue/ entries, maildrop/ entries), looked at from outside."""
+        return tuple(sorted(os.listdir(self.root.path(f"{SPOOL}/{sub}")))  # type: ignore[return-value]
+                     for sub in ("queue", "maildrop"))
+
+    def log_lines(self) -> list[str]:
+        return self.root.path(LOG).read_text().splitlines()
+
     def stat(self, inside: str) -> os.stat_result:
         return os.stat(self.root.path(inside), follow_symlinks=False)
 
@@ -71,6 +88,15 @@ def host(tmp_path: Path) -> Iterator[Host]:
     ensure_users()  # before the root: its /etc/passwd is the machine's, then its own
     with DebRoot(tmp_path / "root") as root:
         yield Host(root)
+
+
+@pytest.fixture
+def pip_host(tmp_path: Path) -> Iterator[Host]:
+    """A host where relayq was installed with pip: no relayq user."""
+    skip_unless_possible()
+    ensure_users()
+    with DebRoot(tmp_path / "root") as root:
+        yield Host(root, service_user=False)
 
 
 SECRET = 'smarthost = "[mail.example.org]:587"\nuser = "relay"\npassword = "s3cret"\n'
@@ -107,3 +133,90 @@ def test_a_user_without_relayq_config_still_hands_over(host: Host) -> None:
     assert code == 0, err
     code, _, err = host.sendmail("-bv", "bob@example.org", user=ALICE)
     assert code == 0, err
+
+
+def _public(host: Host, owner: str = "relayq") -> None:
+    host.config(PUBLIC, 0o644)
+    host.root.ok(f"touch {LOG} && chown {owner}:{owner} {LOG} && chmod 644 {LOG}")
+
+
+def test_root_makes_a_missing_system_queue_for_the_service_user(host: Host) -> None:
+    """/var/spool/relayq removed (or not made yet by tmpfiles): root's sendmail makes
+    it for relayq, as tmpfiles would, and works in it as relayq; users' files then
+    reach the daemon through the group of maildrop/."""
+    _public(host)
+    assert not host.root.path(SPOOL).exists()
+    code, _, err = host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    uid, gid = host.uid("relayq"), int(host.root.ok(["id", "-g", "relayq"]))
+    for sub, mode in (("", 0o711), ("/queue", 0o700), ("/quarantine", 0o700),
+                      ("/maildrop", 0o3733)):
+        st = host.stat(SPOOL + sub)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), sub
+    queue, _ = host.queued()
+    assert len(queue) == 2
+    assert all(host.stat(f"{SPOOL}/queue/{n}").st_uid == uid for n in queue)
+    code, _, err = host.sendmail("-odq", "bob@example.org", user=ALICE)
+    assert code == 0, err
+    [drop] = host.queued()[1]
+    assert host.stat(f"{SPOOL}/maildrop/{drop}").st_gid == gid
+    code, _, err = host.sendmail("-q")  # root's run, as relayq: takes alice's file
+    assert code in (0, 75), err
+    queue, drops = host.queued()
+    assert drops == [] and len([n for n in queue if n.endswith(".e")]) == 2
+
+
+def test_without_a_service_user_root_makes_the_queue_its_own(pip_host: Host) -> None:
+    """A pip install (no relayq user, no daemon_user): as before, root's queue."""
+    _public(pip_host, owner="root")
+    code, _, err = pip_host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    for sub, mode in (("", 0o711), ("/queue", 0o700), ("/maildrop", 0o1733)):
+        st = pip_host.stat(SPOOL + sub)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), sub
+
+
+def test_a_drop_file_the_taker_cannot_read_is_kept_with_the_fix(host: Host) -> None:
+    """A user's accepted mail the daemon's user cannot read (a maildrop/ that was not
+    set-gid when it was written) stays, and the log names the fix; once applied, the
+    next run takes it."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    code, _, err = host.sendmail("-odq", "bob@example.org", user=ALICE)
+    assert code == 0, err
+    [drop] = host.queued()[1]
+    host.root.ok(TMPFILES)
+    for _ in range(2):
+        code, _, err = host.sendmail("-q")
+        assert code in (0, 75), err
+        assert host.queued() == ([], [drop])
+    said = [line for line in host.log_lines() if drop in line]
+    assert len(said) == 2, said  # once a run
+    path = f"{SPOOL}/maildrop/{drop}"
+    assert f"chgrp relayq {path}" in said[0] and "removed" not in said[0], said
+    host.root.ok(f"chgrp relayq {path}")
+    code, _, err = host.sendmail("-q")
+    assert code in (0, 75), err
+    queue, drops = host.queued()
+    assert drops == [] and len(queue) == 2
+
+
+def test_roots_files_the_service_user_cannot_read_are_named_with_the_fix(host: Host) -> None:
+    """Root's message from before the queue was the service user's (an earlier pip
+    install): mailq and the queue run say whose it is and how to give it back."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    code, _, err = host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    host.root.ok(TMPFILES)
+    [qid] = [n[:-2] for n in host.queued()[0] if n.endswith(".e")]
+    fix = f"chown relayq:relayq {SPOOL}/queue/{qid}.*"
+    code, out, err = host.sendmail("-bp")
+    assert qid in out and fix in out, (out, err)
+    code, _, err = host.sendmail("-q")
+    assert code == 75, err
+    said = [line for line in host.log_lines() if qid in line]
+    assert said and fix in said[-1], said
+    host.root.ok(fix)
+    code, out, err = host.sendmail("-bp")
+    assert "chown" not in out, out

@@ -58,7 +58,7 @@ def _main(argv: list[str]) -> int:
         from relayq.daemon.life import pid_path
 
         cfg.pid_file = pid_path(cfg)  # root's answer, not the service user's
-    spool.enter()  # root in the service user's queue works as that user
+    spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json)
     if args.command in ("hold", "release", "delete", "requeue"):

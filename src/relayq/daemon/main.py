@@ -323,7 +323,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         if owner is not None:
             spool.ensure(owner)
         else:
-            spool.enter()  # root in another user's queue works as that user
+            spool.enter(cfg)  # root in another user's queue works as that user
         daemon = Daemon(cfg, log, opts)
         daemon.private_fds.append(pid.fd)
         daemon.pool.start_agents()  # as root they drop privileges themselves
