@@ -220,3 +220,69 @@ def test_roots_files_the_service_user_cannot_read_are_named_with_the_fix(host: H
     host.root.ok(fix)
     code, out, err = host.sendmail("-bp")
     assert "chown" not in out, out
+
+
+def _pid(host: Host, inside: str) -> int:
+    return int(host.root.path(inside).read_text().strip())
+
+
+def _status_pid(host: Host, user: str = "") -> int | None:
+    import json
+
+    code, out, err = host.relayq("status", "--json", user=user, timeout=60)
+    assert code == 0, err
+    return json.loads(out)["daemon_pid"]
+
+
+def _stop(host: Host, pid: int) -> None:
+    host.root.ok(f"kill {pid}; i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 600 ]; "
+                 "do sleep 0.1; i=$((i+1)); done")
+
+
+def test_one_daemon_per_queue_wherever_its_pid_file_is(host: Host) -> None:
+    """A root daemon started by hand holds /run/relayq.pid; then the service's runtime
+    directory appears: the service's daemon (as relayq, /run/relayq/relayq.pid) must
+    not start beside it, and status finds whichever runs; and the other way round."""
+    _public(host)
+    code, _, err = host.relayq("daemon")  # root, by hand: detached
+    assert code == 0, err
+    first = _pid(host, "/run/relayq.pid")
+    host.root.ok("mkdir -m 0755 /run/relayq && chown relayq:relayq /run/relayq")
+    code, _, err = host.relayq("daemon", "--foreground", user="relayq",
+                               env={"RELAYQ_CONFIG": CONF}, timeout=60)
+    assert code == 75, err
+    assert len(err.strip().splitlines()) == 1 and str(first) in err, err
+    assert _status_pid(host) == first
+    assert _status_pid(host, user="relayq") == first
+    _stop(host, first)
+    code, _, err = host.relayq("daemon", user="relayq", env={"RELAYQ_CONFIG": CONF})
+    assert code == 0, err
+    service = _pid(host, "/run/relayq/relayq.pid")
+    code, _, err = host.relayq("daemon", timeout=60)  # root again: refused
+    assert code == 75 and str(service) in err, err
+    assert _status_pid(host) == service
+    code, _, err = host.relayq("flush", timeout=60)
+    assert code in (0, 75), err
+    _stop(host, service)
+
+
+def test_root_follows_nothing_the_service_user_leaves_in_its_runtime_directory(
+        host: Host) -> None:
+    """/run/relayq is relayq's: a FIFO (or a link) there as the pid file must neither
+    hang root's daemon nor its status, nor be written through."""
+    _public(host)
+    host.root.ok("mkdir -m 0755 /run/relayq && chown relayq:relayq /run/relayq")
+    host.root.ok("echo precious > /run/target && chmod 644 /run/target")
+    host.root.ok("mkfifo /run/relayq/relayq.pid", user="relayq")
+    code, _, err = host.relayq("daemon", timeout=60)
+    assert code == 0, err
+    daemon = _pid(host, "/run/relayq.pid")
+    assert _status_pid(host) == daemon
+    host.root.ok("rm /run/relayq/relayq.pid && ln -s /run/target /run/relayq/relayq.pid",
+                 user="relayq")
+    assert _status_pid(host) == daemon
+    _stop(host, daemon)
+    code, _, err = host.relayq("daemon", timeout=60)
+    assert code == 0, err
+    assert host.root.path("/run/target").read_text() == "precious\n"
+    _stop(host, _pid(host, "/run/relayq.pid"))

@@ -53,6 +53,7 @@ from relayq.daemon.life import (
     detach,
     monotonic_usec,
     parse_interval,
+    pid_candidates,
     pid_path,
     poke,
     sd_notify,
@@ -311,7 +312,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
     pid = PidFile(pid_path(cfg))
     daemon: Daemon | None = None
     try:
-        pid.acquire()
+        pid.acquire(pid_candidates(cfg))  # one daemon per queue, wherever its pid file
         # import the delivery code now: after dropping privileges the install
         # might not be readable, and the first delivery should not wait for it
         import grp  # noqa: F401
