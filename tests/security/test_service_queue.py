@@ -17,6 +17,7 @@ import pytest
 from tests.helpers.debroot import DebRoot, skip_unless_possible
 from tests.helpers.relayq_env import BIN
 from tests.helpers.users import ensure_users
+from tests.integration.test_daemon import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -286,3 +287,31 @@ def test_root_follows_nothing_the_service_user_leaves_in_its_runtime_directory(
     assert code == 0, err
     assert host.root.path("/run/target").read_text() == "precious\n"
     _stop(host, _pid(host, "/run/relayq.pid"))
+
+
+def test_a_live_hand_over_the_daemon_cannot_read_waits_with_the_fix(host: Host) -> None:
+    """The daemon (as relayq) asked to take a file it may not open (maildrop/ not
+    set-gid): not a refusal (exit 65, the file discarded) but a deferral: the user's
+    sendmail exits 0, the file stays for a later run, the log says how to fix it."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    host.root.ok(f"cd {SPOOL} && chown relayq:relayq . queue quarantine maildrop")  # 1733
+    code, _, err = host.relayq("daemon", user="relayq", env={"RELAYQ_CONFIG": CONF})
+    assert code == 0, err
+    try:
+        wait_for(lambda: host.root.path(f"{SPOOL}/relayq.sock").exists(), timeout=60,
+                 what="the daemon's socket")
+        code, out, err = host.sendmail("-v", "-odq", "bob@example.org", user=ALICE)
+        assert code == 0, err
+        assert "no daemon took" in out, out  # it answered: not now (75), not refused
+        [drop] = host.queued()[1]
+
+        def said() -> list[str]:
+            return [line for line in host.log_lines() if drop[1:] in line]
+
+        wait_for(said, timeout=60, what="the log line")
+        assert f"chgrp relayq {SPOOL}/maildrop/" in said()[0], said()
+        assert not any("removed" in line or "refused" in line for line in said()), said()
+        assert host.queued()[1] == [drop]
+    finally:
+        _stop(host, _pid(host, f"{SPOOL}/relayq.pid"))

@@ -90,3 +90,17 @@ def test_without_runtime_directory(tmp_path):
     assert pid_path(_cfg(tmp_path), str(tmp_path / "absent")) == want
     (tmp_path / "file").write_text("")
     assert pid_path(_cfg(tmp_path), str(tmp_path / "file")) == want
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+def test_a_pid_in_another_users_file_is_believed_only_for_that_users_process(tmp_path):
+    """The service user's pid file naming someone else's process (here ours, root's):
+    a live daemon (a start is refused) but no pid to signal."""
+    held = PidFile(str(tmp_path / "relayq.pid"))
+    held.acquire()
+    try:
+        assert PidFile.running(held.path) == os.getpid()
+        os.chown(held.path, 65534, 65534)
+        assert PidFile.running(held.path) == -1
+    finally:
+        held.release()

@@ -140,7 +140,8 @@ def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
     if dead:
         print(f"dead letters: {dead} (undeliverable and unreportable: see mailq, "
               f"then remove from {spool.quarantine_dir})")
-    print("daemon:       " + (f"running, pid {pid}" if pid is not None else "not running"))
+    print("daemon:       " + ("not running" if pid is None else f"running, pid {pid}"
+                               if pid > 0 else "running (pid unknown)"))
     print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
     if info["warning"]:
         print(f"warning:      {info['warning']}: mail stays queued until the configuration "

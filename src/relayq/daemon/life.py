@@ -147,6 +147,18 @@ def find_daemon(candidates: list[str]) -> tuple[int, str] | None:
     return None
 
 
+def _vouched(pid: int, owner: int) -> bool:
+    """May the pid in a file of `owner`'s be believed (and signalled, by flush)? Root's
+    file, or ours; else only a process of that owner's: the service user must not make
+    root's `relayq flush` send SIGUSR1 (default: terminate) to any process it names."""
+    if owner in (0, os.geteuid()):
+        return True
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == owner
+    except OSError:
+        return False
+
+
 class PidFile:
     """A pid file that is also a lock: held (flock) by the live daemon for its whole life."""
 
@@ -165,13 +177,14 @@ class PidFile:
         except OSError:
             return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-                return int(text) if text.isdigit() else -1
+                return int(text) if text.isdigit() and _vouched(int(text), st.st_uid) else -1
             return None
         finally:
             os.close(fd)
