@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from relayq.core.config import Config
+from relayq.core.config import SYSTEM_QUEUE, Config
 from relayq.core.errors import TempFailure
 from relayq.daemon.life import ROOT_PID_FILE, PidFile, find_daemon, pid_candidates, pid_path
 
@@ -36,7 +36,8 @@ def test_root_writes_its_own_but_looks_in_the_service_users_runtime_directory(tm
     run.mkdir()
     os.chown(run, 65534, 65534)
     assert pid_path(_cfg(tmp_path), str(run)) == ROOT_PID_FILE
-    assert str(run / "relayq.pid") in pid_candidates(_cfg(tmp_path), str(run))
+    system = Config({"queue_dir": SYSTEM_QUEUE, "pid_file": ""})
+    assert str(run / "relayq.pid") in pid_candidates(system, str(run))
     pid = os.fork()
     if pid == 0:  # another user (not the directory's owner): its own queue's pid file
         os.setgid(65533)
@@ -48,12 +49,18 @@ def test_root_writes_its_own_but_looks_in_the_service_users_runtime_directory(tm
 
 
 def test_candidates(tmp_path):
-    """The configured file alone; else every place the host's daemon may be."""
+    """The configured file alone; for the system queue every place its daemon may be
+    (root's by hand, the service's); another queue's: ours and the queue's."""
     run = tmp_path / "run"
     run.mkdir()
     assert pid_candidates(_cfg(tmp_path, "/x/y.pid"), str(run)) == ["/x/y.pid"]
-    assert pid_candidates(_cfg(tmp_path), str(run), str(tmp_path / "root.pid")) == [
-        str(run / "relayq.pid"), str(tmp_path / "root.pid"), str(tmp_path / "q" / "relayq.pid")]
+    system = Config({"queue_dir": SYSTEM_QUEUE, "pid_file": ""})
+    assert pid_candidates(system, str(run), str(tmp_path / "root.pid")) == [
+        str(run / "relayq.pid"), str(tmp_path / "root.pid"), f"{SYSTEM_QUEUE}/relayq.pid"]
+    own = str(tmp_path / "q" / "relayq.pid")
+    assert pid_candidates(_cfg(tmp_path), str(run)) == [str(run / "relayq.pid"), own]
+    assert pid_candidates(_cfg(tmp_path), str(tmp_path / "absent")) == (
+        [ROOT_PID_FILE, own] if os.geteuid() == 0 else [own])
 
 
 def test_a_daemon_holding_any_candidate_refuses_the_start(tmp_path):
@@ -62,7 +69,8 @@ def test_a_daemon_holding_any_candidate_refuses_the_start(tmp_path):
     holder = PidFile(str(tmp_path / "root.pid"))
     holder.acquire()
     try:
-        found = find_daemon(pid_candidates(_cfg(tmp_path), str(run), holder.path))
+        system = Config({"queue_dir": SYSTEM_QUEUE, "pid_file": ""})
+        found = find_daemon(pid_candidates(system, str(run), holder.path))
         assert found == (os.getpid(), holder.path)
         other = PidFile(str(run / "relayq.pid"))
         with pytest.raises(TempFailure, match=f"pid {os.getpid()}, pid file {holder.path}"):

@@ -121,21 +121,18 @@ def pid_candidates(cfg: Config, run_dir: str = RUN_DIR,
                    root_pid: str = ROOT_PID_FILE) -> list[str]:
     """Every pid file a daemon of this queue may hold, the one rule of the daemon's
     start (one daemon per queue: refused while another holds any), `relayq status`
-    and `relayq flush`: the configured file alone; else, for the host's queue (root,
-    the runtime directory's owner, or the system queue), the runtime directory's,
-    root's and the queue's; a user's private queue has only its own."""
+    and `relayq flush`: the configured file alone; for the system queue, whoever
+    runs its daemon (root by hand, the service as relayq), the runtime directory's,
+    root's and the queue's; for another queue, ours (pid_path) and the queue's."""
     if cfg.pid_file:
         return [cfg.pid_file]
     from relayq.core.config import SYSTEM_QUEUE
 
     own = os.path.join(cfg.queue_dir, "relayq.pid")
-    try:
-        runs = os.stat(run_dir, follow_symlinks=False).st_uid == os.geteuid()
-    except OSError:
-        runs = False
-    if os.geteuid() == 0 or runs or os.path.realpath(cfg.queue_dir) == SYSTEM_QUEUE:
+    if os.path.realpath(cfg.queue_dir) == SYSTEM_QUEUE:
         return [os.path.join(run_dir, "relayq.pid"), root_pid, own]
-    return [own]
+    mine = pid_path(cfg, run_dir)
+    return [mine] if mine == own else [mine, own]
 
 
 def find_daemon(candidates: list[str]) -> tuple[int, str] | None:
@@ -189,9 +186,10 @@ class PidFile:
         finally:
             os.close(fd)
 
-    def _refuse(self, pid: int) -> TempFailure:
+    def _refuse(self, pid: int, path: str = "") -> TempFailure:
         who = f"pid {pid}" if pid > 0 else "pid unknown"
-        return TempFailure(f"a relayq daemon is already running ({who}, pid file {self.path})")
+        return TempFailure(f"a relayq daemon is already running ({who}, pid file "
+                           f"{path or self.path})")
 
     def acquire(self, others: list[str] | None = None) -> None:
         """Write our pid atomically and lock it; TempFailure (75) if a daemon holds it,
@@ -247,9 +245,7 @@ class PidFile:
     def _check(self, paths: list[str]) -> None:
         found = find_daemon(paths)
         if found is not None:
-            pid, path = found
-            who = f"pid {pid}" if pid > 0 else "pid unknown"
-            raise TempFailure(f"a relayq daemon is already running ({who}, pid file {path})")
+            raise self._refuse(*found)
 
     @staticmethod
     def _own_folder(folder: str) -> None:
