@@ -312,7 +312,7 @@ class Taker:
             if exc.errno == errno.ENOENT:
                 raise
             if exc.errno in (errno.EACCES, errno.EPERM):
-                raise Unreadable(self._fix(name, exc)) from None
+                raise Unreadable(self._fix(dfd, name, exc)) from None
             raise Hostile(f"cannot be opened: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
@@ -346,7 +346,7 @@ class Taker:
             raise
         return fd, st
 
-    def _fix(self, name: str, exc: OSError) -> str:
+    def _fix(self, dfd: int, name: str, exc: OSError) -> str:
         """What makes a file we may not read ours to take: its group, which maildrop/
         (set-gid, mode 3733) gives every file written there."""
         import grp
@@ -356,8 +356,10 @@ class Taker:
         except KeyError:
             group = str(os.getegid())
         path = os.path.join(self.spool.maildrop, name)
+        gid = os.fstat(dfd).st_mode & stat.S_ISGID
         return (f"cannot be read by uid {os.geteuid()} ({exc.strerror}); left in place: "
-                f"chgrp {group} {path} (and chmod 3733 {self.spool.maildrop})")
+                f"chgrp {group} {path}"
+                + ("" if gid else f" (and chmod 3733 {self.spool.maildrop})"))
 
     def _queued_as(self, ident: str, mtime: float) -> str:
         """The queued message whose envelope names drop file `ident`, or "".
