@@ -227,3 +227,15 @@ def test_ids_that_look_dropped_but_keep_cap_setuid_raise(users: None) -> None:
         pytest.skip("cannot keep CAP_SETUID here")
     assert seen == {"raised": "PrivilegeError",
                     "message": f"root could be regained after dropping to uid {pw.pw_uid}"}
+
+
+def test_the_owner_of_a_queue_root_makes(users: None, tmp_path) -> None:
+    """daemon_user's queue is daemon_user's; another queue without it is root's."""
+    from relayq.core.errors import ConfigError
+
+    svc = pwd.getpwnam(DAEMON_USER)
+    assert privilege.queue_owner(str(tmp_path), DAEMON_USER) == (svc.pw_uid, svc.pw_gid)
+    assert privilege.queue_owner(str(tmp_path), "") is None
+    assert privilege.queue_owner(str(tmp_path), "root") is None
+    with pytest.raises(ConfigError, match="no such user"):
+        privilege.queue_owner(str(tmp_path), "rqtest-nobody-here")

@@ -375,10 +375,10 @@ def _man_pages(places: list[Path] | None = None) -> dict[str, str]:
 def _make_system_queue() -> str:
     """Users hand mail to the system queue from the first message on (SECURITY.md)."""
     from relayq.queue.spool import Spool
-    from relayq.system import configfile
+    from relayq.system import configfile, privilege
 
-    cfg = configfile.load()
-    Spool(cfg.queue_dir).ensure()
+    cfg = configfile.load()  # the service user's queue when there is one (queue_owner)
+    Spool(cfg.queue_dir).ensure(privilege.queue_owner(cfg.queue_dir, cfg.daemon_user))
     return f"{cfg.queue_dir}: the queue, with maildrop/ for users' mail"
 
 

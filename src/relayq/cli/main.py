@@ -54,13 +54,12 @@ def _main(argv: list[str]) -> int:
     from relayq.system.log import Log
 
     spool = Spool(cfg.queue_dir)
-    if args.command in ("status", "flush"):
-        from relayq.daemon.life import pid_path
+    from relayq.daemon.life import pid_candidates
 
-        cfg.pid_file = pid_path(cfg)  # root's answer, not the service user's
-    spool.enter()  # root in the service user's queue works as that user
+    pids = pid_candidates(cfg)  # root's answer, not the service user's it may become
+    spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
-        return status(cfg, args.json)
+        return status(cfg, args.json, pids)
     if args.command in ("hold", "release", "delete", "requeue"):
         from relayq.delivery import admin
 
@@ -83,18 +82,18 @@ def _main(argv: list[str]) -> int:
         # what is left may be held by a running daemon: have it retry everything too
         from relayq.daemon.life import poke
 
-        pid = poke(cfg)
+        pid = poke(cfg, pids)
         if pid is not None:
             log.info(f"flush: {left} message(s) left; told the daemon (pid {pid}) to run "
                      "the queue")
     return EX_TEMPFAIL if left else EX_OK
 
 
-def status(cfg: Config, as_json: bool) -> int:
+def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
     """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
     import time
 
-    from relayq.daemon.life import PidFile, pid_path
+    from relayq.daemon.life import find_daemon, pid_candidates
     from relayq.queue.names import qid_time
     from relayq.queue.spool import Spool
 
@@ -114,7 +113,8 @@ def status(cfg: Config, as_json: bool) -> int:
     except OSError:
         quarantined = 0
     dead = sum(1 for _ in spool.dead_letters())
-    pid = PidFile.running(pid_path(cfg))
+    found = find_daemon(pid_candidates(cfg) if pids is None else pids)
+    pid = found[0] if found is not None else None
     loop = cfg.loop_reason() or (_recorded_loop(spool, min(ids)) if ids else "")
     info = {
         "queue": spool.queue,
@@ -140,7 +140,8 @@ def status(cfg: Config, as_json: bool) -> int:
     if dead:
         print(f"dead letters: {dead} (undeliverable and unreportable: see mailq, "
               f"then remove from {spool.quarantine_dir})")
-    print("daemon:       " + (f"running, pid {pid}" if pid is not None else "not running"))
+    print("daemon:       " + ("not running" if pid is None else f"running, pid {pid}"
+                               if pid > 0 else "running (pid unknown)"))
     print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
     if info["warning"]:
         print(f"warning:      {info['warning']}: mail stays queued until the configuration "

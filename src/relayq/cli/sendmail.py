@@ -85,7 +85,7 @@ def smtp_session(args: Args, source: Source) -> int:
 
     cfg, log = _open(args, source)
     user, uid, _ = user_names()
-    Spool(cfg.queue_dir).enter()
+    Spool(cfg.queue_dir).enter(cfg)
     return serve_stdio(cfg, log, user=user, uid=uid, mode=chosen_mode(args, cfg))
 
 
@@ -122,7 +122,7 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
 
     sels = [selector.parse(s) for s in args.selectors]
     spool = Spool(cfg.queue_dir)
-    spool.enter()
+    spool.enter(cfg)
     if not spool.writable():
         return ask_flush(spool)
     with Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args)) as runner:

@@ -81,7 +81,7 @@ def submit(cfg: Config, log: Log, args: Args) -> Committed | None:
     if not args.recipients and not args.extract:
         raise UsageError("Recipient names must be specified")
     spool = Spool(cfg.queue_dir)  # create() makes the directories the first time
-    spool.enter()
+    spool.enter(cfg)
     if not spool.writable():
         hand_over(cfg, spool, req, args)
         return None

@@ -279,7 +279,7 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "queue_interval": (1800.0, _duration, "relayq daemon: time between queue runs"),
     "concurrency": (4, _int, "parallel deliveries in a queue run of the daemon"),
     "pid_file": ("", _str, "pid file of a detached daemon "
-                 "(default: in /run/relayq if it exists, else /run/relayq.pid as root)"),
+                 "(default: in /run/relayq if it is ours, else /run/relayq.pid as root)"),
     "listen": (["127.0.0.1:25", "[::1]:25"], _strlist, "SMTP listener addresses"),
     "listen_nonloopback": (False, _bool, "allow binding a non-loopback listener address"),
     "daemon_user": ("", _str, "user the daemon runs as after binding port 25 as root"),

@@ -11,7 +11,11 @@ the listening sockets systemd passes (socket activation).
 The pid file is written atomically (temp file, fsync, link into place) and
 the daemon holds an flock on it for its whole life: a locked pid file means
 a live daemon (start refused, exit 75); an unlocked one is stale and
-replaced.
+replaced. A daemon may hold one of several files (pid_candidates: the
+runtime directory's, root's /run/relayq.pid, the queue's): a start is refused
+while any of them is held, and status and flush look at all. Root opens them
+without following links or blocking, and writes its own only in a directory
+of root's.
 
 Signals only raise flags (Wake) for the main loop: SIGTERM/SIGINT stop,
 SIGHUP reloads the configuration, SIGUSR1 runs the whole queue now.
@@ -95,9 +99,10 @@ def under_systemd() -> bool:
 
 
 def pid_path(cfg: Config, run_dir: str = RUN_DIR) -> str:
-    """The configured pid file; else, while the units' RuntimeDirectory exists, the one
-    in it (the service, running as its user, and root's `relayq flush` must agree);
-    else /run/relayq.pid for root, else one in the queue dir."""
+    """The pid file this daemon writes: the configured one; else, while the units'
+    RuntimeDirectory exists and is ours, the one in it; else /run/relayq.pid for
+    root (never a file in a directory another user owns), else one in the queue dir.
+    Whoever looks for a daemon looks at every pid_candidates() file."""
     if cfg.pid_file:
         return cfg.pid_file
     euid = os.geteuid()
@@ -105,11 +110,50 @@ def pid_path(cfg: Config, run_dir: str = RUN_DIR) -> str:
         st = os.stat(run_dir, follow_symlinks=False)
     except OSError:
         st = None
-    if st is not None and stat.S_ISDIR(st.st_mode) and euid in (0, st.st_uid):
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == euid:
         return os.path.join(run_dir, "relayq.pid")
     if euid == 0:
         return ROOT_PID_FILE
     return os.path.join(cfg.queue_dir, "relayq.pid")
+
+
+def pid_candidates(cfg: Config, run_dir: str = RUN_DIR,
+                   root_pid: str = ROOT_PID_FILE) -> list[str]:
+    """Every pid file a daemon of this queue may hold, the one rule of the daemon's
+    start (one daemon per queue: refused while another holds any), `relayq status`
+    and `relayq flush`: the configured file alone; for the system queue, whoever
+    runs its daemon (root by hand, the service as relayq), the runtime directory's,
+    root's and the queue's; for another queue, ours (pid_path) and the queue's."""
+    if cfg.pid_file:
+        return [cfg.pid_file]
+    from relayq.core.config import SYSTEM_QUEUE
+
+    own = os.path.join(cfg.queue_dir, "relayq.pid")
+    if os.path.realpath(cfg.queue_dir) == SYSTEM_QUEUE:
+        return [os.path.join(run_dir, "relayq.pid"), root_pid, own]
+    mine = pid_path(cfg, run_dir)
+    return [mine] if mine == own else [mine, own]
+
+
+def find_daemon(candidates: list[str]) -> tuple[int, str] | None:
+    """(pid, pid file) of a live daemon holding one of `candidates` (-1: pid unreadable)."""
+    for path in candidates:
+        pid = PidFile.running(path)
+        if pid is not None:
+            return pid, path
+    return None
+
+
+def _vouched(pid: int, owner: int) -> bool:
+    """May the pid in a file of `owner`'s be believed (and signalled, by flush)? Root's
+    file, or ours; else only a process of that owner's: the service user must not make
+    root's `relayq flush` send SIGUSR1 (default: terminate) to any process it names."""
+    if owner in (0, os.geteuid()):
+        return True
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == owner
+    except OSError:
+        return False
 
 
 class PidFile:
@@ -121,34 +165,42 @@ class PidFile:
 
     @staticmethod
     def running(path: str) -> int | None:
-        """The pid of the live daemon holding `path`, or None (absent or stale)."""
+        """The pid of the live daemon holding `path`, or None (absent, stale, or not a
+        regular file: the directory may be another user's, who can plant a FIFO or a
+        link there, so nothing is followed and nothing blocks)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, flags)
         except OSError:
             return None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                text = os.read(fd, 64).decode("ascii", "replace").strip()
-                return int(text) if text.isdigit() else -1
+                text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() and _vouched(int(text), st.st_uid) else -1
             return None
         finally:
             os.close(fd)
 
-    def _refuse(self, pid: int) -> TempFailure:
+    def _refuse(self, pid: int, path: str = "") -> TempFailure:
         who = f"pid {pid}" if pid > 0 else "pid unknown"
-        return TempFailure(f"a relayq daemon is already running ({who}, pid file {self.path})")
+        return TempFailure(f"a relayq daemon is already running ({who}, pid file "
+                           f"{path or self.path})")
 
-    def acquire(self) -> None:
-        """Write our pid atomically and lock it; TempFailure (75) if a daemon holds it."""
-        pid = self.running(self.path)
-        if pid is not None:
-            raise self._refuse(pid)
+    def acquire(self, others: list[str] | None = None) -> None:
+        """Write our pid atomically and lock it; TempFailure (75) if a daemon holds it,
+        or any of `others` (pid_candidates: the same queue's other pid files), looked
+        at before and after ours is taken (two starting at once: neither runs)."""
+        self._check([self.path, *(others or [])])
         folder = os.path.dirname(self.path) or "."
         tmp = os.path.join(folder, f".{os.path.basename(self.path)}.{os.getpid()}")
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            self._own_folder(folder)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # ours by name (our pid), left by a process long gone
             # never through a link: the folder may belong to the service user
@@ -184,12 +236,34 @@ class PidFile:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         self.fd = fd
+        try:
+            self._check([p for p in others or [] if p != self.path])
+        except BaseException:
+            self.release()
+            raise
+
+    def _check(self, paths: list[str]) -> None:
+        found = find_daemon(paths)
+        if found is not None:
+            raise self._refuse(*found)
+
+    @staticmethod
+    def _own_folder(folder: str) -> None:
+        """Root writes its pid file only in a directory of root's: in another user's,
+        a link or a FIFO of theirs could make it write elsewhere or hang."""
+        if os.geteuid() != 0:
+            return
+        st = os.stat(folder, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+            raise ConfigError(f"pid file in {folder}, which is not root's directory: root "
+                              "writes its pid file only in its own (leave pid_file unset "
+                              f"for {ROOT_PID_FILE})")
 
     def release(self) -> None:
         if self.fd < 0:
             return
         try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+            if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
         except OSError:
             pass  # after dropping privileges /run may not be ours: the lock says stale
@@ -197,11 +271,13 @@ class PidFile:
         self.fd = -1
 
 
-def poke(cfg: Config) -> int | None:
-    """SIGUSR1 to the running daemon (for `relayq flush`); its pid, or None if none runs."""
-    pid = PidFile.running(pid_path(cfg))
-    if pid is None or pid <= 0:
+def poke(cfg: Config, candidates: list[str] | None = None) -> int | None:
+    """SIGUSR1 to the running daemon (for `relayq flush`); its pid, or None if none runs.
+    `candidates`: pid_candidates() as decided before root entered the queue."""
+    found = find_daemon(pid_candidates(cfg) if candidates is None else candidates)
+    if found is None or found[0] <= 0:
         return None
+    pid = found[0]
     try:
         os.kill(pid, signal.SIGUSR1)
     except OSError:

@@ -53,6 +53,7 @@ from relayq.daemon.life import (
     detach,
     monotonic_usec,
     parse_interval,
+    pid_candidates,
     pid_path,
     poke,
     sd_notify,
@@ -311,7 +312,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
     pid = PidFile(pid_path(cfg))
     daemon: Daemon | None = None
     try:
-        pid.acquire()
+        pid.acquire(pid_candidates(cfg))  # one daemon per queue, wherever its pid file
         # import the delivery code now: after dropping privileges the install
         # might not be readable, and the first delivery should not wait for it
         import grp  # noqa: F401
@@ -323,7 +324,7 @@ def _setup(cfg: Config, log: Log, opts: Options) -> tuple[Daemon, PidFile]:
         if owner is not None:
             spool.ensure(owner)
         else:
-            spool.enter()  # root in another user's queue works as that user
+            spool.enter(cfg)  # root in another user's queue works as that user
         daemon = Daemon(cfg, log, opts)
         daemon.private_fds.append(pid.fd)
         daemon.pool.start_agents()  # as root they drop privileges themselves
@@ -377,6 +378,7 @@ def start(*, source: Source, tag: str, interval: str | None, listen: bool,
     """
     from relayq.system.log import Log
 
+    source.daemon = True  # an unreadable file is an error here, never the defaults
     loader = source.load
     cfg = loader()
     seconds = parse_interval(interval) if interval and interval != "p" else None

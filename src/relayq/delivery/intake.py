@@ -7,7 +7,9 @@ the submitter; nothing inside it is trusted. Every entry is hostile until
 proven otherwise (Postfix pickup's rules): opened without following a
 symbolic link and without blocking, read only if it is a regular file with
 one link, not owned by root and not over the size limit, and never read past
-that limit. A refused entry is logged once and removed. Two takers never take
+that limit. A refused entry is logged once and removed; a file we may not open
+(EACCES: a maildrop/ that was not set-gid to our group when it was written) is
+a user's accepted mail and stays, logged once with the chgrp that fixes it. Two takers never take
 one file: each holds flock(LOCK_EX) on it while copying. What a process has
 said already (Notices) is an object the caller keeps, not a global.
 """
@@ -106,6 +108,11 @@ class TooLarge(Hostile):
     """A file over the size limit: not read, but its owner may be told."""
 
 
+class Unreadable(Exception):
+    """A drop file we may not open (EACCES): accepted mail, never removed; the text
+    is the log line's reason and fix."""
+
+
 class Busy(Exception):
     """Another taker holds the file (or it went away meanwhile)."""
 
@@ -141,6 +148,9 @@ class Taker:
                 raise DataError(f"{name}: {exc}") from None
             except Busy:
                 raise TempFailure(f"{name} is being taken already") from None
+            except Unreadable as exc:  # the queue's setup, not the message: it waits
+                self._unreadable(dfd, name, str(exc))
+                raise TempFailure(f"{name}: {exc}") from None
             except FileNotFoundError:
                 raise RelayqError(f"{name}: no such drop file", 66) from None
             try:
@@ -209,6 +219,9 @@ class Taker:
             return None
         except Busy:
             return None
+        except Unreadable as exc:  # a user's accepted mail: kept, and the fix logged once
+            self._unreadable(dfd, name, str(exc))
+            return None
         except TooLarge as exc:  # maybe only over a limit its writer could not read
             if name[0] == "d":
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -245,6 +258,13 @@ class Taker:
             return qid, mode
         finally:
             os.close(fd)
+
+    def _unreadable(self, dfd: int, name: str, reason: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        self._once(st, f"maildrop: {name!r} (uid {st.st_uid}): {reason}")
 
     def _once(self, st: os.stat_result, line: str) -> None:
         """Log about a file left in place once, not at every look at maildrop/."""
@@ -291,6 +311,8 @@ class Taker:
                 raise Hostile("a symbolic link") from None
             if exc.errno == errno.ENOENT:
                 raise
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise Unreadable(self._fix(dfd, name, exc)) from None
             raise Hostile(f"cannot be opened: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
@@ -323,6 +345,21 @@ class Taker:
             os.close(fd)
             raise
         return fd, st
+
+    def _fix(self, dfd: int, name: str, exc: OSError) -> str:
+        """What makes a file we may not read ours to take: its group, which maildrop/
+        (set-gid, mode 3733) gives every file written there."""
+        import grp
+
+        try:
+            group = grp.getgrgid(os.getegid()).gr_name
+        except KeyError:
+            group = str(os.getegid())
+        path = os.path.join(self.spool.maildrop, name)
+        gid = os.fstat(dfd).st_mode & stat.S_ISGID
+        return (f"cannot be read by uid {os.geteuid()} ({exc.strerror}); left in place: "
+                f"chgrp {group} {path}"
+                + ("" if gid else f" (and chmod 3733 {self.spool.maildrop})"))
 
     def _queued_as(self, ident: str, mtime: float) -> str:
         """The queued message whose envelope names drop file `ident`, or "".

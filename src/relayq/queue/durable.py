@@ -89,12 +89,13 @@ def group_sync(path: str) -> GroupSync:
     return sync
 
 
-def io_error(action: str, exc: OSError) -> RelayqError:
-    """The one errno -> failure mapping for writing queue files (queue/ and maildrop/)."""
+def io_error(action: str, exc: OSError, path: str = "") -> RelayqError:
+    """The one errno -> failure mapping for queue files (queue/ and maildrop/); `path`:
+    the file that could not be read, whose owner may be named with the fix."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return TempFailure(f"cannot {action}: no space left on the queue file system")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return QueueError(f"cannot {action}: {exc.strerror}", code=77)
+        return QueueError(f"cannot {action}: {unreadable(path, exc)}", code=77)
     if exc.errno == errno.EROFS:
         return QueueError(f"cannot {action}: {exc.strerror}", code=73)
     return QueueError(f"cannot {action}: {exc.strerror or exc}")
@@ -114,3 +115,33 @@ def read_small(path: str) -> bytes:
     finally:
         os.close(fd)
 
+
+
+def unreadable(path: str, exc: OSError) -> str:
+    """Why queue file `path` cannot be read: its strerror and, for a file that is not
+    the queue's owner's (root's, written before the queue became the service user's),
+    whose it is and the chown that gives it back."""
+    text = exc.strerror or str(exc)
+    if not path or exc.errno not in (errno.EACCES, errno.EPERM):
+        return text
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        queue = os.stat(os.path.dirname(path))
+    except OSError:
+        return text
+    if st.st_uid == queue.st_uid:
+        return text
+    import grp
+    import pwd
+
+    try:
+        owner = pwd.getpwuid(queue.st_uid).pw_name
+    except KeyError:
+        owner = str(queue.st_uid)
+    try:
+        group = grp.getgrgid(queue.st_gid).gr_name
+    except KeyError:
+        group = str(queue.st_gid)
+    base = path[:-2] if path[-2:] in (".d", ".e") else path
+    return (f"{text}: it belongs to uid {st.st_uid}, not to {owner}, the queue's owner: "
+            f"chown {owner}:{group} {base}.*")

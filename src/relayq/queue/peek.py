@@ -7,7 +7,7 @@ import time
 
 from relayq.core.envelope import Envelope
 from relayq.core.errors import DamagedQueueFile
-from relayq.queue.durable import read_small
+from relayq.queue.durable import read_small, unreadable
 
 TYPE_CHECKING = False
 
@@ -42,7 +42,8 @@ def listing(
             yield qid, None, "job completed", 0, False
             continue
         except OSError as exc:
-            yield qid, None, f"cannot read envelope: {exc.strerror}", 0, False
+            yield qid, None, f"cannot read envelope: {unreadable(queue + qid + '.e', exc)}", \
+                0, False
             continue
         try:
             env = Envelope.loads(raw, qid)
@@ -62,6 +63,24 @@ def listing(
         yield qid, env, "", st.st_size, locked
 
 
+def dead_letters(spool: Spool) -> Iterator[tuple[str, Envelope, int]]:
+    """(qid, envelope, data size) of each dead letter kept in quarantine/ (Spool.bury)."""
+    try:
+        names = sorted(os.listdir(spool.quarantine_dir))
+    except OSError:
+        return
+    for name in names:
+        qid, _, rest = name.partition(".")
+        if not rest.startswith("e.") or rest.endswith(".t"):
+            continue
+        path = os.path.join(spool.quarantine_dir, name)
+        try:
+            env = Envelope.loads(read_small(path), qid)
+            size = os.stat(os.path.join(spool.quarantine_dir, f"{qid}.d{rest[1:]}")).st_size
+        except (OSError, DamagedQueueFile):
+            continue
+        if env.dead:
+            yield qid, env, size
 
 
 def held_inodes(dev: int) -> set[int] | None:

@@ -16,7 +16,10 @@ Who may write: root, or the user owning queue/, commits directly. A queue
 made by root is public: its top directory is 0711 (no listing), queue/ and
 quarantine/ stay 0700, and maildrop/ is 1733 (anyone may create a file there,
 nobody but its owner may list it or remove another user's file). A queue made
-by an ordinary user is that user's private queue and has no maildrop/.
+by an ordinary user is that user's private queue and has no maildrop/. Root
+never makes a queue of its own that belongs to a service user (daemon_user,
+or the relayq system user for /var/spool/relayq): enter(cfg) makes it theirs
+(maildrop/ 3733, set-gid to their group) and root works in it as them.
 
 Commit point: the data file is written and fsynced, the envelope is written to
 QID.t, fsynced and renamed to QID.e, and the directory is fsynced. A crash
@@ -38,7 +41,7 @@ import time
 
 from relayq.core.envelope import Envelope
 from relayq.core.errors import DamagedQueueFile, RelayqError, TempFailure
-from relayq.queue.durable import fsync_dir, io_error, read_small, unlink_if_there
+from relayq.queue.durable import fsync_dir, io_error, unlink_if_there
 from relayq.queue.names import make_qid
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
@@ -46,6 +49,7 @@ TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from relayq.core.config import Config
     from relayq.queue.claim import Claim
 
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
@@ -59,7 +63,6 @@ def _become(uid: int, gid: int) -> None:
     except OSError as exc:
         raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
                           71) from None
-
 
 
 class Spool:
@@ -120,16 +123,23 @@ class Spool:
         except OSError as exc:
             raise io_error(f"give the queue to uid {owner[0]}", exc) from None
 
-    def enter(self) -> None:
+    def enter(self, cfg: Config | None = None) -> None:
         """Root in a queue that belongs to another user (daemon_user) becomes that user
         for the rest of the process: that user can plant links and files in the queue,
         and root must never follow or write them (SECURITY.md).
 
         The top directory is the administrator's path (followed); queue/ inside it
         is looked at without following a link. Anything unexpected is refused.
+        With `cfg`, a missing queue is made first for its owner (privilege.queue_owner).
         """
         if os.geteuid() != 0:
             return
+        if cfg is not None and not os.path.isdir(self.queue):
+            from relayq.system.privilege import queue_owner
+
+            owner = queue_owner(self.root, cfg.daemon_user)
+            if owner is not None:
+                self.ensure(owner, public=True)
         for path, follow in ((self.root, True), (self.queue, False)):
             try:
                 st = os.stat(path, follow_symlinks=follow)
@@ -344,7 +354,7 @@ class Spool:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise io_error(f"read envelope {qid}", exc) from None
+            raise io_error(f"read envelope {qid}", exc, self.path(qid, ".e")) from None
         env = Envelope.loads(raw, qid)
         if not os.path.exists(self.path(qid, ".d")):
             raise DamagedQueueFile(f"{qid}: envelope without data file")
@@ -384,6 +394,8 @@ class Spool:
             if os.path.exists(self.path(qid, ".e")):
                 raise DamagedQueueFile(f"{qid}: envelope without data file") from None
             return None
+        except OSError as exc:  # not damage: root's file in a queue now another user's?
+            raise io_error("read the data file", exc, self.path(qid, ".d")) from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -443,22 +455,9 @@ class Spool:
 
     def dead_letters(self) -> Iterator[tuple[str, Envelope, int]]:
         """(qid, envelope, data size) of each dead letter kept in quarantine/ (see bury)."""
-        try:
-            names = sorted(os.listdir(self.quarantine_dir))
-        except OSError:
-            return
-        for name in names:
-            qid, _, rest = name.partition(".")
-            if not rest.startswith("e.") or rest.endswith(".t"):
-                continue
-            path = os.path.join(self.quarantine_dir, name)
-            try:
-                env = Envelope.loads(read_small(path), qid)
-                size = os.stat(os.path.join(self.quarantine_dir, f"{qid}.d{rest[1:]}")).st_size
-            except (OSError, DamagedQueueFile):
-                continue
-            if env.dead:
-                yield qid, env, size
+        from relayq.queue.peek import dead_letters
+
+        return dead_letters(self)
 
     def remove_dead(self, qid: str) -> bool:
         """The operator's command for a dead letter (`relayq delete QID`): True if it was one."""

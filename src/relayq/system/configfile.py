@@ -52,11 +52,12 @@ class Source:
     not the one its new uid would pick.
     """
 
-    __slots__ = ("explicit", "home", "path", "queue", "uid")
+    __slots__ = ("daemon", "explicit", "home", "path", "queue", "uid")
 
     def __init__(self, path: str, explicit: bool, uid: int, home: str) -> None:
         self.path = path
-        self.explicit = explicit  # a missing file is an error, not the defaults
+        self.explicit = explicit  # a missing or unreadable file is an error, not the defaults
+        self.daemon = False  # set by the daemon: it needs the settings, never the defaults
         self.uid = uid
         self.home = home
         self.queue = default_queue(os.environ, uid, home, path)
@@ -77,8 +78,8 @@ class Source:
                 raise ConfigError(f"{path}: no such configuration file") from None
             cfg = parse("", path)
         except PermissionError as exc:
-            if uid == 0 or path != SYSTEM_CONFIG:
-                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            if uid == 0 or path != SYSTEM_CONFIG or self.explicit or self.daemon:
+                raise ConfigError(_unreadable(path, exc, self.daemon)) from None
             cfg = parse("", path)  # private to relayq: users only hand mail over to it
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -141,6 +142,21 @@ def load(path: str | None = None, *, explicit: bool = True) -> Config:
 
 
 PRIVATE_GROUPS = ("root", "relayq")
+
+
+def _unreadable(path: str, exc: OSError, daemon: bool) -> str:
+    """The one line for a configuration this process may not read, with the fix: the
+    daemon's user reads it through the file's group (SECURITY.md: 0640 root:relayq)."""
+    if not daemon:
+        return f"{path}: cannot read: {exc.strerror}"
+    import grp
+
+    try:
+        group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        group = str(os.getegid())
+    return (f"{path}: cannot read: {exc.strerror} (the daemon runs as uid {os.geteuid()}): "
+            f"chgrp {group} {path}; chmod 640 {path}")
 
 
 def _check_private(path: str, st: os.stat_result, what: str) -> None:

@@ -30,6 +30,37 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 
+SERVICE_USER = "relayq"  # the package's system user (debian/relayq.sysusers)
+
+
+def queue_owner(queue_dir: str, daemon_user: str) -> tuple[int, int] | None:
+    """(uid, gid) a queue root is about to create must belong to, or None (root's own).
+
+    daemon_user's when it is set (the daemon gives it the queue anyway); else, for
+    the system queue, the relayq system user's when the host has one: the packaged
+    service runs as it, and a queue root made for itself would lock it out of users'
+    mail (their files unreadable, then removed). A pip install without that user
+    keeps a queue of root's. ConfigError (78) for a daemon_user that does not exist.
+    """
+    import pwd
+
+    from relayq.core.config import SYSTEM_QUEUE
+
+    name = daemon_user or (SERVICE_USER if os.path.realpath(queue_dir) == SYSTEM_QUEUE
+                           else "")
+    if not name:
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if not daemon_user:
+            return None
+        from relayq.core.errors import ConfigError
+
+        raise ConfigError(f"daemon_user: no such user {daemon_user!r}") from None
+    return (pw.pw_uid, pw.pw_gid) if pw.pw_uid != 0 else None
+
+
 class PrivilegeError(OSError):
     """The ids did not change as asked, or root could be regained."""
 
