@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import socket
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.debbuild import BuildFailed, newer_package, package
 from tests.helpers.debroot import DebRoot, Entry, changed_since, skip_unless_possible
+from tests.helpers.relayq_env import BIN, Relayq
 from tests.integration.test_daemon import wait_for
 
 from relayq.testing.smarthost import Smarthost
@@ -460,14 +463,28 @@ def reconfigure(root: DebRoot, answer: str) -> str:
     return res.stdout + res.stderr
 
 
-def test_debconf_answers_and_the_administrators_file(root: DebRoot, deb: Path) -> None:
+def test_debconf_answers_and_the_administrators_file(root: DebRoot, deb: Path,
+                                                    tmp_path: Path) -> None:
     """An answer that is not a host list is refused; the configuration is the
     administrator's: its mode, owner, symlink, other lines and own edits survive
     reinstalls and answers, and only a changed answer rewrites the smarthost line."""
     f = Findings()
     config = "/etc/relayq/relayq.toml"
     prepare(root, "host.example.org", 'evil.example.org" \\n password = "x')
+    # a queue an earlier pip install left: root's, with a message in it
+    (tmp_path / "pip-era").mkdir()
+    pip_era = Relayq(tmp_path / "pip-era")
+    sent = subprocess.run([str(BIN / "sendmail"), "-odq", "old@example.org"], env=pip_era.env,
+                          input=b"Subject: from the pip days\n\nhi\n", capture_output=True)
+    assert sent.returncode == 0, sent.stderr
+    shutil.copytree(pip_era.queue_dir, root.path("/var/spool/relayq"), symlinks=True)
     said = install(root, deb)
+    listing = root.ok(["mailq"])
+    f.check("old@example.org" in listing and "damaged" not in listing
+            and "Permission denied" not in listing,
+            f"the pip-era message is not the service's after install: {listing!r}")
+    owners = root.ok("stat -c %U /var/spool/relayq/queue/*").split()
+    f.check(owners and set(owners) == {"relayq"}, f"queue files owned by {owners}")
     f.check("not host[:port]" in said, f"a hostile answer was not refused aloud: {said[-400:]!r}")
     text = root.path(config).read_text()
     f.check("evil" not in text and not re.search(r"^smarthost", text, re.M),
