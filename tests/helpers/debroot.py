@@ -7,7 +7,8 @@ every write a package installation makes (dpkg's database, /etc, /usr, users in
 
 One holder process per root keeps the namespaces alive: `unshare` makes a private
 mount namespace and a PID namespace, mounts the overlay, a fresh /proc, /dev and
-/sys from the machine, and fresh tmpfs on /run, /tmp and /dev/shm, then chroots and
+/sys from the machine, fresh tmpfs on /run, /tmp and /dev/shm, this checkout
+read-only at its own path (a CI clone may live under /tmp), then chroots and
 waits as the PID namespace's init (reaping orphans). Each `run()` enters those
 namespaces with `nsenter`. One mount (not one per call) because a process a command
 leaves behind (a background delivery, a detached flush) keeps its mount namespace
@@ -41,6 +42,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+CHECKOUT = Path(__file__).resolve().parents[2]  # bound into every root (its venv runs there)
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -62,6 +64,10 @@ mount -t tmpfs -o mode=1777 tmpfs "$M/dev/shm"
 mount --rbind /sys "$M/sys"
 mount -t tmpfs -o mode=755 tmpfs "$M/run"
 mount -t tmpfs -o mode=1777 tmpfs "$M/tmp"
+# this checkout (its venv included) at its own path, read-only, even under /tmp
+mkdir -p "$M$5"
+mount --bind "$5" "$M$5"
+mount -o remount,bind,ro "$M$5"
 exec chroot "$M" /usr/bin/python3 -c "$4"
 """
 
@@ -134,7 +140,7 @@ class DebRoot:
         holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
              "--kill-child=SIGKILL", "sh", "-c", _SETUP, "setup",
-             str(self.mnt), str(self.upper), str(self.work), _INIT],
+             str(self.mnt), str(self.upper), str(self.work), _INIT, str(CHECKOUT)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=dict(ENV), preexec_fn=_die_with_parent)
         self._holder = holder
