@@ -495,8 +495,11 @@ def test_debconf_answers_and_the_administrators_file(root: DebRoot, deb: Path,
     mine = ('# mine\nuser = "bob"\npassword = "s3cret"\n'
             'smarthost = "old.example.org:587"   # the relay\n')
     root.ok(["sh", "-c", f'printf "%s" "$1" > {config} && chown root:relayq {config} && '
-             f"chmod 0640 {config}", "sh", mine])
+             f"chmod 0640 {config} && chgrp relayq /etc/relayq && chmod 0750 /etc/relayq",
+             "sh", mine])
     reconfigure(root, "new.example.org:587")
+    st = root.path("/etc/relayq").stat()
+    f.check(st.st_mode & 0o777 == 0o750, f"/etc/relayq became {oct(st.st_mode)}")
     text = root.path(config).read_text()
     f.check(text == mine.replace('smarthost = "old.example.org:587"   # the relay',
                                  'smarthost = "new.example.org:587"'),
@@ -527,4 +530,10 @@ def test_debconf_answers_and_the_administrators_file(root: DebRoot, deb: Path,
     f.check(values == {"user": "bob", "smarthost": ["[192.0.2.7]:2525", "b.example.org"]},
             f"after the answer the file says {values}")
     f.check(not root.ok("ls /etc/relayq /srv").count(".relayq-new"), "a temporary file is left")
+
+    # a link to nothing: said and left alone, the package still configured
+    root.ok(f"rm /srv/relayq.toml && ls -l {config}")
+    said = reconfigure(root, "c.example.org")
+    f.check("link to nothing" in said and root.path(config).is_symlink()
+            and not root.path("/srv/relayq.toml").exists(), f"a dangling link: {said[-300:]!r}")
     f.assert_none()
