@@ -202,6 +202,30 @@ def test_a_drop_file_the_taker_cannot_read_is_kept_with_the_fix(host: Host) -> N
     assert drops == [] and len(queue) == 2
 
 
+def test_unreadable_drop_files_that_cannot_be_a_clients_are_removed(host: Host) -> None:
+    """Only a file that could be a client's with the wrong group (not ours, group-read)
+    is kept as Unreadable; a mode-000 file (or one of our group we still cannot read)
+    is planted: removed like any hostile entry, so thousands cannot pile up for good."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    host.root.ok(TMPFILES)
+    md = f"{SPOOL}/maildrop"
+    kept, planted, mine = "d" + "a" * 32, "d" + "b" * 32, "d" + "c" * 32
+    host.root.ok(f"cd {md} && umask 077 && echo x > {kept} && chgrp {ALICE} {kept} "
+                 f"&& chmod 0640 {kept} && echo x > {planted} && chmod 0 {planted} "
+                 f"&& echo x > {mine} && chmod 0604 {mine}", user=ALICE)
+    assert host.stat(f"{md}/{planted}").st_gid == host.stat(md).st_gid  # set-gid: ours
+    code, _, err = host.sendmail("-q")
+    assert code in (0, 75), err
+    assert host.queued()[1] == [kept]
+    lines = host.log_lines()
+    [said] = [line for line in lines if kept in line]
+    assert f"chgrp relayq {md}/{kept}" in said, said
+    for name in (planted, mine):
+        [said] = [line for line in lines if name in line]
+        assert "Permission denied" in said and "chgrp" not in said, said
+
+
 def test_roots_files_the_service_user_cannot_read_are_named_with_the_fix(host: Host) -> None:
     """Root's message from before the queue was the service user's (an earlier pip
     install): mailq and the queue run say whose it is and how to give it back."""
