@@ -167,6 +167,20 @@ def test_root_makes_a_missing_system_queue_for_the_service_user(host: Host) -> N
     assert drops == [] and len([n for n in queue if n.endswith(".e")]) == 2
 
 
+def test_a_symlinked_queue_dir_is_made_for_its_owner(host: Host) -> None:
+    """queue_dir is the administrator's path, a link to the real directory: root makes
+    the queue in it for daemon_user (following the top directory, no other link)."""
+    host.config(PUBLIC + 'queue_dir = "/var/spool/rq-link"\ndaemon_user = "relayq"\n', 0o644)
+    host.root.ok(f"touch {LOG} && chown relayq:relayq {LOG} && chmod 644 {LOG}")
+    host.root.ok("mkdir -p /srv/rq && ln -s /srv/rq /var/spool/rq-link")
+    code, _, err = host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    relayq = host.uid("relayq")
+    for sub in ("", "/queue", "/quarantine", "/maildrop"):
+        assert host.stat("/srv/rq" + sub).st_uid == relayq, sub
+    assert len(os.listdir(host.root.path("/srv/rq/queue"))) == 2  # its .e and .d
+
+
 def test_without_a_service_user_root_makes_the_queue_its_own(pip_host: Host) -> None:
     """A pip install (no relayq user, no daemon_user): as before, root's queue."""
     _public(pip_host, owner="root")

@@ -35,8 +35,10 @@ relayq.queue.listing (rendered).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 
 from relayq.core.envelope import Envelope
@@ -102,11 +104,14 @@ class Spool:
 
     def _give(self, owner: tuple[int, int]) -> None:
         """Hand the directories to the service user, through descriptors opened without
-        following links: once it owns the queue, any entry in it may be its trap."""
+        following links inside the queue: once it owns the queue, any entry in it may be
+        its trap. The top directory is the administrator's path (followed, as enter())."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            top = os.open(self.root, flags)
+            top = os.open(self.root, flags & ~os.O_NOFOLLOW)
             try:
+                if not stat.S_ISDIR(os.fstat(top).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
                 for name in ("", "queue", "quarantine", "maildrop"):
                     fd = os.open(name, flags, dir_fd=top) if name else top
                     try:
