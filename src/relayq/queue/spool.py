@@ -42,7 +42,7 @@ import stat
 import time
 
 from relayq.core.envelope import Envelope
-from relayq.core.errors import DamagedQueueFile, RelayqError, TempFailure
+from relayq.core.errors import DamagedQueueFile, TempFailure
 from relayq.queue.durable import fsync_dir, io_error, unlink_if_there
 from relayq.queue.names import make_qid
 
@@ -56,16 +56,6 @@ if TYPE_CHECKING:
 
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
 KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
-
-def _become(uid: int, gid: int) -> None:
-    from relayq.system import privilege
-
-    try:
-        privilege.drop_to(uid, gid)
-    except OSError as exc:
-        raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
-                          71) from None
-
 
 class Spool:
     """A queue directory."""
@@ -153,7 +143,9 @@ class Spool:
             except OSError as exc:
                 raise io_error(f"look at the queue directory {path}", exc) from None
             if st.st_uid != 0:
-                _become(st.st_uid, st.st_gid)
+                from relayq.system.privilege import become_owner
+
+                become_owner(st.st_uid, st.st_gid)
                 return
 
     def _publish(self) -> None:

@@ -15,8 +15,10 @@ which never checked the result. Here it is done once, the strongest way:
 
 A failure is an OSError (with strerror), which every caller already turns
 into its own error: 71 for the queue and the daemon, a deferral for a local
-delivery. This module stays cheap to import (root's sendmail enters the
-service user's queue on the submission path): no typing, no dataclasses.
+delivery (become_owner, for the queue, raises the queue's RelayqError itself,
+and checks the new user can still load relayq). This module stays cheap to
+import (root's sendmail enters the service user's queue on the submission
+path): no typing, no dataclasses.
 """
 
 from __future__ import annotations
@@ -96,6 +98,32 @@ def drop_to(uid: int, gid: int, *, name: str | None = None,
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     check_dropped(uid, gid, groups)
+
+
+def become_owner(uid: int, gid: int) -> None:
+    """Root becomes the owner of the queue it works in (relayq.queue.spool), then
+    checks that this user can still load the rest of relayq: an installation only root
+    can read (a venv or a pyenv under /root) would fail later, at some import, as an
+    internal error. RelayqError: 71 if the drop fails, 78 (EX_CONFIG) for the latter."""
+    import pwd
+
+    from relayq.core.errors import RelayqError
+
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None  # a queue owned by a bare uid
+    try:
+        drop_to(uid, gid, name=name)
+    except OSError as exc:
+        raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
+                          71) from None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the relayq package
+    for path in (here, os.path.dirname(os.__file__)):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise RelayqError(f"relayq's installation ({path}) cannot be read by uid {uid} "
+                              f"({name or 'no name'}), the queue's owner: install relayq "
+                              "where that user can read it (e.g. under /opt)", 78)
 
 
 def check_dropped(uid: int, gid: int, groups: Iterable[int]) -> None:
