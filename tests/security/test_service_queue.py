@@ -191,6 +191,17 @@ def test_without_a_service_user_root_makes_the_queue_its_own(pip_host: Host) -> 
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), sub
 
 
+def test_a_human_called_relayq_is_not_given_the_system_queue(pip_host: Host) -> None:
+    """A login named relayq (an ordinary uid, not the package's system user): root's
+    queue stays root's, as on a pip install without a relayq user."""
+    pip_host.root.ok("useradd --create-home --shell /bin/sh relayq")
+    _public(pip_host, owner="root")
+    code, _, err = pip_host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    for sub in ("", "/queue", "/maildrop"):
+        assert pip_host.stat(SPOOL + sub).st_uid == 0, sub
+
+
 def test_a_drop_file_the_taker_cannot_read_is_kept_with_the_fix(host: Host) -> None:
     """A user's accepted mail the daemon's user cannot read (a maildrop/ that was not
     set-gid when it was written) stays, and the log names the fix; once applied, the

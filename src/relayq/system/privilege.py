@@ -42,7 +42,8 @@ def queue_owner(queue_dir: str, daemon_user: str) -> tuple[int, int] | None:
     the system queue, the relayq system user's when the host has one: the packaged
     service runs as it, and a queue root made for itself would lock it out of users'
     mail (their files unreadable, then removed). A pip install without that user
-    keeps a queue of root's. ConfigError (78) for a daemon_user that does not exist.
+    keeps a queue of root's, and so does a host whose `relayq` is a human login (not a
+    system account). ConfigError (78) for a daemon_user that does not exist.
     """
     import pwd
 
@@ -60,7 +61,34 @@ def queue_owner(queue_dir: str, daemon_user: str) -> tuple[int, int] | None:
         from relayq.core.errors import ConfigError
 
         raise ConfigError(f"daemon_user: no such user {daemon_user!r}") from None
-    return (pw.pw_uid, pw.pw_gid) if pw.pw_uid != 0 else None
+    if pw.pw_uid == 0 or not (daemon_user or system_account(pw.pw_uid)):
+        return None  # a human login that happens to be called relayq gets nothing
+    return (pw.pw_uid, pw.pw_gid)
+
+
+def sys_uid_max(path: str = "/etc/login.defs") -> int:
+    """The highest uid of a system account: login.defs' SYS_UID_MAX, else UID_MIN - 1,
+    else 999 (what useradd --system and systemd-sysusers use on Debian)."""
+    found: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] in ("SYS_UID_MAX", "UID_MIN"):
+                    try:
+                        found[words[0]] = int(words[1], 0)
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    if "SYS_UID_MAX" in found:
+        return found["SYS_UID_MAX"]
+    return found["UID_MIN"] - 1 if "UID_MIN" in found else 999
+
+
+def system_account(uid: int) -> bool:
+    """Is uid a system account's (1..SYS_UID_MAX), as the package's relayq user is?"""
+    return 1 <= uid <= sys_uid_max()
 
 
 class PrivilegeError(OSError):
