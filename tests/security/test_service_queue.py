@@ -103,6 +103,20 @@ def pip_host(tmp_path: Path) -> Iterator[Host]:
 SECRET = 'smarthost = "[mail.example.org]:587"\nuser = "relay"\npassword = "s3cret"\n'
 
 
+def test_check_config_by_a_user_who_cannot_read_the_system_file_says_so(host: Host) -> None:
+    """A 0600 root file: an ordinary user's check-config does not check the defaults (a
+    smarthost the file does not name) but says the file is private and that this
+    user's mail goes to the daemon; no error in a correct, private setup (0)."""
+    host.config(SECRET, 0o600)
+    code, out, err = host.relayq("check-config", user=ALICE)
+    assert code == 0, err
+    assert f"{CONF}: cannot be read by uid {host.uid(ALICE)} (Permission denied)" in out, out
+    assert "daemon" in out and "127.0.0.1" not in out + err, out + err
+    code, out, err = host.relayq("check-config")  # root reads it
+    assert code == 0, err
+    assert "mail.example.org" in out, out
+
+
 def test_the_daemon_refuses_a_system_config_it_cannot_read(host: Host) -> None:
     """A 0600 root file (it holds a password) read by the service as relayq: not the
     defaults (a loop to 127.0.0.1, exit 78 for the wrong reason) but the file and the fix."""
