@@ -265,6 +265,23 @@ def test_unreadable_drop_files_that_cannot_be_a_clients_are_removed(host: Host) 
         assert "Permission denied" in said and "chgrp" not in said, said
 
 
+def test_mail_waiting_in_maildrop_is_counted_by_status_and_flush(host: Host) -> None:
+    """A drop file the taker cannot read is mail not yet queued: status says it waits,
+    root's flush exits 75 (mail left), as for queued mail it could not deliver."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    code, _, err = host.sendmail("-odq", "bob@example.org", user=ALICE)
+    assert code == 0, err
+    host.root.ok(TMPFILES)
+    code, out, err = host.relayq("flush")
+    assert code == 75, out + err
+    code, out, err = host.relayq("status")
+    assert code == 0, err
+    assert "messages:     0" in out and "maildrop:     1 waiting" in out, out
+    code, out, err = host.relayq("status", "--json")
+    assert '"maildrop_waiting": 1' in out, out
+
+
 def test_roots_files_the_service_user_cannot_read_are_named_with_the_fix(host: Host) -> None:
     """Root's message from before the queue was the service user's (an earlier pip
     install): mailq and the queue run say whose it is and how to give it back."""
