@@ -886,3 +886,31 @@ def test_what_the_taker_would_refuse_is_refused_before_exit_0(system: System) ->
         assert r.returncode == 65, r.stderr[:300]
         assert_one_line_error(r)
     assert system.drops() == []
+
+
+def test_an_installation_the_queue_owner_cannot_read_is_named(tmp_path: Path) -> None:
+    """Root's sendmail in daemon_user's queue becomes that user; when the running relayq
+    or its Python lives where that user cannot read (this test venv's interpreter under
+    /root), the user hears it in one line (78), not an internal error from an import."""
+    from tests.helpers.relayq_env import BIN
+
+    ensure_users()
+    svc = pwd.getpwnam(DAEMON_USER)
+    stdlib = os.path.dirname(os.__file__)
+    probe = subprocess.run(["setpriv", f"--reuid={svc.pw_uid}", f"--regid={svc.pw_gid}",
+                            "--clear-groups", "test", "-r", stdlib, "-a", "-x", stdlib],
+                           check=False)
+    if probe.returncode == 0:
+        pytest.skip(f"{stdlib} is readable by {DAEMON_USER}")
+    tmp_path.chmod(0o755)
+    conf = tmp_path / "relayq.toml"
+    conf.write_text(f'smarthost = "[127.0.0.1]:9"\nsyslog = false\n'
+                    f'queue_dir = "{tmp_path}/q"\ndaemon_user = "{DAEMON_USER}"\n')
+    env = {**os.environ, "RELAYQ_CONFIG": str(conf)}
+    for argv in ([str(BIN / "sendmail"), "-odq", "bob@example.org"],
+                 [str(BIN / "relayq"), "status"]):
+        r = subprocess.run(argv, input=b"Subject: x\n\nhi\n", capture_output=True, env=env,
+                           check=False, timeout=120)
+        err = assert_one_line_error(r)
+        assert r.returncode == 78, err
+        assert f"cannot be read by uid {svc.pw_uid} ({DAEMON_USER})" in err, err

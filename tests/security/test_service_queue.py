@@ -103,6 +103,20 @@ def pip_host(tmp_path: Path) -> Iterator[Host]:
 SECRET = 'smarthost = "[mail.example.org]:587"\nuser = "relay"\npassword = "s3cret"\n'
 
 
+def test_check_config_by_a_user_who_cannot_read_the_system_file_says_so(host: Host) -> None:
+    """A 0600 root file: an ordinary user's check-config does not check the defaults (a
+    smarthost the file does not name) but says the file is private and that this
+    user's mail goes to the daemon; no error in a correct, private setup (0)."""
+    host.config(SECRET, 0o600)
+    code, out, err = host.relayq("check-config", user=ALICE)
+    assert code == 0, err
+    assert f"{CONF}: cannot be read by uid {host.uid(ALICE)} (Permission denied)" in out, out
+    assert "daemon" in out and "127.0.0.1" not in out + err, out + err
+    code, out, err = host.relayq("check-config")  # root reads it
+    assert code == 0, err
+    assert "mail.example.org" in out, out
+
+
 def test_the_daemon_refuses_a_system_config_it_cannot_read(host: Host) -> None:
     """A 0600 root file (it holds a password) read by the service as relayq: not the
     defaults (a loop to 127.0.0.1, exit 78 for the wrong reason) but the file and the fix."""
@@ -167,6 +181,20 @@ def test_root_makes_a_missing_system_queue_for_the_service_user(host: Host) -> N
     assert drops == [] and len([n for n in queue if n.endswith(".e")]) == 2
 
 
+def test_a_symlinked_queue_dir_is_made_for_its_owner(host: Host) -> None:
+    """queue_dir is the administrator's path, a link to the real directory: root makes
+    the queue in it for daemon_user (following the top directory, no other link)."""
+    host.config(PUBLIC + 'queue_dir = "/var/spool/rq-link"\ndaemon_user = "relayq"\n', 0o644)
+    host.root.ok(f"touch {LOG} && chown relayq:relayq {LOG} && chmod 644 {LOG}")
+    host.root.ok("mkdir -p /srv/rq && ln -s /srv/rq /var/spool/rq-link")
+    code, _, err = host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    relayq = host.uid("relayq")
+    for sub in ("", "/queue", "/quarantine", "/maildrop"):
+        assert host.stat("/srv/rq" + sub).st_uid == relayq, sub
+    assert len(os.listdir(host.root.path("/srv/rq/queue"))) == 2  # its .e and .d
+
+
 def test_without_a_service_user_root_makes_the_queue_its_own(pip_host: Host) -> None:
     """A pip install (no relayq user, no daemon_user): as before, root's queue."""
     _public(pip_host, owner="root")
@@ -175,6 +203,17 @@ def test_without_a_service_user_root_makes_the_queue_its_own(pip_host: Host) -> 
     for sub, mode in (("", 0o711), ("/queue", 0o700), ("/maildrop", 0o1733)):
         st = pip_host.stat(SPOOL + sub)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, mode), sub
+
+
+def test_a_human_called_relayq_is_not_given_the_system_queue(pip_host: Host) -> None:
+    """A login named relayq (an ordinary uid, not the package's system user): root's
+    queue stays root's, as on a pip install without a relayq user."""
+    pip_host.root.ok("useradd --create-home --shell /bin/sh relayq")
+    _public(pip_host, owner="root")
+    code, _, err = pip_host.sendmail("-odq", "bob@example.org")
+    assert code == 0, err
+    for sub in ("", "/queue", "/maildrop"):
+        assert pip_host.stat(SPOOL + sub).st_uid == 0, sub
 
 
 def test_a_drop_file_the_taker_cannot_read_is_kept_with_the_fix(host: Host) -> None:
@@ -200,6 +239,47 @@ def test_a_drop_file_the_taker_cannot_read_is_kept_with_the_fix(host: Host) -> N
     assert code in (0, 75), err
     queue, drops = host.queued()
     assert drops == [] and len(queue) == 2
+
+
+def test_unreadable_drop_files_that_cannot_be_a_clients_are_removed(host: Host) -> None:
+    """Only a file that could be a client's with the wrong group (not ours, group-read)
+    is kept as Unreadable; a mode-000 file (or one of our group we still cannot read)
+    is planted: removed like any hostile entry, so thousands cannot pile up for good."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    host.root.ok(TMPFILES)
+    md = f"{SPOOL}/maildrop"
+    kept, planted, mine = "d" + "a" * 32, "d" + "b" * 32, "d" + "c" * 32
+    host.root.ok(f"cd {md} && umask 077 && echo x > {kept} && chgrp {ALICE} {kept} "
+                 f"&& chmod 0640 {kept} && echo x > {planted} && chmod 0 {planted} "
+                 f"&& echo x > {mine} && chmod 0604 {mine}", user=ALICE)
+    assert host.stat(f"{md}/{planted}").st_gid == host.stat(md).st_gid  # set-gid: ours
+    code, _, err = host.sendmail("-q")
+    assert code in (0, 75), err
+    assert host.queued()[1] == [kept]
+    lines = host.log_lines()
+    [said] = [line for line in lines if kept in line]
+    assert f"chgrp relayq {md}/{kept}" in said, said
+    for name in (planted, mine):
+        [said] = [line for line in lines if name in line]
+        assert "Permission denied" in said and "chgrp" not in said, said
+
+
+def test_mail_waiting_in_maildrop_is_counted_by_status_and_flush(host: Host) -> None:
+    """A drop file the taker cannot read is mail not yet queued: status says it waits,
+    root's flush exits 75 (mail left), as for queued mail it could not deliver."""
+    _public(host)
+    host.root.ok(ROOT_MADE)
+    code, _, err = host.sendmail("-odq", "bob@example.org", user=ALICE)
+    assert code == 0, err
+    host.root.ok(TMPFILES)
+    code, out, err = host.relayq("flush")
+    assert code == 75, out + err
+    code, out, err = host.relayq("status")
+    assert code == 0, err
+    assert "messages:     0" in out and "maildrop:     1 waiting" in out, out
+    code, out, err = host.relayq("status", "--json")
+    assert '"maildrop_waiting": 1' in out, out
 
 
 def test_roots_files_the_service_user_cannot_read_are_named_with_the_fix(host: Host) -> None:

@@ -239,3 +239,21 @@ def test_the_owner_of_a_queue_root_makes(users: None, tmp_path) -> None:
     assert privilege.queue_owner(str(tmp_path), "root") is None
     with pytest.raises(ConfigError, match="no such user"):
         privilege.queue_owner(str(tmp_path), "rqtest-nobody-here")
+
+
+def test_only_a_system_account_is_the_service_user(tmp_path) -> None:
+    """A human login that happens to be called relayq (uid from UID_MIN up) is not the
+    packaged service's user; SYS_UID_MAX (or UID_MIN - 1, or 999) is the bound."""
+    defs = tmp_path / "login.defs"
+    defs.write_text("# comment\nUID_MIN\t\t\t 1000\n#SYS_UID_MAX 999\n")
+    assert privilege.sys_uid_max(str(defs)) == 999
+    defs.write_text("SYS_UID_MAX   499\nUID_MIN 1000\n")
+    assert privilege.sys_uid_max(str(defs)) == 499
+    defs.write_text("UID_MIN 500\n")
+    assert privilege.sys_uid_max(str(defs)) == 499
+    assert privilege.sys_uid_max(str(tmp_path / "none")) == 999
+    defs.write_text("SYS_UID_MAX many\n")
+    assert privilege.sys_uid_max(str(defs)) == 999
+    top = privilege.sys_uid_max()
+    assert privilege.system_account(1) and privilege.system_account(top)
+    assert not privilege.system_account(0) and not privilege.system_account(top + 1)

@@ -45,7 +45,7 @@ def _main(argv: list[str]) -> int:
                             listen=args.listen, foreground=args.foreground)
     cfg = source.load()
     if args.command == "check-config":
-        return check_config(cfg)
+        return check_config(cfg, source.unread)
     if args.command == "newaliases":
         from relayq.cli.newaliases import check
 
@@ -78,6 +78,9 @@ def _main(argv: list[str]) -> int:
     verbose = (lambda line: print(line, flush=True)) if args.verbose else None
     with Runner(cfg, spool, log, Context(cfg), verbose=verbose) as runner:
         left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
+    from relayq.queue.maildrop import waiting
+
+    left += waiting(spool.maildrop) or 0  # accepted mail not queued yet is mail left too
     if left and args.command == "flush":
         # what is left may be held by a running daemon: have it retry everything too
         from relayq.daemon.life import poke
@@ -113,6 +116,9 @@ def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
     except OSError:
         quarantined = 0
     dead = sum(1 for _ in spool.dead_letters())
+    from relayq.queue.maildrop import waiting
+
+    drops = waiting(spool.maildrop)
     found = find_daemon(pid_candidates(cfg) if pids is None else pids)
     pid = found[0] if found is not None else None
     loop = cfg.loop_reason() or (_recorded_loop(spool, min(ids)) if ids else "")
@@ -121,6 +127,7 @@ def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
         "messages": len(ids),
         "oldest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest)) if ids else None,
         "oldest_age_seconds": round(now - oldest) if ids else None,
+        "maildrop_waiting": drops,
         "quarantined": quarantined,
         "dead_letters": dead,
         "daemon_pid": pid if pid is not None and pid > 0 else None,
@@ -136,6 +143,8 @@ def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
     print(f"queue:        {info['queue']}")
     age = f", oldest {info['oldest']} ({_age(now - oldest)} ago)" if ids else ""
     print(f"messages:     {len(ids)}{age}")
+    if drops:
+        print(f"maildrop:     {drops} waiting in {spool.maildrop} (not yet queued: see the log)")
     print(f"quarantined:  {quarantined}")
     if dead:
         print(f"dead letters: {dead} (undeliverable and unreportable: see mailq, "
@@ -170,10 +179,24 @@ def _age(seconds: float) -> str:
         f"{rest // 60}m {rest % 60}s"
 
 
-def check_config(cfg: object) -> int:
+def check_config(cfg: object, unread: str = "") -> int:
+    """Show the effective settings, or 78 for a configuration the daemon would refuse.
+
+    `unread`: an ordinary user may not read a private system file (0600 or 0640 root,
+    it may hold a password), and then gets the defaults, which are not the file's:
+    checking those would report problems the file does not have. That user is told
+    the file is private and that their sendmail hands mail to the daemon, with exit
+    0: a private file is the documented setup, not a fault (only root, or the
+    service user, can check its contents).
+    """
     from relayq.core.config import Config
 
     assert isinstance(cfg, Config)
+    if unread:
+        print(f"# {cfg.path}: cannot be read by uid {os.getuid()} ({unread}): not checked;"
+              " this user's sendmail hands mail to the daemon, which reads it"
+              " (run check-config as root to check the file)")
+        return EX_OK
     cfg.check_no_loop()  # the daemon's listener would refuse it: say so before (78)
     print(f"# {cfg.path}")
     for key, value in cfg.effective().items():

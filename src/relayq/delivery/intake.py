@@ -311,7 +311,7 @@ class Taker:
                 raise Hostile("a symbolic link") from None
             if exc.errno == errno.ENOENT:
                 raise
-            if exc.errno in (errno.EACCES, errno.EPERM):
+            if exc.errno in (errno.EACCES, errno.EPERM) and self._wrong_group(dfd, name):
                 raise Unreadable(self._fix(dfd, name, exc)) from None
             raise Hostile(f"cannot be opened: {exc.strerror}") from None
         try:
@@ -345,6 +345,18 @@ class Taker:
             os.close(fd)
             raise
         return fd, st
+
+    def _wrong_group(self, dfd: int, name: str) -> bool:
+        """Could this file we may not open be a client's, written where maildrop/ was
+        not set-gid? Only if its group is not ours and the group may read it: anything
+        else (mode 000, or our group and still closed) is planted, and removed, so
+        that no user can make every run keep and log thousands of files."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return False
+        ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+        return not ours and bool(st.st_mode & stat.S_IRGRP)
 
     def _fix(self, dfd: int, name: str, exc: OSError) -> str:
         """What makes a file we may not read ours to take: its group, which maildrop/

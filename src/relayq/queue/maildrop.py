@@ -61,6 +61,19 @@ def valid_name(name: str) -> bool:
     return len(name) == 33 and name[0] in "td" and all(c in HEX for c in name[1:])
 
 
+def waiting(directory: str) -> int | None:
+    """How many dHEX files wait in maildrop/ (mail accepted, not yet queued: a taker
+    may have been unable to read them); 0 without the directory, None when this user
+    may not list it (anyone but its owner: mode 3733)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for e in entries if e.name[0] == "d" and valid_name(e.name))
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+
+
 def encode(fields: list[tuple[str, str]]) -> bytes:
     """The request part; values were checked by the argument parser (no CR, LF, NUL)."""
     out = [MAGIC]

@@ -35,12 +35,14 @@ relayq.queue.listing (rendered).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 
 from relayq.core.envelope import Envelope
-from relayq.core.errors import DamagedQueueFile, RelayqError, TempFailure
+from relayq.core.errors import DamagedQueueFile, TempFailure
 from relayq.queue.durable import fsync_dir, io_error, unlink_if_there
 from relayq.queue.names import make_qid
 
@@ -54,16 +56,6 @@ if TYPE_CHECKING:
 
 STALE_SECONDS = 3600  # stray .d/.t files older than this, and unlocked, are debris
 KINDS = (".d", ".e", ".t", ".f")  # data, envelope, envelope being written, in flight
-
-def _become(uid: int, gid: int) -> None:
-    from relayq.system import privilege
-
-    try:
-        privilege.drop_to(uid, gid)
-    except OSError as exc:
-        raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
-                          71) from None
-
 
 class Spool:
     """A queue directory."""
@@ -102,11 +94,14 @@ class Spool:
 
     def _give(self, owner: tuple[int, int]) -> None:
         """Hand the directories to the service user, through descriptors opened without
-        following links: once it owns the queue, any entry in it may be its trap."""
+        following links inside the queue: once it owns the queue, any entry in it may be
+        its trap. The top directory is the administrator's path (followed, as enter())."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            top = os.open(self.root, flags)
+            top = os.open(self.root, flags & ~os.O_NOFOLLOW)
             try:
+                if not stat.S_ISDIR(os.fstat(top).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
                 for name in ("", "queue", "quarantine", "maildrop"):
                     fd = os.open(name, flags, dir_fd=top) if name else top
                     try:
@@ -148,7 +143,9 @@ class Spool:
             except OSError as exc:
                 raise io_error(f"look at the queue directory {path}", exc) from None
             if st.st_uid != 0:
-                _become(st.st_uid, st.st_gid)
+                from relayq.system.privilege import become_owner
+
+                become_owner(st.st_uid, st.st_gid)
                 return
 
     def _publish(self) -> None:

@@ -52,7 +52,7 @@ class Source:
     not the one its new uid would pick.
     """
 
-    __slots__ = ("daemon", "explicit", "home", "path", "queue", "uid")
+    __slots__ = ("daemon", "explicit", "home", "path", "queue", "uid", "unread")
 
     def __init__(self, path: str, explicit: bool, uid: int, home: str) -> None:
         self.path = path
@@ -61,6 +61,7 @@ class Source:
         self.uid = uid
         self.home = home
         self.queue = default_queue(os.environ, uid, home, path)
+        self.unread = ""  # why load() used the defaults for a system file it may not read
 
     def load(self) -> Config:
         """Read and check the file: the one loader of every process (sendmail, mailq,
@@ -81,6 +82,7 @@ class Source:
             if uid == 0 or path != SYSTEM_CONFIG or self.explicit or self.daemon:
                 raise ConfigError(_unreadable(path, exc, self.daemon)) from None
             cfg = parse("", path)  # private to relayq: users only hand mail over to it
+            self.unread = exc.strerror or "Permission denied"
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         else:

@@ -15,8 +15,10 @@ which never checked the result. Here it is done once, the strongest way:
 
 A failure is an OSError (with strerror), which every caller already turns
 into its own error: 71 for the queue and the daemon, a deferral for a local
-delivery. This module stays cheap to import (root's sendmail enters the
-service user's queue on the submission path): no typing, no dataclasses.
+delivery (become_owner, for the queue, raises the queue's RelayqError itself,
+and checks the new user can still load relayq). This module stays cheap to
+import (root's sendmail enters the service user's queue on the submission
+path): no typing, no dataclasses.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def queue_owner(queue_dir: str, daemon_user: str) -> tuple[int, int] | None:
     the system queue, the relayq system user's when the host has one: the packaged
     service runs as it, and a queue root made for itself would lock it out of users'
     mail (their files unreadable, then removed). A pip install without that user
-    keeps a queue of root's. ConfigError (78) for a daemon_user that does not exist.
+    keeps a queue of root's, and so does a host whose `relayq` is a human login (not a
+    system account). ConfigError (78) for a daemon_user that does not exist.
     """
     import pwd
 
@@ -58,7 +61,34 @@ def queue_owner(queue_dir: str, daemon_user: str) -> tuple[int, int] | None:
         from relayq.core.errors import ConfigError
 
         raise ConfigError(f"daemon_user: no such user {daemon_user!r}") from None
-    return (pw.pw_uid, pw.pw_gid) if pw.pw_uid != 0 else None
+    if pw.pw_uid == 0 or not (daemon_user or system_account(pw.pw_uid)):
+        return None  # a human login that happens to be called relayq gets nothing
+    return (pw.pw_uid, pw.pw_gid)
+
+
+def sys_uid_max(path: str = "/etc/login.defs") -> int:
+    """The highest uid of a system account: login.defs' SYS_UID_MAX, else UID_MIN - 1,
+    else 999 (what useradd --system and systemd-sysusers use on Debian)."""
+    found: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] in ("SYS_UID_MAX", "UID_MIN"):
+                    try:
+                        found[words[0]] = int(words[1], 0)
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    if "SYS_UID_MAX" in found:
+        return found["SYS_UID_MAX"]
+    return found["UID_MIN"] - 1 if "UID_MIN" in found else 999
+
+
+def system_account(uid: int) -> bool:
+    """Is uid a system account's (1..SYS_UID_MAX), as the package's relayq user is?"""
+    return 1 <= uid <= sys_uid_max()
 
 
 class PrivilegeError(OSError):
@@ -96,6 +126,32 @@ def drop_to(uid: int, gid: int, *, name: str | None = None,
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     check_dropped(uid, gid, groups)
+
+
+def become_owner(uid: int, gid: int) -> None:
+    """Root becomes the owner of the queue it works in (relayq.queue.spool), then
+    checks that this user can still load the rest of relayq: an installation only root
+    can read (a venv or a pyenv under /root) would fail later, at some import, as an
+    internal error. RelayqError: 71 if the drop fails, 78 (EX_CONFIG) for the latter."""
+    import pwd
+
+    from relayq.core.errors import RelayqError
+
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None  # a queue owned by a bare uid
+    try:
+        drop_to(uid, gid, name=name)
+    except OSError as exc:
+        raise RelayqError(f"cannot become uid {uid}, the queue's owner: {exc.strerror}",
+                          71) from None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the relayq package
+    for path in (here, os.path.dirname(os.__file__)):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise RelayqError(f"relayq's installation ({path}) cannot be read by uid {uid} "
+                              f"({name or 'no name'}), the queue's owner: install relayq "
+                              "where that user can read it (e.g. under /opt)", 78)
 
 
 def check_dropped(uid: int, gid: int, groups: Iterable[int]) -> None:
