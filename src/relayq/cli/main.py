@@ -38,6 +38,10 @@ def _main(argv: list[str]) -> int:
 
         return run_install(args.root, args.force, args.uninstall, args.python,
                            venv=args.venv, libdir=args.libdir)
+    if args.command == "import":
+        from relayq.cli.peerimport import run_import
+
+        return run_import(args.files, args.kind, args.write, source.path)
     if args.command == "daemon":
         from relayq.daemon import main as daemon
 

@@ -1,0 +1,85 @@
+"""`relayq import FILE... [--from KIND] [--write]`: another MTA's configuration as a
+relayq.toml, each setting with the line it came from and every setting that
+cannot be carried over named (relayq.core.peers)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from relayq.core import peer_dma, peer_nullmailer, peer_ssmtp
+from relayq.core.config import parse
+from relayq.core.errors import EX_CANTCREAT, EX_NOINPUT, EX_OK, ConfigError, RelayqError
+from relayq.core.peers import SECRET_KEYS, Imported, detect, render
+
+KINDS = {m.KIND: m for m in (peer_nullmailer, peer_ssmtp, peer_dma)}
+MAX_FILE = 1 << 20  # a configuration file, not a mailbox
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise RelayqError(f"{path}: {exc.strerror}", EX_NOINPUT) from None
+    if len(data) > MAX_FILE:
+        raise RelayqError(f"{path}: larger than {MAX_FILE} bytes: not a configuration file",
+                          EX_NOINPUT)
+    return data.decode("utf-8", "replace")
+
+
+def convert(paths: list[str], kind: str | None) -> list[Imported]:
+    """Each file read, its format found (or `kind`), one result per format."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for path in paths:
+        text = _read(path)
+        groups.setdefault(kind or detect(path, text, KINDS), []).append((path, text))
+    return [KINDS[k].convert(files) for k, files in groups.items()]
+
+
+def _write(path: str, text: str, private: bool) -> None:
+    """A new file only (the administrator's existing one is never replaced), written
+    whole or not at all; 0600 when it holds a password."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.relayq-import")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600 if private else 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)  # fails if the file exists: never replaced
+    except FileExistsError:
+        raise RelayqError(f"{path} exists: relayq import never replaces a configuration "
+                          "(print it without --write and merge by hand)", EX_CANTCREAT) from None
+    except OSError as exc:
+        raise RelayqError(f"{exc.filename or path}: {exc.strerror}", EX_CANTCREAT) from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def run_import(paths: list[str], kind: str | None, write: bool, target: str) -> int:
+    results = convert(paths, kind)
+    text = render(results, secrets=write)
+    try:
+        parse(text, "(imported)")  # what is printed is a configuration relayq takes
+    except ConfigError as exc:
+        raise RelayqError(f"the imported settings are not a valid relayq.toml: {exc}",
+                          78) from None
+    if write:
+        private = any(s.key in SECRET_KEYS for r in results for s in r.settings)
+        _write(target, text, private)
+        print(f"relayq: wrote {target}"
+              + (" (mode 0600: it holds a password)" if private else ""), file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    notes = sum(len(r.notes) for r in results)
+    if notes:
+        print(f"relayq: {notes} setting{'s' if notes != 1 else ''} not carried over "
+              "(listed at the end)", file=sys.stderr)
+    return EX_OK

@@ -1,0 +1,102 @@
+"""nullmailer's /etc/nullmailer (one file per setting; nullmailer-send(8), remotes)."""
+
+from __future__ import annotations
+
+import os
+
+from relayq.core.peers import Imported, Origin, host_port, lines
+
+KIND = "nullmailer"
+NAMES = ("remotes", "me", "defaultdomain", "defaulthost", "helohost", "idhost", "adminaddr",
+         "allmailfrom", "queuelifetime", "sendtimeout", "pausetime", "maxpause")
+_SECONDS = {"queuelifetime": "max_queue_age", "sendtimeout": "timeout",
+            "pausetime": "retry_min", "maxpause": "retry_max"}
+_NOT_YET = {
+    "adminaddr": "relayq has no forward address for local recipients yet: with "
+                 "local_delivery = true, an /etc/aliases line (root: admin@example.org) does it",
+    "allmailfrom": "relayq cannot yet give every message one envelope sender",
+    "defaultdomain": "relayq does not append a domain to host names without a dot",
+    "idhost": "relayq's Message-IDs use domain",
+}
+
+
+def sniff(text: str) -> bool:
+    """A remotes file: lines of `host smtp|qmqp [--option...]`."""
+    body = [b for _, b in lines("", text)]
+    return bool(body) and all(len(b.split()) >= 2 and b.split()[1] in ("smtp", "qmqp")
+                              for b in body)
+
+
+def _remote(r: Imported, origin: Origin, words: list[str], first: bool) -> None:
+    host, protocol, opts = words[0], words[1] if len(words) > 1 else "smtp", words[2:]
+    if protocol != "smtp":
+        r.note(origin, f"relayq speaks SMTP only, not {protocol}: this remote is left out")
+        return
+    port = ""
+    for opt in opts:
+        name, _, value = opt.lstrip("-").partition("=")
+        if name == "port":
+            port = value
+        elif not first and name in ("user", "pass", "ssl", "starttls", "auth-login",
+                                    "insecure", "x509cafile", "x509certfile"):
+            r.note(origin, f"--{name}: relayq has one set of credentials and TLS settings "
+                           "for all smarthosts; the first remote's are used")
+        elif name == "user":
+            r.set("user", value, origin)
+        elif name == "pass":
+            r.set("password", value, origin)
+        elif name == "ssl":
+            r.set("tls", "implicit", origin)
+        elif name == "starttls":
+            r.set("tls", "required", origin)
+        elif name == "auth-login":
+            r.set("auth_mechanism", "LOGIN", origin)
+        elif name == "insecure":
+            r.set("tls_verify", False, origin)
+        elif name == "x509cafile":
+            r.set("ca_file", value, origin)
+        elif name == "x509certfile":
+            r.set("client_cert", value, origin)
+        else:
+            r.note(origin, f"--{name}: not a relayq setting")
+    hosts = r.get("smarthost")
+    entry = host_port(host, port)
+    if isinstance(hosts, list):
+        hosts.append(entry)
+    else:
+        r.set("smarthost", [entry], origin)
+
+
+def convert(files: list[tuple[str, str]]) -> Imported:
+    r = Imported(KIND)
+    by_name = {os.path.basename(p): (p, t) for p, t in files}
+    for name in sorted(by_name, key=lambda n: (n != "remotes", n)):
+        path, text = by_name[name]
+        body = lines(path, text)
+        if name == "remotes" or (name not in NAMES and sniff(text)):
+            for i, (origin, line) in enumerate(body):
+                _remote(r, origin, line.split(), first=i == 0)
+            continue
+        if not body:
+            continue
+        origin, value = body[0]
+        if name in ("me", "defaulthost"):
+            if name == "defaulthost" or "defaulthost" not in by_name:
+                r.set("domain", value, origin)  # what unqualified addresses get
+            if name == "me" and "helohost" not in by_name:
+                r.set("ehlo_name", value, origin)
+        elif name == "helohost":
+            r.set("ehlo_name", value, origin)
+        elif name in _SECONDS:
+            if value.isdigit():
+                r.set(_SECONDS[name], int(value), origin)
+            else:
+                r.note(origin, "not a number of seconds")
+        elif name in _NOT_YET:
+            r.note(origin, _NOT_YET[name])
+        else:
+            r.note(origin, "not a nullmailer file relayq knows")
+    if r.get("password") is not None and r.get("tls") is None:
+        r.note(Origin(KIND, 0, ""), "nullmailer sent the password without TLS unless told; "
+                                    "relayq requires TLS with a password (tls = required)")
+    return r

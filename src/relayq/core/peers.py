@@ -1,0 +1,160 @@
+"""Another MTA's configuration as relayq settings: what `relayq import` prints.
+
+Each peer's format has its module (`peer_nullmailer`, `peer_ssmtp`, `peer_dma`)
+turning the files' text into `Setting`s, each naming the line it came from, and
+`Note`s for what cannot be carried over, so that nothing is dropped silently.
+This module holds what they share: the records, which format a file is, and
+the relayq.toml text. Pure: the command line reads the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayq.core.config import SCHEMA
+from relayq.core.errors import EX_DATAERR, RelayqError
+
+SECRET_KEYS = ("password",)  # shown masked unless written to a private file
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting came from: a file, its line number (0: the whole file), the line."""
+
+    path: str
+    line: int
+    text: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.text.strip()}" if self.text.strip() else where
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    value: object
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Note:
+    """A setting of the peer's that relayq does not take, and why."""
+
+    origin: Origin
+    why: str
+
+
+@dataclass
+class Imported:
+    kind: str
+    settings: list[Setting] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    same: list[Note] = field(default_factory=list)  # what relayq already does: nothing to set
+
+    def set(self, key: str, value: object, origin: Origin) -> None:
+        """The first value for a key wins; a second, different one is a note."""
+        for s in self.settings:
+            if s.key == key:
+                if s.value != value:
+                    self.note(origin, f"{key} is already {render_value(s.value)} "
+                                      f"(from {s.origin.path}:{s.origin.line}); kept that")
+                return
+        self.settings.append(Setting(key, value, origin))
+
+    def note(self, origin: Origin, why: str) -> None:
+        self.notes.append(Note(origin, why))
+
+    def already(self, origin: Origin, why: str) -> None:
+        self.same.append(Note(origin, why))
+
+    def get(self, key: str) -> object:
+        return next((s.value for s in self.settings if s.key == key), None)
+
+
+# how the formats here spell a secret: --pass=X, AuthPass=X, password X, passwd: X
+_SECRET = re.compile(r"((?:--)?(?:auth)?pass(?:word|wd)?\s*(?:=|:|\s)\s*)\S+", re.I)
+
+
+def masked(text: str) -> str:
+    """A line as it may be shown: any secret in it replaced (origins are printed)."""
+    return _SECRET.sub(r"\1********", text)
+
+
+def lines(path: str, text: str) -> list[tuple[Origin, str]]:
+    """(origin, the line without comments and surrounding space) for each line that
+    says something: `#` starts a comment, as in every format here. The origin's
+    text is masked(); the body is the line as written."""
+    out = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        body = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if body:
+            out.append((Origin(path, n, masked(raw)), body))
+    return out
+
+
+def yes(value: str) -> bool:
+    return value.strip().lower() in ("yes", "true", "on", "1")
+
+
+def host_port(host: str, port: str | int | None) -> str:
+    """relayq's smarthost spelling: host, host:port; an IPv6 address in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+def render_value(value: object) -> str:
+    """A TOML value: basic strings (JSON's escapes are TOML's), lists, booleans, numbers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(render_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def render(results: list[Imported], secrets: bool) -> str:
+    """The relayq.toml text: each setting after a comment naming its origin, then
+    every setting not carried over. `secrets` False: passwords are left out (the
+    line says where to put them)."""
+    out = ["# relayq.toml made by `relayq import` from "
+           + ", ".join(r.kind for r in results) + "; every key: relayq.toml(5)"]
+    order = {key: i for i, key in enumerate(SCHEMA)}
+    for r in results:
+        for s in sorted(r.settings, key=lambda s: order.get(s.key, len(order))):
+            out.append(f"# from {s.origin}")
+            if s.key in SECRET_KEYS and not secrets:
+                out.append(f"# {s.key} = ...  (left out: `relayq import --write` puts it in a "
+                           "file only root can read; or use password_file)")
+            else:
+                out.append(f"{s.key} = {render_value(s.value)}")
+    same = [n for r in results for n in r.same]
+    if same:
+        out += ["", "# Nothing to set (relayq does this already):"]
+        out += [f"# - {n.origin}: {n.why}" for n in same]
+    notes = [n for r in results for n in r.notes]
+    if notes:
+        out += ["", "# Not carried over:"]
+        for n in notes:
+            out.append(f"# - {n.origin}: {n.why}")
+    return "\n".join(out) + "\n"
+
+
+def detect(path: str, text: str, kinds: dict[str, Any]) -> str:
+    """The format of one file: by its name first, then by what it says."""
+    name = os.path.basename(path)
+    for kind, module in kinds.items():
+        if name in getattr(module, "NAMES", ()):
+            return kind
+    for kind, module in kinds.items():
+        if module.sniff(text):
+            return kind
+    raise RelayqError(f"{path}: not a configuration relayq knows (give --from)", EX_DATAERR)
