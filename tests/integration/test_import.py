@@ -18,7 +18,7 @@ from relayq.core.peers import masked
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "import"
 KINDS = sorted(p.name for p in DATA.iterdir() if p.is_dir())
-SECRETS = ("n-s3cret", "s-s3cret", "d-s3cret", "d-other")
+SECRETS = ("n-s3cret", "s-s3cret", "d-s3cret", "d-other", "m-s3cret", "p-s3cret")
 
 
 def relayq_import(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -44,7 +44,8 @@ def test_each_format_becomes_its_golden_relayq_toml(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_format_is_found_or_forced(kind: str, tmp_path: Path) -> None:
     """Found from the names; with other names, from the content (or --from)."""
-    main = {"nullmailer": "remotes", "ssmtp": "ssmtp.conf", "dma": "dma.conf"}[kind]
+    main = {"nullmailer": "remotes", "ssmtp": "ssmtp.conf", "dma": "dma.conf",
+            "msmtp": "msmtprc", "postfix": "main.cf"}[kind]
     renamed = tmp_path / "some-file"
     renamed.write_bytes((DATA / kind / main).read_bytes())
     found = relayq_import(str(renamed), cwd=tmp_path)

@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
     sub.add_parser("version", help="print the version")
     imp = sub.add_parser("import", help="print a relayq.toml made from another MTA's "
-                                        "configuration (nullmailer, ssmtp, dma)")
+                                        "configuration (nullmailer, ssmtp, dma, msmtp, "
+                                        "postfix)")
     imp.add_argument("files", nargs="+", metavar="FILE",
-                     help="its configuration files (/etc/nullmailer/*, ssmtp.conf, dma.conf, ...)")
-    imp.add_argument("--from", dest="kind", choices=("nullmailer", "ssmtp", "dma"),
+                     help="its configuration files (/etc/nullmailer/*, ssmtp.conf, dma.conf, "
+                          "msmtprc, main.cf, ...)")
+    imp.add_argument("--from", dest="kind",
+                     choices=("nullmailer", "ssmtp", "dma", "msmtp", "postfix"),
                      help="the format (default: found from each file's name and content)")
     imp.add_argument("--write", action="store_true",
                      help="write the configuration file (never replacing one) instead of "

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq.core import peer_dma, peer_nullmailer, peer_ssmtp
+from relayq.core import peer_dma, peer_msmtp, peer_nullmailer, peer_postfix, peer_ssmtp
 from relayq.core.config import parse
 from relayq.core.errors import EX_CANTCREAT, EX_NOINPUT, EX_OK, ConfigError, RelayqError
 from relayq.core.peers import SECRET_KEYS, Imported, detect, render
 
-KINDS = {m.KIND: m for m in (peer_nullmailer, peer_ssmtp, peer_dma)}
+KINDS = {m.KIND: m for m in (peer_nullmailer, peer_ssmtp, peer_dma, peer_msmtp, peer_postfix)}
 MAX_FILE = 1 << 20  # a configuration file, not a mailbox
 
 

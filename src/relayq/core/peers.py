@@ -30,8 +30,10 @@ class Origin:
     text: str
 
     def __str__(self) -> str:
+        """As a TOML comment may hold it: no control characters."""
         where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.text.strip()}" if self.text.strip() else where
+        text = f"{where}: {self.text.strip()}" if self.text.strip() else where
+        return "".join("?" if (c < " " and c != "\t") or c == "\x7f" else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,8 @@ def render_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # DEL: JSON leaves it, TOML wants it escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(render_value(v) for v in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
