@@ -39,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
     sub.add_parser("version", help="print the version")
     imp = sub.add_parser("import", help="print a relayq.toml made from another MTA's "
-                                        "configuration (nullmailer, ssmtp, dma, msmtp, "
-                                        "postfix)")
+                                        "configuration (sendmail, nullmailer, ssmtp, dma, "
+                                        "msmtp, postfix, exim4)")
     imp.add_argument("files", nargs="+", metavar="FILE",
-                     help="its configuration files (/etc/nullmailer/*, ssmtp.conf, dma.conf, "
-                          "msmtprc, main.cf, ...)")
+                     help="its configuration files (submit.mc, /etc/nullmailer/*, ssmtp.conf, "
+                          "dma.conf, msmtprc, main.cf, update-exim4.conf.conf, ...)")
     imp.add_argument("--from", dest="kind",
-                     choices=("nullmailer", "ssmtp", "dma", "msmtp", "postfix"),
+                     choices=("sendmail", "nullmailer", "ssmtp", "dma", "msmtp", "postfix",
+                              "exim4"),
                      help="the format (default: found from each file's name and content)")
     imp.add_argument("--write", action="store_true",
                      help="write the configuration file (never replacing one) instead of "

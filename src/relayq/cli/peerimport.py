@@ -7,12 +7,21 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq.core import peer_dma, peer_msmtp, peer_nullmailer, peer_postfix, peer_ssmtp
+from relayq.core import (
+    peer_dma,
+    peer_exim4,
+    peer_msmtp,
+    peer_nullmailer,
+    peer_postfix,
+    peer_sendmail,
+    peer_ssmtp,
+)
 from relayq.core.config import parse
 from relayq.core.errors import EX_CANTCREAT, EX_NOINPUT, EX_OK, ConfigError, RelayqError
 from relayq.core.peers import SECRET_KEYS, Imported, detect, render
 
-KINDS = {m.KIND: m for m in (peer_nullmailer, peer_ssmtp, peer_dma, peer_msmtp, peer_postfix)}
+KINDS = {m.KIND: m for m in (peer_sendmail, peer_nullmailer, peer_ssmtp, peer_dma, peer_msmtp,
+                              peer_postfix, peer_exim4)}
 MAX_FILE = 1 << 20  # a configuration file, not a mailbox
 
 

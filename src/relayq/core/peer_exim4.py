@@ -1,0 +1,102 @@
+"""Debian's exim4 as a smarthost client: update-exim4.conf.conf and passwd.client."""
+
+from __future__ import annotations
+
+import os
+
+from relayq.core.peers import Imported, Origin, lines
+
+KIND = "exim4"
+NAMES = ("update-exim4.conf.conf", "passwd.client")
+_SAME = {
+    "dc_local_interfaces": "relayq's listener takes loopback clients only",
+    "dc_use_split_config": "nothing to set",
+    "dc_minimaldns": "nothing to set",
+    "dc_mailname_in_oh": "nothing to set",
+    "dc_relay_nets": "relayq relays for local clients only",
+    "dc_relay_domains": "relayq relays for local clients only",
+    "dc_other_hostnames": "local_domains says which domains are this host's",
+    "ce_package_version": "nothing to set",
+    "CFILEMODE": "nothing to set (the mode of exim's generated file)",
+}
+
+
+def sniff(text: str) -> bool:
+    return any(b.startswith(("dc_eximconfig_configtype", "dc_smarthost"))
+               for _, b in lines("", text))
+
+
+def _hosts(value: str) -> list[str]:
+    """exim's list: hosts separated by `:`, a port after `::` (host::587)."""
+    out = []
+    for item in value.replace("::", "\0").split(":"):
+        host, _, port = item.strip().partition("\0")
+        if host:
+            out.append(f"{host}:{port.strip()}" if port.strip() else host)
+    return out
+
+
+def _value(r: Imported, origin: Origin, key: str, value: str) -> None:
+    if key == "dc_eximconfig_configtype":
+        if value == "smarthost":
+            r.note(origin, "exim delivered this host's own mail locally; relayq relays it "
+                           "unless local_delivery = true")
+        elif value == "satellite":
+            r.already(origin, "relayq is a satellite: everything goes to the smarthost")
+        else:
+            r.note(origin, f"relayq is a null client, not an exim {value!r} configuration")
+    elif key == "dc_smarthost":
+        hosts = _hosts(value)
+        if hosts:
+            r.set("smarthost", hosts if len(hosts) > 1 else hosts[0], origin)
+    elif key == "dc_readhost":
+        if value:
+            r.set("masquerade_as", value, origin)
+    elif key == "dc_hide_mailname":
+        r.already(origin, "masquerade_as rewrites headers and envelope")
+    elif key == "dc_localdelivery":
+        r.already(origin, "only with local_delivery = true (mailbox_format = mbox or maildir)")
+    elif key in _SAME:
+        r.already(origin, _SAME[key])
+    else:
+        r.note(origin, "not an exim4 setting relayq knows")
+
+
+def _passwd(r: Imported, path: str, text: str) -> None:
+    """passwd.client: `host:user:password`; the smarthost's line, a `*` line, or the first."""
+    hosts = r.get("smarthost")
+    first = str((hosts[0] if isinstance(hosts, list) else hosts) or "").split(":")[0]
+    entries = []
+    for origin, body in lines(path, text):
+        parts = body.split(":", 2)
+        if len(parts) != 3:
+            r.note(Origin(path, origin.line, ""), "not host:user:password")
+            continue
+        entries.append((parts[0].strip(), parts[1].strip(), parts[2].strip(),
+                        Origin(path, origin.line, "")))
+    chosen = ([e for e in entries if e[0] == first] or [e for e in entries if e[0] == "*"]
+              or entries[:1])
+    for _host, user, secret, origin in chosen[:1]:
+        r.set("user", user, origin)
+        r.set("password", secret, origin)
+    for e in entries:
+        if e not in chosen[:1]:
+            r.note(e[3], f"credentials for {e[0]}, not the smarthost's")
+
+
+def convert(files: list[tuple[str, str]]) -> Imported:
+    r = Imported(KIND)
+    secrets = [(p, t) for p, t in files if os.path.basename(p) == "passwd.client"
+               or not sniff(t)]
+    for path, text in files:
+        if (path, text) in secrets:
+            continue
+        for origin, body in lines(path, text):
+            key, sep, value = body.partition("=")
+            if not sep:
+                r.note(origin, "not key='value'")
+                continue
+            _value(r, origin, key.strip(), value.strip().strip("'\""))
+    for path, text in secrets:
+        _passwd(r, path, text)
+    return r

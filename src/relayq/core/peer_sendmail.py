@@ -1,0 +1,195 @@
+"""Sendmail's m4 (.mc: submit.mc, sendmail.mc) and built .cf files, and authinfo.
+
+The seed's client setup is `FEATURE(`msp', `[mail.example.org]')dnl` with
+`define(`confDELIVERY_MODE', `deferred')dnl` and masquerading; what it means is
+in cf/README (FEATURE(msp), SMART_HOST, MASQUERADE_AS and the conf* options).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from relayq.core.peers import Imported, Origin, host_port, lines
+
+KIND = "sendmail"
+NAMES = ("submit.mc", "sendmail.mc", "submit.cf", "sendmail.cf", "authinfo")
+_MODES = {"b": "background", "i": "interactive", "q": "queue", "d": "deferred"}
+_CALL = re.compile(r"\b([A-Z][A-Z_]*|define|undefine|include|divert)\(")
+_NOTES = {
+    "allmasquerade": "relayq masquerades senders only, not recipients",
+    "genericstable": "relayq cannot yet map local users to other addresses",
+    "MASQUERADE_DOMAIN": "relayq masquerades this host's own names only",
+    "EXPOSED_USER": "relayq masquerades every local sender",
+    "LOCAL_DOMAIN": "local_domains says which domains are this host's",
+}
+_SAME = {
+    "masquerade_envelope": "masquerade_as rewrites the envelope sender too",
+    "DAEMON_OPTIONS": "relayq's listener takes loopback clients only",
+    "OSTYPE": "nothing to set", "DOMAIN": "nothing to set", "VERSIONID": "nothing to set",
+    "MAILER": "nothing to set", "divert": "nothing to set", "include": "nothing to set",
+    "use_ct_file": "nothing to set", "nocanonify": "relayq does not canonify with DNS",
+    "confCF_VERSION": "nothing to set", "confTIME_ZONE": "nothing to set",
+    "confDONT_INIT_GROUPS": "nothing to set", "confPID_FILE": "nothing to set",
+}
+
+
+def sniff(text: str) -> bool:
+    return bool(re.search(r"\b(FEATURE|SMART_HOST|MASQUERADE_AS|OSTYPE)\(", text)) or \
+        bool(re.search(r"(?m)^(DS|DM|O DeliveryMode)", text))
+
+
+def _args(text: str, start: int) -> tuple[list[str], int]:
+    """The comma-separated arguments from `start` (after the open parenthesis) to the
+    matching close one, m4 quotes (`...') nesting; returns them and the end."""
+    args, cur, depth, quote, i = [], "", 0, 0, start
+    while i < len(text):
+        c = text[i]
+        if c == "`":
+            quote += 1
+            if quote == 1:
+                i += 1
+                continue
+        elif c == "'" and quote:
+            quote -= 1
+            if quote == 0:
+                i += 1
+                continue
+        elif not quote and c == "(":
+            depth += 1
+        elif not quote and c == ")":
+            if depth == 0:
+                args.append(cur.strip())
+                return args, i + 1
+            depth -= 1
+        elif not quote and c == "," and depth == 0:
+            args.append(cur.strip())
+            cur, i = "", i + 1
+            continue
+        cur += c
+        i += 1
+    return [*args, cur.strip()], i
+
+
+def _uncomment(line: str) -> str:
+    """The line without its `dnl` remainder and an m4 `#` comment (one not in quotes)."""
+    line = re.sub(r"\bdnl\b.*$", "", line)
+    hash_at = line.find("#")
+    return line[:hash_at] if hash_at >= 0 and "`" not in line[:hash_at] else line
+
+
+def _calls(path: str, text: str) -> list[tuple[Origin, str, list[str]]]:
+    """Each top-level macro call with its origin; `dnl` comments dropped."""
+    kept = "\n".join(_uncomment(line) for line in text.splitlines())
+    out = []
+    raw_lines = text.splitlines()
+    pos = 0
+    while (m := _CALL.search(kept, pos)) is not None:
+        args, pos = _args(kept, m.end())
+        n = kept.count("\n", 0, m.start())
+        out.append((Origin(path, n + 1, raw_lines[n] if n < len(raw_lines) else ""),
+                    m.group(1), args))
+    return out
+
+
+def _smarthost(spec: str, port: str = "") -> str:
+    spec = spec.split(":", 1)[1] if re.match(r"^(relay|smtp|esmtp|smtp8|dsmtp):", spec) else spec
+    return host_port(spec, port) if port else spec
+
+
+def _macro(r: Imported, origin: Origin, name: str, args: list[str]) -> None:
+    first = args[0] if args else ""
+    what = first if name in ("FEATURE", "define") else name  # the name _NOTES/_SAME know
+    if name == "FEATURE" and first == "msp":
+        if len(args) > 1 and args[1]:
+            r.set("smarthost", _smarthost(args[1], args[2] if len(args) > 2 else ""), origin)
+        else:
+            r.note(origin, "msp without a host relays to this host's own MTA, which relayq "
+                           "replaces: set smarthost to your relay")
+    elif name == "SMART_HOST":
+        r.set("smarthost", _smarthost(first), origin)
+    elif name == "MASQUERADE_AS":
+        r.set("masquerade_as", first, origin)
+    elif name == "define" and first == "confDELIVERY_MODE" and len(args) > 1:
+        mode = _MODES.get(args[1][:1].lower())
+        if mode:
+            r.set("delivery_mode", mode, origin)
+        else:
+            r.note(origin, "not a delivery mode")
+    elif name == "define" and first in ("confTO_QUEUERETURN", "confTO_QUEUEWARN"):
+        key = "max_queue_age" if first == "confTO_QUEUERETURN" else "delay_warning"
+        r.set(key, args[1] if len(args) > 1 else "", origin)
+    elif name == "define" and first == "RELAY_MAILER_ARGS" and len(args) > 1:
+        m = re.fullmatch(r"TCP \$h (\d+)", args[1].strip())
+        if m:
+            r.set("port", int(m.group(1)), origin)  # for a smarthost given without one
+        else:
+            r.note(origin, "relayq connects over TCP to the smarthost's port only")
+    elif name == "define" and first == "confAUTH_MECHANISMS" and len(args) > 1:
+        mechs = args[1].split()
+        if len(mechs) == 1 and mechs[0].upper() in ("PLAIN", "LOGIN"):
+            r.set("auth_mechanism", mechs[0].upper(), origin)
+        else:
+            r.already(origin, "relayq picks PLAIN or LOGIN as offered")
+    elif name == "FEATURE" and first == "authinfo":
+        r.note(origin, "give /etc/mail/authinfo (its text form) to relayq import too")
+    elif what in _NOTES:
+        r.note(origin, _NOTES[what])
+    elif what in _SAME:
+        r.already(origin, _SAME[what])
+    else:
+        r.note(origin, "not a setting relayq knows")
+
+
+def _cf(r: Imported, path: str, text: str) -> None:
+    """A built .cf: DS (smart host), DM (masquerade), O DeliveryMode, Timeout.queue*."""
+    for origin, body in lines(path, text):
+        if body.startswith("DS") and body[2:].strip():
+            r.set("smarthost", _smarthost(body[2:].strip()), origin)
+        elif body.startswith("DM") and body[2:].strip():
+            r.set("masquerade_as", body[2:].strip(), origin)
+        elif m := re.match(r"O DeliveryMode=(\w)", body):
+            if m.group(1) in _MODES:
+                r.set("delivery_mode", _MODES[m.group(1)], origin)
+        elif m := re.match(r"O Timeout\.queue(return|warn)=(\S+)", body):
+            r.set("max_queue_age" if m.group(1) == "return" else "delay_warning", m.group(2),
+                  origin)
+        elif m := re.match(r"D\{MTAHost\}(\S+)", body):
+            r.set("smarthost", _smarthost(m.group(1)), origin)
+
+
+def _authinfo(r: Imported, path: str, text: str) -> None:
+    """`AuthInfo:host "U:user" "P:password" "M:PLAIN"`: the smarthost's, else the first."""
+    entries = []
+    for origin, body in lines(path, text):
+        m = re.match(r"AuthInfo:(\S*)\s+(.*)$", body)
+        if not m:
+            r.note(Origin(path, origin.line, ""), "not an AuthInfo line")
+            continue
+        fields = dict(re.findall(r'"([A-Z]):([^"]*)"', m.group(2)))
+        entries.append((m.group(1), fields, Origin(path, origin.line, "")))
+    hosts = str(r.get("smarthost") or "").strip("[]").split("]")[0].split(":")[0]
+    chosen = [e for e in entries if e[0] == hosts] or entries[:1]
+    for _host, fields, origin in chosen:
+        if "U" in fields or "I" in fields:
+            r.set("user", fields.get("U") or fields["I"], origin)
+        if "P" in fields:
+            r.set("password", fields["P"], origin)
+        if fields.get("M", "").split()[:1] in (["PLAIN"], ["LOGIN"]):
+            r.set("auth_mechanism", fields["M"].split()[0], origin)
+
+
+def convert(files: list[tuple[str, str]]) -> Imported:
+    r = Imported(KIND)
+    auth = [(p, t) for p, t in files if os.path.basename(p).startswith("authinfo")]
+    for path, text in files:
+        if (path, text) in auth:
+            continue
+        if path.endswith(".cf") or not re.search(r"\b[A-Z_]+\(|\bdefine\(", text):
+            _cf(r, path, text)
+            continue
+        for origin, name, args in _calls(path, text):
+            _macro(r, origin, name, args)
+    for path, text in auth:
+        _authinfo(r, path, text)
+    return r
