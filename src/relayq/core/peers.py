@@ -30,10 +30,8 @@ class Origin:
     text: str
 
     def __str__(self) -> str:
-        """As a TOML comment may hold it: no control characters."""
         where = f"{self.path}:{self.line}" if self.line else self.path
-        text = f"{where}: {self.text.strip()}" if self.text.strip() else where
-        return "".join("?" if (c < " " and c != "\t") or c == "\x7f" else c for c in text)
+        return f"{where}: {self.text.strip()}" if self.text.strip() else where
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,12 @@ def render(results: list[Imported], secrets: bool) -> str:
         out += ["", "# Not carried over:"]
         for n in notes:
             out.append(f"# - {n.origin}: {n.why}")
-    return "\n".join(out) + "\n"
+    return "\n".join(_comment(line) if line.startswith("#") else line for line in out) + "\n"
+
+
+def _comment(line: str) -> str:
+    """A TOML comment holds no control characters: the file's own are shown as `?`."""
+    return "".join("?" if (c < " " and c != "\t") or c == "\x7f" else c for c in line)
 
 
 def detect(path: str, text: str, kinds: dict[str, Any]) -> str:
