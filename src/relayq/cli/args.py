@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         "install", help="put relayq's sendmail, mailq, newaliases and relayq on the system "
                         "path (or stage them for a package: --root)"))
     q = sub.add_parser("mailq", help="list the queue (as mailq)")
-    q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
+    form = q.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="JSON, as mailq --json")
+    form.add_argument("--json-lines", action="store_true",
+                      help="one JSON object per message, as postqueue -j (mailq --json-lines)")
     sub.add_parser("version", help="print the version")
     return p
 

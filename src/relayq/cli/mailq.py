@@ -12,6 +12,7 @@ sendmail equivalent:
 * A damaged entry is listed as `QID (damaged: why)` so an admin sees it; it is
   counted in "Total requests" and hidden only when an R or S selector is given
   (there is nothing to match them against).
+* --json-lines is `postqueue -j`'s format (relayq.queue.listing.render_json_lines).
 * --json lists every recipient with its state (sent, failed, pending) and
   reply; damaged entries go to a separate "damaged" list, and "total" counts
   both, like the text listing.
@@ -30,6 +31,7 @@ from relayq.queue.listing import (  # noqa: F401  (prtstr: its old name)
     collect,
     parse_args,
     prtstr,
+    render,
     render_json,
     render_text,
     stream_text,
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
     from relayq.queue.spool import Spool
 
 USAGE = """\
-usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config] [--json]
+usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config]
+             [--json | --json-lines]
 
   -Ac, -Am       accepted for sendmail compatibility (relayq has one queue)
   -v             verbose listing (priority column)
@@ -50,6 +53,9 @@ usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C c
                  kind: any may match; of different kinds: all must match
   -C FILE        configuration file
   --json         one JSON document with everything about every message
+  --json-lines   one JSON object per message and line, with the members of
+                 Postfix's `postqueue -j` (queue_name: incoming, active,
+                 deferred or hold), so its jq scripts carry over
   -L, -O, -o     accepted and ignored (sendmail options)
 """
 
@@ -75,7 +81,7 @@ def _main(args: list[str]) -> int:
     spool.enter()
     if not spool.writable():
         return _ask_daemon(spool, args)
-    if not opts.json and not opts.selectors:
+    if not opts.json and not opts.json_lines and not opts.selectors:
         # each entry is parsed, printed and dropped: nothing for the cycle
         # collector to find, which at 100,000 entries costs 5 % to look for
         gc.disable()
@@ -89,12 +95,7 @@ def _main(args: list[str]) -> int:
                 buffered, size = [], 0
         _write(b"".join(buffered))
         return 0
-    items = collect(spool, opts.selectors)
-    if opts.json:
-        data = render_json(spool.queue, items)
-    else:
-        data = render_text(spool.queue, items, opts.verbose)
-    _write(data)
+    _write(render(spool.queue, collect(spool, opts.selectors), opts))
     return 0
 
 

@@ -32,7 +32,8 @@ def _main(argv: list[str]) -> int:
         from relayq.cli.mailq import main as mailq_main
 
         return mailq_main((["-C", args.config] if args.config else [])
-                          + (["--json"] if args.json else []))
+                          + (["--json"] if args.json else [])
+                          + (["--json-lines"] if args.json_lines else []))
     if args.command == "install":
         from relayq.cli.install import run_install
 
