@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_true", help="JSON, as mailq --json")
     form.add_argument("--json-lines", action="store_true",
                       help="one JSON object per message, as postqueue -j (mailq --json-lines)")
+    from relayq.cli.qshape import add_arguments as qshape_arguments
+
+    qshape_arguments(sub.add_parser(
+        "qshape", help="the queue by recipient (or sender) domain and age, as Postfix's qshape"))
     sub.add_parser("version", help="print the version")
     return p
 

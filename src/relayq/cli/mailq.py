@@ -40,6 +40,8 @@ from relayq.queue.listing import (  # noqa: F401  (prtstr: its old name)
 TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from relayq.queue.spool import Spool
 
 USAGE = """\
@@ -91,16 +93,24 @@ def _main(args: list[str]) -> int:
             buffered.append(chunk)
             size += len(chunk)
             if size >= 1 << 16 or len(buffered) == 2:  # the header goes out at once
-                _write(b"".join(buffered))
+                write(b"".join(buffered))
                 buffered, size = [], 0
-        _write(b"".join(buffered))
+        write(b"".join(buffered))
         return 0
-    _write(render(spool.queue, collect(spool, opts.selectors), opts))
+    write(render(spool.queue, collect(spool, opts.selectors), opts))
     return 0
 
 
 def _ask_daemon(spool: Spool, args: list[str]) -> int:
     """A queue we may not read: the daemon lists our own messages (relayq.system.control)."""
+    for chunk in ask_daemon(spool, args):
+        write(chunk)
+    return 0
+
+
+def ask_daemon(spool: Spool, args: list[str]) -> Iterator[bytes]:
+    """The listing mailq ARGS would print, from the daemon: for a user who may not
+    read the queue, their own messages only (all of them for the admin group)."""
     import json
 
     from relayq.system.control import Connection
@@ -116,14 +126,12 @@ def _ask_daemon(spool: Spool, args: list[str]) -> int:
         code, text = status
         if code:
             raise RelayqError(text, code)
-        for chunk in conn.body():
-            _write(chunk)
+        yield from conn.body()
     finally:
         conn.close()
-    return 0
 
 
-def _write(data: bytes) -> None:
+def write(data: bytes) -> None:
     """Write the listing; a full disk or closed terminal is exit 74, not a bug."""
     try:
         _write_all(data)

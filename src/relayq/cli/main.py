@@ -1,5 +1,5 @@
 """`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
-check-config, status, mailq, install)."""
+check-config, status, mailq, qshape, install)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def _main(argv: list[str]) -> int:
     spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json, pids)
+    if args.command == "qshape":
+        from relayq.cli import qshape
+
+        return qshape.run(spool, args)
     if args.command in ("hold", "release", "delete", "requeue"):
         from relayq.delivery import admin
 

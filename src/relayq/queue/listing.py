@@ -378,13 +378,10 @@ def queue_name(item: Item) -> str:
     return "deferred" if env.attempts or env.error else "incoming"
 
 
-def render_json_lines(items: list[Item]) -> bytes:
-    """`postqueue -j`: one object per message and line, with Postfix's member names;
-    the recipients still to be delivered, each deferred one with its reason.
-    Damaged entries are left out, as showq leaves out a corrupt file (mailq and
-    --json list them)."""
-    import json
-
+def postqueue_objects(items: list[Item]) -> list[dict[str, Any]]:
+    """`postqueue -j`'s objects, with Postfix's member names: the recipients still to
+    be delivered, each deferred one with its reason. Damaged entries are left
+    out, as showq leaves out a corrupt file (mailq and --json list them)."""
     out = []
     for item in items:
         env = item.env
@@ -398,7 +395,15 @@ def render_json_lines(items: list[Item]) -> bytes:
             if reason:
                 rcpt["delay_reason"] = reason
             recipients.append(rcpt)
-        obj = {"queue_name": name, "queue_id": item.qid, "arrival_time": int(env.created),
-               "message_size": item.size, "sender": env.sender, "recipients": recipients}
-        out.append(json.dumps(obj, separators=(",", ":")) + "\n")
-    return "".join(out).encode("ascii")
+        out.append({"queue_name": name, "queue_id": item.qid,
+                    "arrival_time": int(env.created), "message_size": item.size,
+                    "sender": env.sender, "recipients": recipients})
+    return out
+
+
+def render_json_lines(items: list[Item]) -> bytes:
+    """`postqueue -j`: one object per message and line (JSON Lines)."""
+    import json
+
+    return "".join(json.dumps(obj, separators=(",", ":")) + "\n"
+                   for obj in postqueue_objects(items)).encode("ascii")
