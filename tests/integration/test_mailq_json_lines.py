@@ -98,3 +98,18 @@ def test_json_and_json_lines_together_is_a_usage_error(tmp_path: Path) -> None:
 def test_usage_names_it(tmp_path: Path) -> None:
     r = Relayq(tmp_path).run("mailq", "--help")
     assert b"--json-lines" in r.stdout
+
+
+def test_whole_queue_streams_the_same_objects_as_a_selected_listing(tmp_path: Path) -> None:
+    """Without selectors the objects are written as the queue is read (postqueue -j's
+    point: a large queue need not be held in memory); the same as when a selector
+    that matches everything makes mailq collect first."""
+    rq = Relayq(tmp_path)
+    for i in range(70):  # past the 64 messages between two reads of /proc/locks
+        assert rq.sendmail("-odq", f"r{i}@example.org", input=MSG).returncode == EX_OK
+    assert rq.run("relayq", "hold", rq.spool.ids()[3]).returncode == EX_OK
+    streamed = rq.run("mailq", "--json-lines")
+    collected = rq.run("mailq", "--json-lines", "-q!Ino-such-id")
+    assert streamed.returncode == collected.returncode == EX_OK
+    assert streamed.stdout == collected.stdout and streamed.stdout.count(b"\n") == 70
+    assert b'"queue_name":"hold"' in streamed.stdout

@@ -34,6 +34,7 @@ from relayq.queue.listing import (  # noqa: F401  (prtstr: its old name)
     render,
     render_json,
     render_text,
+    stream_json_lines,
     stream_text,
 )
 
@@ -83,13 +84,15 @@ def _main(args: list[str]) -> int:
     spool.enter()
     if not spool.writable():
         return _ask_daemon(spool, args)
-    if not opts.json and not opts.json_lines and not opts.selectors:
+    if not opts.json and not opts.selectors:
         # each entry is parsed, printed and dropped: nothing for the cycle
         # collector to find, which at 100,000 entries costs 5 % to look for
         gc.disable()
         buffered: list[bytes] = []
         size = 0
-        for chunk in stream_text(spool, opts.verbose):
+        chunks = stream_json_lines(spool) if opts.json_lines else \
+            stream_text(spool, opts.verbose)
+        for chunk in chunks:
             buffered.append(chunk)
             size += len(chunk)
             if size >= 1 << 16 or len(buffered) == 2:  # the header goes out at once

@@ -379,26 +379,26 @@ def queue_name(item: Item) -> str:
 
 
 def postqueue_objects(items: list[Item]) -> list[dict[str, Any]]:
-    """`postqueue -j`'s objects, with Postfix's member names: the recipients still to
-    be delivered, each deferred one with its reason. Damaged entries are left
+    """`postqueue -j`'s objects for the listed messages. Damaged entries are left
     out, as showq leaves out a corrupt file (mailq and --json list them)."""
-    out = []
-    for item in items:
-        env = item.env
-        if env is None:
-            continue
-        name = queue_name(item)
-        recipients = []
-        for r in env.pending():
-            rcpt = {"address": r.address}
-            reason = (r.reply or env.error) if name == "deferred" else ""
-            if reason:
-                rcpt["delay_reason"] = reason
-            recipients.append(rcpt)
-        out.append({"queue_name": name, "queue_id": item.qid,
-                    "arrival_time": int(env.created), "message_size": item.size,
-                    "sender": env.sender, "recipients": recipients})
-    return out
+    return [postqueue_object(item) for item in items if item.env is not None]
+
+
+def postqueue_object(item: Item) -> dict[str, Any]:
+    """One message as `postqueue -j` shows it, with Postfix's member names: the
+    recipients still to be delivered, each deferred one with its reason."""
+    env = item.env
+    assert env is not None
+    name = queue_name(item)
+    recipients = []
+    for r in env.pending():
+        rcpt = {"address": r.address}
+        reason = (r.reply or env.error) if name == "deferred" else ""
+        if reason:
+            rcpt["delay_reason"] = reason
+        recipients.append(rcpt)
+    return {"queue_name": name, "queue_id": item.qid, "arrival_time": int(env.created),
+            "message_size": item.size, "sender": env.sender, "recipients": recipients}
 
 
 def render_json_lines(items: list[Item]) -> bytes:
@@ -407,3 +407,13 @@ def render_json_lines(items: list[Item]) -> bytes:
 
     return "".join(json.dumps(obj, separators=(",", ":")) + "\n"
                    for obj in postqueue_objects(items)).encode("ascii")
+
+
+def stream_json_lines(spool: Spool) -> Iterator[bytes]:
+    """The whole queue as `postqueue -j` lines, each written as it is read."""
+    import json
+
+    for qid, env, _, size, locked in spool.listing(_ids(spool)):
+        if env is not None:
+            obj = postqueue_object(Item(qid, env, "", size, locked))
+            yield (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
