@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     from relayq.cli.qshape import add_arguments as qshape_arguments
 
     qshape_arguments(sub.add_parser(
-        "qshape", help="the queue by recipient (or sender) domain and age, as Postfix's qshape"))
+        "qshape", help="the queue by recipient (or sender) domain and age, as Postfix's qshape",
+        description="One row per domain, busiest first, under a TOTAL row; column T is the "
+                    "row's count, then one column per age bucket: each counts what is younger "
+                    "than its limit in minutes and not younger than the previous one; the last "
+                    "(N+) has no limit. Recipients still to be delivered are counted, or "
+                    "messages with -s. Users who may not read the queue see their own mail, "
+                    "as in mailq."))
     sub.add_parser("version", help="print the version")
     return p
 

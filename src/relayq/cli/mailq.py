@@ -18,7 +18,7 @@ sendmail equivalent:
   both, like the text listing.
 
 Exit status: 0, or 77 when the queue directory exists but may not be read.
-Importing this module costs little: json is imported only for --json.
+Importing this module costs little: json is imported only for --json and --json-lines.
 """
 
 from __future__ import annotations
