@@ -71,6 +71,14 @@ def test_mailq_1_has_every_usage_option() -> None:
     text = page("mailq.1")
     for flag in ("\\-Ac", "\\-v", "\\-C", "\\-\\-json"):
         assert f"\\fB{flag}" in text
+    assert "\\fB\\-\\-json\\fR" in text and "\\fB\\-\\-json\\-lines\\fR" in text
+
+
+def test_mailq_1_synopsis_is_one_line_of_roff() -> None:
+    """A usage wrapped over two lines must not start a roff line with spaces."""
+    text = page("mailq.1")
+    synopsis = text.split(".SH SYNOPSIS\n", 1)[1].split("\n.SH", 1)[0]
+    assert "\n" not in synopsis and "[--json | --json-lines]" in synopsis
 
 
 def test_make_man_writes_every_page(tmp_path: Path) -> None:

@@ -36,7 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
         "install", help="put relayq's sendmail, mailq, newaliases and relayq on the system "
                         "path (or stage them for a package: --root)"))
     q = sub.add_parser("mailq", help="list the queue (as mailq)")
-    q.add_argument("--json", action="store_true", help="JSON, as mailq --json")
+    form = q.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="JSON, as mailq --json")
+    form.add_argument("--json-lines", action="store_true",
+                      help="one JSON object per message, as postqueue -j (mailq --json-lines)")
+    from relayq.cli.qshape import add_arguments as qshape_arguments
+
+    qshape_arguments(sub.add_parser(
+        "qshape", help="the queue by recipient (or sender) domain and age, as Postfix's qshape",
+        description="One row per domain, busiest first, under a TOTAL row; column T is the "
+                    "row's count, then one column per age bucket: each counts what is younger "
+                    "than its limit in minutes and not younger than the previous one; the last "
+                    "(N+) has no limit. Recipients still to be delivered are counted, or "
+                    "messages with -s. Users who may not read the queue see their own mail, "
+                    "as in mailq."))
     sub.add_parser("version", help="print the version")
     imp = sub.add_parser("import", help="print a relayq.toml made from another MTA's "
                                         "configuration (sendmail, nullmailer, ssmtp, dma, "

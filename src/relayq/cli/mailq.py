@@ -12,12 +12,13 @@ sendmail equivalent:
 * A damaged entry is listed as `QID (damaged: why)` so an admin sees it; it is
   counted in "Total requests" and hidden only when an R or S selector is given
   (there is nothing to match them against).
+* --json-lines is `postqueue -j`'s format (relayq.queue.listing.render_json_lines).
 * --json lists every recipient with its state (sent, failed, pending) and
   reply; damaged entries go to a separate "damaged" list, and "total" counts
   both, like the text listing.
 
 Exit status: 0, or 77 when the queue directory exists but may not be read.
-Importing this module costs little: json is imported only for --json.
+Importing this module costs little: json is imported only for --json and --json-lines.
 """
 
 from __future__ import annotations
@@ -30,18 +31,23 @@ from relayq.queue.listing import (  # noqa: F401  (prtstr: its old name)
     collect,
     parse_args,
     prtstr,
+    render,
     render_json,
     render_text,
+    stream_json_lines,
     stream_text,
 )
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on every listing
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from relayq.queue.spool import Spool
 
 USAGE = """\
-usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config] [--json]
+usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C config]
+             [--json | --json-lines]
 
   -Ac, -Am       accepted for sendmail compatibility (relayq has one queue)
   -v             verbose listing (priority column)
@@ -50,6 +56,9 @@ usage: mailq [-Ac | -Am] [-v] [-q[!]Isubstr] [-q[!]Rsubstr] [-q[!]Ssubstr] [-C c
                  kind: any may match; of different kinds: all must match
   -C FILE        configuration file
   --json         one JSON document with everything about every message
+  --json-lines   one JSON object per message and line, with the members of
+                 Postfix's `postqueue -j` (queue_name: incoming, active,
+                 deferred or hold), so its jq scripts carry over
   -L, -O, -o     accepted and ignored (sendmail options)
 """
 
@@ -81,25 +90,30 @@ def _main(args: list[str]) -> int:
         gc.disable()
         buffered: list[bytes] = []
         size = 0
-        for chunk in stream_text(spool, opts.verbose):
+        chunks = stream_json_lines(spool) if opts.json_lines else \
+            stream_text(spool, opts.verbose)
+        for chunk in chunks:
             buffered.append(chunk)
             size += len(chunk)
             if size >= 1 << 16 or len(buffered) == 2:  # the header goes out at once
-                _write(b"".join(buffered))
+                write(b"".join(buffered))
                 buffered, size = [], 0
-        _write(b"".join(buffered))
+        write(b"".join(buffered))
         return 0
-    items = collect(spool, opts.selectors)
-    if opts.json:
-        data = render_json(spool.queue, items)
-    else:
-        data = render_text(spool.queue, items, opts.verbose)
-    _write(data)
+    write(render(spool.queue, collect(spool, opts.selectors), opts))
     return 0
 
 
 def _ask_daemon(spool: Spool, args: list[str]) -> int:
     """A queue we may not read: the daemon lists our own messages (relayq.system.control)."""
+    for chunk in ask_daemon(spool, args):
+        write(chunk)
+    return 0
+
+
+def ask_daemon(spool: Spool, args: list[str]) -> Iterator[bytes]:
+    """The listing mailq ARGS would print, from the daemon: for a user who may not
+    read the queue, their own messages only (all of them for the admin group)."""
     import json
 
     from relayq.system.control import Connection
@@ -115,14 +129,12 @@ def _ask_daemon(spool: Spool, args: list[str]) -> int:
         code, text = status
         if code:
             raise RelayqError(text, code)
-        for chunk in conn.body():
-            _write(chunk)
+        yield from conn.body()
     finally:
         conn.close()
-    return 0
 
 
-def _write(data: bytes) -> None:
+def write(data: bytes) -> None:
     """Write the listing; a full disk or closed terminal is exit 74, not a bug."""
     try:
         _write_all(data)

@@ -1,5 +1,5 @@
 """`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
-check-config, status, mailq, install)."""
+check-config, status, mailq, qshape, install)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _main(argv: list[str]) -> int:
         from relayq.cli.mailq import main as mailq_main
 
         return mailq_main((["-C", args.config] if args.config else [])
-                          + (["--json"] if args.json else []))
+                          + (["--json"] if args.json else [])
+                          + (["--json-lines"] if args.json_lines else []))
     if args.command == "install":
         from relayq.cli.install import run_install
 
@@ -64,6 +65,10 @@ def _main(argv: list[str]) -> int:
     spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json, pids)
+    if args.command == "qshape":
+        from relayq.cli import qshape
+
+        return qshape.run(spool, args)
     if args.command in ("hold", "release", "delete", "requeue"):
         from relayq.delivery import admin
 

@@ -195,7 +195,8 @@ def mailq_page() -> str:
 
     usage, _, options = USAGE.partition("\n\n")
     out = _head("mailq", "1", "list relayq's mail queue")
-    out += [".SH SYNOPSIS", esc(usage.removeprefix("usage: ")), ".SH DESCRIPTION",
+    synopsis = " ".join(usage.removeprefix("usage: ").split())  # wrapped: one roff line
+    out += [".SH SYNOPSIS", esc(synopsis), ".SH DESCRIPTION",
             "Lists the queue in sendmail 8.17's format (\\fBsendmail \\-bp\\fR).",
             "Members of \\fBadmin_group\\fR see every message; others their own.",
             ".SH OPTIONS"]

@@ -33,12 +33,13 @@ HEADER_V = b"-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Reci
 
 
 class Options:
-    __slots__ = ("config", "help", "json", "selectors", "verbose")
+    __slots__ = ("config", "help", "json", "json_lines", "selectors", "verbose")
 
     def __init__(self) -> None:
         self.config: str | None = None
         self.help = False
         self.json = False
+        self.json_lines = False
         self.selectors: list[Selector] = []
         self.verbose = False
 
@@ -65,8 +66,11 @@ def parse_args(args: list[str]) -> Options:
     while i < len(args):
         arg = args[i]
         i += 1
-        if arg == "--json":
-            opts.json = True
+        if arg in ("--json", "--json-lines"):
+            if opts.json or opts.json_lines:
+                raise UsageError("--json and --json-lines: one listing format at a time")
+            opts.json = arg == "--json"
+            opts.json_lines = not opts.json
             continue
         if arg == "--help":
             opts.help = True
@@ -134,11 +138,16 @@ def listing_for(cfg: Config, spool: Spool, uid: int, gid: int, request: str) -> 
     if len(opts.selectors) > MAX_SELECTORS:
         raise UsageError(f"more than {MAX_SELECTORS} -q selectors")
     items = collect(spool, opts.selectors, None if _sees_all(cfg, uid, gid) else uid)
+    return iter([render(spool.queue, items, opts)])
+
+
+def render(path: str, items: list[Item], opts: Options) -> bytes:
+    """The listing in the format the flags asked for."""
     if opts.json:
-        data = render_json(spool.queue, items)
-    else:
-        data = render_text(spool.queue, items, opts.verbose)
-    return iter([data])
+        return render_json(path, items)
+    if opts.json_lines:
+        return render_json_lines(items)
+    return render_text(path, items, opts.verbose)
 
 
 def _sees_all(cfg: Config, uid: int, gid: int) -> bool:
@@ -354,3 +363,57 @@ def render_json(path: str, items: list[Item]) -> bytes:
         )
     doc = {"queue": path, "messages": messages, "damaged": damaged, "total": len(items)}
     return (json.dumps(doc, indent=2) + "\n").encode("ascii")
+
+
+def queue_name(item: Item) -> str:
+    """Postfix's queue a relayq message would be in, for `postqueue -j` scripts:
+    hold (relayq hold), active (a run has it locked), deferred (tried, not
+    delivered yet), incoming (queued, never tried)."""
+    env = item.env
+    assert env is not None
+    if env.held:
+        return "hold"
+    if item.locked:
+        return "active"
+    return "deferred" if env.attempts or env.error else "incoming"
+
+
+def postqueue_objects(items: list[Item]) -> list[dict[str, Any]]:
+    """`postqueue -j`'s objects for the listed messages. Damaged entries are left
+    out, as showq leaves out a corrupt file (mailq and --json list them)."""
+    return [postqueue_object(item) for item in items if item.env is not None]
+
+
+def postqueue_object(item: Item) -> dict[str, Any]:
+    """One message as `postqueue -j` shows it, with Postfix's member names: the
+    recipients still to be delivered, each deferred one with its reason."""
+    env = item.env
+    assert env is not None
+    name = queue_name(item)
+    recipients = []
+    for r in env.pending():
+        rcpt = {"address": r.address}
+        reason = (r.reply or env.error) if name == "deferred" else ""
+        if reason:
+            rcpt["delay_reason"] = reason
+        recipients.append(rcpt)
+    return {"queue_name": name, "queue_id": item.qid, "arrival_time": int(env.created),
+            "message_size": item.size, "sender": env.sender, "recipients": recipients}
+
+
+def render_json_lines(items: list[Item]) -> bytes:
+    """`postqueue -j`: one object per message and line (JSON Lines)."""
+    import json
+
+    return "".join(json.dumps(obj, separators=(",", ":")) + "\n"
+                   for obj in postqueue_objects(items)).encode("ascii")
+
+
+def stream_json_lines(spool: Spool) -> Iterator[bytes]:
+    """The whole queue as `postqueue -j` lines, each written as it is read."""
+    import json
+
+    for qid, env, _, size, locked in spool.listing(_ids(spool)):
+        if env is not None:
+            obj = postqueue_object(Item(qid, env, "", size, locked))
+            yield (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
