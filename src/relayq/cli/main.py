@@ -13,6 +13,8 @@ from relayq.core.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqErro
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    import argparse
+
     from relayq.core.config import Config
     from relayq.queue.spool import Spool
 
@@ -23,26 +25,9 @@ def _main(argv: list[str]) -> int:
 
     # who may use which configuration, before any command opens anything (77)
     source = configfile.select(args.config)
-    if args.command == "version":
-        from relayq import __version__
-
-        print(f"relayq {__version__}")
-        return EX_OK
-    if args.command == "mailq":
-        from relayq.cli.mailq import main as mailq_main
-
-        return mailq_main((["-C", args.config] if args.config else [])
-                          + (["--json"] if args.json else [])
-                          + (["--json-lines"] if args.json_lines else []))
-    if args.command == "install":
-        from relayq.cli.install import run_install
-
-        return run_install(args.root, args.force, args.uninstall, args.python,
-                           venv=args.venv, libdir=args.libdir)
-    if args.command == "import":
-        from relayq.cli.peerimport import run_import
-
-        return run_import(args.files, args.kind, args.write, source.path)
+    done = _without_config(args, source.path)
+    if done is not None:
+        return done
     if args.command == "daemon":
         from relayq.daemon import main as daemon
 
@@ -99,6 +84,31 @@ def _main(argv: list[str]) -> int:
             log.info(f"flush: {left} message(s) left; told the daemon (pid {pid}) to run "
                      "the queue")
     return EX_TEMPFAIL if left else EX_OK
+
+
+def _without_config(args: argparse.Namespace, config_path: str) -> int | None:
+    """The commands that read no configuration of their own; None for the others."""
+    if args.command == "version":
+        from relayq import __version__
+
+        print(f"relayq {__version__}")
+        return EX_OK
+    if args.command == "mailq":
+        from relayq.cli.mailq import main as mailq_main
+
+        return mailq_main((["-C", args.config] if args.config else [])
+                          + (["--json"] if args.json else [])
+                          + (["--json-lines"] if args.json_lines else []))
+    if args.command == "install":
+        from relayq.cli.install import run_install
+
+        return run_install(args.root, args.force, args.uninstall, args.python,
+                           venv=args.venv, libdir=args.libdir)
+    if args.command == "import":
+        from relayq.cli.peerimport import run_import
+
+        return run_import(args.files, args.kind, args.write, config_path)
+    return None
 
 
 def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
