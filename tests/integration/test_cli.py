@@ -173,3 +173,18 @@ def test_flush_shows_progress_on_a_terminal_for_a_large_queue(
     code, out, tty = _on_a_terminal(rq, "flush")
     assert (code, tty) == (EX_OK, b"")
     assert out == "flush: 1 sent, 0 deferred, 0 bounced, 0 left\n"
+
+
+def test_bash_completion_offers_queue_ids_from_mailq(tmp_path: Path) -> None:
+    from tests.unit.test_completion import complete
+
+    rq = Relayq(tmp_path)
+    _queue(rq, "a@example.org", "b@example.org")
+    ids = rq.spool.ids()
+    assert rq.run("relayq", "hold", ids[0]).returncode == EX_OK  # a held one is listed too
+    for command in NEEDS_QID:
+        assert sorted(complete("relayq", ["relayq", command, ""], rq.env)) == sorted(ids)
+    prefix = ids[1][:-1]
+    assert complete("relayq", ["relayq", "delete", prefix], rq.env) == sorted(
+        i for i in ids if i.startswith(prefix))
+    assert complete("relayq", ["relayq", "flush", ""], rq.env) == []
