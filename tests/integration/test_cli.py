@@ -62,6 +62,8 @@ def test_usage_errors_exit_64_in_one_line(tmp_path: Path, args: list[str]) -> No
     assert r.returncode == EX_USAGE, (args, r.stderr)
     err = assert_one_line_error(r)
     assert err.startswith("relayq: ") and "--help" in err
+    if args and args[0] in SUBCOMMANDS:  # the help that answers it
+        assert err.startswith(f"relayq: {args[0]}: ") and f"relayq {args[0]} --help" in err
 
 
 def test_mailq_usage(tmp_path: Path) -> None:

@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, or a UsageError (64) naming the command whose --help to read."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _install_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--force", action="store_true",
                    help="replace another MTA's commands (they are kept aside)")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.cli.args import build_parser
+from relayq.cli.args import build_parser, parse  # noqa: F401  (tests import it here)
 from relayq.core.errors import EX_OK, PermissionRefused, RelayqError
 
 TYPE_CHECKING = False
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
