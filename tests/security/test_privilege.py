@@ -273,6 +273,22 @@ def test_a_user_cannot_read_change_or_delete_anothers_mail(system: System) -> No
         d.stop()
 
 
+def test_a_users_flush_asks_the_daemon_and_says_so(system: System) -> None:
+    """relayq flush by a user who may not run the queue: the daemon runs it; the one
+    line says so (no counts: the user's process delivered nothing), -q says nothing."""
+    d = start_daemon(system)
+    try:
+        r = system.relayq_as(ALICE, "flush")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"flush: the relayq daemon runs the queue (mailq shows what is left)\n"
+        r = system.relayq_as(ALICE, "flush", "-q")
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+        r = system.relayq_as(ALICE, "run")
+        assert (r.returncode, r.stdout) == (0, b"")
+    finally:
+        d.stop()
+
+
 def test_a_user_cannot_have_the_daemon_take_anothers_file(system: System) -> None:
     """SO_PEERCRED, not the request, says who asks: bob naming alice's file is refused;
     alice naming it gets it queued as hers."""

@@ -55,3 +55,7 @@ def test_the_package_ships_every_unit_and_hook():
         assert f"contrib/systemd/{f.name}" in rules, f"debian/rules does not ship {f.name}"
     for f in (TOP / "contrib" / "network").iterdir():
         assert f"contrib/network/{f.name}" in rules, f"debian/rules does not ship {f.name}"
+    for f in (TOP / "contrib" / "bash-completion").iterdir():
+        line = (f"install -D -m 0644 contrib/bash-completion/{f.name} "
+                f"$(PKG)/usr/share/bash-completion/completions/{f.name}\n")
+        assert line in rules, f"debian/rules does not ship the completion {f.name}"

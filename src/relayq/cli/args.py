@@ -5,55 +5,95 @@ from __future__ import annotations
 
 import argparse
 
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with sysexits: a usage error is one line and exit 64 (EX_USAGE), not
+    argparse's usage block and exit 2, which is no sysexits code."""
+
+    def error(self, message: str) -> NoReturn:
+        from relayq.core.errors import UsageError
+
+        command = self.prog.partition(" ")[2]  # "relayq flush": "flush"
+        raise UsageError(f"{command + ': ' if command else ''}{message} "
+                         f"(see {self.prog} --help)")
+
+
+FLUSH_MORE = ("Prints one line: how many messages were sent, deferred and bounced, and "
+              "how many are left in the queue; on a terminal, a large queue shows "
+              "progress on standard error. Exit status 0 when the queue is empty "
+              "afterwards, 75 while mail is left.")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """relayq's arguments: one table for parsing, --help and relayq(8)."""
-    p = argparse.ArgumentParser(prog="relayq", description="relayq mail relay administration")
+    """relayq's arguments: one table for parsing, --help, relayq(8) and the bash
+    completion (contrib/bash-completion/relayq, checked against it)."""
+    from relayq import __version__
+
+    p = Parser(prog="relayq", description="relayq mail relay administration")
+    p.add_argument("--version", action="version", version=f"relayq {__version__}",
+                   help="print the version and exit")
     p.add_argument("-C", "--config", help="configuration file")
     p.add_argument("-v", "--verbose", action="store_true", help="show the SMTP dialogue")
     p.add_argument("-L", "--tag", default="relayq", help="syslog tag")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("flush", help="try every queued message now (sendmail -q); "
-                   "a running daemon is told to retry too")
-    d = sub.add_parser("daemon", help="queue runs on an interval, and the SMTP listener")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=Parser)
+
+    def command(name: str, what: str, more: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what,
+                              description=f"{what[:1].upper()}{what[1:]}. {more}".strip())
+
+    f = command("flush", "try every queued message now (sendmail -q); a running daemon "
+                "is told to retry too", FLUSH_MORE)
+    f.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing (no summary line, no progress)")
+    d = command("daemon", "queue runs on an interval, and the SMTP listener")
     d.add_argument("--listen", action="store_true", help="also accept SMTP (listen addresses)")
     d.add_argument("--foreground", action="store_true",
                    help="do not detach (implied under systemd)")
     d.add_argument("-q", dest="interval", metavar="INTERVAL",
                    help="time between queue runs, e.g. 30m (default: queue_interval)")
-    sub.add_parser("run", help="deliver the messages whose retry time has come")
-    sub.add_parser("check-config", help="print the effective configuration, secrets masked")
-    st = sub.add_parser("status", help="queue size, oldest message, daemon (fast at any size)")
+    command("run", "deliver the messages whose retry time has come",
+            "Silent; exit status 0 when the queue is empty afterwards, 75 while mail is left.")
+    command("check-config", "print the effective configuration, secrets masked",
+            "Exit status 78 for a configuration the daemon would refuse.")
+    st = command("status", "queue size, oldest message, daemon (fast at any size)")
     st.add_argument("--json", action="store_true", help="one JSON document")
-    sub.add_parser("newaliases", help="check the aliases file (as newaliases)")
+    command("newaliases", "check the aliases file (as newaliases)")
     for action, what in (("hold", "keep messages queued: no run delivers them"),
                          ("release", "undo hold: deliver at the next run"),
                          ("delete", "remove messages from the queue, undelivered"),
                          ("requeue", "make messages due and try them now")):
-        a = sub.add_parser(action, help=what)
+        a = command(action, what, "Exit status 66 when a queue id is not in the queue.")
         a.add_argument("qids", nargs="+", metavar="QID", help="queue ids, as mailq shows them")
-    _install_arguments(sub.add_parser(
-        "install", help="put relayq's sendmail, mailq, newaliases and relayq on the system "
-                        "path (or stage them for a package: --root)"))
-    q = sub.add_parser("mailq", help="list the queue (as mailq)")
+    _install_arguments(command(
+        "install", "put relayq's sendmail, mailq, newaliases and relayq on the system "
+                   "path (or stage them for a package: --root)"))
+    q = command("mailq", "list the queue (as mailq)")
     form = q.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="JSON, as mailq --json")
     form.add_argument("--json-lines", action="store_true",
                       help="one JSON object per message, as postqueue -j (mailq --json-lines)")
     from relayq.cli.qshape import add_arguments as qshape_arguments
 
-    qshape_arguments(sub.add_parser(
-        "qshape", help="the queue by recipient (or sender) domain and age, as Postfix's qshape",
-        description="One row per domain, busiest first, under a TOTAL row; column T is the "
-                    "row's count, then one column per age bucket: each counts what is younger "
-                    "than its limit in minutes and not younger than the previous one; the last "
-                    "(N+) has no limit. Recipients still to be delivered are counted, or "
-                    "messages with -s. Users who may not read the queue see their own mail, "
-                    "as in mailq."))
-    sub.add_parser("version", help="print the version")
-    imp = sub.add_parser("import", help="print a relayq.toml made from another MTA's "
-                                        "configuration (sendmail, nullmailer, ssmtp, dma, "
-                                        "msmtp, postfix, exim4)")
+    qshape_arguments(command(
+        "qshape", "the queue by recipient (or sender) domain and age, as Postfix's qshape",
+        "One row per domain, busiest first, under a TOTAL row; column T is the "
+        "row's count, then one column per age bucket: each counts what is younger "
+        "than its limit in minutes and not younger than the previous one; the last "
+        "(N+) has no limit. Recipients still to be delivered are counted, or "
+        "messages with -s. Users who may not read the queue see their own mail, "
+        "as in mailq."))
+    command("version", "print the version (as relayq --version)")
+    imp = command("import", "print a relayq.toml made from another MTA's configuration "
+                            "(sendmail, nullmailer, ssmtp, dma, msmtp, postfix, exim4)",
+                  "Each setting follows a comment naming the line it came from; every setting "
+                  "that is not carried over is listed at the end, and counted on stderr. "
+                  "Passwords are printed only into the file --write makes (mode 0600).")
     imp.add_argument("files", nargs="+", metavar="FILE",
                      help="its configuration files (submit.mc, /etc/nullmailer/*, ssmtp.conf, "
                           "dma.conf, msmtprc, main.cf, update-exim4.conf.conf, ...)")
@@ -65,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the configuration file (never replacing one) instead of "
                           "printing it; passwords only then")
     return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, or a UsageError (64) naming the command whose --help to read."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _install_arguments(i: argparse.ArgumentParser) -> None:

@@ -7,8 +7,8 @@ import os
 import sys
 
 from relayq.cli._exit import run
-from relayq.cli.args import build_parser
-from relayq.core.errors import EX_OK, EX_TEMPFAIL, PermissionRefused, RelayqError
+from relayq.cli.args import build_parser, parse  # noqa: F401  (tests import it here)
+from relayq.core.errors import EX_OK, PermissionRefused, RelayqError
 
 TYPE_CHECKING = False
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
@@ -61,29 +61,14 @@ def _main(argv: list[str]) -> int:
             raise PermissionRefused(f"{args.command}: only root may change queued mail")
         log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
         return admin.run(cfg, spool, log, args.command, args.qids)
+    from relayq.cli import flush
+
     if not spool.writable():  # flush, run: the daemon runs the queue for users
-        from relayq.cli.sendmail import ask_flush
-
-        return ask_flush(spool)
-    from relayq.delivery.runner import Runner
-    from relayq.queue.submit import Context
-
+        return flush.ask_daemon(spool, args.command != "flush" or args.quiet)
     log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
-    verbose = (lambda line: print(line, flush=True)) if args.verbose else None
-    with Runner(cfg, spool, log, Context(cfg), verbose=verbose) as runner:
-        left = runner.run(force=args.command == "flush", workers=cfg.concurrency)
-    from relayq.queue.maildrop import waiting
-
-    left += waiting(spool.maildrop) or 0  # accepted mail not queued yet is mail left too
-    if left and args.command == "flush":
-        # what is left may be held by a running daemon: have it retry everything too
-        from relayq.daemon.life import poke
-
-        pid = poke(cfg, pids)
-        if pid is not None:
-            log.info(f"flush: {left} message(s) left; told the daemon (pid {pid}) to run "
-                     "the queue")
-    return EX_TEMPFAIL if left else EX_OK
+    return flush.queue_run(cfg, spool, log, command=args.command,
+                           quiet=getattr(args, "quiet", False), verbose=args.verbose,
+                           pids=pids)
 
 
 def _without_config(args: argparse.Namespace, config_path: str) -> int | None:

@@ -250,10 +250,14 @@ def relayq_page(parser: argparse.ArgumentParser) -> str:
     out += _arguments(parser)
     out.append(".SH COMMANDS")
     for name, sub in subs.choices.items():
-        out += [".TP", f"\\fBrelayq {esc(name)}\\fR", esc(helps.get(name, ""))]
+        what = sub.description or helps.get(name, "")
+        out += [".TP", f"\\fBrelayq {esc(name)}\\fR", esc(what)]
         args = _arguments(sub)
         if args:
             out += [".RS", *args, ".RE"]
+    out += [".SH EXIT STATUS", "sysexits(3): 0 done, 64 usage (an unknown command or option,",
+            "a missing argument), 66 no such message, 69 unavailable, 75 temporary failure",
+            "(mail left queued), 77 not permitted, 78 configuration."]
     return "\n".join(out) + "\n" + _files() + see_also("relayq.8")
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 RECORD = 32  # bytes per queue id in the pipe a queue run's workers share
 BATCH = 128  # records a write: 4096 bytes, within PIPE_BUF, so one atomic write
+PROGRESS_EVERY = 0.2  # seconds between progress calls while the workers work
 
 
 def take_drops(cfg: Config, spool: Spool, log: Log, ctx: Context) -> None:
@@ -53,7 +54,8 @@ def die_with(parent: int) -> None:
 
 
 def run_parallel(spool: Spool, log: Log, make: Callable[[], Runner], force: bool,
-                 sels: list[selector.Selector], workers: int) -> int:
+                 sels: list[selector.Selector], workers: int, *,
+                 progress: Callable[[], None] | None = None) -> int:
     """Share the queue among forked workers; returns how many messages remain.
 
     The directory is read as a stream and each queue id is written to one
@@ -64,6 +66,8 @@ def run_parallel(spool: Spool, log: Log, make: Callable[[], Runner], force: bool
     messages a listing and sort cost 0.2 s), nothing the size of the queue
     is held in memory, and a worker is forked only when there is work for
     it. The order is the directory's: every due message is tried in the run.
+    `progress` is called now and then while the workers work (they count in
+    the runner's shared Tally, relayq.delivery.tally).
     """
     r, w = os.pipe()
     children: dict[int, int] = {}  # pid -> read end of its result pipe
@@ -79,6 +83,8 @@ def run_parallel(spool: Spool, log: Log, make: Callable[[], Runner], force: bool
             if len(batch) >= BATCH or len(children) < workers:
                 os.write(w, b"".join(batch))  # at most PIPE_BUF: never interleaved
                 batch = []
+                if progress is not None:
+                    progress()
         if batch:
             os.write(w, b"".join(batch))
     except BrokenPipeError:
@@ -91,11 +97,31 @@ def run_parallel(spool: Spool, log: Log, make: Callable[[], Runner], force: bool
             spool.sweep()  # debris of a crashed writer somewhere: look closer
         except (OSError, RelayqError) as exc:
             log.warning(f"queue sweep failed: {exc}")
+    return _results(children, progress)
+
+
+def _results(children: dict[int, int], progress: Callable[[], None] | None) -> int:
+    """Wait for every worker's count of messages left (one write, then end of file),
+    calling `progress` at least every PROGRESS_EVERY seconds meanwhile."""
+    import select
+
+    outs = {res: b"" for res in children.values()}
+    waiting = set(outs)
+    while waiting:
+        ready, _, _ = select.select(list(waiting), [], [], PROGRESS_EVERY)
+        for res in ready:
+            chunk = os.read(res, 64)
+            if chunk:
+                outs[res] += chunk
+            else:
+                waiting.discard(res)
+        if progress is not None:
+            progress()
     left = 0
     for pid, res in children.items():
-        with os.fdopen(res, "rb") as f:
-            out = f.read()
+        os.close(res)
         os.waitpid(pid, 0)
+        out = outs[res]
         left += int(out) if out.isdigit() else 1  # a worker that died: assume mail left
     return left
 
@@ -119,6 +145,8 @@ def _fork_worker(log: Log, make: Callable[[], Runner], ids: int, feed: int,
         code, left = 0, 0
         try:
             with make() as runner:
+                if runner.tally is not None:
+                    runner.tally.use_slot(len(children))  # each slot has one writer
                 left = runner.run_ids(_records(ids), force, sels)
         except BaseException as exc:
             log.error(f"queue run worker failed: {type(exc).__name__}: {exc}")

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from relayq.core.config import Config
     from relayq.delivery.local_transport import LocalTarget, LocalTransport
     from relayq.delivery.smtp_transport import SmtpTransport
+    from relayq.delivery.tally import Tally
     from relayq.queue.claim import Claim
     from relayq.queue.spool import NewMessage, Spool
     from relayq.queue.submit import Context
@@ -84,6 +85,9 @@ class Runner:
         self.bounces: list[str] = []  # reports made, not yet delivered
         self.reports_left = 0  # reports process() delivered that are still queued
         self.failed_codes: list[str] = []  # DSN codes of the last message's new failures
+        self.tally: Tally | None = None  # a queue run's counts (relayq flush), and
+        self.progress: Callable[[], None] | None = None  # called after each message
+        self._outcome = ""  # the tally's word for the message _one last tried
 
     @property
     def rules(self) -> decisions.Rules:
@@ -138,8 +142,20 @@ class Runner:
         how many of them all remain queued."""
         left = 0
         for qid in ids:
-            left += self._one(qid, force, sels)
+            left += self._counted(qid, force, sels)
         return left + self.deliver_bounces()
+
+    def _counted(self, qid: str, force: bool, sels: list[selector.Selector]) -> int:
+        """_one, counted in the tally (reports are not: run_ids delivers them apart)."""
+        self._outcome = ""
+        left = self._one(qid, force, sels)
+        if self.tally is not None:
+            self.tally.add("seen")
+            if self._outcome:
+                self.tally.add(self._outcome)
+        if self.progress is not None:
+            self.progress()
+        return left
 
     def run(
         self,
@@ -159,7 +175,8 @@ class Runner:
         sels = selectors or []
         pool.take_drops(self.cfg, self.spool, self.log, self.ctx)
         if workers > 1 and not self.verbose:
-            return pool.run_parallel(self.spool, self.log, self._sibling, force, sels, workers)
+            return pool.run_parallel(self.spool, self.log, self._sibling, force, sels, workers,
+                                     progress=self.progress)
         names = self.spool.names()
         try:
             self.spool.sweep(names=names)
@@ -170,7 +187,9 @@ class Runner:
         return self.run_ids(self._announced(ids), force, sels)
 
     def _sibling(self) -> Runner:
-        return Runner(self.cfg, self.spool, self.log, self.ctx)
+        sibling = Runner(self.cfg, self.spool, self.log, self.ctx)
+        sibling.tally = self.tally  # shared memory: the worker counts in its own slot
+        return sibling
 
     def _announced(self, ids: list[str]) -> Iterator[str]:
         for n, qid in enumerate(ids, 1):
@@ -212,8 +231,9 @@ class Runner:
                 return 1  # held: not even a forced run delivers it
             if env.about and self._report_unsettled(env):
                 return 1
+            self._outcome = "deferred"  # unless it gets further
             try:
-                self.deliver(claim)
+                failed = self.deliver(claim)
             except RelayqError as exc:
                 self.log.error(f"{qid}: {exc.message}; left in the queue")
                 return 1
@@ -221,6 +241,7 @@ class Runner:
                 self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                                "left in the queue")
                 return 1
+            self._outcome = "bounced" if failed else "sent" if claim.finished else "deferred"
             return 0 if claim.finished else 1
         finally:
             claim.release()
