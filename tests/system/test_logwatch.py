@@ -29,6 +29,7 @@ from relayq.core.errors import EX_OK, EX_TEMPFAIL
 
 if TYPE_CHECKING:
     from relayq.testing.smarthost import SmarthostFactory
+    from relayq.testing.tls import TestPKI
 
 ROOT = Path(__file__).resolve().parents[2]
 UNPACKED = ROOT / "build" / "logwatch" / "usr" / "share" / "logwatch"
@@ -134,3 +135,32 @@ def test_logwatch_counts_every_message_of_relayqs_log(
     assert deliveries and int(deliveries.group(1)) == 4, report  # bob, dave, carol, alice
     assert re.search(r"Mail Deferred:\s+Connection refused by \[127\.0\.0\.2\]", report), report
     assert "User unknown" in report, report  # the bounce's reason, among the rejections
+
+
+def test_logwatch_reads_the_starttls_and_auth_lines(
+    tmp_path: Path, smarthost_factory: SmarthostFactory, pki: TestPKI
+) -> None:
+    sh = smarthost_factory(host=HOST, tls_context=pki.server_context(), require_starttls=True,
+                           auth={"relayq": "s3cret"}, auth_required=True)
+    (tmp_path / "rq").mkdir()
+    rq = Relayq(tmp_path / "rq", smarthost=sh.smarthost, tls="required", tls_verify=False,
+                user="relayq", password="s3cret")  # the certificate names 127.0.0.1, not .2
+    assert rq.sendmail("-f", "alice@example.org", "bob@example.org", "carol@example.org",
+                       input=MSG).returncode == EX_OK
+    assert rq.sendmail("-q").returncode == EX_OK
+    log = rq.log()
+    [(qid, (size, _))] = messages(log).items()
+    assert re.search(rf"{qid}: STARTTLS=client, relay=\[{HOST}\], version=TLSv1\.\d, "
+                     r"verify=NOT, cipher=\S+, bits=\d+/\d+", log), log
+    assert f"{qid}: AUTH=client, relay=[{HOST}], authid=relayq, mech=PLAIN, bits=0" in log
+    assert "s3cret" not in log
+    (tmp_path / "lw").mkdir()
+    report = logwatch(tmp_path / "lw", log)
+    assert stat(report, "Messages To Recipients") == 1
+    assert stat(report, "Addressed Recipients") == 2
+    assert stat(report, "Bytes Transferred") == size
+    assert "**Unmatched Entries**" not in report, report
+    assert re.search(r"STARTTLS used the following encryption mechanisms\n +Cipher: \S+ "
+                     r"Bits: \d+/\d+ +1 Time", report), report
+    # verify=NOT (tls_verify off: nothing was checked) reads as sendmail's "not requested"
+    assert re.search(r"For STARTTLS in client mode,\n +No cert was requested +1 Time", report)
