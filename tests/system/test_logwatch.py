@@ -164,3 +164,38 @@ def test_logwatch_reads_the_starttls_and_auth_lines(
                      r"Bits: \d+/\d+ +1 Time", report), report
     # verify=NOT (tls_verify off: nothing was checked) reads as sendmail's "not requested"
     assert re.search(r"For STARTTLS in client mode,\n +No cert was requested +1 Time", report)
+
+
+def test_logwatch_reads_the_daemons_log(
+    tmp_path: Path, smarthost_factory: SmarthostFactory
+) -> None:
+    import smtplib
+
+    from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
+
+    sh = smarthost_factory(host=HOST)
+    (tmp_path / "rq").mkdir()
+    port = free_port()
+    rq = Relayq(tmp_path / "rq", smarthost=sh.smarthost, listen=[f"127.0.0.1:{port}"],
+                pid_file=str(tmp_path / "rq" / "relayq.pid"), queue_interval="1h")
+    d = DaemonProcess(rq, "--listen")
+    try:
+        d.wait_ready()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:  # a program speaking SMTP
+            s.sendmail("alice@example.org", ["bob@example.org"], MSG.replace(b"\n", b"\r\n"))
+        assert rq.sendmail("carol@example.org", input=MSG).returncode == EX_OK
+        wait_for(lambda: len(sh.transactions) == 2, what="both deliveries")
+        assert d.stop() == EX_OK
+    finally:
+        d.kill()
+    log = rq.log()
+    assert "starting daemon" in log and "stopping daemon, reason=signal" in log
+    # the SMTP client in relay=, as sendmail names it (here with the socket's owner)
+    assert re.search(r"from=<alice@example\.org>, .*, relay=(\w+@)?localhost \[127\.0\.0\.1\]$",
+                     log, re.M), log
+    sent = messages(log)
+    (tmp_path / "lw").mkdir()
+    report = logwatch(tmp_path / "lw", log)
+    assert stat(report, "Messages To Recipients") == len(sent) == 2
+    assert stat(report, "Bytes Transferred") == sum(s for s, _ in sent.values())
+    assert "**Unmatched Entries**" not in report, report + log
