@@ -466,6 +466,21 @@ def test_host_status_cache(smarthost_factory: SmarthostFactory) -> None:
     assert run.t.connections == 1
 
 
+def test_a_failed_connection_names_the_message_and_the_host_tried(
+    smarthost_factory: SmarthostFactory,
+) -> None:
+    # issue 15: every line about a message starts with its id (sendmail's
+    # "makeconnection ... failed"), and the deferral's relay= names the host tried last
+    port = closed_port()
+    r, run = one(config(f"[127.0.0.1]:{port}"))
+    assert statuses(r) == ["deferred"] and r.relay == "" and r.tried == "[127.0.0.1]"
+    assert run.log == [f"Q1: makeconnection ([127.0.0.1]:{port}) failed: "
+                       "Connection refused by [127.0.0.1]"]
+    sh = smarthost_factory()
+    r, run = one(config([f"[127.0.0.1]:{closed_port()}", sh.smarthost]))
+    assert statuses(r) == ["sent"] and all(line.startswith("Q1: ") for line in run.log)
+
+
 def test_fallback_smarthost(smarthost_factory: SmarthostFactory) -> None:
     sh = smarthost_factory()
     r, run = one(config([f"[127.0.0.1]:{closed_port()}", sh.smarthost]))

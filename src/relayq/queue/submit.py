@@ -179,7 +179,7 @@ def enqueue(
         f"msgid={env.msgid}, relay={_relay(req)}"
     )
     if warning:
-        log.info(f"{msg.qid}: authentication warning: {warning} (uid {req.uid})")
+        log.info(f"{msg.qid}: Authentication-Warning: {warning} (uid {req.uid})")
     return msg, env
 
 
