@@ -23,8 +23,12 @@ venv: $(STAMP)
 demo: venv
 	@bash scripts/demo.sh
 
+# Debian's logwatch, unpacked and not installed (it depends on an MTA): tests/system/test_logwatch.py
+LOGWATCH_DIR := build/logwatch
+
 test-deps:
 	@scripts/apt-install.sh $(TEST_PACKAGES) $(DEB_PACKAGES)
+	@scripts/unpack-deb.sh logwatch $(LOGWATCH_DIR)
 
 test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz

@@ -25,8 +25,8 @@ BIN = os.path.dirname(sys.executable)
 def fill(queue: str, count: int) -> None:
     os.makedirs(queue, exist_ok=True)
     now = float(int(time.time()) - 60 - count // 1_000_000)
-    for n in range(count):  # one id a microsecond (+0.5: float rounding never collides)
-        qid = make_qid(now + (n + 0.5) / 1_000_000, 4242)
+    for n in range(count):  # a million ids a second: one per "process id" (6 digits)
+        qid = make_qid(now + n // 1_000_000, n % 1_000_000)
         env = Envelope(qid, "bench@example.org", [Recipient(f"r{n}@example.org")], now)
         env.size = 40
         env.error = "Deferred: Connection refused by [127.0.0.1]"

@@ -144,7 +144,8 @@ def test_starttls_required_verified(smarthost_factory: SmarthostFactory, pki: Te
     assert statuses(r) == ["sent"]
     assert sh.transactions[0].tls
     assert sh.verbs()[:3] == ["EHLO", "STARTTLS", "EHLO"]
-    assert any(line.startswith("TLS: ") and "certificate verified" in line for line in run.log)
+    assert any(": STARTTLS=client, relay=" in line and ", verify=OK, cipher=" in line
+               for line in run.log)
 
 
 def test_starttls_by_hostname(smarthost_factory: SmarthostFactory, pki: TestPKI,
@@ -215,7 +216,7 @@ def test_tls_verify_false_accepts_unknown_ca(smarthost_factory: SmarthostFactory
     sh = smarthost_factory(tls_context=pki.server_context("unknown-ca"))
     r, run = one(config(sh.smarthost, tls="required", tls_verify=False))
     assert statuses(r) == ["sent"] and sh.transactions[0].tls
-    assert any("certificate not verified" in line for line in run.log)
+    assert any("STARTTLS=client, " in line and ", verify=NOT, " in line for line in run.log)
 
 
 def test_required_but_not_offered(smarthost_factory: SmarthostFactory, pki: TestPKI,
@@ -463,6 +464,21 @@ def test_host_status_cache(smarthost_factory: SmarthostFactory) -> None:
     assert r1.error == r2.error == "Connection refused by [127.0.0.1]"
     assert statuses(r2) == ["deferred"] and r2.outcomes[0].dsn_code == "4.4.1"
     assert run.t.connections == 1
+
+
+def test_a_failed_connection_names_the_message_and_the_host_tried(
+    smarthost_factory: SmarthostFactory,
+) -> None:
+    # issue 15: every line about a message starts with its id (sendmail's
+    # "makeconnection ... failed"), and the deferral's relay= names the host tried last
+    port = closed_port()
+    r, run = one(config(f"[127.0.0.1]:{port}"))
+    assert statuses(r) == ["deferred"] and r.relay == "" and r.tried == "[127.0.0.1]"
+    assert run.log == [f"Q1: makeconnection ([127.0.0.1]:{port}) failed: "
+                       "Connection refused by [127.0.0.1]"]
+    sh = smarthost_factory()
+    r, run = one(config([f"[127.0.0.1]:{closed_port()}", sh.smarthost]))
+    assert statuses(r) == ["sent"] and all(line.startswith("Q1: ") for line in run.log)
 
 
 def test_fallback_smarthost(smarthost_factory: SmarthostFactory) -> None:

@@ -259,6 +259,32 @@ def test_note_lines_read_as_sendmails() -> None:
     assert logline.text("250 Ok") == "Ok" and logline.text("connection lost") == "connection lost"
 
 
+def test_report_lines_read_as_sendmails() -> None:
+    # the original's id, the report's, the kind in sendmail's words, and for a bounce
+    # the reason exactly as the original's to= line gave it in stat= (logwatch pairs them)
+    env = envelope("a@example.org")
+    r = env.recipients[0]
+    r.reply = "550 5.1.1 <a@example.org>... User unknown"
+    line, _ = logline.note(env, Note(r, "relay", FAILED, r.reply, "5.1.1"), T0, 0)
+    stat = line.split(", stat=", 1)[1]
+    assert logline.report_made("kC26p6KE008517", env, False, [r], [], T0) == \
+        f"{env.qid}: kC26p6KE008517: DSN: {stat}"
+    assert logline.report_made("kC26p6KE008517", env, True, [r], [], T0) == \
+        f"{env.qid}: kC26p6KE008517: postmaster notify: {stat}"
+    assert logline.report_made("kC26p6KE008517", env, False, [], [r], T0 + 4 * 3600 + 59) == \
+        f"{env.qid}: kC26p6KE008517: sender notify: Warning: could not send message for " \
+        "past 4 hours"
+    assert logline.report_queued("kC26p6KE008517", 2534) == \
+        "kC26p6KE008517: from=<>, size=2534, class=0, nrcpts=1, relay=MAILER-DAEMON"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 minutes"), (60, "1 minute"), (3599, "59 minutes"), (3600, "1 hour"),
+    (4 * 3600 + 1, "4 hours"), (47 * 3600, "47 hours"), (5 * DAY, "5 days"), (-5, "0 minutes")])
+def test_warning_ages_read_as_sendmails(seconds: float, text: str) -> None:
+    assert logline.age_text(seconds) == text
+
+
 # -- sequences of attempts ----------------------------------------------------------------
 
 KINDS = ("250", "451", "550", "lost", "lost-after-dot", "loop")

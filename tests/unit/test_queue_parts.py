@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -30,15 +31,24 @@ WHEN = st.integers(2_208_988_800_000_000, 4_102_444_799_000_000).map(lambda us: 
 def test_qid_time_inverts_make_qid(now: float, pid: int) -> None:
     qid = names.make_qid(now, pid)
     assert len(qid) == 14 and all(c in names.ALPHABET for c in qid)
-    assert abs(names.qid_time(qid, now + 86_400) - now) < 1e-5  # read back a day later
+    # sendmail 8.12+'s layout, the queue id logwatch's sendmail service recognizes
+    assert re.fullmatch(r"\w{8}\d{6}", qid) and qid[8:] == f"{pid % 10**6:06d}"
+    assert 0 <= now - names.qid_time(qid, now + 86_400) < 1 / names.SLOTS + 1e-6
+
+
+def test_qid_time_reads_the_old_layout() -> None:
+    # relayq 0.x: four base-60 characters of microseconds, then four of the pid
+    old = "612345" + "00Bx" + "AbCd"  # 2046-01-02 03:04:05 and 719 us
+    when = names.qid_time(old, 2_398_475_045.0 + 86_400)
+    assert when == pytest.approx(2_398_475_045.000719, abs=1e-5)
 
 
 @given(WHEN, WHEN, st.integers(0, 60**4 - 1))
 def test_queue_ids_sort_by_time(a: float, b: float, pid: int) -> None:
-    # a float of 2.2e9 seconds holds a microsecond only to about 0.5 us, and
-    # make_qid truncates: two times 1 us apart may share an id's time (a commit's
-    # O_EXCL then picks the next microsecond); 2 us apart always sort
-    if abs(a - b) >= 2e-6:
+    # make_qid truncates to a slot (1/3600 s): two times less than a slot apart
+    # may share an id's time (the spool then takes the next slot); two slots
+    # apart always sort
+    if abs(a - b) >= 2 / names.SLOTS:
         assert (names.make_qid(a, pid) < names.make_qid(b, pid)) == (a < b)
 
 

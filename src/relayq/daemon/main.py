@@ -232,10 +232,12 @@ class Daemon:
             what += ", SMTP on " + ", ".join(self.listener.addresses())
         self.log.info(f"starting daemon (pid {os.getpid()}): {what}")
         sd_notify(f"READY=1\nSTATUS={what}\nMAINPID={os.getpid()}")
+        reason = "error"
         try:
             self._loop()
+            reason = "signal"  # the loop ends on SIGTERM/SIGINT
         finally:
-            self.stop()
+            self.stop(reason)
         return EX_OK
 
     def _loop(self) -> None:
@@ -262,12 +264,12 @@ class Daemon:
             if self.listeners is not None:
                 self.listeners.check()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "signal") -> None:
         """Finish the messages in flight (up to STOP_GRACE), then return; the rest waits."""
         sd_notify("STOPPING=1")
         self.dispatcher.stop()
         self.watcher.stop()
-        self.log.info("stopping daemon")
+        self.log.info(f"stopping daemon, reason={reason}")  # sendmail's words (logwatch's)
         self.requests.close()
         if self.listener is not None:
             self.listener.stop()

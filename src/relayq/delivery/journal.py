@@ -45,11 +45,13 @@ class Journal:
         self.claim.mark_sending(len(indices))
 
     def commit(self, outcomes: Sequence[Outcome | None], relay: str, error: str = "",
-               persist: bool = True) -> bool:
+               persist: bool = True, tried: str = "") -> bool:
         """Apply what is new (decisions.apply); record it when `persist`. True if
-        anything was new."""
+        anything was new. `tried`: the host tried last when none answered (`relay`
+        empty), named in the log lines' relay= as sendmail names it on a deferral."""
         env = self.claim.envelope
-        mailer = f"relay, relay={relay}" if relay else "relay"
+        shown = relay or tried
+        mailer = f"relay, relay={shown}" if shown else "relay"
         notes, deferral = decisions.apply(env, self.pending, outcomes, self.applied, mailer)
         for note in notes:
             self.note(note)

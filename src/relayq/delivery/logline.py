@@ -43,21 +43,35 @@ def possible_duplicate(env: Envelope) -> str:
             "the smarthost may have it already")
 
 
-def report_made(qid: str, env: Envelope, double: bool, to: str, failed: list[Recipient],
-                delayed: list[Recipient]) -> str:
-    """The line naming a report just queued, and what it is about."""
+def report_made(qid: str, env: Envelope, double: bool, failed: list[Recipient],
+                delayed: list[Recipient], now: float) -> str:
+    """The line naming a report just queued, as sendmail's: the original's id, the
+    report's, then `DSN:` (a bounce), `sender notify:` (a delay warning) or
+    `postmaster notify:` (a copy to the postmaster), and the reason as the
+    original's to= line gave it in stat= (log parsers pair the two)."""
     if double:
-        what = f"undeliverable {'bounce' if env.is_dsn else 'mail from <>'}, " \
-               f"copy to the postmaster <{to}>"
+        what = f"postmaster notify: {failed[0].reply}"
     elif failed:
-        what = f"DSN: {text(failed[0].reply)}"
+        what = f"DSN: {failed[0].reply}"
     else:
-        what = f"delay warning: {text(delayed[0].reply or env.error)}"
-    return f"{qid}: {env.qid}: {what}"
+        what = f"sender notify: Warning: could not send message for past " \
+               f"{age_text(now - env.created)}"
+    return f"{env.qid}: {qid}: {what}"
 
 
 def report_queued(qid: str, size: int) -> str:
     return f"{qid}: from=<>, size={size}, class=0, nrcpts=1, relay=MAILER-DAEMON"
+
+
+def age_text(seconds: float) -> str:
+    """sendmail's `for past 4 hours`: whole hours (days from two days on), else minutes."""
+    hours = int(max(0.0, seconds) // 3600)
+    if hours >= 48:
+        return f"{hours // 24} days"
+    if hours:
+        return f"{hours} hour{'s' if hours > 1 else ''}"
+    minutes = int(max(0.0, seconds) // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 def text(reply: str) -> str:

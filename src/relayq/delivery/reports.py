@@ -62,7 +62,7 @@ def write(cfg: Config, ctx: Context, log: Log, claim: Claim, notice: Notice, now
         msg.abort()
         raise
     msg.release()
-    log.info(logline.report_made(msg.qid, env, double, to, failed, delayed))
+    log.info(logline.report_made(msg.qid, env, double, failed, delayed, now))
     log.info(logline.report_queued(msg.qid, report.size))
 
 def _write_dsn(ctx: Context, claim: Claim, about: Envelope, failed: list[Recipient],

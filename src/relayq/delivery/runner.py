@@ -385,7 +385,8 @@ class Runner:
                 ret=env.ret,
             )
             result = self.transport().deliver(msg, journal)
-        late = journal.commit(result.outcomes, result.relay, result.error, persist=False)
+        late = journal.commit(result.outcomes, result.relay, result.error, persist=False,
+                              tried=result.tried)
         return result.error or journal.error or journal.deferral, journal.commits > 0 and not late
 
     def _note(self, env: Envelope, note: Note, now: float, start: float) -> None:

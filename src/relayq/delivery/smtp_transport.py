@@ -58,6 +58,7 @@ class MessageResult:
     outcomes: list[Outcome]
     error: str = ""  # why (some of) the message was deferred; "" if nothing was
     relay: str = ""  # "mail.example.org [192.0.2.1]" of the server that answered
+    tried: str = ""  # the host tried last when none answered (the log's relay=)
 
 
 class SmtpTransport:
@@ -85,6 +86,8 @@ class SmtpTransport:
         self._client: SmtpClient | None = None
         self._down: SmtpError | None = None
         self._down_until = 0.0
+        self._tried = ""  # "host [ip]" tried last, for the log of a failed connection
+        self._qid = ""  # the message being delivered: its id starts each log line
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
         self._secret_at = 0.0  # monotonic time the secret (or its error) was read
@@ -112,8 +115,10 @@ class SmtpTransport:
         self.close()
 
     def _say(self, line: str) -> None:
+        """A log line, about the message being delivered (its queue id first, as
+        sendmail writes every line about a message)."""
         if self.log is not None:
-            self.log(line)
+            self.log(f"{self._qid}: {line}" if self._qid else line)
 
     # --- delivery -------------------------------------------------------------
 
@@ -129,6 +134,13 @@ class SmtpTransport:
         n = len(msg.recipients)
         if n == 0:
             return MessageResult([])
+        self._qid = msg.qid
+        try:
+            return self._deliver(msg, journal, n)
+        finally:
+            self._qid = ""
+
+    def _deliver(self, msg: OutgoingMessage, journal: Journal | None, n: int) -> MessageResult:
         if self._down is not None and time.monotonic() >= self._down_until:
             self._down = None  # aged out: try the relay again
         if self._down is not None:
@@ -177,7 +189,7 @@ class SmtpTransport:
                 # yet): nothing of this message was answered, so nothing was taken;
                 # once more on a fresh connection, as Postfix's connection cache does
                 self._say(f"cached connection to {client.relay} lost ({exc}); reconnecting")
-                return self.deliver(msg, journal)
+                return self._deliver(msg, journal, n)
             error = str(exc)
             for i, (addr, _, _) in enumerate(msg.recipients):
                 if outcomes[i] is None:
@@ -188,10 +200,9 @@ class SmtpTransport:
             error = next((o.reply for o in final if o.status == DEFERRED), "")
         return MessageResult(final, error, client.relay)
 
-    @staticmethod
-    def _all_deferred(msg: OutgoingMessage, exc: SmtpError, relay: str) -> MessageResult:
+    def _all_deferred(self, msg: OutgoingMessage, exc: SmtpError, relay: str) -> MessageResult:
         outs = [Outcome(a, DEFERRED, str(exc), exc.dsn_code) for a, _, _ in msg.recipients]
-        return MessageResult(outs, str(exc), relay)
+        return MessageResult(outs, str(exc), relay, self._tried)
 
     # --- connections ------------------------------------------------------------
 
@@ -217,11 +228,13 @@ class SmtpTransport:
     def _connect(self) -> SmtpClient:
         cfg = self.config
         last: SmtpError | None = None
+        self._tried = ""
         for sh in cfg.smarthosts():
             try:
                 found = targets(cfg, sh.host, sh.port, sh.mx, self._say)
             except SmtpError as exc:
                 self._say(str(exc))
+                self._tried = sh.host
                 last = exc
                 continue
             for t in found:
@@ -229,7 +242,7 @@ class SmtpTransport:
                 # target an unauthenticated DNS answer chose (Postfix's "secure")
                 client = SmtpClient(t.name, t.port, timeout=cfg.timeout,
                                     connect_timeout=cfg.connect_timeout,
-                                    transcript=self.transcript, log=self.log,
+                                    transcript=self.transcript, log=self._say,
                                     tls_name=sh.host)
                 try:
                     self.connections += 1
@@ -241,7 +254,11 @@ class SmtpTransport:
                     if client.sock is not None:
                         client.quit()
                     client.close()
-                    self._say(f"{client.relay}:{t.port}: {exc}")
+                    self._tried = client.relay
+                    if isinstance(exc, ConnectFailed):  # sendmail's words (LogLevel 12)
+                        self._say(f"makeconnection ({client.relay}:{t.port}) failed: {exc}")
+                    else:
+                        self._say(f"{client.relay}:{t.port}: {exc}")
                     last = exc
         if last is None:
             last = ConnectFailed("no smarthost configured")

@@ -44,7 +44,7 @@ import time
 from relayq.core.envelope import Envelope
 from relayq.core.errors import DamagedQueueFile, TempFailure
 from relayq.queue.durable import fsync_dir, io_error, unlink_if_there
-from relayq.queue.names import make_qid
+from relayq.queue.names import SLOTS, make_qid
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -66,6 +66,7 @@ class Spool:
         self.quarantine_dir = os.path.join(root, "quarantine")
         self.maildrop = os.path.join(root, "maildrop")
         self.socket_path = os.path.join(root, "relayq.sock")
+        self._next_slot = 0.0  # a queue id's time slot after the last one this process made
 
     def ensure(self, owner: tuple[int, int] | None = None, public: bool | None = None) -> None:
         """Create the queue directories (private to the owner) if missing; as
@@ -200,7 +201,7 @@ class Spool:
         (Envelope.notice): a data file of that name without an envelope is
         what a crash left of the same report, and is written again.
         """
-        now = time.time()
+        now = max(time.time(), self._next_slot)
         pid = os.getpid()
         for _ in range(1000):
             name = qid or make_qid(now, pid)
@@ -214,7 +215,7 @@ class Spool:
                 if qid is not None:
                     fd = self._reopen(qid)
                 else:
-                    now += 0.000001
+                    now += 1 / SLOTS  # the next slot (several messages in one slot)
                     continue
             except FileNotFoundError:
                 self.ensure()
@@ -222,6 +223,8 @@ class Spool:
             except OSError as exc:
                 raise io_error("create a queue file", exc) from None
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if qid is None:  # the next id of this process starts in the next slot
+                self._next_slot = now + 1 / SLOTS
             return NewMessage(self, name, fd)
         raise TempFailure("cannot allocate a queue id")
 

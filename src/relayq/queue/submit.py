@@ -176,11 +176,18 @@ def enqueue(
         raise
     log.info(
         f"{msg.qid}: from=<{sender}>, size={msg.size}, class=0, nrcpts={len(env.recipients)}, "
-        f"msgid={env.msgid}, relay={req.user}@localhost"
+        f"msgid={env.msgid}, relay={_relay(req)}"
     )
     if warning:
-        log.info(f"{msg.qid}: authentication warning: {warning} (uid {req.uid})")
+        log.info(f"{msg.qid}: Authentication-Warning: {warning} (uid {req.uid})")
     return msg, env
+
+
+def _relay(req: Request) -> str:
+    """sendmail's relay= of a from= line: the SMTP client as our Received field names
+    it ("alice@localhost [127.0.0.1]", "localhost [::1]"), else the submitting user."""
+    inner = req.received_from.partition(" (")[2].removesuffix(")")
+    return inner or f"{req.user}@localhost"
 
 
 def _sender(req: Request, ctx: Context) -> str:

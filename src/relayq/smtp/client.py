@@ -474,7 +474,11 @@ class SmtpClient:
             f"{tls.version()} {cipher[0] if cipher else '?'} with {self.relay}, "
             f"certificate {verified}"
         )
-        self._log(f"TLS: {self.tls_info}")
+        bits = cipher[2] if cipher else 0
+        # sendmail's line (log parsers count it); verify=NOT: not checked (tls_verify off)
+        self._log(f"STARTTLS=client, relay={self.relay}, version={tls.version()}, "
+                  f"verify={'OK' if verified == 'verified' else 'NOT'}, "
+                  f"cipher={cipher[0] if cipher else '?'}, bits={bits}/{bits}")
 
     def auth(self, mechanism: str, user: str, secret: str) -> Reply:
         """AUTH with the given mechanism; raises AuthFailed unless 235."""
@@ -512,7 +516,7 @@ class SmtpClient:
             raise AuthFailed(f"unsupported AUTH mechanism {mech}")
         if reply.code != 235:
             raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}", code=reply.code)
-        self._log(f"AUTH {mech} as {user} accepted by {self.relay}")
+        self._log(f"AUTH=client, relay={self.relay}, authid={user}, mech={mech}, bits=0")
         return reply
 
     def rset(self) -> None:
