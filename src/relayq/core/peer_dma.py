@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 
-from relayq.core.peers import Imported, Origin, host_port, lines
+from relayq.core.peers import (
+    Credential,
+    Imported,
+    Origin,
+    credentials,
+    host_port,
+    lines,
+    smarthost_of,
+)
 
 KIND = "dma"
 NAMES = ("dma.conf", "auth.conf")
@@ -26,8 +34,7 @@ def sniff(text: str) -> bool:
 
 def _auth(r: Imported, path: str, text: str) -> None:
     """auth.conf: `user|smarthost:password`; the line for the smarthost, else the first."""
-    host = r.get("smarthost")
-    entries = []
+    entries: list[Credential] = []
     for origin, body in lines(path, text):
         who, sep, secret = body.partition(":")
         user, bar, server = who.partition("|")
@@ -35,13 +42,7 @@ def _auth(r: Imported, path: str, text: str) -> None:
             r.note(Origin(path, origin.line, ""), "not user|smarthost:password")
             continue
         entries.append((server, user, secret, Origin(path, origin.line, "")))
-    chosen = [e for e in entries if host and str(host).split(":")[0] == e[0]] or entries[:1]
-    for _server, user, secret, origin in chosen:
-        r.set("user", user, origin)
-        r.set("password", secret, origin)
-    for e in entries:
-        if e not in chosen:
-            r.note(e[3], f"credentials for {e[0]}, which is not the smarthost")
+    credentials(r, entries, (smarthost_of(r).split(":")[0],))
 
 
 def _word(r: Imported, origin: Origin, word: str, value: str, seen: dict[str, str]) -> None:

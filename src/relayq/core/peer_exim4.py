@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.core.peers import Imported, Origin, lines
+from relayq.core.peers import Credential, Imported, Origin, credentials, lines, smarthost_of
 
 KIND = "exim4"
 NAMES = ("update-exim4.conf.conf", "passwd.client")
@@ -64,9 +64,7 @@ def _value(r: Imported, origin: Origin, key: str, value: str) -> None:
 
 def _passwd(r: Imported, path: str, text: str) -> None:
     """passwd.client: `host:user:password`; the smarthost's line, a `*` line, or the first."""
-    hosts = r.get("smarthost")
-    first = str((hosts[0] if isinstance(hosts, list) else hosts) or "").split(":")[0]
-    entries = []
+    entries: list[Credential] = []
     for origin, body in lines(path, text):
         parts = body.split(":", 2)
         if len(parts) != 3:
@@ -74,14 +72,7 @@ def _passwd(r: Imported, path: str, text: str) -> None:
             continue
         entries.append((parts[0].strip(), parts[1].strip(), parts[2].strip(),
                         Origin(path, origin.line, "")))
-    chosen = ([e for e in entries if e[0] == first] or [e for e in entries if e[0] == "*"]
-              or entries[:1])
-    for _host, user, secret, origin in chosen[:1]:
-        r.set("user", user, origin)
-        r.set("password", secret, origin)
-    for e in entries:
-        if e not in chosen[:1]:
-            r.note(e[3], f"credentials for {e[0]}, not the smarthost's")
+    credentials(r, entries, (smarthost_of(r).split(":")[0], "*"))
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from relayq.core.peers import Imported, Origin, lines
+from relayq.core.peers import Credential, Imported, Origin, credentials, lines, smarthost_of
 
 KIND = "postfix"
 NAMES = ("main.cf", "sasl_passwd")
@@ -67,9 +67,7 @@ def _seconds(value: str) -> int | None:
 
 def _sasl(r: Imported, path: str, text: str) -> None:
     """sasl_passwd: `[host]:port user:password`; the relayhost's line, else the first."""
-    hosts = r.get("smarthost")
-    host = str((hosts[0] if isinstance(hosts, list) else hosts) or "")
-    entries = []
+    entries: list[Credential] = []
     for origin, body in lines(path, text):
         words = body.split()
         if len(words) != 2 or ":" not in words[1]:
@@ -77,13 +75,7 @@ def _sasl(r: Imported, path: str, text: str) -> None:
             continue
         user, _, secret = words[1].partition(":")
         entries.append((words[0], user, secret, Origin(path, origin.line, "")))
-    chosen = [e for e in entries if e[0] == host] or entries[:1]
-    for _dest, user, secret, origin in chosen:
-        r.set("user", user, origin)
-        r.set("password", secret, origin)
-    for e in entries:
-        if e not in chosen:
-            r.note(e[3], f"credentials for {e[0]}, which is not the relayhost")
+    credentials(r, entries, (smarthost_of(r),))
 
 
 def _param(r: Imported, name: str, origin: Origin, value: str, sasl_given: bool) -> None:

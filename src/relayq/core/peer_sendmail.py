@@ -10,7 +10,15 @@ from __future__ import annotations
 import os
 import re
 
-from relayq.core.peers import Imported, Origin, host_port, lines
+from relayq.core.peers import (
+    Credential,
+    Imported,
+    Origin,
+    credentials,
+    host_port,
+    lines,
+    smarthost_of,
+)
 
 KIND = "sendmail"
 NAMES = ("submit.mc", "sendmail.mc", "submit.cf", "sendmail.cf", "authinfo")
@@ -160,23 +168,21 @@ def _cf(r: Imported, path: str, text: str) -> None:
 
 def _authinfo(r: Imported, path: str, text: str) -> None:
     """`AuthInfo:host "U:user" "P:password" "M:PLAIN"`: the smarthost's, else the first."""
-    entries = []
+    entries: list[Credential] = []
+    mechs: dict[int, str] = {}
     for origin, body in lines(path, text):
         m = re.match(r"AuthInfo:(\S*)\s+(.*)$", body)
-        if not m:
-            r.note(Origin(path, origin.line, ""), "not an AuthInfo line")
+        fields = dict(re.findall(r'"([A-Z]):([^"]*)"', m.group(2))) if m else {}
+        if not m or not (fields.get("U") or fields.get("I")):
+            r.note(Origin(path, origin.line, ""), "not an AuthInfo line with a user")
             continue
-        fields = dict(re.findall(r'"([A-Z]):([^"]*)"', m.group(2)))
-        entries.append((m.group(1), fields, Origin(path, origin.line, "")))
-    hosts = str(r.get("smarthost") or "").strip("[]").split("]")[0].split(":")[0]
-    chosen = [e for e in entries if e[0] == hosts] or entries[:1]
-    for _host, fields, origin in chosen:
-        if "U" in fields or "I" in fields:
-            r.set("user", fields.get("U") or fields["I"], origin)
-        if "P" in fields:
-            r.set("password", fields["P"], origin)
-        if fields.get("M", "").split()[:1] in (["PLAIN"], ["LOGIN"]):
-            r.set("auth_mechanism", fields["M"].split()[0], origin)
+        entries.append((m.group(1), fields.get("U") or fields["I"], fields.get("P", ""),
+                        Origin(path, origin.line, "")))
+        mechs[origin.line] = fields.get("M", "").split()[0] if fields.get("M") else ""
+    host = smarthost_of(r).strip("[]").split("]")[0].split(":")[0]
+    taken = credentials(r, entries, (host,))
+    if taken is not None and mechs[taken[3].line] in ("PLAIN", "LOGIN"):
+        r.set("auth_mechanism", mechs[taken[3].line], taken[3])
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:

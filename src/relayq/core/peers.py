@@ -85,6 +85,31 @@ def masked(text: str) -> str:
     return _SECRET.sub(r"\1********", text)
 
 
+Credential = tuple[str, str, str, Origin]  # (the server it is for, user, secret, origin)
+
+
+def credentials(r: Imported, entries: list[Credential],
+                servers: tuple[str, ...]) -> Credential | None:
+    """The one rule for a credentials file of several servers (auth.conf, sasl_passwd,
+    passwd.client, authinfo): the first entry for the first of `servers` that has
+    one (the smarthost's spellings, then a wildcard), else the first entry; every
+    other entry is a note. Returns the one taken."""
+    chosen = next(([e] for s in servers if s for e in entries if e[0] == s), entries[:1])
+    for _server, user, secret, origin in chosen:
+        r.set("user", user, origin)
+        r.set("password", secret, origin)
+    for e in entries:
+        if e not in chosen:
+            r.note(e[3], f"credentials for {e[0]}, not the smarthost's")
+    return chosen[0] if chosen else None
+
+
+def smarthost_of(r: Imported) -> str:
+    """The first smarthost the import found, as written ("" if none)."""
+    hosts = r.get("smarthost")
+    return str((hosts[0] if isinstance(hosts, list) else hosts) or "")
+
+
 def lines(path: str, text: str) -> list[tuple[Origin, str]]:
     """(origin, the line without comments and surrounding space) for each line that
     says something: `#` starts a comment, as in every format here. The origin's
