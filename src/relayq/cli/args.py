@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("check-config", "print the effective configuration, secrets masked",
             "Exit status 78 for a configuration the daemon would refuse.")
     st = command("status", "queue size, oldest message, daemon (fast at any size)")
-    st.add_argument("--json", action="store_true", help="one JSON document")
+    _status_arguments(st)
     command("newaliases", "check the aliases file (as newaliases)")
     for action, what in (("hold", "keep messages queued: no run delivers them"),
                          ("release", "undo hold: deliver at the next run"),
@@ -115,6 +115,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _status_arguments(st: argparse.ArgumentParser) -> None:
+    st.add_argument("--json", action="store_true", help="one JSON document")
+    st.add_argument("-w", dest="warning", type=int, metavar="N",
+                    help="as a monitoring plugin (one line, perfdata, exit 0/1/2/3): WARNING "
+                         "at N messages waiting (queued or in maildrop/)")
+    st.add_argument("-c", dest="critical", type=int, metavar="N",
+                    help="CRITICAL at N messages waiting")
+    st.add_argument("--age-warning", metavar="AGE",
+                    help="WARNING when the oldest message is this old (e.g. 30m, 4h)")
+    st.add_argument("--age-critical", metavar="AGE",
+                    help="CRITICAL when the oldest message is this old")
 
 
 def _install_arguments(i: argparse.ArgumentParser) -> None:

@@ -15,12 +15,28 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
+    from relayq.cli.nagios import Thresholds
     from relayq.core.config import Config
     from relayq.queue.spool import Spool
 
 
 def _main(argv: list[str]) -> int:
     args = parse(argv)
+    if args.command == "status" and _thresholds(args).given():
+        from relayq.cli import nagios
+        from relayq.core.errors import EX_USAGE
+
+        try:
+            return _command(args)
+        except RelayqError as exc:  # a plugin's failure is UNKNOWN, in one line
+            if exc.code == EX_USAGE:
+                raise
+            print(f"RELAYQ UNKNOWN - {exc}")
+            return nagios.UNKNOWN
+    return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
@@ -49,7 +65,8 @@ def _main(argv: list[str]) -> int:
     pids = pid_candidates(cfg)  # root's answer, not the service user's it may become
     spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
-        return status(cfg, args.json, pids)
+        limits = _thresholds(args)
+        return status(cfg, args.json, pids, limits if limits.given() else None)
     if args.command == "qshape":
         from relayq.cli import qshape
 
@@ -96,7 +113,24 @@ def _without_config(args: argparse.Namespace, config_path: str) -> int | None:
     return None
 
 
-def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
+def _thresholds(args: argparse.Namespace) -> Thresholds:
+    from relayq.cli.nagios import Thresholds
+    from relayq.core.config import parse_duration
+    from relayq.core.errors import EX_USAGE, ConfigError
+
+    try:
+        ages = [None if v is None else parse_duration(v, name) for v, name in
+                ((args.age_warning, "--age-warning"), (args.age_critical, "--age-critical"))]
+    except ConfigError as exc:
+        raise RelayqError(str(exc), EX_USAGE) from None
+    limits = Thresholds(args.warning, args.critical, ages[0], ages[1])
+    if limits.problem():
+        raise RelayqError(limits.problem(), EX_USAGE)
+    return limits
+
+
+def status(cfg: Config, as_json: bool, pids: list[str] | None = None,
+           limits: Thresholds | None = None) -> int:
     """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
     import time
 
@@ -135,10 +169,17 @@ def status(cfg: Config, as_json: bool, pids: list[str] | None = None) -> int:
         "quarantined": quarantined,
         "dead_letters": dead,
         "daemon_pid": pid if pid is not None and pid > 0 else None,
+        "daemon_running": pid is not None,
         "delivery_mode": cfg.effective()["delivery_mode"],
         "smarthost": cfg.smarthost,
         "warning": f"mail loops back to me ({loop})" if loop else None,
     }
+    if limits is not None:
+        from relayq.cli.nagios import check
+
+        code, line = check(info, limits)
+        print(line)
+        return code
     if as_json:
         import json
 
