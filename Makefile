@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace groff-base man-db python3-aiosmtpd python3-dnspython python3-uvloop python3-pytest
+TEST_PACKAGES := s-nail git-email libmailtools-perl php-cli swaks strace groff-base man-db python3-aiosmtpd python3-dnspython python3-uvloop python3-pytest monitoring-plugins-standard
 # 4 workers on 2 cores: most tests wait (on subprocesses, sockets, timeouts), not compute.
 # One test at a time per worker, so the slow ones tests/conftest.py puts first spread out.
 PYTEST_ARGS ?= -n 4 --maxschedchunk 1
