@@ -64,7 +64,6 @@ def queue_run(cfg: Config, spool: Spool, log: Log, *, command: str, quiet: bool,
     """Run the queue (flush: everything, run: what is due); flush says what it did."""
     from relayq.delivery.runner import Runner
     from relayq.delivery.tally import Tally
-    from relayq.queue.maildrop import waiting
     from relayq.queue.submit import Context
 
     flush = command == "flush"
@@ -79,7 +78,6 @@ def queue_run(cfg: Config, spool: Spool, log: Log, *, command: str, quiet: bool,
         finally:
             if progress is not None:
                 progress.erase()
-    left += waiting(spool.maildrop) or 0  # accepted mail not queued yet is mail left too
     if left and flush:
         # what is left may be held by a running daemon: have it retry everything too
         from relayq.daemon.life import poke

@@ -22,21 +22,19 @@ if TYPE_CHECKING:
 
 def _main(argv: list[str]) -> int:
     args = parse(argv)
-    if args.command == "status" and _thresholds(args).given():
+    limits = _thresholds(args) if args.command == "status" else None
+    if limits is not None and limits.given():
         from relayq.cli import nagios
-        from relayq.core.errors import EX_USAGE
 
         try:
-            return _command(args)
+            return _command(args, limits)
         except RelayqError as exc:  # a plugin's failure is UNKNOWN, in one line
-            if exc.code == EX_USAGE:
-                raise
             print(f"RELAYQ UNKNOWN - {exc}")
             return nagios.UNKNOWN
-    return _command(args)
+    return _command(args, None)
 
 
-def _command(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
     from relayq.system import configfile
 
     # who may use which configuration, before any command opens anything (77)
@@ -65,8 +63,7 @@ def _command(args: argparse.Namespace) -> int:
     pids = pid_candidates(cfg)  # root's answer, not the service user's it may become
     spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
-        limits = _thresholds(args)
-        return status(cfg, args.json, pids, limits if limits.given() else None)
+        return status(cfg, args.json, pids, limits if limits and limits.given() else None)
     if args.command == "qshape":
         from relayq.cli import qshape
 

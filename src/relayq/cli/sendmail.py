@@ -127,9 +127,6 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
         return ask_flush(spool)
     with Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args)) as runner:
         left = runner.run(force=True, selectors=sels, workers=cfg.concurrency)
-    from relayq.queue.maildrop import waiting
-
-    left += waiting(spool.maildrop) or 0  # accepted mail not queued yet: as relayq flush
     return EX_TEMPFAIL if left else EX_OK
 
 

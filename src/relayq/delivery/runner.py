@@ -164,27 +164,31 @@ class Runner:
         selectors: list[selector.Selector] | None = None,
         workers: int = 1,
     ) -> int:
-        """Deliver what is due (everything when force); returns how many messages remain.
+        """Deliver what is due (everything when force); returns how many messages remain,
+        drop files the run could not take (maildrop/) included: accepted mail too.
 
         With workers > 1 the queue is shared by that many processes (see
         relayq.delivery.pool), each with its own connection to the smarthost.
         -v keeps one worker so the dialogue reads in order.
         """
         from relayq.delivery import pool
+        from relayq.queue.maildrop import waiting
 
         sels = selectors or []
         pool.take_drops(self.cfg, self.spool, self.log, self.ctx)
         if workers > 1 and not self.verbose:
-            return pool.run_parallel(self.spool, self.log, self._sibling, force, sels, workers,
+            left = pool.run_parallel(self.spool, self.log, self._sibling, force, sels, workers,
                                      progress=self.progress)
-        names = self.spool.names()
-        try:
-            self.spool.sweep(names=names)
-        except OSError as exc:
-            self.log.warning(f"queue sweep failed: {exc}")
-        ids = self.spool.ids(names)
-        del names
-        return self.run_ids(self._announced(ids), force, sels)
+        else:
+            names = self.spool.names()
+            try:
+                self.spool.sweep(names=names)
+            except OSError as exc:
+                self.log.warning(f"queue sweep failed: {exc}")
+            ids = self.spool.ids(names)
+            del names
+            left = self.run_ids(self._announced(ids), force, sels)
+        return left + (waiting(self.spool.maildrop) or 0)
 
     def _sibling(self) -> Runner:
         sibling = Runner(self.cfg, self.spool, self.log, self.ctx)
