@@ -25,7 +25,8 @@ def rq(tmp_path: Path) -> Relayq:
 
 
 def test_check_config_masks_secrets(rq: Relayq) -> None:
-    rq.configure(user="alerts", password="hunter2-secret", smarthost="[mail.example.org]:587")
+    rq.configure(user="alerts", password="hunter2-secret", smarthost="[mail.example.org]:587",
+                 tls="required")
     r = rq.run("relayq", "check-config")
     assert r.returncode == EX_OK
     out = r.stdout.decode()

@@ -222,42 +222,12 @@ def _age(seconds: float) -> str:
 
 
 def check_config(cfg: object, unread: str = "") -> int:
-    """Show the effective settings, or 78 for a configuration the daemon would refuse.
-
-    `unread`: an ordinary user may not read a private system file (0600 or 0640 root,
-    it may hold a password), and then gets the defaults, which are not the file's:
-    checking those would report problems the file does not have. That user is told
-    the file is private and that their sendmail hands mail to the daemon, with exit
-    0: a private file is the documented setup, not a fault (only root, or the
-    service user, can check its contents).
-    """
+    """relayq check-config (relayq.cli.checkconfig)."""
+    from relayq.cli import checkconfig
     from relayq.core.config import Config
 
     assert isinstance(cfg, Config)
-    if unread:
-        print(f"# {cfg.path}: cannot be read by uid {os.getuid()} ({unread}): not checked;"
-              " this user's sendmail hands mail to the daemon, which reads it"
-              " (run check-config as root to check the file)")
-        return EX_OK
-    cfg.check_no_loop()  # the daemon's listener would refuse it: say so before (78)
-    print(f"# {cfg.path}")
-    for key, value in cfg.effective().items():
-        print(f"{key} = {_toml(value)}")
-    print(f"queue_dir = {_toml(cfg.queue_dir)}  # effective")
-    for host in cfg.smarthosts():
-        print(f"# relay: {host!r}{' (MX lookup)' if host.mx else ''}")
-    return EX_OK
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return f"{value:g}" if isinstance(value, float) else str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return checkconfig.run(cfg, unread)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -406,6 +406,14 @@ class Config:
         return out
 
 
+def _nearest(key: str) -> str:
+    """' (did you mean 'smarthost'?)' for 'smarthots': a typo's fix in its error line."""
+    import difflib
+
+    close = difflib.get_close_matches(key.lower(), SCHEMA, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse(text: str, path: str = "relayq.toml") -> Config:
     if not text.strip():
         raw: dict[str, Any] = {}
@@ -419,7 +427,7 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in SCHEMA:
-            raise ConfigError(f"{path}: unknown key {key!r}")
+            raise ConfigError(f"{path}: unknown key {key!r}{_nearest(key)}")
         values[key] = SCHEMA[key][1](value, key)
     cfg = Config(values, path)
     if cfg.password and sum(bool(x) for x in (cfg.password_file, cfg.password_command)):

@@ -44,26 +44,45 @@ def fqdn() -> str:
     return _FQDN[0]
 
 
+def _fqdn_source() -> str:
+    return "/etc/hosts" if fqdn() != os.uname().nodename else "the host name"
+
+
 def smtp_name(ehlo_name: str = "", domain: str = "") -> str:
     """The name this relayq gives itself in SMTP: its EHLO to the smarthost, and its
     listener's greeting and EHLO reply. One function for both, so a relay greeting
     with it is known to be ourselves (a mail loop, as sendmail's "mail loops back
     to me"): `ehlo_name`, else the FQDN, else the mail domain; DNS (getfqdn) only
     as a last resort, since it can stall."""
+    return smtp_name_from(ehlo_name, domain)[0]
+
+
+def smtp_name_from(ehlo_name: str = "", domain: str = "") -> tuple[str, str]:
+    """smtp_name and where it came from ("ehlo_name", "/etc/hosts", "domain"...),
+    for relayq check-config to say it."""
     if ehlo_name:
-        return ehlo_name
-    name = fqdn()
+        return ehlo_name, "ehlo_name"
+    name, source = fqdn(), _fqdn_source()
     if "." not in name:
-        name = mail_domain(domain)
+        name, source = mail_domain_from(domain)
     if "." not in name:
         import socket
 
-        name = socket.getfqdn()
-    return name
+        name, source = socket.getfqdn(), "DNS (getfqdn)"
+    return name, source
 
 
 def mail_domain(configured: str = "") -> str:
     return configured or _from_file("/etc/mailname") or fqdn()
+
+
+def mail_domain_from(configured: str = "") -> tuple[str, str]:
+    """mail_domain and where it came from ("domain", "/etc/mailname", "/etc/hosts",
+    "the host name"), for relayq check-config to say it."""
+    if configured:
+        return configured, "domain"
+    name = _from_file("/etc/mailname")
+    return (name, "/etc/mailname") if name else (fqdn(), _fqdn_source())
 
 
 def local_domains(domain: str) -> frozenset[str]:

@@ -1,0 +1,229 @@
+"""relayq check-config: the effective configuration as valid TOML that round-trips, and
+each failure (exit 78) and warning (exit 0) it reports, on real files and commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.helpers.relayq_env import Relayq
+
+from relayq.core.config import SCHEMA
+from relayq.core.errors import EX_CONFIG, EX_OK
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from relayq.testing.tls import TestPKI
+
+
+@pytest.fixture
+def rq(tmp_path: Path) -> Relayq:
+    return Relayq(tmp_path)
+
+
+def check(rq: Relayq) -> tuple[int, dict[str, object], list[str]]:
+    """(exit code, the printout parsed as TOML, stderr's lines); never a traceback."""
+    r: subprocess.CompletedProcess[bytes] = rq.run("relayq", "check-config")
+    err = r.stderr.decode()
+    assert "Traceback" not in err, err
+    return r.returncode, tomllib.loads(r.stdout.decode()), err.splitlines()
+
+
+def only(lines: list[str], key: str, warning: bool) -> str:
+    """The one stderr line about `key`, a warning or a failure as asked."""
+    mine = [line for line in lines if f": {key}: " in line]
+    assert len(mine) == 1, lines
+    assert (": warning: " in mine[0]) == warning, mine
+    return mine[0]
+
+
+def test_the_printout_is_toml_with_every_key_and_round_trips(rq: Relayq) -> None:
+    rq.configure(smarthost=["mail.example.org", "[192.0.2.1]:2525"], user="alerts",
+                 password="hunter2", delivery_mode="background", max_queue_age="3d",
+                 trusted_users=["root", "web"], tls="required")
+    code, shown, _ = check(rq)
+    assert code == EX_OK
+    assert set(shown) == set(SCHEMA)  # every key, each once (tomllib refuses a repeat)
+    assert shown["password"] == "********" and shown["user"] == "alerts"
+    assert shown["smarthost"] == ["mail.example.org:25", "[192.0.2.1]:2525"]
+    assert shown["port"] == 25 and shown["max_queue_age"] == 3 * 86400
+    assert shown["queue_dir"] == str(rq.queue_dir) and shown["delivery_mode"] == "background"
+    rq.write_config(rq.run("relayq", "check-config").stdout.decode())  # fed back
+    code, again, _ = check(rq)
+    assert code == EX_OK and again == shown
+
+
+def test_strings_that_need_escapes_round_trip(rq: Relayq) -> None:
+    rq.write_config(rq.config.read_text() + 'admin_group = "a\\"b\\\\c\\té"\n')
+    code, shown, _ = check(rq)
+    assert code == EX_OK and shown["admin_group"] == 'a"b\\c\té'
+    rq.write_config(rq.run("relayq", "check-config").stdout.decode())
+    assert check(rq)[1] == shown
+
+
+def test_derived_values_are_printed_with_where_they_came_from(rq: Relayq) -> None:
+    rq.configure(smarthost="relay.example.org", password_file=str(rq.root / "pw"),
+                 user="u", tls="implicit")
+    (rq.root / "pw").write_text("secret\n")
+    (rq.root / "pw").chmod(0o600)
+    del rq.settings["tls"]
+    rq.configure(port=0)
+    out = rq.run("relayq", "check-config").stdout.decode()
+    assert 'tls = "required"  # a password is set' in out
+    assert "port = 25  # the default (port = 0)" in out
+    assert ('smarthost = ["relay.example.org:25"]  # relay.example.org: MX lookup; ports '
+            "made explicit") in out
+    rq.configure(tls="implicit")
+    out = rq.run("relayq", "check-config").stdout.decode()
+    assert 'port = 465  # tls = "implicit" (port = 0)' in out
+    assert "secret" not in out
+
+
+def test_the_default_queue_is_printed_resolved(rq: Relayq, tmp_path: Path) -> None:
+    del rq.settings["queue_dir"]
+    rq.configure()
+    env = {**rq.env, "XDG_STATE_HOME": str(tmp_path / "state")}
+    import subprocess
+
+    r = subprocess.run([str(Path(sys.executable).parent / "relayq"), "check-config"], env=env,
+                       capture_output=True, check=False)
+    if os.getuid() == 0:
+        expect = "/var/spool/relayq"
+    else:
+        expect = str(tmp_path / "state" / "relayq")
+    assert f'queue_dir = "{expect}"  # the default for uid {os.getuid()}' in r.stdout.decode()
+
+
+def test_an_unknown_key_names_the_nearest_known_one(rq: Relayq) -> None:
+    rq.write_config('smarthots = "[mail.example.org]"\n')
+    for argv in (("relayq", "check-config"), ("relayq", "status"), ("mailq",),
+                 ("sendmail", "-bv", "a@example.org")):
+        r = rq.run(*argv)
+        assert r.returncode == EX_CONFIG
+        assert r.stderr.decode().endswith(f"{rq.config}: unknown key 'smarthots' (did you "
+                                          "mean 'smarthost'?)\n"), (argv, r.stderr)
+    rq.write_config('frobnicate = 1\n')
+    r = rq.run("relayq", "check-config")
+    assert r.stderr.decode().endswith("unknown key 'frobnicate'\n")
+
+
+def test_a_relative_queue_dir_fails(rq: Relayq) -> None:
+    rq.configure(queue_dir="spool/relayq")
+    code, shown, err = check(rq)
+    assert code == EX_CONFIG and shown["queue_dir"] == "spool/relayq"
+    assert "is relative" in only(err, "queue_dir", warning=False)
+
+
+def test_a_missing_password_file_fails(rq: Relayq) -> None:
+    rq.configure(user="u", password_file=str(rq.root / "nope"))
+    code, _, err = check(rq)
+    assert code == EX_CONFIG
+    line = only(err, "password_file", warning=False)
+    assert f"cannot read password_file {rq.root / 'nope'}: No such file" in line
+
+
+def test_an_empty_password_file_fails(rq: Relayq) -> None:
+    (rq.root / "pw").write_text("")
+    (rq.root / "pw").chmod(0o600)
+    rq.configure(user="u", password_file=str(rq.root / "pw"), tls="required")
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "empty password" in only(err, "password_file", warning=False)
+
+
+def test_a_password_command_that_fails_is_run_and_fails(rq: Relayq) -> None:
+    script = rq.root / "pw.py"
+    script.write_text("import sys\nsys.stderr.write('vault is locked\\n')\nsys.exit(3)\n")
+    rq.configure(user="u", password_command=f"{sys.executable} {script}", tls="required")
+    code, _, err = check(rq)
+    assert code == EX_CONFIG
+    line = only(err, "password_command", warning=False)
+    assert "exited with status 3: vault is locked" in line
+
+
+def test_a_working_password_command_passes_and_its_output_is_not_shown(rq: Relayq) -> None:
+    script = rq.root / "pw.py"
+    marker = rq.root / "ran"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\nprint('t0ps3cret')\n")
+    rq.configure(user="u", password_command=f"{sys.executable} {script}", tls="required")
+    r = rq.run("relayq", "check-config")
+    assert r.returncode == EX_OK, r.stderr
+    assert marker.exists() and b"t0ps3cret" not in r.stdout + r.stderr
+
+
+def test_a_user_without_a_password_fails_and_a_password_without_user_warns(rq: Relayq) -> None:
+    rq.configure(user="u", tls="required")
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "no password" in only(err, "user", warning=False)
+    (rq.root / "pw").write_text("x\n")
+    (rq.root / "pw").chmod(0o600)
+    rq.configure(user="", password_file=str(rq.root / "pw"))
+    code, _, err = check(rq)
+    assert code == EX_OK
+    assert "user is not" in only(err, "password_file", warning=True)
+
+
+def test_auth_in_clear_text_to_a_remote_relay_fails(rq: Relayq) -> None:
+    rq.configure(user="u", password="p", tls="none", smarthost="[192.0.2.7]:25")
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "in clear text" in only(err, "tls", warning=False)
+    rq.configure(smarthost="[127.0.0.1]:2525")  # allowed to loopback
+    assert check(rq)[0] == EX_OK
+
+
+def test_a_missing_ca_file_fails_and_is_only_a_warning_without_tls(rq: Relayq) -> None:
+    rq.configure(tls="required", ca_file=str(rq.root / "ca.pem"))
+    code, _, err = check(rq)
+    assert code == EX_CONFIG
+    assert f"cannot load ca_file {rq.root / 'ca.pem'}" in only(err, "ca_file", warning=False)
+    rq.configure(tls="none")
+    code, _, err = check(rq)
+    assert code == EX_OK and "not used" in only(err, "ca_file", warning=True)
+
+
+def test_a_client_cert_without_its_key_fails(rq: Relayq, pki: TestPKI) -> None:
+    cert, key = pki.write_client_cert(str(rq.root))
+    rq.configure(tls="required", client_cert=cert, ca_file=pki.write_ca(str(rq.root)))
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "cannot load client_cert" in only(err, "client_cert", False)
+    rq.configure(client_key=key)
+    assert check(rq)[0] == EX_OK
+    rq.configure(client_cert="")
+    code, _, err = check(rq)
+    assert code == EX_OK and "without client_cert" in only(err, "client_key", warning=True)
+
+
+def test_a_daemon_user_that_does_not_exist_fails(rq: Relayq) -> None:
+    rq.configure(daemon_user="rqtest-nobody-here")
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "no such user" in only(err, "daemon_user", warning=False)
+
+
+def test_a_non_loopback_listener_fails(rq: Relayq) -> None:
+    rq.configure(listen=["192.0.2.1:25"])
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "not a loopback address" in only(err, "listen", False)
+
+
+def test_no_smarthost_set_warns(rq: Relayq) -> None:
+    del rq.settings["smarthost"]
+    rq.configure(listen=[])
+    code, _, err = check(rq)
+    assert code == EX_OK
+    assert "not set: mail goes to [127.0.0.1] port 25" in only(err, "smarthost", True)
+
+
+def test_a_delay_warning_after_the_bounce_warns(rq: Relayq) -> None:
+    rq.configure(delay_warning="5d", max_queue_age="4d")
+    code, _, err = check(rq)
+    assert code == EX_OK and "bounced before" in only(err, "delay_warning", warning=True)
+
+
+def test_an_unqualified_masquerade_warns(rq: Relayq) -> None:
+    rq.configure(masquerade_as="example")
+    code, _, err = check(rq)
+    assert code == EX_OK and "fully qualified" in only(err, "masquerade_as", warning=True)
