@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.helpers.debroot import DebRoot, skip_unless_possible
 from tests.helpers.relayq_env import Relayq
+from tests.helpers.users import ensure_users
+from tests.security.test_service_queue import ROOT_MADE, TMPFILES, Host
 
 from relayq.core.config import SCHEMA
 from relayq.core.errors import EX_CONFIG, EX_OK
 
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Iterator
 
     from relayq.testing.tls import TestPKI
 
@@ -227,3 +231,72 @@ def test_an_unqualified_masquerade_warns(rq: Relayq) -> None:
     rq.configure(masquerade_as="example")
     code, _, err = check(rq)
     assert code == EX_OK and "fully qualified" in only(err, "masquerade_as", warning=True)
+
+
+# --- the host's names and the delivering user: in a throwaway root (tests.helpers.debroot),
+# the host name in a UTS namespace of its own: nothing on the machine changes
+
+CONF = "/etc/relayq/relayq.toml"
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    skip_unless_possible()
+    ensure_users()
+    with DebRoot(tmp_path / "root") as root:
+        yield Host(root)
+
+
+def named(host: Host, nodename: str, config: str, mailname: str = "",
+          hosts: str = "127.0.0.1 localhost\n") -> tuple[int, str, str]:
+    """check-config as root on a host called `nodename` with this /etc/mailname and
+    /etc/hosts."""
+    root = host.root
+    root.ok("mkdir -p /etc/relayq && cat > /etc/relayq/relayq.toml", input=config)
+    root.ok("cat > /etc/hosts", input=hosts)
+    root.ok(f"printf '%s\\n' {mailname} > /etc/mailname" if mailname else "rm -f /etc/mailname")
+    code = (f"import sys\n{host.path_line}\nfrom relayq.cli._exit import leave\n"
+            "from relayq.cli.main import main\nleave(main(sys.argv[1:]))\n")
+    res = root.run(["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', nodename,
+                    "/usr/bin/python3", "-IS", "-c", code, "check-config"], timeout=120)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, res.stdout, res.stderr
+
+
+BASE = 'smarthost = "[192.0.2.1]:25"\nsyslog = false\n'
+
+
+def test_an_unqualified_host_name_warns_and_is_printed_as_the_domain(host: Host) -> None:
+    code, out, err = named(host, "vm", BASE)
+    assert code == EX_OK, err
+    assert 'domain = "vm"  # from the host name' in out, out
+    lines = err.splitlines()
+    assert "mail goes out from root@vm" in only(lines, "domain", warning=True)
+    assert tomllib.loads(out)["queue_dir"] == "/var/spool/relayq"
+
+
+def test_the_domain_from_mailname_and_the_ehlo_name_from_hosts(host: Host) -> None:
+    code, out, err = named(host, "vm", BASE, mailname="mail.example.org",
+                           hosts="127.0.1.1 vm.example.net vm\n")
+    assert code == EX_OK, err
+    assert 'domain = "mail.example.org"  # from /etc/mailname' in out, out
+    assert 'ehlo_name = "vm.example.net"  # from /etc/hosts' in out, out
+    assert "warning" not in err, err
+    code, out, err = named(host, "vm", BASE + 'domain = "example.com"\n')
+    assert 'domain = "example.com"\n' in out and ": domain: " not in err, (out, err)
+
+
+def test_a_password_file_the_delivering_user_cannot_read_fails(host: Host) -> None:
+    """Root reads anything; delivery runs as the queue's owner (the relayq user of the
+    package's queue), so check-config reads the file as that user."""
+    host.root.ok(f"{ROOT_MADE} && {TMPFILES}")
+    host.root.ok("mkdir -p /etc/relayq && umask 077 && echo s3cret > /etc/relayq/password")
+    config = (BASE + 'domain = "example.org"\nuser = "u"\ntls = "required"\n'
+              'password_file = "/etc/relayq/password"\n')
+    code, _, err = named(host, "vm.example.org", config)
+    assert code == EX_CONFIG, err
+    assert ("cannot read password_file /etc/relayq/password: Permission denied"
+            in only(err.splitlines(), "password_file", warning=False))
+    host.root.ok("chgrp relayq /etc/relayq/password && chmod 640 /etc/relayq/password")
+    code, _, err = named(host, "vm.example.org", config)
+    assert code == EX_OK, err

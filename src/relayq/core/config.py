@@ -438,6 +438,8 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
                           "password_command")
     if cfg.min_data_rate < 1:
         raise ConfigError(f"{path}: min_data_rate: must be at least 1 (bytes per second)")
+    if cfg.port > 65535:
+        raise ConfigError(f"{path}: port: must be at most 65535, got {cfg.port}")
     if cfg.retry_max < cfg.retry_min:
         raise ConfigError(f"{path}: retry_max: must not be less than retry_min")
     for spec in cfg.smarthost:
