@@ -72,3 +72,20 @@ def test_durations() -> None:
 def test_secrets_are_masked() -> None:
     cfg = config.parse('password = "hunter2"\nuser = "u"')
     assert "hunter2" not in repr(cfg.effective())
+
+
+def test_a_port_above_65535_is_refused() -> None:
+    with pytest.raises(ConfigError, match="port: must be at most 65535"):
+        config.parse("port = 65536\n")
+    assert config.parse("port = 65535\n").port == 65535
+
+
+@pytest.mark.parametrize(("typo", "nearest"), [("smarthots", "smarthost"),
+                                                ("retry_mni", "retry_min"),
+                                                ("password-file", "password_file"),
+                                                ("Queuedir", "queue_dir")])
+def test_an_unknown_key_names_the_nearest(typo: str, nearest: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.parse(f'{typo} = "x"\n', "/etc/relayq/relayq.toml")
+    assert str(exc.value) == (f"/etc/relayq/relayq.toml: unknown key {typo!r} "
+                              f"(did you mean {nearest!r}?)")

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "deliver the messages whose retry time has come",
             "Silent; exit status 0 when the queue is empty afterwards, 75 while mail is left.")
     command("check-config", "print the effective configuration, secrets masked",
-            "Exit status 78 for a configuration the daemon would refuse.")
+            "As TOML that reads back the same, derived values with where they came from; "
+            "then one line on stderr for each problem: exit status 78 for one that stops "
+            "mail (a relay loop, an unreadable password_file...), 0 with warnings.")
     st = command("status", "queue size, oldest message, daemon (fast at any size)")
     _status_arguments(st)
     command("newaliases", "check the aliases file (as newaliases)")
