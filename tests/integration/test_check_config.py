@@ -227,6 +227,18 @@ def test_a_delay_warning_after_the_bounce_warns(rq: Relayq) -> None:
     assert code == EX_OK and "bounced before" in only(err, "delay_warning", warning=True)
 
 
+def test_a_log_file_that_cannot_be_written_warns(rq: Relayq) -> None:
+    rq.configure(log_file=str(rq.root / "no-such-dir" / "maillog"))
+    code, _, err = check(rq)
+    assert code == EX_OK and "cannot be created in" in only(err, "log_file", warning=True)
+    (rq.root / "fifo").mkdir()
+    rq.configure(log_file=str(rq.root / "fifo"))
+    code, _, err = check(rq)
+    assert code == EX_OK and "not a regular file" in only(err, "log_file", warning=True)
+    rq.configure(log_file=str(rq.log_file))
+    assert check(rq)[2] == []
+
+
 def test_an_unqualified_masquerade_warns(rq: Relayq) -> None:
     rq.configure(masquerade_as="example")
     code, _, err = check(rq)

@@ -264,6 +264,7 @@ def _files(cfg: Config) -> list[Problem]:
                         "delivered"))
     elif source:
         out.append((False, source, "is set but user is not: relayq never authenticates"))
+    out += _log_file(cfg)
     if cfg.tls == "none":
         for key in ("ca_file", "client_cert", "client_key"):
             if getattr(cfg, key):
@@ -278,6 +279,33 @@ def _files(cfg: Config) -> list[Problem]:
         key = "ca_file" if str(exc).startswith("cannot load ca_file") else "client_cert"
         out.append((True, key, f"{exc}: no TLS connection can be made"))
     return out
+
+
+def _log_file(cfg: Config) -> list[Problem]:
+    """system.log drops a line it cannot append, without a word: say so here."""
+    path = cfg.log_file
+    if not path:
+        return []
+    import stat
+
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        where = os.path.dirname(os.path.abspath(path))
+        if os.access(where, os.W_OK | os.X_OK):
+            return []
+        why = f"cannot be created in {where}"
+    except OSError as exc:
+        why = f"cannot be looked at: {exc.strerror}"
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        elif os.access(path, os.W_OK):
+            return []
+        else:
+            why = "is not writable"
+    return [(False, "log_file", f"{path} {why} by uid {os.getuid()}: its log lines are "
+             "lost" + ("" if cfg.syslog else " (and syslog = false)"))]
 
 
 def delivery_user(cfg: Config) -> tuple[int, int] | None:
