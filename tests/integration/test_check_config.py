@@ -80,6 +80,8 @@ def test_derived_values_are_printed_with_where_they_came_from(rq: Relayq) -> Non
     out = rq.run("relayq", "check-config").stdout.decode()
     assert 'tls = "required"  # a password is set' in out
     assert "port = 25  # the default (port = 0)" in out
+    processes = max(1, min(os.cpu_count() or 1, 4))
+    assert f"smtp_processes = {processes}  # one per CPU" in out
     assert ('smarthost = ["relay.example.org:25"]  # relay.example.org: MX lookup; ports '
             "made explicit") in out
     rq.configure(tls="implicit")

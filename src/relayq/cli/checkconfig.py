@@ -95,6 +95,11 @@ def derived(cfg: Config) -> dict[str, tuple[object, str]]:
         out["tls"] = (cfg.tls, "a password is set")
     if "queue_dir" not in given:
         out["queue_dir"] = (cfg.queue_dir, f"the default for uid {os.getuid()} and this file")
+    if not cfg.smtp_processes:
+        from relayq.server.prefork import MAX_PROCESSES, wanted
+
+        out["smtp_processes"] = (wanted(cfg), f"one per CPU ({os.cpu_count()}), at most "
+                                 f"{MAX_PROCESSES} (smtp_processes = 0)")
     if not cfg.local_domains:
         out["local_domains"] = (sorted(hostname.local_domains(domain)),
                                 "this host's names and the mail domain")
