@@ -298,6 +298,17 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "mail_spool": ("/var/mail", _str, "directory of mbox mailboxes"),
     "allow_file_targets": (False, _bool, "allow aliases that append to files"),
     "allow_pipe_targets": (False, _bool, "allow aliases that pipe to commands"),
+    # address rewriting at submission (core/rewrite)
+    "local_forward": ("", _str, "send mail for local recipients to this address when "
+                      "local_delivery is off (nullmailer's adminaddr, ssmtp's root=)"),
+    "local_forward_users": ("all", _choice(("all", "system")),
+                            "all | system: forward every local recipient, or only system "
+                            "accounts (uid < 1000, as ssmtp)"),
+    "generics_file": ("", _str, "map of local senders to full addresses (genericstable)"),
+    "generics_apply": ("both", _choice(("both", "envelope", "header")),
+                       "both | envelope | header: where generics_file rewrites the sender"),
+    "all_mail_from": ("", _str, "one envelope sender for every message (nullmailer's "
+                      "allmailfrom; <> stays <>)"),
 }
 
 
@@ -360,6 +371,11 @@ class Config:
     mail_spool: str
     allow_file_targets: bool
     allow_pipe_targets: bool
+    local_forward: str
+    local_forward_users: str
+    generics_file: str
+    generics_apply: str
+    all_mail_from: str
     path: str
 
     def __init__(self, values: dict[str, Any], path: str = "") -> None:
@@ -448,4 +464,15 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
         value = getattr(cfg, key)
         if value and (not all(c.isalnum() or c in "-._" for c in value) or value.startswith(".")):
             raise ConfigError(f"{path}: {key}: bad domain name {value!r}")
+    _check_rewrite(cfg, path)
     return cfg
+
+
+def _check_rewrite(cfg: Config, path: str) -> None:
+    """local_forward and all_mail_from must be full addresses (core/rewrite.valid_target)."""
+    from relayq.core.rewrite import valid_target
+
+    for key in ("local_forward", "all_mail_from"):
+        value = getattr(cfg, key)
+        if value and not valid_target(value):
+            raise ConfigError(f"{path}: {key}: {value!r} is not a full address (user@domain)")

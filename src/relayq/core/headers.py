@@ -19,6 +19,7 @@ import time
 
 from relayq.core.address import check_text, compact, parse_list, qualify, split
 from relayq.core.errors import DataError
+from relayq.core.rewrite import generic
 
 TYPE_CHECKING = False  # typing (and re, which it imports) costs ~8 ms at startup
 if TYPE_CHECKING:
@@ -178,6 +179,8 @@ class Options:
         "domain",
         "extract",
         "full_name",
+        "generics",
+        "generics_domains",
         "hostname",
         "local_domains",
         "masquerade_as",
@@ -205,7 +208,11 @@ class Options:
         extract: bool = False,
         received_from: str = "",
         auth_warning: str = "",
+        generics: dict[str, str] | None = None,
+        generics_domains: frozenset[str] = frozenset(),
     ) -> None:
+        self.generics = generics or {}  # relayq.core.rewrite.parse_generics: sender fields
+        self.generics_domains = generics_domains
         self.auth_warning = auth_warning  # sendmail's X-Authentication-Warning text, if any
         self.domain = domain
         self.masquerade_as = masquerade_as
@@ -431,7 +438,9 @@ def _rewrite_fields(fields: list[Field], names: list[str], opts: Options,
                 out.append(Field(field.name, field.head))
             continue
         if name in _QUALIFY:
-            if opts.masquerade_as and name in _SENDER_FIELDS:
+            if opts.generics and name in _SENDER_FIELDS:
+                field = _rewrite_addresses(field, _generic_fixer(opts))
+            elif opts.masquerade_as and name in _SENDER_FIELDS:
                 field = _rewrite_addresses(field, _masquerader(opts))
             else:
                 field = _rewrite_addresses(field, _qualifier(opts.domain))
@@ -500,5 +509,16 @@ def _masquerader(opts: Options) -> Callable[[str], str | None]:
         if dom and dom.lower().rstrip(".") not in local_domains:
             return None
         return f"{compact(local)}@{masquerade_as}"
+
+    return fix
+
+
+def _generic_fixer(opts: Options) -> Callable[[str], str | None]:
+    """A sender field's address through the generics map, else masqueraded or qualified."""
+    other = _masquerader(opts) if opts.masquerade_as else _qualifier(opts.domain)
+
+    def fix(addr: str) -> str | None:
+        mapped = generic(compact(addr), opts.generics, opts.generics_domains)
+        return mapped if mapped is not None else other(addr)
 
     return fix

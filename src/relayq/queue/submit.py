@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-from relayq.core import address, dsnparams, headers, policy
+from relayq.core import address, dsnparams, headers, policy, rewrite
 from relayq.core.envelope import Envelope, Recipient
-from relayq.core.errors import DataError, UsageError
+from relayq.core.errors import ConfigError, DataError, UsageError
 from relayq.core.lines import Normalizer
 from relayq.system import hostname
 
@@ -97,9 +97,12 @@ class Request:
 
 
 class Context:
-    """Names computed once per process: domain, local domains, masquerading."""
+    """Names computed once per process: domain, local domains, masquerading, and the
+    rewriting settings (relayq.core.rewrite) with the generics map, read when it changes."""
 
-    __slots__ = ("domain", "fqdn", "local", "masquerade")
+    __slots__ = ("_generics", "all_mail_from", "domain", "forward", "forward_domains",
+                 "forward_system", "fqdn", "generics_apply", "generics_file", "local",
+                 "masquerade")
 
     def __init__(self, cfg: Config) -> None:
         self.domain = hostname.mail_domain(cfg.domain)
@@ -107,6 +110,50 @@ class Context:
         self.fqdn = name if "." in name else self.domain  # for Received and Message-ID
         self.local = hostname.local_domains(self.domain)
         self.masquerade = cfg.masquerade_as
+        # local delivery wins for what it delivers: no forward address then
+        self.forward = "" if cfg.local_delivery else cfg.local_forward
+        # the runner's rule of which domains are this host's (cfg.local_domains or ours)
+        self.forward_domains = frozenset(
+            d.lower().rstrip(".") for d in cfg.local_domains) or self.local
+        self.forward_system = cfg.local_forward_users == "system"
+        self.generics_file = cfg.generics_file
+        self.generics_apply = cfg.generics_apply
+        self.all_mail_from = cfg.all_mail_from
+        self._generics: tuple[tuple[int, int, int, int], dict[str, str]] | None = None
+
+    def generics(self) -> dict[str, str]:
+        """The generics map ({} when none is set), parsed again only when the file changes;
+        ConfigError (78) when it cannot be read or has a bad line."""
+        path = self.generics_file
+        if not path:
+            return {}
+        import os
+
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                if self._generics is None or self._generics[0] != key:
+                    text = f.read().decode("utf-8", "surrogateescape")
+                    self._generics = (key, rewrite.parse_generics(text, path))
+        except OSError as exc:
+            raise ConfigError(f"generics_file: cannot read {path}: {exc.strerror or exc}"
+                              ) from None
+        return self._generics[1]
+
+    def generic(self, addr: str, part: str) -> str | None:
+        """The generics map's address for a sender in `part` ("envelope" or "header"),
+        or None (not mapped, or the map does not apply there)."""
+        if not self.generics_file or self.generics_apply not in ("both", part):
+            return None
+        return rewrite.generic(addr, self.generics(), self.forward_domains)
+
+    def forwarded(self, rcpt: str) -> str | None:
+        """Where local_forward sends a recipient, or None."""
+        if not self.forward:
+            return None
+        uid_of = _system_uid if self.forward_system else None
+        return rewrite.forward(rcpt, self.forward, self.forward_domains, uid_of)
 
     def envelope_sender(self, addr: str) -> str:
         """Qualify a local sender, then masquerade it (seed: submit.cf masquerading)."""
@@ -116,6 +163,16 @@ class Context:
         if self.masquerade and (not domain or domain.lower() in self.local):
             return f"{local}@{self.masquerade}"
         return address.qualify(addr, self.domain)
+
+
+def _system_uid(name: str) -> int | None:
+    """The uid of a local user, or None (local_forward_users = "system")."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except (KeyError, ValueError):
+        return None
 
 
 def _read_header(norm: Normalizer, source: Iterable[bytes]) -> tuple[bytes, bool]:
@@ -144,10 +201,10 @@ def enqueue(
     argv_rcpts: list[str] = []
     for arg in req.recipients:
         argv_rcpts.extend(address.parse_recipient_args(arg))
-    sender = _sender(req, ctx)
+    given, sender, header_sender = _senders(req, ctx)
     address.check_text(req.full_name, "full name")
     _check_dsn(req)  # every caller checks; the envelope must not trust it
-    warning = _auth_warning(cfg, ctx, req, sender)
+    warning = _auth_warning(cfg, ctx, req, given)
 
     source = iter(source)
     norm = Normalizer(req.ignore_dots)
@@ -159,7 +216,7 @@ def enqueue(
 
     msg = spool.create()
     try:
-        opts = _options(cfg, ctx, req, sender, msg.qid, now, warning)
+        opts = _options(cfg, ctx, req, header_sender, msg.qid, now, warning)
         result = headers.rewrite(fields, opts, argv_rcpts)
         _check_result(req, result)
         msg.write(headers.serialize(result.fields))
@@ -169,6 +226,7 @@ def enqueue(
             raise DataError(
                 f"Message is too large ({msg.size} bytes; the limit is {cfg.max_message_size})"
             )
+        forwarded = _forward(ctx, req, result)
         env = _envelope(msg, req, result, sender, now, eight_bit or result.eight_bit_headers)
         msg.commit(env)
     except BaseException:
@@ -178,6 +236,8 @@ def enqueue(
         f"{msg.qid}: from=<{sender}>, size={msg.size}, class=0, nrcpts={len(env.recipients)}, "
         f"msgid={env.msgid}, relay={_relay(req)}"
     )
+    for orig, new in forwarded:
+        log.info(f"{msg.qid}: to=<{orig}>, forwarded to <{new}> (local_forward)")
     if warning:
         log.info(f"{msg.qid}: Authentication-Warning: {warning} (uid {req.uid})")
     return msg, env
@@ -190,13 +250,48 @@ def _relay(req: Request) -> str:
     return inner or f"{req.user}@localhost"
 
 
-def _sender(req: Request, ctx: Context) -> str:
-    """The envelope sender: the submitting user's, the given one, or "" (null)."""
+def _senders(req: Request, ctx: Context) -> tuple[str, str, str]:
+    """(the sender as given, qualified and masqueraded; the envelope sender; the sender
+    a From: field the header lacks gets): the submitting user's, the given one, or ""
+    (null), through the generics map and all_mail_from (relayq.core.rewrite)."""
     if req.sender is None:
-        return ctx.envelope_sender(req.user)
-    if req.sender:
-        return ctx.envelope_sender(address.parse_mailbox(req.sender, "sender"))
-    return ""
+        raw = req.user
+    elif req.sender:
+        raw = address.parse_mailbox(req.sender, "sender")
+    else:
+        return "", "", ""
+    given = ctx.envelope_sender(raw)
+    envelope = ctx.generic(raw, "envelope") or given
+    header = ctx.generic(raw, "header") or given
+    return given, rewrite.all_mail_from(envelope, ctx.all_mail_from), header
+
+
+def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:
+    """local_forward applied to the recipients in place (duplicates after it dropped);
+    the original is kept as the ORCPT unless the client gave one. Returns what moved."""
+    if not ctx.forward:
+        return []
+    moved: list[tuple[str, str]] = []
+    out: list[str] = []
+    seen: set[str] = set()
+    for rcpt in result.recipients:
+        new = ctx.forwarded(rcpt)
+        if new is not None:
+            moved.append((rcpt, new))
+            notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
+            if not orcpt:
+                try:
+                    orcpt = dsnparams.check("ORCPT", f"rfc822;{rcpt}")
+                except dsnparams.BadParam:
+                    orcpt = ""
+            req.rcpt_params.setdefault(new, (notify, orcpt))
+            rcpt = new
+        key = rcpt.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(rcpt)
+    result.recipients = out
+    return moved
 
 
 def _options(cfg: Config, ctx: Context, req: Request, sender: str, qid: str, now: float,
@@ -206,6 +301,8 @@ def _options(cfg: Config, ctx: Context, req: Request, sender: str, qid: str, now
         domain=ctx.domain,
         masquerade_as=ctx.masquerade,
         local_domains=ctx.local,
+        generics=ctx.generics() if ctx.generics_apply in ("both", "header") else {},
+        generics_domains=ctx.forward_domains,
         sender=sender,
         full_name=req.full_name,
         extract=req.extract,
