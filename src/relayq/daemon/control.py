@@ -7,7 +7,9 @@ kernel says who asks (uid, gid); a request is one of:
   (relayq.queue.maildrop), and deliver it unless its mode says queue;
 - `mailq ARGS`: the queue listing a user may see (relayq.queue.listing): one
   listing per user at a time and two in all, since each reads the whole queue;
-- `flush`: a whole queue run, at most one started every FLUSH_GAP seconds.
+- `flush`: a whole queue run, at most one started every FLUSH_GAP seconds;
+- `status`: `relayq status --json`'s report (relayq.queue.census), the relays'
+  error lines only for root and the admin group (one may name a recipient).
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Requests:
                 return self._mailq(uid, gid, arg)
             if verb == "flush":
                 return self._flush(uid)
+            if verb == "status":
+                return self._status(uid, gid)
         except RelayqError as exc:
             return Reply(exc.code, exc.message)
         except OSError as exc:  # our trouble, not the request's: the client keeps its file
@@ -107,6 +111,21 @@ class Requests:
             with self._lock:
                 self._listing.discard(uid)
         return Reply(0, "listing", body)
+
+    def _status(self, uid: int, gid: int) -> control.Reply:
+        import json
+
+        from relayq.queue import census
+        from relayq.queue.listing import sees_all
+        from relayq.system.control import Reply
+
+        host = self.host
+        info = census.report(host.cfg, host.spool)
+        if not sees_all(host.cfg, uid, gid):
+            for entry in info["relays"].values():
+                entry["last_error"] = None
+        info["daemon_pid"], info["daemon_running"] = os.getpid(), True
+        return Reply(0, "status", iter([json.dumps(info).encode()]))
 
     def _flush(self, uid: int) -> control.Reply:
         from relayq.system.control import Reply
