@@ -186,6 +186,7 @@ def test_status_at_a_few_thousand_messages(tmp_path: Path) -> None:
         env.attempts = i % 2
         env.held = i % 10 == 0
         msg.commit(env)
+        msg.release()
     start = time.perf_counter()
     snap = census.snapshot(spool)
     took = time.perf_counter() - start

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("check-config", "print the effective configuration, secrets masked",
             "Exit status 78 for a configuration the daemon would refuse.")
     st = command("status", "queue size by state, oldest message, each relay's last error, "
-                 "daemon (fast at any size)")
+                 "daemon (-w/-c: fast at any size)")
     _status_arguments(st)
     command("metrics", "the queue and the delivery counters in Prometheus' text format",
             METRICS_MORE).add_argument("file", nargs="?", metavar="FILE",
