@@ -112,6 +112,18 @@ def test_a_backlog_at_a_down_smarthost_then_its_delivery(
     assert last and abs(last - time.time()) < 600
     plain = rq.run("relayq", "status").stdout.decode()
     assert "relay 127.0.0.1: 3 sent, last 20" in plain, plain
+    st = (rq.queue_dir / "stats").stat()  # private like every queue file, the queue owner's
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == rq.queue_dir.stat().st_uid
+
+
+def test_a_submissions_background_delivery_is_counted(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, delivery_mode="background")
+    assert rq.sendmail("a@example.org", "b@example.org", input=MSG).returncode == 0
+    wait_for(lambda: stats.read(str(rq.queue_dir))["relays"], what="the background count")
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    assert (entry["sent"], entry["sent_recipients"]) == (1, 2) and len(sh.transactions) == 1
 
 
 def test_bounced_and_held_are_counted(tmp_path: Path,
@@ -136,12 +148,12 @@ def test_bounced_and_held_are_counted(tmp_path: Path,
 
 def test_the_statistics_never_stop_a_delivery(tmp_path: Path,
                                              smarthost_factory: SmarthostFactory) -> None:
-    """A store that cannot be written (here its lock is a directory) is logged once and
+    """A store that cannot be written (here it is a directory) is logged once and
     ignored: the mail goes out all the same."""
     sh = smarthost_factory()
     rq = Relayq(tmp_path, smarthost=sh.smarthost, concurrency=1)  # once per process
     queue(rq, 2)
-    (rq.queue_dir / "stats.lock").mkdir()
+    (rq.queue_dir / "stats").mkdir()
     assert rq.sendmail("-q").returncode == 0 and len(sh.transactions) == 2
     assert rq.log().count("delivery statistics not updated") == 1, rq.log()
     assert metrics(rq).returncode == 0

@@ -3,6 +3,7 @@ of an envelope, without a queue (issue 15 §3)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from hypothesis import given
@@ -76,6 +77,8 @@ def test_the_store_keeps_a_bounded_number_of_relays_and_one_error_line() -> None
     error = data["relays"]["r10"]["last_error"]
     assert error.startswith("421 4.7.0 try later") and len(error) == stats.MAX_ERROR
     assert stats._loads(b"{not json") == stats.empty()  # a damaged file: a counter reset
+    raw = json.dumps(data).encode()
+    assert stats._loads(raw + b'me": 3}}') == data  # a rewrite cut before its truncate
 
 
 def test_relay_labels() -> None:

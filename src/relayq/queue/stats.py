@@ -7,15 +7,15 @@ last error (its time and one line: `421 4.7.0 try later`, `connect: Connection
 refused`); plus the last successful delivery of all.
 
 The design: one small JSON file, `<queue_dir>/stats` (mode 0600, owned by
-whoever owns the queue, like every queue file), rewritten whole by each
-delivery that counts: lock `<queue_dir>/stats.lock` (flock, a file never
-replaced, so a lock cannot be lost to a rename), read `stats`, add, write
-`stats.t`, rename it over `stats`. Every delivering process (sendmail -q's
-workers, the daemon's agents, a submission's background child) does the
-same, so concurrent deliveries never lose each other's counts; readers take
-no lock: the rename shows them the old file or the new one, never half.
-It costs about a tenth of a millisecond per message, against the several
-fsyncs a delivery makes already.
+whoever owns the queue, like every queue file), rewritten in place by each
+delivery that counts, under an exclusive flock on the file itself (never
+replaced, so the lock cannot be lost to a rename): read, add, write from
+offset 0, truncate. Every delivering process (sendmail -q's workers, the
+daemon's agents, a submission's background child) does the same, so
+concurrent deliveries never lose each other's counts; readers take a shared
+lock and never see a rewrite half done. No rename: on ext4 replacing a file
+by rename starts its writeback (auto_da_alloc), 0.2 ms under a lock every
+delivery would queue on; the rewrite costs about 35 µs (ext4).
 
 What it never does: fail or delay a delivery. The lock is tried for at most
 LOCK_PATIENCE seconds (a process stopped while holding it must not stop the
@@ -25,11 +25,12 @@ the count is dropped and logged once per process. It is never on the
 
 Durability: none is asked for (no fsync). The envelope records the relay's 250
 first (relayq.delivery.journal); the count comes after. A crash between the
-two loses that increment, and a power cut may lose the last few rewrites (or,
-on a filesystem that does not order a rename after its data, the whole file,
-read as empty). Counters that miss an increment, or start again from zero,
-are what Prometheus expects of counters (rate() and increase() treat a drop
-as a reset): the statistics are for monitoring, never for accounting.
+two loses that increment; a process killed between the write and the
+truncate leaves bytes after the document, which readers ignore; a power cut
+may lose the last rewrites, or tear one (read as empty). Counters that miss an
+increment, or start again from zero, are what Prometheus expects of counters
+(rate() and increase() treat a drop as a reset): the statistics are for
+monitoring, never for accounting.
 """
 
 from __future__ import annotations
@@ -60,29 +61,33 @@ def empty() -> dict[str, Any]:
     return {"version": VERSION, "relays": {}, "last_success": None}
 
 
-def paths(root: str) -> tuple[str, str]:
-    """(the statistics file, its lock) in the queue directory `root`."""
-    return os.path.join(root, "stats"), os.path.join(root, "stats.lock")
+def path_of(root: str) -> str:
+    """The statistics file in the queue directory `root`."""
+    return os.path.join(root, "stats")
 
 
 def read(root: str) -> dict[str, Any]:
-    """The statistics as last written (empty when there are none yet); no lock."""
-    path = paths(root)[0]
+    """The statistics as last written (empty when there are none yet), read under a
+    shared lock so that no rewrite is seen half done (after LOCK_PATIENCE, without)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path_of(root), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return empty()
     try:
-        raw = os.read(fd, 1 << 20)
+        try:
+            _lock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass  # a writer stopped while holding it: read what is there
+        return _loads(os.pread(fd, 1 << 20, 0))
     finally:
         os.close(fd)
-    return _loads(raw)
 
 
 def _loads(raw: bytes) -> dict[str, Any]:
-    """A damaged or foreign file reads as empty: monitoring sees a counter reset."""
+    """A damaged or foreign file reads as empty: monitoring sees a counter reset.
+    Bytes after the document (a rewrite cut off before its truncate) are ignored."""
     try:
-        data = json.loads(raw)
+        data, _ = json.JSONDecoder().raw_decode(raw.decode("utf-8", "replace"))
     except ValueError:
         return empty()
     if not isinstance(data, dict) or data.get("version") != VERSION or \
@@ -133,31 +138,25 @@ def record(root: str, log: Log | None, relay: str, outcome: str, recipients: int
 
 def _update(root: str, relay: str, outcome: str, recipients: int, now: float,
             error: str) -> None:
-    path, lock = paths(root)
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | flags, 0o600)
+    fd = os.open(path_of(root), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        _lock(fd)
-        data = read(root)
+        _lock(fd, fcntl.LOCK_EX)
+        data = _loads(os.pread(fd, 1 << 20, 0))
         add(data, relay, outcome, recipients, now, error)
-        tmp = path + ".t"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
-        try:
-            view = memoryview(json.dumps(data, separators=(",", ":")).encode())
-            while view:
-                view = view[os.write(out, view):]
-        finally:
-            os.close(out)
-        os.rename(tmp, path)
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        done = 0
+        while done < len(raw):
+            done += os.pwrite(fd, raw[done:], done)
+        os.ftruncate(fd, len(raw))
     finally:
         os.close(fd)  # and so unlocked
 
 
-def _lock(fd: int) -> None:
+def _lock(fd: int, kind: int) -> None:
     deadline = time.monotonic() + LOCK_PATIENCE
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
