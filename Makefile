@@ -23,12 +23,14 @@ venv: $(STAMP)
 demo: venv
 	@bash scripts/demo.sh
 
-# Debian's logwatch, unpacked and not installed (it depends on an MTA): tests/system/test_logwatch.py
+# Debian's logwatch, unpacked and not installed (it depends on an MTA): tests/system/test_logwatch.py;
+# node_exporter likewise (its package would start a service): tests/integration/test_metrics.py
 LOGWATCH_DIR := build/logwatch
 
 test-deps:
 	@scripts/apt-install.sh $(TEST_PACKAGES) $(DEB_PACKAGES)
 	@scripts/unpack-deb.sh logwatch $(LOGWATCH_DIR)
+	@scripts/unpack-deb.sh prometheus-node-exporter build/node-exporter
 
 test: venv test-deps
 	$(BIN)/ruff check src tests bench fuzz

@@ -28,6 +28,11 @@ FLUSH_MORE = ("Prints one line: how many messages were sent, deferred and bounce
               "progress on standard error. Exit status 0 when the queue is empty "
               "afterwards, 75 while mail is left.")
 
+METRICS_MORE = ("For node_exporter's textfile collector: FILE (a *.prom file in its directory) "
+                "is replaced atomically, mode 0644; without FILE, or with -, standard output. "
+                "The daemon can write it on an interval instead (metrics_file, "
+                "metrics_interval).")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """relayq's arguments: one table for parsing, --help, relayq(8) and the bash
@@ -63,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
             "As TOML that reads back the same, derived values with where they came from; "
             "then one line on stderr for each problem: exit status 78 for one that stops "
             "mail (a relay loop, an unreadable password_file...), 0 with warnings.")
-    st = command("status", "queue size, oldest message, daemon (fast at any size)")
+    st = command("status", "queue size by state, oldest message, each relay's last error, "
+                 "daemon (-w/-c: fast at any size)")
     _status_arguments(st)
+    command("metrics", "the queue and the delivery counters in Prometheus' text format",
+            METRICS_MORE).add_argument("file", nargs="?", metavar="FILE",
+                                       help="where to write (default: standard output)")
     command("newaliases", "check the aliases file (as newaliases)")
     for action, what in (("hold", "keep messages queued: no run delivers them"),
                          ("release", "undo hold: deliver at the next run"),

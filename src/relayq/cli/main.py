@@ -1,5 +1,5 @@
 """`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
-check-config, status, mailq, qshape, install)."""
+check-config, status, metrics, mailq, qshape, install)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
     from relayq.cli.nagios import Thresholds
     from relayq.core.config import Config
-    from relayq.queue.spool import Spool
 
 
 def _main(argv: list[str]) -> int:
@@ -58,12 +57,16 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
     from relayq.system.log import Log
 
     spool = Spool(cfg.queue_dir)
-    from relayq.daemon.life import pid_candidates
+    from relayq.daemon.life import find_daemon, pid_candidates
 
     pids = pid_candidates(cfg)  # root's answer, not the service user's it may become
     spool.enter(cfg)  # root in the service user's queue works as that user
     if args.command == "status":
         return status(cfg, args.json, pids, limits if limits and limits.given() else None)
+    if args.command == "metrics":
+        from relayq.cli import metrics
+
+        return metrics.run(spool, args.file, find_daemon(pids) is not None)
     if args.command == "qshape":
         from relayq.cli import qshape
 
@@ -128,97 +131,10 @@ def _thresholds(args: argparse.Namespace) -> Thresholds:
 
 def status(cfg: Config, as_json: bool, pids: list[str] | None = None,
            limits: Thresholds | None = None) -> int:
-    """One directory listing, no envelope read: as fast with 100,000 messages as with 10."""
-    import time
+    """`relayq status` (relayq.cli.status)."""
+    from relayq.cli.status import status as report
 
-    from relayq.daemon.life import find_daemon, pid_candidates
-    from relayq.queue.names import qid_time
-    from relayq.queue.spool import Spool
-
-    spool = Spool(cfg.queue_dir)
-    now = time.time()
-    try:
-        names = os.listdir(spool.queue)
-    except FileNotFoundError:
-        names = []
-    except OSError as exc:
-        raise RelayqError(f"{spool.queue}: {exc.strerror}", 77 if exc.errno == 13 else 74) \
-            from None
-    ids = [n[:-2] for n in names if n.endswith(".e")]
-    oldest = qid_time(min(ids), now) if ids else 0.0  # queue ids sort by time
-    try:
-        quarantined = len({n.split(".", 1)[0] for n in os.listdir(spool.quarantine_dir)})
-    except OSError:
-        quarantined = 0
-    dead = sum(1 for _ in spool.dead_letters())
-    from relayq.queue.maildrop import waiting
-
-    drops = waiting(spool.maildrop)
-    found = find_daemon(pid_candidates(cfg) if pids is None else pids)
-    pid = found[0] if found is not None else None
-    loop = cfg.loop_reason() or (_recorded_loop(spool, min(ids)) if ids else "")
-    info = {
-        "queue": spool.queue,
-        "messages": len(ids),
-        "oldest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest)) if ids else None,
-        "oldest_age_seconds": round(now - oldest) if ids else None,
-        "maildrop_waiting": drops,
-        "quarantined": quarantined,
-        "dead_letters": dead,
-        "daemon_pid": pid if pid is not None and pid > 0 else None,
-        "daemon_running": pid is not None,
-        "delivery_mode": cfg.effective()["delivery_mode"],
-        "smarthost": cfg.smarthost,
-        "warning": f"mail loops back to me ({loop})" if loop else None,
-    }
-    if limits is not None:
-        from relayq.cli.nagios import check
-
-        code, line = check(info, limits)
-        print(line)
-        return code
-    if as_json:
-        import json
-
-        print(json.dumps(info, indent=2))
-        return EX_OK
-    print(f"queue:        {info['queue']}")
-    age = f", oldest {info['oldest']} ({_age(now - oldest)} ago)" if ids else ""
-    print(f"messages:     {len(ids)}{age}")
-    if drops:
-        print(f"maildrop:     {drops} waiting in {spool.maildrop} (not yet queued: see the log)")
-    print(f"quarantined:  {quarantined}")
-    if dead:
-        print(f"dead letters: {dead} (undeliverable and unreportable: see mailq, "
-              f"then remove from {spool.quarantine_dir})")
-    print("daemon:       " + ("not running" if pid is None else f"running, pid {pid}"
-                               if pid > 0 else "running (pid unknown)"))
-    print(f"delivery:     {info['delivery_mode']} to {', '.join(cfg.smarthost)}")
-    if info["warning"]:
-        print(f"warning:      {info['warning']}: mail stays queued until the configuration "
-              "is fixed (relayq check-config)")
-    return EX_OK
-
-
-def _recorded_loop(spool: Spool, qid: str) -> str:
-    """The loop the transport recorded (4.4.6) for the oldest message: one envelope
-    read, whatever the queue's size. Once a loop is seen every message defers with it."""
-    from relayq.core import policy
-
-    try:
-        error = spool.read_envelope(qid).error
-    except (OSError, RelayqError):
-        return ""
-    _, found, detail = error.partition(f"{policy.LOOP_REASON} (")
-    return detail[:-1] if found and detail.endswith(")") else ""
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    return f"{days}d {hours}h" if days else f"{hours}h {rest // 60}m" if hours else \
-        f"{rest // 60}m {rest % 60}s"
+    return report(cfg, as_json, pids, limits)
 
 
 def check_config(cfg: object, unread: str = "") -> int:

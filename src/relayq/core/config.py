@@ -290,6 +290,10 @@ SCHEMA: dict[str, tuple[Any, Any, str]] = {
     "smtp_max_line": (1000, _int, "listener: longest command or data line, in bytes"),
     "smtp_timeout": (300.0, _duration, "listener: idle time allowed between commands"),
     "smtp_data_timeout": (600.0, _duration, "listener: time allowed to send the message data"),
+    # monitoring (relayq metrics)
+    "metrics_file": ("", _str, "relayq daemon: write Prometheus metrics here (a *.prom file "
+                     "for node_exporter's textfile collector; empty: off)"),
+    "metrics_interval": (60.0, _duration, "relayq daemon: how often metrics_file is written"),
     # local delivery
     "local_delivery": (False, _bool, "deliver local recipients here (false: relay them)"),
     "local_domains": ([], _strlist, "domains delivered locally (default: this host's names)"),
@@ -364,6 +368,8 @@ class Config:
     smtp_max_line: int
     smtp_timeout: float
     smtp_data_timeout: float
+    metrics_file: str
+    metrics_interval: float
     local_delivery: bool
     local_domains: list[str]
     aliases_file: str

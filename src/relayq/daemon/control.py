@@ -7,7 +7,10 @@ kernel says who asks (uid, gid); a request is one of:
   (relayq.queue.maildrop), and deliver it unless its mode says queue;
 - `mailq ARGS`: the queue listing a user may see (relayq.queue.listing): one
   listing per user at a time and two in all, since each reads the whole queue;
-- `flush`: a whole queue run, at most one started every FLUSH_GAP seconds.
+- `flush`: a whole queue run, at most one started every FLUSH_GAP seconds;
+- `status`: `relayq status --json`'s report (relayq.queue.census), the relays'
+  error lines only for root and the admin group (one may name a recipient);
+  counted with the listings, since it reads every envelope too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from relayq.core import policy
 from relayq.core.errors import RelayqError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from relayq.daemon.host import Host
     from relayq.system import control
 
@@ -74,6 +79,8 @@ class Requests:
                 return self._mailq(uid, gid, arg)
             if verb == "flush":
                 return self._flush(uid)
+            if verb == "status":
+                return self._status(uid, gid)
         except RelayqError as exc:
             return Reply(exc.code, exc.message)
         except OSError as exc:  # our trouble, not the request's: the client keeps its file
@@ -91,8 +98,9 @@ class Requests:
             host.committed(qid)
         return Reply(0, qid)
 
-    def _mailq(self, uid: int, gid: int, args: str) -> control.Reply:
-        from relayq.queue.listing import listing_for
+    def _reading(self, uid: int, read: Callable[[], control.Reply]) -> control.Reply:
+        """`read` (a listing, a status report: each reads the whole queue) unless this
+        user already has one being made, or MAX_LISTINGS are."""
         from relayq.system.control import Reply
 
         with self._lock:
@@ -100,13 +108,37 @@ class Requests:
             if not busy:
                 self._listing.add(uid)
         if busy:
-            return Reply(75, "busy listing the queue; try again")
+            return Reply(75, "busy reading the queue; try again")
         try:
-            body = listing_for(self.host.cfg, self.host.spool, uid, gid, args)
+            return read()
         finally:
             with self._lock:
                 self._listing.discard(uid)
-        return Reply(0, "listing", body)
+
+    def _mailq(self, uid: int, gid: int, args: str) -> control.Reply:
+        from relayq.queue.listing import listing_for
+        from relayq.system.control import Reply
+
+        return self._reading(uid, lambda: Reply(0, "listing", listing_for(
+            self.host.cfg, self.host.spool, uid, gid, args)))
+
+    def _status(self, uid: int, gid: int) -> control.Reply:
+        return self._reading(uid, lambda: self._report(uid, gid))
+
+    def _report(self, uid: int, gid: int) -> control.Reply:
+        import json
+
+        from relayq.queue import census
+        from relayq.queue.listing import sees_all
+        from relayq.system.control import Reply
+
+        host = self.host
+        info = census.report(host.cfg, host.spool)
+        if not sees_all(host.cfg, uid, gid):
+            for entry in info["relays"].values():
+                entry["last_error"] = None
+        info["daemon_pid"], info["daemon_running"] = os.getpid(), True
+        return Reply(0, "status", iter([json.dumps(info).encode()]))
 
     def _flush(self, uid: int) -> control.Reply:
         from relayq.system.control import Reply

@@ -14,7 +14,8 @@ One process with a few kinds of thread, and its helper processes:
   which message goes next, and what a forced run or a recheck does to it, is
   the dispatcher's (relayq.daemon.dispatcher): never one message to two workers;
 - the watcher's threads (inotify, users' maildrop/), the local socket
-  (relayq.daemon.control), and optionally the SMTP listener
+  (relayq.daemon.control), the metrics file's writer (relayq.daemon.exporter,
+  when metrics_file is set), and optionally the SMTP listener
   (relayq.server.listener), an asyncio loop in its own thread, which hands every
   committed message straight to the workers, plus one forked listener process
   per further CPU (relayq.server.prefork) on the same sockets, whose messages the
@@ -98,6 +99,7 @@ class Daemon:
 
     def __init__(self, cfg: Config, log: Log, opts: Options) -> None:
         from relayq.daemon.control import Requests
+        from relayq.daemon.exporter import Exporter
         from relayq.daemon.watcher import Watcher
         from relayq.delivery.intake import Notices
         from relayq.queue.spool import Spool
@@ -118,6 +120,7 @@ class Daemon:
         self.pool = Pool(self)
         self.watcher = Watcher(self)
         self.requests = Requests(self)
+        self.exporter = Exporter(self)  # metrics_file (relayq metrics' text) on an interval
         self.runs = 0
 
     @property
@@ -224,6 +227,7 @@ class Daemon:
         """Run until SIGTERM; the caller has installed signals and bound sockets."""
         self.fork_listeners()
         self.pool.start()
+        self.exporter.start()
         self.watcher.watch_queue()
         if self.listener is not None:
             self.listener.start()
@@ -271,6 +275,7 @@ class Daemon:
         self.watcher.stop()
         self.log.info(f"stopping daemon, reason={reason}")  # sendmail's words (logwatch's)
         self.requests.close()
+        self.exporter.stop()
         if self.listener is not None:
             self.listener.stop()
         if self.listeners is not None:

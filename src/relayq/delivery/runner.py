@@ -17,9 +17,8 @@ envelope, delivered in the same attempt); everything else goes to the
 smarthost. With it off (the null client) every recipient is relayed as
 submitted, already qualified with `domain`.
 
-Trade-off: the only window for a duplicate is a crash between the relay's
-final 250 and the envelope rewrite that records it (one fsync), as in
-sendmail and Postfix.
+Trade-off: the only window for a duplicate is a crash between the relay's final
+250 and the envelope rewrite that records it (one fsync), as in sendmail and Postfix.
 """
 
 from __future__ import annotations
@@ -30,16 +29,10 @@ import time
 from typing import TYPE_CHECKING
 
 from relayq.core import policy, selector
-from relayq.core.envelope import (
-    NOTICE_KINDS,
-    Envelope,
-    NewerFormat,
-    Notice,
-    Recipient,
-)
+from relayq.core.envelope import NOTICE_KINDS, Envelope, NewerFormat, Notice, Recipient
 from relayq.core.errors import DamagedQueueFile, RelayqError
 from relayq.core.outcome import DEFERRED, FAILED, SENT
-from relayq.delivery import decisions, logline, reports
+from relayq.delivery import decisions, logline, reports, tally
 from relayq.delivery.decisions import DEAD, UNWANTED, Note
 from relayq.delivery.journal import Journal
 
@@ -87,7 +80,8 @@ class Runner:
         self.failed_codes: list[str] = []  # DSN codes of the last message's new failures
         self.tally: Tally | None = None  # a queue run's counts (relayq flush), and
         self.progress: Callable[[], None] | None = None  # called after each message
-        self._outcome = ""  # the tally's word for the message _one last tried
+        self._outcome = ""  # the attempt's word (tally.outcome) for the message last tried
+        self._relay_name = ""  # the relay the last attempt reached or tried ("": local)
 
     @property
     def rules(self) -> decisions.Rules:
@@ -152,7 +146,7 @@ class Runner:
         if self.tally is not None:
             self.tally.add("seen")
             if self._outcome:
-                self.tally.add(self._outcome)
+                self.tally.add("bounced" if self._outcome == "expired" else self._outcome)
         if self.progress is not None:
             self.progress()
         return left
@@ -237,7 +231,7 @@ class Runner:
                 return 1
             self._outcome = "deferred"  # unless it gets further
             try:
-                failed = self.deliver(claim)
+                self.deliver(claim)  # sets _outcome
             except RelayqError as exc:
                 self.log.error(f"{qid}: {exc.message}; left in the queue")
                 return 1
@@ -245,7 +239,6 @@ class Runner:
                 self.log.error(f"{qid}: delivery failed: {type(exc).__name__}: {exc}; "
                                "left in the queue")
                 return 1
-            self._outcome = "bounced" if failed else "sent" if claim.finished else "deferred"
             return 0 if claim.finished else 1
         finally:
             claim.release()
@@ -277,18 +270,23 @@ class Runner:
         if claim.was_cut_off() or env.unsure:
             self.log.warning(logline.possible_duplicate(env))
             env.unsure = False
-        before = {id(r) for r in env.recipients if r.state == FAILED}
+        before = {id(r): r.state for r in env.recipients}
         self._held = []  # the outcome lines wait until the outcome is recorded
+        expired = False
         try:
             pending = env.pending()
             if pending:
                 self._attempt(claim, pending, now)
-                if decisions.should_expire(env, now, self.rules):
+                expired = decisions.should_expire(env, now, self.rules)
+                if expired:
                     self._expire(claim, now)
         finally:
             self._flush_held()
             self._held = None
-        newly = [r for r in env.recipients if r.state == FAILED and id(r) not in before]
+        if pending:  # the one place an attempt's outcome is named, and counted on disk
+            self._outcome = tally.counted(self.spool.root, self.log, env, before,
+                                          self._relay_name, expired)
+        newly = [r for r in env.recipients if r.state == FAILED and before.get(id(r)) != FAILED]
         if not claim.finished:
             try:
                 self.settle(claim, now)
@@ -340,6 +338,7 @@ class Runner:
         start = time.time()
         deferral = ""
         remote = pending
+        self._relay_name = ""
         decisions.start_attempt(env, now, self.rules, random.random())
         if self.cfg.local_delivery:
             local = self.local()
@@ -389,6 +388,7 @@ class Runner:
                 ret=env.ret,
             )
             result = self.transport().deliver(msg, journal)
+        self._relay_name = result.relay or result.tried or next(iter(self.cfg.smarthost), "")
         late = journal.commit(result.outcomes, result.relay, result.error, persist=False,
                               tried=result.tried)
         return result.error or journal.error or journal.deferral, journal.commits > 0 and not late

@@ -6,12 +6,22 @@ total while they work and after they are gone (a worker that dies keeps what
 it counted) with no lock and no message between processes: each slot has one
 writer. Reports a run makes and delivers are not counted (they are part of
 "bounced"); one still queued is in the run's "left".
+
+counted() names what one attempt did to its message, once, for every way
+out (the tally, the log's summary and the statistics that outlive the
+process, relayq.queue.stats, all take that word) and counts it on disk.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from relayq.core.envelope import Envelope
+    from relayq.system.log import Log
 
 FIELDS = ("seen", "sent", "deferred", "bounced")
 _SLOT = struct.Struct(f"={len(FIELDS)}q")
@@ -44,3 +54,37 @@ class Tally:
             for i, value in enumerate(_SLOT.unpack_from(self._mem, slot * _SLOT.size)):
                 sums[i] += value
         return dict(zip(FIELDS, sums, strict=True))
+
+
+def counted(root: str, log: Log, env: Envelope, before: dict[int, str], relay: str,
+            expired: bool) -> str:
+    """The attempt's word for the message (`sent`, `deferred`, `bounced`, `expired`),
+    counted in the queue's statistics under `relay` ("local" when none was tried).
+
+    `before`: each recipient's state before the attempt, by id(); recipients an
+    alias added are new. The statistics never fail the delivery (queue.stats.record).
+    """
+    from relayq.core.outcome import FAILED, PENDING, SENT
+    from relayq.queue import stats
+
+    def new(state: str) -> list[str]:
+        return [r.reply for r in env.recipients
+                if r.state == state and before.get(id(r)) != state]
+
+    failed, pending = new(FAILED), [r for r in env.recipients if r.state == PENDING]
+    if failed:
+        word, count, error = "expired" if expired else "bounced", len(failed), failed[0]
+    elif pending:
+        word, count = "deferred", len(pending)
+        error = env.error.removeprefix("Deferred: ")
+    else:
+        word, count, error = "sent", len(new(SENT)), ""
+    stats.record(root, log, label(relay), word, count, error)
+    return word
+
+
+def label(relay: str) -> str:
+    """The relay as the statistics name it: the host of `host [ip]`, an address
+    without its brackets; "local" for a delivery that reached no relay."""
+    host = relay.split(" [", 1)[0].strip()
+    return host.strip("[]") or "local"

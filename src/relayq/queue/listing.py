@@ -137,7 +137,7 @@ def listing_for(cfg: Config, spool: Spool, uid: int, gid: int, request: str) -> 
         raise PermissionRefused("-C: only root may name a configuration file")
     if len(opts.selectors) > MAX_SELECTORS:
         raise UsageError(f"more than {MAX_SELECTORS} -q selectors")
-    items = collect(spool, opts.selectors, None if _sees_all(cfg, uid, gid) else uid)
+    items = collect(spool, opts.selectors, None if sees_all(cfg, uid, gid) else uid)
     return iter([render(spool.queue, items, opts)])
 
 
@@ -150,7 +150,7 @@ def render(path: str, items: list[Item], opts: Options) -> bytes:
     return render_text(path, items, opts.verbose)
 
 
-def _sees_all(cfg: Config, uid: int, gid: int) -> bool:
+def sees_all(cfg: Config, uid: int, gid: int) -> bool:
     import grp
     import pwd
 
