@@ -3,7 +3,6 @@ check-config, status, metrics, mailq, qshape, install)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 from relayq.cli._exit import run
