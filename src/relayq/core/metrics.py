@@ -106,7 +106,7 @@ def render(snap: dict[str, Any], daemon_up: bool) -> str:
     relays = sorted(snap["stats"]["relays"].items())
     for unit in ("messages", "recipients"):
         name = f"relayq_smtp_{unit}_processed_total"
-        t.family(name, "counter", f"{unit.capitalize()} delivery attempts by relay and "
+        t.family(name, "counter", f"Delivery attempts counted in {unit}, by relay and "
                  "outcome (sent, deferred, bounced, expired), since the statistics began.")
         for relay, entry in relays:
             suffix = "" if unit == "messages" else "_recipients"
