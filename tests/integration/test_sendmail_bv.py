@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.relayq_env import Relayq
 from tests.helpers.users import System, ensure_users, install_launchers
 
-from relayq.core.errors import EX_NOUSER, EX_OK, EX_USAGE
+from relayq.core.errors import EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
 from relayq.testing.dns import DnsResponder
 
 if TYPE_CHECKING:
@@ -50,7 +50,11 @@ def rq(tmp_path: Path) -> Relayq:
         f"ops: \\{ME}, {tmp_path}/archive, \"|/bin/cat >/dev/null\",\n"
         f"  :include:{team}\n"
         "ghosts: nosuchuser-rq\n"
-        "half: nosuchuser-rq, carol@example.net\n")
+        "half: nosuchuser-rq, carol@example.net\n"
+        "loop1: loop2\nloop2: loop1\n"
+        f"wide: :include:{tmp_path}/wide\n")
+    (tmp_path / "wide").write_text("dave@example.net\n")
+    (tmp_path / "wide").chmod(0o666)  # anyone could add a program: refused
     return Relayq(tmp_path, local_delivery=True, mail_spool=str(tmp_path / "mail"),
                   aliases_file=str(tmp_path / "aliases"), allow_file_targets=True,
                   allow_pipe_targets=True)
@@ -94,6 +98,16 @@ def test_an_alias_member_that_is_no_user_is_undeliverable(rq: Relayq) -> None:
         "nosuchuser-rq... User unknown",
         "ghosts@host.example.org... User unknown (nosuchuser-rq)",
     ], lines
+    assert code == EX_NOUSER
+
+
+def test_an_alias_loop_is_undeliverable_and_a_refused_include_would_wait(rq: Relayq) -> None:
+    code, lines = bv(rq, "wide")
+    assert lines == [f"wide@host.example.org... deferred: {rq.root}/aliases:9: cannot read "
+                     f":include:{rq.root}/wide: group or world writable: refused"], lines
+    assert code == EX_TEMPFAIL
+    code, lines = bv(rq, "wide", "loop1")
+    assert lines[1:] == ["loop1@host.example.org... alias loop: loop1 -> loop2 -> loop1"], lines
     assert code == EX_NOUSER
 
 
@@ -209,3 +223,12 @@ def test_an_ordinary_user_sees_the_route(system: System) -> None:
     ], r
     assert r.returncode == EX_NOUSER
     assert system.drops() == [] and system.rq.queued() == []
+
+
+def test_an_aliases_file_the_user_cannot_read_is_one_line(system: System) -> None:
+    (system.dir / "aliases").chmod(0o600)
+    r = system.sendmail_as(ORDINARY, "-bv", "root")
+    assert "Traceback" not in r.stderr.decode(), r.stderr
+    assert r.stdout.decode().splitlines() == [
+        f"root@host.example.org... deferred: {system.dir}/aliases: Permission denied"], r
+    assert r.returncode == EX_TEMPFAIL
