@@ -178,6 +178,7 @@ def sendmail_page(compat_md: str) -> str:
     extra = sorted(flags.DANGEROUS - {n.lower() for n in flags.SHORT_OPTIONS.values()})
     out += [".PP", "Refused as well (exit 77), with \\fB\\-O\\fR: " + ", ".join(extra) + ".",
             ".SH EXIT STATUS", "sysexits(3): 0 queued or delivered, 64 usage, 65 data,",
+            "67 no such user (\\fB\\-bv\\fR),",
             "69 unavailable, 75 temporary failure (mail left queued), 77 not permitted,",
             "78 configuration."]
     return "\n".join(out) + "\n" + _files() + see_also("sendmail.8")

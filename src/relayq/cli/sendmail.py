@@ -90,18 +90,10 @@ def smtp_session(args: Args, source: Source) -> int:
 
 
 def verify(cfg: Config, args: Args) -> int:
-    from relayq.core import address
-    from relayq.queue.submit import Context
+    """`sendmail -bv`: the route each recipient would take (relayq.cli.verify)."""
+    from relayq.cli.verify import verify as show_routes
 
-    if not args.recipients:
-        raise UsageError("Recipient names must be specified")
-    host = cfg.smarthost[0]
-    domain = Context(cfg).domain
-    for arg in args.recipients:
-        for rcpt in address.parse_recipient_args(arg):
-            rcpt = address.qualify(rcpt, domain)
-            print(f"{rcpt}... deliverable: mailer relay, host {host}, user {rcpt}")
-    return EX_OK
+    return show_routes(cfg, args.recipients)
 
 
 def _verbose_printer(args: Args) -> Callable[[str], None] | None:

@@ -237,12 +237,9 @@ class LocalTransport:
                 now: float) -> Outcome:
         """Write the message for one target; the Outcome's address is the target's record."""
         rec = target.record
-        if target.kind == aliases.FILE and not self.cfg.allow_file_targets:
-            return Outcome(rec, FAILED, f"550 5.7.1 <{rec}>... Cannot mail directly to files "
-                           "(allow_file_targets is off)", "5.7.1")
-        if target.kind == aliases.PIPE and not self.cfg.allow_pipe_targets:
-            return Outcome(rec, FAILED, f"550 5.7.1 <{rec}>... Cannot mail directly to programs "
-                           "(allow_pipe_targets is off)", "5.7.1")
+        refused = self.refusal(target)
+        if refused:
+            return Outcome(rec, FAILED, refused, "5.7.1")
         user = self.user(target.user)
         if user is None:
             return Outcome(rec, FAILED, f"550 5.1.1 <{target.user}>... User unknown", "5.1.1")
@@ -262,6 +259,22 @@ class LocalTransport:
         status, reply = run_as(user, extra_groups, work)
         return Outcome(rec, status, reply, _status_code(reply))
 
+    def refusal(self, target: LocalTarget) -> str:
+        """The reply refusing a file or pipe target the configuration does not allow, or ""."""
+        rec = target.record
+        if target.kind == aliases.FILE and not self.cfg.allow_file_targets:
+            return f"550 5.7.1 <{rec}>... Cannot mail directly to files (allow_file_targets is off)"
+        if target.kind == aliases.PIPE and not self.cfg.allow_pipe_targets:
+            return (f"550 5.7.1 <{rec}>... Cannot mail directly to programs "
+                    "(allow_pipe_targets is off)")
+        return ""
+
+    def mailbox_path(self, user: User) -> str:
+        """Where a user's mail goes: ~/Maildir or the mbox in mail_spool (mailbox_format)."""
+        if self.cfg.mailbox_format == "maildir":
+            return os.path.join(user.home, "Maildir")
+        return self.mbox_path(user)
+
     def mbox_path(self, user: User) -> str:
         return os.path.join(self.cfg.mail_spool, user.name)
 
@@ -280,12 +293,11 @@ class LocalTransport:
         """The delivery itself; runs with the target user's privileges."""
         try:
             if target.kind == aliases.USER:
+                path = self.mailbox_path(user)
                 if self.cfg.mailbox_format == "maildir":
-                    path = os.path.join(user.home, "Maildir")
                     mailbox.deliver_maildir(path, data, sender=sender, recipient=recipient,
                                             now=now)
                 else:
-                    path = self.mbox_path(user)
                     mailbox.append_mbox(path, data, sender=sender, recipient=recipient, now=now,
                                         expect_uid=user.uid, timeout=self.lock_timeout)
                 return SENT, f"250 2.0.0 delivered to mailbox {path}"

@@ -406,8 +406,8 @@ class Runner:
         if self._local is None:
             from relayq.delivery.local_transport import LocalTransport
 
-            domains = self.cfg.local_domains or self.ctx.local
-            self._local = LocalTransport(self.cfg, self.ctx.domain, domains)
+            # this host's domains as the funnel decides them (Context.route)
+            self._local = LocalTransport(self.cfg, self.ctx.domain, self.ctx.forward_domains)
         return self._local
 
     def _deliver_local(

@@ -43,10 +43,8 @@ class Target:
 def targets(cfg: Config, host: str, port: int, mx: bool,
             say: Callable[[str], None]) -> list[Target]:
     """Addresses to try for one smarthost, in order (`say` hears each lookup failure)."""
-    names = [host]
+    names = mx_route(cfg, host, mx) or [host]
     use_dns = bool(cfg.dns_servers)
-    if mx and not _is_ip(host) and "." in host.strip("."):
-        names = mx_hosts(host, _resolver(cfg)) or [host]
     out: list[Target] = []
     last: SmtpError | None = None
     for name in names:
@@ -61,6 +59,15 @@ def targets(cfg: Config, host: str, port: int, mx: bool,
     if not out:
         raise last or ConnectFailed(f"no address for {host}")
     return out
+
+
+def mx_route(cfg: Config, host: str, mx: bool) -> list[str] | None:
+    """The MX hosts a smarthost stands for, by preference: None when none are looked up
+    ([host], an IP address, a name without a dot), [] when it has no MX (the host
+    itself); ConnectFailed (4.4.3) when the lookup fails. `sendmail -bv` shows this."""
+    if not mx or _is_ip(host) or "." not in host.strip("."):
+        return None
+    return mx_hosts(host, _resolver(cfg))
 
 
 def _resolver(cfg: Config) -> dns.resolver.Resolver | None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 MAX_HEADER = 1 << 20
 MAX_HOPS = policy.MAX_HOPS
+LOCAL, FORWARD, RELAY = "local", "forward", "relay"  # Context.route's answers
 
 
 class Request:
@@ -102,7 +103,7 @@ class Context:
 
     __slots__ = ("_generics", "all_mail_from", "domain", "forward", "forward_domains",
                  "forward_system", "fqdn", "generics_apply", "generics_file", "local",
-                 "masquerade")
+                 "local_delivery", "masquerade")
 
     def __init__(self, cfg: Config) -> None:
         self.domain = hostname.mail_domain(cfg.domain)
@@ -111,6 +112,7 @@ class Context:
         self.local = hostname.local_domains(self.domain)
         self.masquerade = cfg.masquerade_as
         # local delivery wins for what it delivers: no forward address then
+        self.local_delivery = cfg.local_delivery
         self.forward = "" if cfg.local_delivery else cfg.local_forward
         # the runner's rule of which domains are this host's (cfg.local_domains or ours)
         self.forward_domains = frozenset(
@@ -154,6 +156,16 @@ class Context:
             return None
         uid_of = _system_uid if self.forward_system else None
         return rewrite.forward(rcpt, self.forward, self.forward_domains, uid_of)
+
+    def route(self, rcpt: str) -> tuple[str, str]:
+        """Where a qualified recipient goes, decided once for enqueue() and `sendmail -bv`:
+        (LOCAL, rcpt) delivered here (local_delivery, one of this host's domains: the
+        runner's local transport then), (FORWARD, address) by local_forward, else
+        (RELAY, rcpt) to the smarthost."""
+        if self.local_delivery and rewrite.is_local(rcpt, self.forward_domains):
+            return LOCAL, rcpt
+        new = self.forwarded(rcpt)
+        return (FORWARD, new) if new is not None else (RELAY, rcpt)
 
     def envelope_sender(self, addr: str) -> str:
         """Qualify a local sender, then masquerade it (seed: submit.cf masquerading)."""
@@ -275,8 +287,8 @@ def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[s
     out: list[str] = []
     seen: set[str] = set()
     for rcpt in result.recipients:
-        new = ctx.forwarded(rcpt)
-        if new is not None:
+        kind, new = ctx.route(rcpt)
+        if kind == FORWARD:
             moved.append((rcpt, new))
             notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
             if not orcpt:
