@@ -8,6 +8,7 @@ import argparse
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     _install_arguments(command(
         "install", "put relayq's sendmail, mailq, newaliases and relayq on the system "
                    "path (or stage them for a package: --root)"))
+    _queue_commands(command)
+    _setup_commands(command)
+    return p
+
+
+def _queue_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     q = command("mailq", "list the queue (as mailq)")
     form = q.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="JSON, as mailq --json")
@@ -100,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         "messages with -s. Users who may not read the queue see their own mail, "
         "as in mailq."))
     command("version", "print the version (as relayq --version)")
+
+
+def _setup_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    from relayq.cli.smtptest import TEST_MORE
+
+    command("test", "connect to each smarthost and show what it answers (greeting, "
+            "extensions, TLS and its certificate, AUTH); a test message only to ADDRESS",
+            TEST_MORE).add_argument(
+        "address", nargs="?", metavar="ADDRESS",
+        help="send a short test message to this address (default: send none)")
     imp = command("import", "print a relayq.toml made from another MTA's configuration "
                             "(sendmail, nullmailer, ssmtp, dma, msmtp, postfix, exim4)",
                   "Each setting follows a comment naming the line it came from; every setting "
@@ -115,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--write", action="store_true",
                      help="write the configuration file (never replacing one) instead of "
                           "printing it; passwords only then")
-    return p
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
-check-config, status, metrics, mailq, qshape, install)."""
+check-config, test, status, metrics, mailq, qshape, install)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
     from relayq.system.log import Log
 
     spool = Spool(cfg.queue_dir)
+    if args.command == "test":
+        from relayq.cli import smtptest
+
+        spool.enter(cfg)  # root tests as the delivering user: its files, its secrets
+        return smtptest.run(cfg, args.address, args.verbose)
     from relayq.daemon.life import find_daemon, pid_candidates
 
     pids = pid_candidates(cfg)  # root's answer, not the service user's it may become

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import TracebackType
 
-    from relayq.core.config import Config
+    from relayq.core.config import Config, Smarthost
 
 # the names callers and tests import from here
 __all__ = ["Journal", "MailLoop", "MessageResult", "OutgoingMessage", "SmtpTransport",
@@ -238,16 +238,11 @@ class SmtpTransport:
                 last = exc
                 continue
             for t in found:
-                # the certificate must name the configured host, never the MX
-                # target an unauthenticated DNS answer chose (Postfix's "secure")
-                client = SmtpClient(t.name, t.port, timeout=cfg.timeout,
-                                    connect_timeout=cfg.connect_timeout,
-                                    transcript=self.transcript, log=self._say,
-                                    tls_name=sh.host)
+                client = self.client_for(sh, t)
                 try:
                     self.connections += 1
                     client.set_deadline(cfg.session_deadline, "connection setup")
-                    self._open(client, t)
+                    self.open_session(client, t)
                     client.clear_deadline()
                     return client
                 except SmtpError as exc:
@@ -264,19 +259,28 @@ class SmtpTransport:
             last = ConnectFailed("no smarthost configured")
         raise last
 
-    def _open(self, client: SmtpClient, t: Target) -> None:
+    def client_for(self, sh: Smarthost, t: Target) -> SmtpClient:
+        """A client for one address of a smarthost (delivery and `relayq test`)."""
+        # the certificate must name the configured host, never the MX
+        # target an unauthenticated DNS answer chose (Postfix's "secure")
+        cfg = self.config
+        return SmtpClient(t.name, t.port, timeout=cfg.timeout,
+                          connect_timeout=cfg.connect_timeout,
+                          transcript=self.transcript, log=self._say, tls_name=sh.host)
+
+    def open_session(self, client: SmtpClient, t: Target) -> None:
         """Connect, greet, secure and authenticate, following the TLS and AUTH policy."""
         cfg = self.config
         mode = cfg.tls
         greeting = client.connect(t.family, t.sockaddr,
-                                  self._tls_context() if mode == "implicit" else None)
+                                  self.client_tls() if mode == "implicit" else None)
         reply = client.ehlo(self.ehlo_name())
         loop = loop_reason(client.peer_ip, t.port, cfg.listen, self.ehlo_name(), greeting, reply)
         if loop:  # before STARTTLS and AUTH: never our password to ourselves
             raise MailLoop(f"{policy.LOOP_REASON} ({loop})")
         if mode in ("required", "opportunistic"):
             if client.caps.starttls:
-                client.starttls(self._tls_context())
+                client.starttls(self.client_tls())
                 client.ehlo(self.ehlo_name())
             elif mode == "required":
                 raise TlsFailed(f"TLS is required but {client.where} does not offer STARTTLS")
@@ -285,8 +289,8 @@ class SmtpTransport:
                 raise AuthFailed(
                     f"refusing to send AUTH to {client.where} in clear text"
                     " (set tls = \"required\" or \"implicit\")")
-            mech = self._mechanism(client)
-            secret = self._get_secret()
+            mech = self.mechanism(client)
+            secret = self.secret()
             try:
                 client.auth(mech, cfg.user, secret)
             except AuthFailed as exc:
@@ -296,9 +300,9 @@ class SmtpTransport:
                     raise
                 self._say(f"AUTH {mech} refused by {client.relay}; trying once more with "
                           "a freshly read secret")
-                client.auth(mech, cfg.user, self._get_secret())
+                client.auth(mech, cfg.user, self.secret())
 
-    def _mechanism(self, client: SmtpClient) -> str:
+    def mechanism(self, client: SmtpClient) -> str:
         offered = client.caps.auth
         want = self.config.auth_mechanism
         if want:
@@ -314,7 +318,7 @@ class SmtpTransport:
         raise AuthFailed(f"{client.where} offers no usable AUTH mechanism "
                          f"({' '.join(offered)})")
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def client_tls(self) -> ssl.SSLContext:
         if self._tls is None:
             cfg = self.config
             self._tls = tls_context(ca_file=cfg.ca_file, verify=cfg.tls_verify,
@@ -333,7 +337,7 @@ class SmtpTransport:
             self._ehlo_name = hostname.smtp_name(self.config.ehlo_name, self.config.domain)
         return self._ehlo_name
 
-    def _get_secret(self) -> str:
+    def secret(self) -> str:
         """password, password_file or password_command, kept while it is fresh.
 
         A password_command (an OAuth2 access token lives about an hour) runs
@@ -366,6 +370,6 @@ class SmtpTransport:
             return False
         self._secret = self._secret_error = None
         try:
-            return self._get_secret() != refused
+            return self.secret() != refused
         except AuthFailed:
             return False  # the 535 stands; the next connection reports this error

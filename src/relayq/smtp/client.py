@@ -160,6 +160,8 @@ class SmtpClient:
         self.caps = Capabilities()
         self.tls = False
         self.tls_info = ""
+        self.greeting: Reply | None = None  # the 220, and the last EHLO reply (relayq test)
+        self.ehlo_reply: Reply | None = None
         self.peer_ip = ""
         self.dirty = False  # a transaction was started since the last RSET
         self.after_dot = False  # the final dot of the current message was sent
@@ -218,7 +220,7 @@ class SmtpClient:
         self.sock = sock
         if implicit_tls is not None:
             self._handshake(implicit_tls)
-        greeting = self.read_reply("greeting")
+        greeting = self.greeting = self.read_reply("greeting")
         if not greeting.positive:
             raise ConnectFailed(
                 f"{self.where} refused the connection: {greeting}", _temp(greeting.dsn_code)
@@ -420,7 +422,7 @@ class SmtpClient:
         except proto.CommandError as exc:
             raise SmtpError(f"cannot greet {self.where} as {name!r}: {exc} (set ehlo_name)",
                             "4.3.5") from None
-        reply = self.command(ehlo, "EHLO")
+        reply = self.ehlo_reply = self.command(ehlo, "EHLO")
         if reply.positive:
             self.caps = Capabilities.from_ehlo(reply)
             return reply

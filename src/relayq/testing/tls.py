@@ -6,6 +6,7 @@ production use. The names cover every way tests reach the test smarthost.
 
 from __future__ import annotations
 
+import datetime
 import os
 import ssl
 
@@ -26,14 +27,19 @@ class TestPKI:
         self.wrong_name_cert = self.ca.issue_cert("other.example.net")
         self.unknown_ca_cert = self.other_ca.issue_cert(*SERVER_NAMES)
         self.client_cert = self.ca.issue_cert("client.example.org")
+        past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+        self.expired_cert = self.ca.issue_cert(*SERVER_NAMES, not_before=past,
+                                               not_after=past + datetime.timedelta(days=90))
 
     def server_context(self, which: str = "good", *, require_client_cert: bool = False
                        ) -> ssl.SSLContext:
-        """A server context with the 'good', 'wrong-name' or 'unknown-ca' certificate."""
+        """A server context with the 'good', 'wrong-name', 'unknown-ca' or 'expired'
+        certificate."""
         cert = {
             "good": self.server_cert,
             "wrong-name": self.wrong_name_cert,
             "unknown-ca": self.unknown_ca_cert,
+            "expired": self.expired_cert,
         }[which]
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(ctx)

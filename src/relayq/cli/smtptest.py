@@ -1,0 +1,56 @@
+"""`relayq test [ADDRESS]`: show what each smarthost answers (delivery/probe), and
+send a test message only when ADDRESS is given."""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from relayq.core.config import Config
+    from relayq.delivery.probe import TestMessage
+
+TEST_MORE = (
+    "For each smarthost in order, as a queue run would connect (same TLS, AUTH and "
+    "timeouts, as the delivering user): the greeting, the EHLO name and extensions, TLS "
+    "version, cipher, certificate subject, issuer, expiry and verification, and AUTH "
+    "(secrets masked). Without ADDRESS no message is sent (QUIT after AUTH). Exit status: "
+    "0 all well; 78 configuration (an unreadable password_file, ca_file, a relay loop); "
+    "69 no connection or greeting; 76 TLS (handshake, certificate, no STARTTLS when "
+    "required); 77 AUTH; 65 test message refused (5xx); 75 test message deferred (4xx). "
+    "With several smarthosts, the first of these in that order that any had.")
+
+
+def run(cfg: Config, address: str | None, verbose: bool = False) -> int:
+    """Probe every smarthost; print each report; the worst outcome's exit status."""
+    from relayq.delivery import probe
+
+    message = _message(cfg, address) if address is not None else None
+    show = (lambda line: print(f"  {line}", flush=True)) if verbose else None
+    codes = []
+    for sh in cfg.smarthosts():
+        print(f"smarthost {sh!r}", flush=True)
+        report = probe.probe(cfg, sh, message, show)
+        for label, text in report.lines:
+            print(f"  {label + ':':<13}{text}", flush=True)
+        print(f"  {'result:':<13}{probe.OUTCOMES[report.code]} (exit status {report.code})",
+              flush=True)
+        codes.append(report.code)
+    return probe.worst(codes)
+
+
+def _message(cfg: Config, address: str) -> TestMessage:
+    from relayq.cli.submission import user_names
+    from relayq.core import address as addr
+    from relayq.core.errors import EX_USAGE, RelayqError
+    from relayq.delivery import probe
+    from relayq.queue.submit import Context, sender_addresses
+
+    ctx = Context(cfg)
+    try:
+        rcpt = addr.qualify(addr.parse_mailbox(address, "address"), ctx.domain)
+    except RelayqError as exc:
+        raise RelayqError(f"test: {exc}", EX_USAGE) from None
+    if not rcpt:
+        raise RelayqError("test: the test message needs a recipient, not <>", EX_USAGE)
+    user = user_names()[0]
+    sender, from_header = sender_addresses(ctx, user)
+    return probe.TestMessage(rcpt, sender, from_header)

@@ -1,0 +1,204 @@
+"""`relayq test [ADDRESS]` (issue 15 §2): each smarthost's answer, step by step, against
+real loopback servers with real certificates; a message only when ADDRESS is given."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.helpers.relayq_env import Relayq
+
+if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
+    from relayq.testing.smarthost import Smarthost, SmarthostFactory
+    from relayq.testing.tls import TestPKI
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = "s3cret-Pw!7"
+B64_PLAIN = "AGFsaWNlAHMzY3JldC1QdyE3"  # \0alice\0s3cret-Pw!7
+
+
+def relayq_test(rq: Relayq, *args: str) -> tuple[int, str]:
+    result: subprocess.CompletedProcess[bytes] = rq.run("relayq", "test", *args)
+    out = result.stdout.decode() + result.stderr.decode()
+    assert "Traceback" not in out, out
+    for secret in (SECRET, B64_PLAIN):
+        assert secret not in out
+    return result.returncode, result.stdout.decode()
+
+
+def field(out: str, label: str) -> str:
+    lines = [line.split(":", 1)[1].strip() for line in out.splitlines()
+             if line.strip().startswith(label + ":")]
+    assert lines, (label, out)
+    return lines[0]
+
+
+def no_mail(sh: Smarthost) -> None:
+    assert sh.transactions == []
+    assert not {"MAIL", "RCPT", "DATA"} & set(sh.verbs()), sh.verbs()
+
+
+def tls_host(smarthost_factory: SmarthostFactory, pki: TestPKI, which: str = "good",
+             **kwargs: object) -> Smarthost:
+    return smarthost_factory(tls_context=pki.server_context(which), **kwargs)
+
+
+def tls_settings(pki: TestPKI, tmp_path: Path, sh: Smarthost) -> dict[str, object]:
+    return {"smarthost": f"[127.0.0.1]:{sh.port}", "tls": "required",
+            "ca_file": pki.write_ca(str(tmp_path))}
+
+
+def test_plain_shows_greeting_and_extensions_and_sends_nothing(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost))
+    assert code == 0, out
+    assert field(out, "greeting").startswith("220 ")
+    assert "PIPELINING" in field(out, "extensions")
+    assert field(out, "EHLO")
+    assert "not sent" in field(out, "message")
+    assert field(out, "result").startswith("ok")
+    no_mail(sh)
+    assert sh.verbs()[-1] == "QUIT"
+
+
+def test_address_sends_exactly_one_message(smarthost_factory: SmarthostFactory,
+                                           tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost), "bob@example.org")
+    assert code == 0, out
+    assert len(sh.transactions) == 1
+    t = sh.transactions[0]
+    assert t.rcpt_tos == ["bob@example.org"]
+    assert t.mail_from.endswith("@host.example.org")
+    assert b"Subject: relayq test from " in t.content
+    assert field(out, "message").startswith("sent from <")
+
+
+def test_starttls_shows_version_cipher_and_certificate(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki)
+    code, out = relayq_test(Relayq(tmp_path, **tls_settings(pki, tmp_path, sh)))
+    assert code == 0, out
+    assert field(out, "TLS").startswith("TLSv1.")
+    assert "relayq test CA" in field(out, "issuer")
+    assert field(out, "subject")
+    assert "days)" in field(out, "expires")
+    assert field(out, "verify").startswith("ok")
+    no_mail(sh)
+
+
+@pytest.mark.parametrize(("which", "words"), [
+    ("wrong-name", "not valid for '127.0.0.1'"),
+    ("unknown-ca", "unable to get local issuer certificate"),
+    ("expired", "certificate has expired"),
+])
+def test_bad_certificate_is_shown_and_nothing_is_sent(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path,
+        which: str, words: str) -> None:
+    """The issue's "done when": a TLS problem shown without sending mail (nor AUTH)."""
+    sh = tls_host(smarthost_factory, pki, which, auth={"alice": SECRET})
+    rq = Relayq(tmp_path, user="alice", password=SECRET, **tls_settings(pki, tmp_path, sh))
+    code, out = relayq_test(rq, "bob@example.org")
+    assert code == 76, out
+    assert field(out, "verify") == "FAILED (below)"
+    assert words in field(out, "problem")
+    assert field(out, "issuer")  # the certificate, fetched again to show it
+    if which == "expired":
+        assert "EXPIRED" in field(out, "expires")
+    no_mail(sh)
+    assert "AUTH" not in sh.verbs()
+
+
+def test_auth_accepted_masks_the_secret(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                                        tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki, auth={"alice": SECRET})
+    rq = Relayq(tmp_path, user="alice", password=SECRET, **tls_settings(pki, tmp_path, sh))
+    code, out = relayq_test(rq)
+    assert code == 0, out
+    assert "PLAIN as alice" in field(out, "AUTH") and "accepted" in field(out, "AUTH")
+    assert "AUTH" in sh.verbs()
+    no_mail(sh)
+
+
+def test_auth_refused_is_its_own_code_and_sends_nothing(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki, auth={"alice": "another"})
+    rq = Relayq(tmp_path, user="alice", password=SECRET, **tls_settings(pki, tmp_path, sh))
+    code, out = relayq_test(rq, "bob@example.org")
+    assert code == 77, out
+    assert "535" in field(out, "problem")
+    assert "failed" in field(out, "AUTH")
+    no_mail(sh)
+
+
+def test_verbose_dialogue_masks_the_secret(smarthost_factory: SmarthostFactory,
+                                           pki: TestPKI, tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki, auth={"alice": SECRET})
+    rq = Relayq(tmp_path, user="alice", password=SECRET, **tls_settings(pki, tmp_path, sh))
+    result = rq.run("relayq", "-v", "test")
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "AUTH PLAIN" in out and SECRET not in out and B64_PLAIN not in out
+
+
+def test_unreadable_password_file_is_a_configuration_problem(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, user="alice",
+                password_file=str(tmp_path / "missing"))
+    code, out = relayq_test(rq)
+    assert code == 78, out
+    assert "password_file" in field(out, "problem")
+    assert sh.connections == 0
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    code, out = relayq_test(Relayq(tmp_path, smarthost="[127.0.0.1]:9"))
+    assert code == 69, out
+    assert "Connection refused" in field(out, "problem")
+
+
+@pytest.mark.parametrize(("reply", "expected"), [("550 5.1.1 no such user", 65),
+                                                 ("451 4.3.0 try later", 75)])
+def test_test_message_refused(smarthost_factory: SmarthostFactory, tmp_path: Path,
+                              reply: str, expected: int) -> None:
+    sh = smarthost_factory(replies={"rcpt": reply})
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost), "bob@example.org")
+    assert code == expected, out
+    assert reply.split()[0] in field(out, "problem")
+    assert sh.transactions == []
+
+
+def test_several_smarthosts_each_tested_worst_code(smarthost_factory: SmarthostFactory,
+                                                   pki: TestPKI, tmp_path: Path) -> None:
+    good = smarthost_factory()
+    bad_tls = tls_host(smarthost_factory, pki, "wrong-name")
+    rq = Relayq(tmp_path, smarthost=[good.smarthost, "[127.0.0.1]:9",
+                                     f"[127.0.0.1]:{bad_tls.port}"],
+                tls="opportunistic", ca_file=pki.write_ca(str(tmp_path)))
+    code, out = relayq_test(rq)
+    assert out.count("smarthost [127.0.0.1]") == 3, out
+    assert code == 69, out  # unreachable ranks before TLS (76)
+    assert [line.split("(exit status ")[1].rstrip(")") for line in out.splitlines()
+            if "result:" in line] == ["0", "69", "76"]
+
+
+def test_implicit_tls(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                      tmp_path: Path) -> None:
+    sh = smarthost_factory(tls_context=pki.server_context(), implicit_tls=True)
+    rq = Relayq(tmp_path, smarthost=f"[127.0.0.1]:{sh.port}", tls="implicit",
+                ca_file=pki.write_ca(str(tmp_path)))
+    code, out = relayq_test(rq)
+    assert code == 0, out
+    assert field(out, "TLS").startswith("TLSv1.")
+
+
+def test_usage(tmp_path: Path) -> None:
+    rq = Relayq(tmp_path)
+    assert rq.run("relayq", "test", "a@b", "c@d").returncode == 64
+    assert rq.run("relayq", "test", "<>").returncode == 64
