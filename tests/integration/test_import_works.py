@@ -55,8 +55,8 @@ EXPECTED = {
     "msmtp": ("alerts@example.org", ["root@host.example.org"], "root@host.example.org"),
     # MASQUERADE alerts@example.org: every message's envelope sender
     "dma": ("alerts@example.org", ["root@host.example.org"], "root@host.example.org"),
-    # dc_readhost: the sender's domain, envelope and header
-    "exim4": ("root@example.org", ["root@host.example.org"], "root@example.org"),
+    # /etc/email-addresses maps root, envelope and header (dc_readhost is for the others)
+    "exim4": ("alerts@example.org", ["root@host.example.org"], "alerts@example.org"),
 }
 
 

@@ -24,7 +24,8 @@ TEXT = st.lists(st.one_of(LINE, st.lists(WORDS, max_size=6).map(" ".join)), max_
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @settings(max_examples=150, deadline=None)
 @given(names=st.sampled_from(["remotes", "me", "ssmtp.conf", "revaliases", "dma.conf",
-                              "auth.conf", "msmtprc", "main.cf", "sasl_passwd", "other"]),
+                              "auth.conf", "msmtprc", "main.cf", "sasl_passwd", "email-addresses",
+                              "other"]),
        text=TEXT)
 def test_any_text_converts_and_renders_as_toml(kind: str, names: str, text: str) -> None:
     result = KINDS[kind].convert([(names, text)])
