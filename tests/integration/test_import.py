@@ -86,6 +86,18 @@ def test_write_makes_a_private_file_with_the_password_and_never_replaces_one(
 
 
 
+def test_write_leaves_no_generics_file_when_the_relayq_toml_exists(tmp_path: Path) -> None:
+    """Both files or neither: revaliases' generics file is not left behind."""
+    target = tmp_path / "relayq.toml"
+    target.write_text("# the administrator's\n")
+    r = subprocess.run([str(BIN / "relayq"), "import", "--write", *inputs("ssmtp")],
+                       cwd=DATA / "ssmtp", capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RELAYQ_CONFIG": str(target)})
+    assert r.returncode == 73 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relayq.toml"]
+    assert target.read_text() == "# the administrator's\n"
+
+
 def test_bad_input_is_one_line_and_a_sysexits_code(tmp_path: Path) -> None:
     (tmp_path / "random.txt").write_text("hello world\n")
     unknown = relayq_import("random.txt", cwd=tmp_path)

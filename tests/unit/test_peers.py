@@ -91,3 +91,20 @@ def test_sendmail_genericstable_is_its_text_source(mc: str, apply: str) -> None:
     assert str(values["generics_file"]).startswith("/etc/mail/g")
     assert not str(values["generics_file"]).endswith(".db")
     assert values["generics_apply"] == apply
+
+
+def test_a_built_submit_cf_names_its_genericstable_and_class_g() -> None:
+    cf = "DSmail.example.org\nKgenerics hash -o /etc/mail/genericstable.db\nCGexample.org\n"
+    values, notes = _values("sendmail", "submit.cf", cf)
+    assert values["generics_file"] == "/etc/mail/genericstable"
+    assert values["generics_apply"] == "header"  # the .mc's masquerade_envelope is not seen
+    assert any("local_domains" in n for n in notes)
+
+
+def test_postfix_second_sender_map_is_one_note() -> None:
+    text = ("relayhost = s\nsmtp_generic_maps = hash:/etc/postfix/generic\n"
+            "sender_canonical_maps = hash:/etc/postfix/canonical\n")
+    values, notes = _values("postfix", "main.cf", text)
+    assert values["generics_file"] == "/etc/postfix/generic"
+    assert len([n for n in notes if "generics_file is already" in n]) == 1
+    assert not any("every sender as mail arrives" in n for n in notes)

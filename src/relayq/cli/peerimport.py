@@ -103,13 +103,14 @@ def run_import(paths: list[str], kind: str | None, write: bool, target: str) -> 
         private = any(s.key in SECRET_KEYS for r in results for s in r.settings)
         if generics:
             _write(where, generics, private=False)
-            print(f"relayq: wrote {where}", file=sys.stderr)
         try:
             _write(target, text, private)
         except RelayqError:
             if generics:
                 os.unlink(where)  # both files or neither
             raise
+        if generics:
+            print(f"relayq: wrote {where} (generics_file)", file=sys.stderr)
         print(f"relayq: wrote {target}"
               + (" (mode 0600: it holds a password)" if private else ""), file=sys.stderr)
     else:

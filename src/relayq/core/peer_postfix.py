@@ -152,8 +152,9 @@ def _generic_maps(r: Imported, name: str, origin: Origin, value: str) -> None:
             r.set("generics_file", path, origin,
                   "keys at another domain than this host's (local_domains) never match; "
                   "relayq does not strip a +extension before the lookup")
-            r.set("generics_apply", "both", origin)
-            r.note(origin, _GENERIC[name])
+            if r.get("generics_file") == path:  # not a second map (that is a note)
+                r.set("generics_apply", "both", origin)
+                r.note(origin, _GENERIC[name])
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:
