@@ -90,9 +90,9 @@ def run_import(paths: list[str], kind: str | None, write: bool, target: str) -> 
     results = convert(paths, kind)
     generics = generics_text(results)
     where = _generics_path(target) if generics else ""
-    for r in results:
-        if r.generics:
-            r.set("generics_file", where, r.generics[0][0])
+    first = next((r for r in results if r.generics), None)  # one file for all of them
+    if first is not None:
+        first.set("generics_file", where, first.generics[0][0])
     text = render(results, secrets=write, generics_at="" if write else where)
     try:
         parse(text, "(imported)")  # what is printed is a configuration relayq takes

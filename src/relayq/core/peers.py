@@ -154,7 +154,7 @@ GENERICS_NAME = "generics"  # the generics file `relayq import --write` makes ne
 def generics_text(results: list[Imported]) -> str:
     """The generics file made from a peer's own map (ssmtp's revaliases): each line
     after a comment naming its origin; "" when no peer made one."""
-    out = [f"# from {o}\n{line}\n" for r in results for o, line in r.generics]
+    out = [f"{_comment(f'# from {o}')}\n{line}\n" for r in results for o, line in r.generics]
     if not out:
         return ""
     return _comment("# generics_file made by `relayq import`: local user, full address; "
