@@ -70,13 +70,32 @@ def test_write_makes_a_private_file_with_the_password_and_never_replaces_one(
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     values = tomllib.loads(target.read_text())
     assert values["password"] == "s-s3cret" and values["smarthost"] == "smtp.example.org:587"
+    # revaliases became a generics file next to it, named by generics_file
+    generics = tmp_path / "generics"
+    assert values["generics_file"] == str(generics)
+    assert [ln for ln in generics.read_text().splitlines() if not ln.startswith("#")] == [
+        "root alerts@example.org", "alice alice@example.org"]
+    assert stat.S_IMODE(generics.stat().st_mode) == 0o644
     before = target.read_bytes()
     again = subprocess.run(args, cwd=DATA / "ssmtp", capture_output=True, text=True, env=env,
                            timeout=60)
     assert again.returncode == 73 and "never replaces" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert target.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["relayq.toml"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generics", "relayq.toml"]  # no temp
+
+
+
+def test_write_leaves_no_generics_file_when_the_relayq_toml_exists(tmp_path: Path) -> None:
+    """Both files or neither: revaliases' generics file is not left behind."""
+    target = tmp_path / "relayq.toml"
+    target.write_text("# the administrator's\n")
+    r = subprocess.run([str(BIN / "relayq"), "import", "--write", *inputs("ssmtp")],
+                       cwd=DATA / "ssmtp", capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RELAYQ_CONFIG": str(target)})
+    assert r.returncode == 73 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relayq.toml"]
+    assert target.read_text() == "# the administrator's\n"
 
 
 def test_bad_input_is_one_line_and_a_sysexits_code(tmp_path: Path) -> None:

@@ -54,6 +54,16 @@ def test_generics_parse_and_lookup() -> None:
     assert rewrite.generic("", t, LOCAL) is None
 
 
+def test_an_unqualified_sender_is_looked_up_as_qualified_first() -> None:
+    """Postfix qualifies with $myorigin, Sendmail's MSP with $j, before the lookup:
+    a table keyed root@example.org maps cron's bare `root`."""
+    t = rewrite.parse_generics("root@host.example.org a@example.org\nroot b@example.org\n"
+                               "@host.example.org c@example.org\n", "g")
+    assert rewrite.generic("root", t, LOCAL, "host.example.org") == "a@example.org"
+    assert rewrite.generic("bob", t, LOCAL, "host.example.org") == "c@example.org"
+    assert rewrite.generic("root", t, LOCAL) == "b@example.org"  # no domain: the user key
+
+
 @pytest.mark.parametrize(("text", "line"), [("root\n", 1), ("# x\nroot a b\n", 2),
                                              ("root notanaddress\n", 1), ("a@ b@example.org", 1)])
 def test_generics_bad_line_names_file_and_line(text: str, line: int) -> None:

@@ -16,9 +16,16 @@ from relayq.core import (
     peer_sendmail,
     peer_ssmtp,
 )
-from relayq.core.config import parse
+from relayq.core.config import SYSTEM_CONFIG, parse
 from relayq.core.errors import EX_CANTCREAT, EX_NOINPUT, EX_OK, ConfigError, RelayqError
-from relayq.core.peers import SECRET_KEYS, Imported, detect, render
+from relayq.core.peers import (
+    GENERICS_NAME,
+    SECRET_KEYS,
+    Imported,
+    detect,
+    generics_text,
+    render,
+)
 
 KINDS = {m.KIND: m for m in (peer_sendmail, peer_nullmailer, peer_ssmtp, peer_dma, peer_msmtp,
                               peer_postfix, peer_exim4)}
@@ -72,9 +79,21 @@ def _write(path: str, text: str, private: bool) -> None:
             pass
 
 
+def _generics_path(target: str) -> str:
+    """Where the generics file a peer made goes: next to the relayq.toml (next to the
+    system one when the configuration is /dev/null, i.e. none)."""
+    base = SYSTEM_CONFIG if os.path.realpath(target) == os.devnull else target
+    return os.path.join(os.path.dirname(os.path.abspath(base)), GENERICS_NAME)
+
+
 def run_import(paths: list[str], kind: str | None, write: bool, target: str) -> int:
     results = convert(paths, kind)
-    text = render(results, secrets=write)
+    generics = generics_text(results)
+    where = _generics_path(target) if generics else ""
+    first = next((r for r in results if r.generics), None)  # one file for all of them
+    if first is not None:
+        first.set("generics_file", where, first.generics[0][0])
+    text = render(results, secrets=write, generics_at="" if write else where)
     try:
         parse(text, "(imported)")  # what is printed is a configuration relayq takes
     except ConfigError as exc:
@@ -82,7 +101,16 @@ def run_import(paths: list[str], kind: str | None, write: bool, target: str) -> 
                           78) from None
     if write:
         private = any(s.key in SECRET_KEYS for r in results for s in r.settings)
-        _write(target, text, private)
+        if generics:
+            _write(where, generics, private=False)
+        try:
+            _write(target, text, private)
+        except RelayqError:
+            if generics:
+                os.unlink(where)  # both files or neither
+            raise
+        if generics:
+            print(f"relayq: wrote {where} (generics_file)", file=sys.stderr)
         print(f"relayq: wrote {target}"
               + (" (mode 0600: it holds a password)" if private else ""), file=sys.stderr)
     else:

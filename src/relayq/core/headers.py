@@ -518,7 +518,7 @@ def _generic_fixer(opts: Options) -> Callable[[str], str | None]:
     other = _masquerader(opts) if opts.masquerade_as else _qualifier(opts.domain)
 
     def fix(addr: str) -> str | None:
-        mapped = generic(compact(addr), opts.generics, opts.generics_domains)
+        mapped = generic(compact(addr), opts.generics, opts.generics_domains, opts.domain)
         return mapped if mapped is not None else other(addr)
 
     return fix

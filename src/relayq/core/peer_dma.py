@@ -52,10 +52,7 @@ def _word(r: Imported, origin: Origin, word: str, value: str, seen: dict[str, st
     elif word == "CERTFILE":
         r.set("client_cert", value, origin)
     elif word == "MASQUERADE":
-        user, at, domain = value.rpartition("@")
-        r.set("masquerade_as", domain, origin)
-        if at and user:
-            r.note(origin, f"relayq rewrites the domain only; the user part {user!r} stays")
+        _masquerade(r, origin, value)
     elif word == "MAILNAME":
         if value == "/etc/mailname":
             r.already(origin, "relayq reads /etc/mailname itself")
@@ -73,6 +70,22 @@ def _word(r: Imported, origin: Origin, word: str, value: str, seen: dict[str, st
         r.note(origin, _NOTES[word])
     else:
         r.note(origin, "not a dma setting relayq knows")
+
+
+def _masquerade(r: Imported, origin: Origin, value: str) -> None:
+    """dma(8) MASQUERADE sets the envelope-from (over -f): `user@domain` every
+    message's, `domain` user@domain, `user@` user@this-host."""
+    user, at, domain = value.rpartition("@")
+    if not at:
+        r.set("masquerade_as", value, origin,
+              "dma rewrites the envelope sender only; relayq the From: header too")
+    elif not domain:
+        r.note(origin, f"relayq needs the whole address: all_mail_from = \"{user}@THIS-HOST\"")
+    elif user:
+        r.set("all_mail_from", value, origin, "the null sender <> of a bounce stays <>")
+    else:
+        r.set("masquerade_as", domain, origin,
+              "dma rewrites the envelope sender only; relayq the From: header too")
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:

@@ -1,13 +1,15 @@
-"""Debian's exim4 as a smarthost client: update-exim4.conf.conf and passwd.client."""
+"""Debian's exim4 as a smarthost client: update-exim4.conf.conf, passwd.client and
+/etc/email-addresses (the senders Debian's exim4 rewrites)."""
 
 from __future__ import annotations
 
 import os
 
 from relayq.core.peers import Credential, Imported, Origin, credentials, lines, smarthost_of
+from relayq.core.rewrite import valid_target
 
 KIND = "exim4"
-NAMES = ("update-exim4.conf.conf", "passwd.client")
+NAMES = ("update-exim4.conf.conf", "passwd.client", "email-addresses")
 _SAME = {
     "dc_local_interfaces": "relayq's listener takes loopback clients only",
     "dc_use_split_config": "nothing to set",
@@ -75,12 +77,27 @@ def _passwd(r: Imported, path: str, text: str) -> None:
     credentials(r, entries, (smarthost_of(r).split(":")[0], "*"))
 
 
+def _email_addresses(r: Imported, path: str, text: str) -> None:
+    """`user: address` lines: Debian's exim4 rewrites a local sender found there in
+    the envelope and in From:, Reply-To: and Sender: (its rewrite rule's Ffrs)."""
+    for origin, body in lines(path, text):
+        user, sep, addr = (w.strip() for w in body.partition(":"))
+        if not sep or not user or any(c.isspace() for c in user) or not valid_target(addr):
+            r.note(origin, "not user: full-address")
+            continue
+        r.generics.append((origin, f"{user} {addr}"))
+    if r.generics:
+        r.set("generics_apply", "both", r.generics[0][0],
+              "exim also rewrites Reply-To:; relayq From:, Sender: and the Resent- ones")
+
+
 def convert(files: list[tuple[str, str]]) -> Imported:
     r = Imported(KIND)
+    maps = [(p, t) for p, t in files if os.path.basename(p) == "email-addresses"]
     secrets = [(p, t) for p, t in files if os.path.basename(p) == "passwd.client"
-               or not sniff(t)]
+               or (not sniff(t) and (p, t) not in maps)]
     for path, text in files:
-        if (path, text) in secrets:
+        if (path, text) in secrets or (path, text) in maps:
             continue
         for origin, body in lines(path, text):
             key, sep, value = body.partition("=")
@@ -90,4 +107,6 @@ def convert(files: list[tuple[str, str]]) -> Imported:
             _value(r, origin, key.strip(), value.strip().strip("'\""))
     for path, text in secrets:
         _passwd(r, path, text)
+    for path, text in maps:
+        _email_addresses(r, path, text)
     return r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from relayq.core.peers import Imported, Origin, host_port, lines
+from relayq.core.rewrite import valid_target
 
 KIND = "msmtp"
 NAMES = ("msmtprc", ".msmtprc")
@@ -11,9 +12,8 @@ _SAME_NAME = {"user": "user", "password": "password", "passwordeval": "password_
               "tls_trust_file": "ca_file", "tls_cert_file": "client_cert",
               "tls_key_file": "client_key", "domain": "ehlo_name", "logfile": "log_file"}
 _NOTES = {
-    "from": "relayq cannot yet give every message one envelope sender (the From: header "
-            "a program writes is kept)",
-    "aliases": "relayq has no forward map for local recipients without local delivery yet",
+    "aliases": "relayq forwards local recipients to one address (local_forward), not "
+               "through a map: set it to that file's root or default: address",
     "set_from_header": "relayq keeps the From: header a program writes",
     "tls_fingerprint": "relayq checks the certificate against a CA (ca_file), not a "
                        "fingerprint",
@@ -80,13 +80,29 @@ def _apply(r: Imported, items: Items) -> None:
     if "timeout" in got and got["timeout"][1].isdigit():
         r.set("timeout", int(got["timeout"][1]), got["timeout"][0])
     for key, (origin, value) in got.items():
-        if key in _SAME_NAME:
+        if key == "from":
+            _from(r, origin, value)
+        elif key in _SAME_NAME:
             r.set(_SAME_NAME[key], value, origin)
         elif key in _NOTES:
             r.note(origin, _NOTES[key])
         elif key not in ("host", "port", "tls", "tls_starttls", "tls_certcheck", "auth",
                          "syslog", "timeout"):
             r.note(origin, "not an msmtp setting relayq knows")
+
+
+def _from(r: Imported, origin: Origin, value: str) -> None:
+    """msmtp's `from` is the envelope-from: a fixed one is all_mail_from; one with
+    %U (user), %H (host), %C (canonical host), %M (mail domain) varies per user."""
+    if "%" in value:
+        r.note(origin, "relayq's all_mail_from is one fixed address; msmtp fills in "
+                       "%U/%H/%C/%M per message: set domain (or masquerade_as) instead")
+    elif not valid_target(value):
+        r.note(origin, "not a full address (user@domain)")
+    else:
+        r.set("all_mail_from", value, origin,
+              "msmtp takes the sender given with -f (sendmail -f) over `from`; relayq's "
+              "all_mail_from replaces it too. The From: header a program writes is kept")
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:

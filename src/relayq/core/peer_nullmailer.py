@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 
 from relayq.core.peers import Imported, Origin, host_port, lines
+from relayq.core.rewrite import valid_target
 
 KIND = "nullmailer"
 NAMES = ("remotes", "me", "defaultdomain", "defaulthost", "helohost", "idhost", "adminaddr",
          "allmailfrom", "queuelifetime", "sendtimeout", "pausetime", "maxpause")
 _SECONDS = {"queuelifetime": "max_queue_age", "sendtimeout": "timeout",
             "pausetime": "retry_min", "maxpause": "retry_max"}
+# nullmailer-queue(8): adminaddr remaps recipients at "localhost" and at the canonical
+# host name (`me` upstream, /etc/mailname in Debian's build); a comma list is allowed
+_ADMIN = ("nullmailer remaps recipients at localhost and at its host name (me, or "
+          "/etc/mailname on Debian) only; relayq forwards those at any of local_domains "
+          "(by default this host's names and domain)")
+_ALLFROM = "the null sender <> of a bounce stays <> (nullmailer replaces every sender)"
 _NOT_YET = {
-    "adminaddr": "relayq has no forward address for local recipients yet: with "
-                 "local_delivery = true, an /etc/aliases line (root: admin@example.org) does it",
-    "allmailfrom": "relayq cannot yet give every message one envelope sender",
     "defaultdomain": "relayq does not append a domain to host names without a dot",
     "idhost": "relayq's Message-IDs use domain",
 }
@@ -67,6 +71,18 @@ def _remote(r: Imported, origin: Origin, words: list[str], first: bool) -> None:
         r.set("smarthost", [entry], origin)
 
 
+def _address(r: Imported, origin: Origin, name: str, value: str) -> None:
+    """adminaddr -> local_forward, allmailfrom -> all_mail_from: one full address."""
+    addrs = [a.strip() for a in value.split(",") if a.strip()]
+    if len(addrs) != 1 or not valid_target(addrs[0]):
+        r.note(origin, "relayq takes one full address (user@domain) here"
+                       + (": forward to a list at the smarthost" if len(addrs) > 1 else ""))
+    elif name == "adminaddr":
+        r.set("local_forward", addrs[0], origin, _ADMIN)
+    else:
+        r.set("all_mail_from", addrs[0], origin, _ALLFROM)
+
+
 def convert(files: list[tuple[str, str]]) -> Imported:
     r = Imported(KIND)
     by_name = {os.path.basename(p): (p, t) for p, t in files}
@@ -92,6 +108,8 @@ def convert(files: list[tuple[str, str]]) -> Imported:
                 r.set(_SECONDS[name], int(value), origin)
             else:
                 r.note(origin, "not a number of seconds")
+        elif name in ("adminaddr", "allmailfrom"):
+            _address(r, origin, name, value)
         elif name in _NOT_YET:
             r.note(origin, _NOT_YET[name])
         else:

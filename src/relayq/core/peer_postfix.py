@@ -22,10 +22,8 @@ _SERVER = re.compile(r"(smtpd_|virtual_|lmtp_|milter|content_filter|header_check
                      r"recipient_delimiter$|mynetworks|inet_protocols$|myhostname$|"
                      r"mydestination$|relay_domains$|local_transport$|mydomain$)")
 _NOTES = {
-    "smtp_generic_maps": "relayq cannot yet rewrite local senders through a map",
     "sender_dependent_relayhost_maps": "relayq relays through one smarthost account; "
                                        "accounts per sender come later",
-    "sender_canonical_maps": "relayq cannot yet rewrite senders through a map",
     "smtp_sasl_security_options": "relayq never sends a password without TLS",
 }
 
@@ -115,6 +113,8 @@ def _param(r: Imported, name: str, origin: Origin, value: str, sasl_given: bool)
         seconds = _seconds(value)
         if seconds is not None:
             r.set(_SECONDS[name], seconds, origin)
+    elif name in ("smtp_generic_maps", "sender_canonical_maps"):
+        _generic_maps(r, name, origin, value)
     elif name in _NOTES:
         r.note(origin, _NOTES[name])
     elif name == "smtp_sasl_password_maps":
@@ -125,6 +125,36 @@ def _param(r: Imported, name: str, origin: Origin, value: str, sasl_given: bool)
                            "relayq import too")
     else:
         r.note(origin, "not a Postfix setting relayq knows")
+
+
+# tables whose source is a text file of "key value" lines (postmap(1)); others are not
+_TEXT_TABLES = ("hash", "btree", "lmdb", "cdb", "dbm", "sdbm", "texthash")
+_GENERIC = {  # generic(5) and canonical(5): what relayq's generics do not do
+    "smtp_generic_maps": "Postfix rewrites recipients too (envelope and headers); relayq's "
+                         "generics rewrite senders only",
+    "sender_canonical_maps": "Postfix rewrites every sender as mail arrives; relayq only "
+                             "a local one (no domain or one of local_domains)",
+}
+
+
+def _generic_maps(r: Imported, name: str, origin: Origin, value: str) -> None:
+    """smtp_generic_maps / sender_canonical_maps = hash:/etc/postfix/generic: the
+    map's source file, relayq's generics format; one map only."""
+    tables = [t for t in re.split(r"[\s,]+", value) if t]
+    for i, table in enumerate(tables):
+        kind, _, path = table.partition(":")
+        if i:
+            r.note(origin, f"{table}: relayq reads one generics file; only the first is used")
+        elif kind not in _TEXT_TABLES or not path.startswith("/"):
+            r.note(origin, f"relayq reads a generics file of 'key address' lines, not a {kind} "
+                           "table: write its entries as such a file and set generics_file")
+        else:
+            r.set("generics_file", path, origin,
+                  "keys at another domain than this host's (local_domains) never match; "
+                  "relayq does not strip a +extension before the lookup")
+            if r.get("generics_file") == path:  # not a second map (that is a note)
+                r.set("generics_apply", "both", origin)
+                r.note(origin, _GENERIC[name])
 
 
 def convert(files: list[tuple[str, str]]) -> Imported:

@@ -25,8 +25,14 @@ NAMES = ("submit.mc", "sendmail.mc", "submit.cf", "sendmail.cf", "authinfo")
 _MODES = {"b": "background", "i": "interactive", "q": "queue", "d": "deferred"}
 _CALL = re.compile(r"\b([A-Z][A-Z_]*|define|undefine|include|divert)\(")
 _NOTES = {
-    "allmasquerade": "relayq masquerades senders only, not recipients",
-    "genericstable": "relayq cannot yet map local users to other addresses",
+    "allmasquerade": "relayq masquerades and maps (genericstable) senders only, "
+                     "not recipients",
+    "GENERICS_DOMAIN": "relayq looks up senders at this host's names (local_domains) in "
+                       "generics_file: add this domain to local_domains if it is not one",
+    "GENERICS_DOMAIN_FILE": "relayq looks up senders at local_domains in generics_file: "
+                            "list that file's domains there",
+    "generics_entire_domain": "relayq looks up senders at the domains in local_domains, "
+                              "not at their subdomains",
     "MASQUERADE_DOMAIN": "relayq masquerades this host's own names only",
     "EXPOSED_USER": "relayq masquerades every local sender",
     "LOCAL_DOMAIN": "local_domains says which domains are this host's",
@@ -139,6 +145,8 @@ def _macro(r: Imported, origin: Origin, name: str, args: list[str]) -> None:
             r.set("auth_mechanism", mechs[0].upper(), origin)
         else:
             r.already(origin, "relayq picks PLAIN or LOGIN as offered")
+    elif name == "FEATURE" and first == "genericstable":
+        _genericstable(r, origin, args[1] if len(args) > 1 else "")
     elif name == "FEATURE" and first == "authinfo":
         r.note(origin, "give /etc/mail/authinfo (its text form) to relayq import too")
     elif what in _NOTES:
@@ -147,6 +155,23 @@ def _macro(r: Imported, origin: Origin, name: str, args: list[str]) -> None:
         r.already(origin, _SAME[what])
     else:
         r.note(origin, "not a setting relayq knows")
+
+
+# cf/README: genericstable rewrites header senders; the envelope too with masquerade_envelope
+_GENERICS_SCOPE = ("Sendmail looks up senders at the names in class G (GENERICS_DOMAIN); "
+                   "relayq at this host's names (local_domains)")
+
+
+def _genericstable(r: Imported, origin: Origin, spec: str) -> None:
+    """FEATURE(`genericstable', `hash -o /etc/mail/genericstable'): the map's text
+    source (makemap's input, without .db) is relayq's generics_file."""
+    words = (spec or "hash /etc/mail/genericstable").split()
+    kind, path = words[0], words[-1]
+    if kind not in ("hash", "btree", "dbm", "text") or not path.startswith("/"):
+        r.note(origin, f"relayq reads a generics file of 'user address' lines, not a {kind} "
+                       "map: write its entries as such a file and set generics_file")
+        return
+    r.set("generics_file", re.sub(r"\.(db|dir|pag)$", "", path), origin, _GENERICS_SCOPE)
 
 
 def _cf(r: Imported, path: str, text: str) -> None:
@@ -164,6 +189,14 @@ def _cf(r: Imported, path: str, text: str) -> None:
                   origin)
         elif m := re.match(r"D\{MTAHost\}(\S+)", body):
             r.set("smarthost", _smarthost(m.group(1)), origin)
+        elif m := re.match(r"Kgenerics\s+(.*)$", body):
+            _genericstable(r, origin, " ".join(w for w in m.group(1).split()
+                                               if not w.startswith("-")))
+            r.set("generics_apply", "header", origin,
+                  "Sendmail also rewrites the envelope when the .mc has "
+                  "FEATURE(masquerade_envelope): then set both")
+        elif body.startswith("CG") and body[2:].strip():
+            r.note(origin, _NOTES["GENERICS_DOMAIN"])
 
 
 def _authinfo(r: Imported, path: str, text: str) -> None:
@@ -194,8 +227,15 @@ def convert(files: list[tuple[str, str]]) -> Imported:
         if path.endswith(".cf") or not re.search(r"\b[A-Z_]+\(|\bdefine\(", text):
             _cf(r, path, text)
             continue
-        for origin, name, args in _calls(path, text):
+        calls = _calls(path, text)
+        for origin, name, args in calls:
             _macro(r, origin, name, args)
+        generics = next((o for o, n, a in calls if n == "FEATURE" and a[:1] == ["genericstable"]
+                         and r.get("generics_file")), None)
+        if generics is not None:  # header senders; the envelope too with masquerade_envelope
+            envelope = any(n == "FEATURE" and a[:1] == ["masquerade_envelope"]
+                           for _, n, a in calls)
+            r.set("generics_apply", "both" if envelope else "header", generics)
     for path, text in auth:
         _authinfo(r, path, text)
     return r

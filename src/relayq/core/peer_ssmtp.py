@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from relayq.core.peers import Imported, Origin, lines, yes
+from relayq.core.rewrite import valid_target
 
 KIND = "ssmtp"
 NAMES = ("ssmtp.conf", "revaliases")
@@ -34,8 +35,15 @@ def _setting(r: Imported, origin: Origin, key: str, value: str,
             r.note(origin, "relayq keeps the From: header a program writes "
                            "(as FromLineOverride=YES); it does not rewrite it")
     elif k == "root":
-        r.note(origin, "relayq has no forward address for local recipients yet: with "
-                       "local_delivery = true, an /etc/aliases line (root: ADDRESS) does it")
+        if not value:
+            r.already(origin, "empty: local recipients are not forwarded")
+        elif not valid_target(value):
+            r.note(origin, "relayq forwards to a full address (user@domain) only")
+        else:  # ssmtp: "the person who gets all mail for userids < 1000"
+            r.set("local_forward", value, origin,
+                  "ssmtp forwards only recipients written without a domain; relayq also "
+                  "those at this host's names (local_domains)")
+            r.set("local_forward_users", "system", origin)
     elif k == "authmethod":
         if value.lower() == "login":
             r.set("auth_mechanism", "LOGIN", origin)
@@ -49,14 +57,29 @@ def _setting(r: Imported, origin: Origin, key: str, value: str,
         r.note(origin, "not an ssmtp setting relayq knows")
 
 
+def _revalias(r: Imported, origin: Origin, body: str, hubs: list[tuple[Origin, str]]) -> None:
+    """`local account:outgoing address[:mailhub[:port]]`: a generics line; the
+    mailhub is checked against ssmtp.conf's once both are read."""
+    user, _, rest = body.partition(":")
+    addr, _, hub = rest.partition(":")
+    user, addr = user.strip(), addr.strip()
+    if not user or not valid_target(addr) or any(c.isspace() for c in user):
+        r.note(origin, "not local-account:full-address[:mailhub]")
+        return
+    r.generics.append((origin, f"{user} {addr}"))
+    if hub.strip():
+        hubs.append((origin, hub.strip()))
+
+
 def convert(files: list[tuple[str, str]]) -> Imported:
     r = Imported(KIND)
     tls: dict[str, Origin] = {}
+    hubs: list[tuple[Origin, str]] = []
     for path, text in files:
         revaliases = os.path.basename(path) == "revaliases" or not sniff(text)
         for origin, body in lines(path, text):
             if revaliases:
-                r.note(origin, "relayq cannot yet map a local user to another sender address")
+                _revalias(r, origin, body, hubs)
                 continue
             key, sep, value = body.partition("=")
             if not sep:
@@ -68,4 +91,17 @@ def convert(files: list[tuple[str, str]]) -> Imported:
         r.set("tls", "required", tls["usestarttls"])
     elif "usetls" in tls:
         r.set("tls", "implicit", tls["usetls"])
+    _generics(r, hubs)
     return r
+
+
+def _generics(r: Imported, hubs: list[tuple[Origin, str]]) -> None:
+    """revaliases sets the envelope sender and the From: ssmtp writes; with
+    FromLineOverride=YES a program's From: is kept: the envelope only."""
+    for origin, hub in hubs:
+        if hub != r.get("smarthost"):
+            r.note(origin, f"relayq relays through one smarthost: this user's mailhub {hub} "
+                           "is not used (the address is)")
+    if r.generics:
+        keeps = any("fromlineoverride" in n.origin.text.lower() for n in r.same)
+        r.set("generics_apply", "envelope" if keeps else "both", r.generics[0][0])

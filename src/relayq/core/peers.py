@@ -39,6 +39,7 @@ class Setting:
     key: str
     value: object
     origin: Origin
+    caveat: str = ""  # how relayq's meaning differs from the peer's, said next to it
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ class Imported:
     settings: list[Setting] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     same: list[Note] = field(default_factory=list)  # what relayq already does: nothing to set
+    generics: list[tuple[Origin, str]] = field(default_factory=list)  # a generics file's lines
 
-    def set(self, key: str, value: object, origin: Origin) -> None:
+    def set(self, key: str, value: object, origin: Origin, caveat: str = "") -> None:
         """The first value for a key wins; a second, different one is a note."""
         for s in self.settings:
             if s.key == key:
@@ -64,7 +66,7 @@ class Imported:
                     self.note(origin, f"{key} is already {render_value(s.value)} "
                                       f"(from {s.origin.path}:{s.origin.line}); kept that")
                 return
-        self.settings.append(Setting(key, value, origin))
+        self.settings.append(Setting(key, value, origin, caveat))
 
     def note(self, origin: Origin, why: str) -> None:
         self.notes.append(Note(origin, why))
@@ -146,21 +148,47 @@ def render_value(value: object) -> str:
     raise TypeError(f"no TOML for {value!r}")
 
 
-def render(results: list[Imported], secrets: bool) -> str:
+GENERICS_NAME = "generics"  # the generics file `relayq import --write` makes next to the toml
+
+
+def generics_text(results: list[Imported]) -> str:
+    """The generics file made from a peer's own map (ssmtp's revaliases): each line
+    after a comment naming its origin; "" when no peer made one."""
+    out = [f"{_comment(f'# from {o}')}\n{line}\n" for r in results for o, line in r.generics]
+    if not out:
+        return ""
+    return _comment("# generics_file made by `relayq import`: local user, full address; "
+                    "relayq.toml(5)") + "\n" + "".join(out)
+
+
+def _generics_block(results: list[Imported], path: str) -> list[str]:
+    lines_ = [line for r in results for _, line in r.generics]
+    if not lines_:
+        return []
+    return ["", f"# Save these lines as {path} (generics_file; `relayq import --write` "
+                "writes it):", *(f"#     {line}" for line in lines_)]
+
+
+def render(results: list[Imported], secrets: bool, generics_at: str = "") -> str:
     """The relayq.toml text: each setting after a comment naming its origin, then
     every setting not carried over. `secrets` False: passwords are left out (the
-    line says where to put them)."""
+    line says where to put them). `generics_at`: where the generics lines a peer
+    made are to be saved, shown as a comment block (--write writes the file)."""
     out = ["# relayq.toml made by `relayq import` from "
            + ", ".join(r.kind for r in results) + "; every key: relayq.toml(5)"]
     order = {key: i for i, key in enumerate(SCHEMA)}
     for r in results:
         for s in sorted(r.settings, key=lambda s: order.get(s.key, len(order))):
             out.append(f"# from {s.origin}")
+            if s.caveat:
+                out.append(f"# differs: {s.caveat}")
             if s.key in SECRET_KEYS and not secrets:
                 out.append(f"# {s.key} = ...  (left out: `relayq import --write` puts it in a "
                            "file only root can read; or use password_file)")
             else:
                 out.append(f"{s.key} = {render_value(s.value)}")
+    if generics_at:
+        out += _generics_block(results, generics_at)
     same = [n for r in results for n in r.same]
     if same:
         out += ["", "# Nothing to set (relayq does this already):"]

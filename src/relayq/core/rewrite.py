@@ -88,15 +88,18 @@ def parse_generics(text: str, path: str) -> dict[str, str]:
     return table
 
 
-def generic(addr: str, table: dict[str, str], local_domains: Collection[str]) -> str | None:
+def generic(addr: str, table: dict[str, str], local_domains: Collection[str],
+            qualify: str = "") -> str | None:
     """The generics map's address for a local sender, or None (not local, not mapped).
 
-    Looked up as user@domain, then user, then @domain (Postfix's order)."""
+    Looked up as user@domain, then user, then @domain (Postfix's order); a sender
+    without a domain as if it had `qualify`'s (Postfix's $myorigin, Sendmail's $j),
+    so that a table keyed root@example.org maps a bare `root`."""
     if not table or not addr or not is_local(addr, local_domains):
         return None
     local, domain = split(addr)
     key = local.lower()
-    dom = domain.lower().rstrip(".")
+    dom = (domain or qualify).lower().rstrip(".")
     for k in ((f"{key}@{dom}", key, f"@{dom}") if dom else (key,)):
         if k in table:
             return table[k]

@@ -148,7 +148,7 @@ class Context:
         or None (not mapped, or the map does not apply there)."""
         if not self.generics_file or self.generics_apply not in ("both", part):
             return None
-        return rewrite.generic(addr, self.generics(), self.forward_domains)
+        return rewrite.generic(addr, self.generics(), self.forward_domains, self.domain)
 
     def forwarded(self, rcpt: str) -> str | None:
         """Where local_forward sends a recipient, or None."""
