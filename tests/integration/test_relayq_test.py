@@ -202,3 +202,94 @@ def test_usage(tmp_path: Path) -> None:
     rq = Relayq(tmp_path)
     assert rq.run("relayq", "test", "a@b", "c@d").returncode == 64
     assert rq.run("relayq", "test", "<>").returncode == 64
+
+
+def test_self_signed_certificate(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                                 tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki, "self-signed")
+    code, out = relayq_test(Relayq(tmp_path, **tls_settings(pki, tmp_path, sh)))
+    assert code == 76, out
+    assert "self-signed" in field(out, "problem")
+    assert "relayq self-signed" in field(out, "issuer")
+    no_mail(sh)
+
+
+def test_tls_verify_off_says_so(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                                tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki, "wrong-name")
+    rq = Relayq(tmp_path, **tls_settings(pki, tmp_path, sh), tls_verify=False)
+    code, out = relayq_test(rq)
+    assert code == 0, out
+    assert field(out, "verify").startswith("not checked")
+    assert "other.example.net" in field(out, "names")
+
+
+def test_starttls_required_but_not_offered(smarthost_factory: SmarthostFactory,
+                                           tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost, tls="required"))
+    assert code == 76, out
+    assert "does not offer STARTTLS" in field(out, "problem")
+    no_mail(sh)
+
+
+def test_refused_starttls_makes_no_second_connection(smarthost_factory: SmarthostFactory,
+                                                     tmp_path: Path) -> None:
+    server = smarthost_factory.scripted(replies={
+        "EHLO": b"250-raw.example.org\r\n250 STARTTLS\r\n",
+        "STARTTLS": b"454 4.7.0 TLS not available now\r\n"})
+    rq = Relayq(tmp_path, smarthost=f"[127.0.0.1]:{server.port}", tls="required")
+    code, out = relayq_test(rq)
+    assert code == 76, out
+    assert "454 4.7.0" in field(out, "problem")
+    assert field(out, "TLS") == "FAILED (below)"
+    assert "fetched again" not in out
+
+
+def test_no_220_greeting(smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory(replies={"greeting": "554 5.3.2 go away"})
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost))
+    assert code == 69, out
+    assert "554 5.3.2" in field(out, "problem")
+
+
+def test_a_silent_server_times_out_with_one_line(smarthost_factory: SmarthostFactory,
+                                                 tmp_path: Path) -> None:
+    server = smarthost_factory.scripted(script=lambda session: session.readline())
+    rq = Relayq(tmp_path, smarthost=f"[127.0.0.1]:{server.port}", timeout=1)
+    result = rq.run("relayq", "test", timeout=60)
+    assert result.returncode == 69, result.stdout
+    err = result.stderr.decode()
+    assert "greeting" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_failing_password_command_is_a_configuration_problem(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory(auth={"alice": SECRET}, auth_require_tls=False)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, user="alice", password_command="false")
+    code, out = relayq_test(rq)
+    assert code == 78, out
+    assert "password_command exited with status 1" in field(out, "problem")
+    assert sh.connections == 0
+
+
+def test_own_listener_gets_no_auth(smarthost_factory: SmarthostFactory,
+                                   tmp_path: Path) -> None:
+    sh = smarthost_factory(auth={"alice": SECRET}, auth_require_tls=False)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, listen=[f"127.0.0.1:{sh.port}"],
+                user="alice", password=SECRET)
+    result = rq.run("relayq", "test")
+    assert result.returncode == 78
+    assert "AUTH" not in sh.verbs()
+    assert b"listener" in result.stderr + result.stdout
+
+
+def test_missing_ca_file(smarthost_factory: SmarthostFactory, pki: TestPKI,
+                         tmp_path: Path) -> None:
+    sh = tls_host(smarthost_factory, pki)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, tls="required",
+                ca_file=str(tmp_path / "missing.pem"))
+    code, out = relayq_test(rq)
+    assert code == 78, out
+    assert "cannot load ca_file" in field(out, "problem")
+    assert sh.connections == 0

@@ -3,6 +3,8 @@ send a test message only when ADDRESS is given."""
 
 from __future__ import annotations
 
+import sys
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from relayq.core.config import Config
@@ -33,6 +35,9 @@ def run(cfg: Config, address: str | None, verbose: bool = False) -> int:
             print(f"  {label + ':':<13}{text}", flush=True)
         print(f"  {'result:':<13}{probe.OUTCOMES[report.code]} (exit status {report.code})",
               flush=True)
+        if report.code:  # and one line on stderr for cron and scripts
+            problem = next(text for label, text in reversed(report.lines) if label == "problem")
+            print(f"relayq: test: {sh!r}: {problem}", file=sys.stderr, flush=True)
         codes.append(report.code)
     return probe.worst(codes)
 

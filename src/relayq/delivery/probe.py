@@ -183,16 +183,17 @@ def _tls(report: Report, transport: SmtpTransport, client: SmtpClient, sh: Smart
         report.add("verify", f"ok ({sh.host})" if cfg.tls_verify else
                    "not checked (tls_verify = false)")
         return
-    if isinstance(exc, TlsFailed) and client.greeting is not None:
+    if isinstance(exc, TlsFailed) and exc.certificate:
         report.add("verify", "FAILED (below)")
         der = _certificate_anyway(transport, client, sh, t)
         if der:
             report.add("note", "the certificate below was fetched again, unverified, to show it")
             _certificate(report, der)
         return
-    if client.caps.esmtp or client.ehlo_reply is not None:
-        report.add("TLS", "not offered (no STARTTLS)" if not client.caps.starttls and
-                   cfg.tls != "implicit" else "not reached")
+    if isinstance(exc, TlsFailed):
+        report.add("TLS", "FAILED (below)")
+    elif client.ehlo_reply is not None and not client.caps.starttls and cfg.tls != "implicit":
+        report.add("TLS", "not offered (no STARTTLS): plain SMTP")
 
 
 def _certificate_anyway(transport: SmtpTransport, failed: SmtpClient, sh: Smarthost,

@@ -54,6 +54,7 @@ class TlsFailed(SmtpError):
     """STARTTLS missing or refused where required, or the handshake/verification failed."""
 
     dsn_code = "4.7.5"
+    certificate = False  # the handshake ended on the peer's certificate (relayq test shows it)
 
 
 class AuthFailed(SmtpError):
@@ -465,8 +466,9 @@ class SmtpClient:
                 hint = (f"; the certificate must be valid for the configured smarthost "
                         f"{self.tls_name}, not only for the MX host {self.name} "
                         f"(write [{self.name}] to trust that name)")
-            raise TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}{hint}"
-                            ) from None
+            failed = TlsFailed(f"TLS handshake with {self.where} failed: {_why(exc)}{hint}")
+            failed.certificate = isinstance(exc, ssl.SSLCertVerificationError)
+            raise failed from None
         self.tls = True
         tls = self.sock
         assert isinstance(tls, ssl.SSLSocket)

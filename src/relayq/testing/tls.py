@@ -30,18 +30,25 @@ class TestPKI:
         past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
         self.expired_cert = self.ca.issue_cert(*SERVER_NAMES, not_before=past,
                                                not_after=past + datetime.timedelta(days=90))
+        # a CA's own certificate is self-signed: served as a leaf, nobody vouches for it
+        self.self_signed = trustme.CA(organization_name="relayq self-signed")
 
     def server_context(self, which: str = "good", *, require_client_cert: bool = False
                        ) -> ssl.SSLContext:
-        """A server context with the 'good', 'wrong-name', 'unknown-ca' or 'expired'
-        certificate."""
+        """A server context with the 'good', 'wrong-name', 'unknown-ca', 'expired' or
+        'self-signed' certificate."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        if which == "self-signed":
+            with self.self_signed.cert_pem.tempfile() as crt, \
+                    self.self_signed.private_key_pem.tempfile() as key:
+                ctx.load_cert_chain(crt, key)
+            return ctx
         cert = {
             "good": self.server_cert,
             "wrong-name": self.wrong_name_cert,
             "unknown-ca": self.unknown_ca_cert,
             "expired": self.expired_cert,
         }[which]
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(ctx)
         if require_client_cert:
             self.ca.configure_trust(ctx)
