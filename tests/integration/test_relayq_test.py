@@ -293,3 +293,42 @@ def test_missing_ca_file(smarthost_factory: SmarthostFactory, pki: TestPKI,
     assert code == 78, out
     assert "cannot load ca_file" in field(out, "problem")
     assert sh.connections == 0
+
+
+def test_second_address_answering_is_success(smarthost_factory: SmarthostFactory,
+                                             tmp_path: Path) -> None:
+    """As delivery: a host's next address is tried; the one that answers decides."""
+    from relayq.testing.dns import DnsResponder
+
+    sh = smarthost_factory()
+    with DnsResponder({"relay.example.org": {"A": ["127.0.0.2", "127.0.0.1"]}}) as dns:
+        rq = Relayq(tmp_path, smarthost=f"relay.example.org:{sh.port}",
+                    dns_servers=[dns.server])
+        result = rq.run("relayq", "test")
+    out = result.stdout.decode()
+    assert result.returncode == 0, out
+    assert "Connection refused" in field(out, "unreachable") and "[127.0.0.2]" in out
+    assert "problem:" not in out and result.stderr == b""
+
+
+@pytest.mark.parametrize("script", [
+    {"greeting": b"220 evil \x1b[2J\x1b]0;pwned\x07 ESMTP\r\n"},
+    {"EHLO": b"250-raw.example.org\r\n250 \x1b[31mRED\r\n"},
+])
+def test_control_characters_from_the_relay_are_escaped(
+        smarthost_factory: SmarthostFactory, tmp_path: Path,
+        script: dict[str, bytes]) -> None:
+    server = smarthost_factory.scripted(replies=script)
+    rq = Relayq(tmp_path, smarthost=f"[127.0.0.1]:{server.port}")
+    for args in (("test",), ("-v", "test")):
+        result = rq.run("relayq", *args)
+        assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout
+        assert b"\\x1b" in result.stdout
+
+
+def test_a_session_that_ends_at_the_greeting_shows_no_later_step(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory(replies={"greeting": "554 5.3.2 go away"})
+    code, out = relayq_test(Relayq(tmp_path, smarthost=sh.smarthost))
+    assert code == 69
+    assert "EHLO:" not in out and "TLS:" not in out and "AUTH:" not in out

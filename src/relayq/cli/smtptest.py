@@ -26,7 +26,7 @@ def run(cfg: Config, address: str | None, verbose: bool = False) -> int:
     from relayq.delivery import probe
 
     message = _message(cfg, address) if address is not None else None
-    show = (lambda line: print(f"  {line}", flush=True)) if verbose else None
+    show = (lambda line: print(f"  {probe.visible(line)}", flush=True)) if verbose else None
     codes = []
     for sh in cfg.smarthosts():
         print(f"smarthost {sh!r}", flush=True)

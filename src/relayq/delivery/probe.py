@@ -60,7 +60,7 @@ class Report:
     code: int = EX_OK
 
     def add(self, label: str, text: str) -> None:
-        self.lines.append((label, text))
+        self.lines.append((label, visible(text)))
 
     def fail(self, code: int, text: str) -> None:
         self.add("problem", text)
@@ -75,6 +75,14 @@ class TestMessage:
     recipient: str
     sender: str
     from_header: str
+
+
+def visible(text: str) -> str:
+    """A relay's words as the terminal may show them: a control character (ESC, BEL:
+    a hostile server clearing the screen or faking a `result: ok` line) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def worst(codes: list[int]) -> int:
@@ -101,7 +109,8 @@ def probe(cfg: Config, sh: Smarthost, message: TestMessage | None,
     except SmtpError as exc:
         report.fail(EX_UNAVAILABLE, str(exc))
         return report
-    for t in found:
+    unreachable = ""
+    for n, t in enumerate(found, 1):
         client = transport.client_for(sh, t)
         ip = str(t.sockaddr[0])
         report.add("connect", f"{t.name if t.name == ip else f'{t.name} [{ip}]'} port {t.port}")
@@ -111,7 +120,9 @@ def probe(cfg: Config, sh: Smarthost, message: TestMessage | None,
             client.clear_deadline()
         except ConnectFailed as exc:
             if client.greeting is None:  # no answer here: the next address, as delivery does
-                report.fail(EX_UNAVAILABLE, str(exc))
+                unreachable = str(exc)
+                if n < len(found):  # the last one's is the problem below
+                    report.add("unreachable", unreachable)
                 continue
             _steps(report, transport, client, sh, t, exc)
             return report
@@ -125,8 +136,7 @@ def probe(cfg: Config, sh: Smarthost, message: TestMessage | None,
             _send(report, client, message, transport.ehlo_name())
         client.quit()
         return report
-    if not found:
-        report.fail(EX_UNAVAILABLE, f"{sh.host} has no address")
+    report.fail(EX_UNAVAILABLE, unreachable or f"{sh.host} has no address")
     return report
 
 
@@ -149,12 +159,18 @@ def _steps(report: Report, transport: SmtpTransport, client: SmtpClient, sh: Sma
     """The report of a session that ended in `exc` (None: every step passed)."""
     if client.greeting is not None:
         report.add("greeting", _reply(client.greeting))
+    if client.ehlo_reply is None:
+        return _ended(report, client, exc)  # before EHLO: nothing more took place
     report.add("EHLO", transport.ehlo_name())
     if client.ehlo_reply is not None:
         report.add("extensions", " ".join(line for line in client.ehlo_reply.lines[1:])
                    or "(none)")
     _tls(report, transport, client, sh, t, exc)
     _auth(report, transport, client, exc)
+    _ended(report, client, exc)
+
+
+def _ended(report: Report, client: SmtpClient, exc: SmtpError | None) -> None:
     if exc is None:
         return
     client.quit()
@@ -258,7 +274,7 @@ def decode_certificate(der: bytes) -> dict[str, object]:
             f.write(ssl.DER_cert_to_PEM_cert(der))
         decoded = decoder(path)
         return decoded if isinstance(decoded, dict) else {}
-    except (OSError, ValueError, ssl.SSLError):
+    except Exception:  # a private function's failure: show no fields, never a traceback
         return {}
     finally:
         os.unlink(path)
