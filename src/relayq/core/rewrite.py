@@ -48,13 +48,17 @@ def valid_target(addr: str) -> bool:
 
 
 def forward(rcpt: str, target: str, local_domains: Collection[str],
-            uid_of: Callable[[str], int | None] | None = None) -> str | None:
+            uid_of: Callable[[str], int | None] | None = None,
+            bare: bool = False) -> str | None:
     """The address `rcpt` is forwarded to, or None to relay it as it is.
+
+    `bare`: the recipient was typed without a domain (qualified since), so it is
+    local whatever the mail domain is.
 
     With `uid_of` (local_forward_users = "system") only system accounts are
     forwarded: a local part whose uid is at most SYSTEM_UID_MAX. The target
     itself is never forwarded again (no loop, idempotent)."""
-    if not target or not is_local(rcpt, local_domains):
+    if not target or not (bare or is_local(rcpt, local_domains)):
         return None
     if rcpt.lower() == target.lower():
         return None

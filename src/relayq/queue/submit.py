@@ -102,8 +102,8 @@ class Context:
     rewriting settings (relayq.core.rewrite) with the generics map, read when it changes."""
 
     __slots__ = ("_generics", "all_mail_from", "domain", "forward", "forward_domains",
-                 "forward_system", "fqdn", "generics_apply", "generics_file", "local",
-                 "local_delivery", "masquerade")
+                 "forward_hosts", "forward_system", "fqdn", "generics_apply", "generics_file",
+                 "local", "local_delivery", "masquerade")
 
     def __init__(self, cfg: Config) -> None:
         self.domain = hostname.mail_domain(cfg.domain)
@@ -115,8 +115,11 @@ class Context:
         self.local_delivery = cfg.local_delivery
         self.forward = "" if cfg.local_delivery else cfg.local_forward
         # the runner's rule of which domains are this host's (cfg.local_domains or ours)
-        self.forward_domains = frozenset(
-            d.lower().rstrip(".") for d in cfg.local_domains) or self.local
+        explicit = frozenset(d.lower().rstrip(".") for d in cfg.local_domains)
+        self.forward_domains = explicit or self.local
+        # local_forward's: the mail domain is often the organisation's, so only the
+        # host's own names (or what the admin set), and names typed bare
+        self.forward_hosts = explicit or hostname.host_names()
         self.forward_system = cfg.local_forward_users == "system"
         self.generics_file = cfg.generics_file
         self.generics_apply = cfg.generics_apply
@@ -150,21 +153,21 @@ class Context:
             return None
         return rewrite.generic(addr, self.generics(), self.forward_domains)
 
-    def forwarded(self, rcpt: str) -> str | None:
-        """Where local_forward sends a recipient, or None."""
+    def forwarded(self, rcpt: str, bare: bool = False) -> str | None:
+        """Where local_forward sends a recipient (`bare`: typed without a domain), or None."""
         if not self.forward:
             return None
         uid_of = _system_uid if self.forward_system else None
-        return rewrite.forward(rcpt, self.forward, self.forward_domains, uid_of)
+        return rewrite.forward(rcpt, self.forward, self.forward_hosts, uid_of, bare)
 
-    def route(self, rcpt: str) -> tuple[str, str]:
+    def route(self, rcpt: str, bare: bool = False) -> tuple[str, str]:
         """Where a qualified recipient goes, decided once for enqueue() and `sendmail -bv`:
         (LOCAL, rcpt) delivered here (local_delivery, one of this host's domains: the
         runner's local transport then), (FORWARD, address) by local_forward, else
         (RELAY, rcpt) to the smarthost."""
         if self.local_delivery and rewrite.is_local(rcpt, self.forward_domains):
             return LOCAL, rcpt
-        new = self.forwarded(rcpt)
+        new = self.forwarded(rcpt, bare)
         return (FORWARD, new) if new is not None else (RELAY, rcpt)
 
     def envelope_sender(self, addr: str) -> str:
@@ -287,7 +290,7 @@ def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[s
     out: list[str] = []
     seen: set[str] = set()
     for rcpt in result.recipients:
-        kind, new = ctx.route(rcpt)
+        kind, new = ctx.route(rcpt, rcpt in result.bare)
         if kind == FORWARD:
             moved.append((rcpt, new))
             notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
