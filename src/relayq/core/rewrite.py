@@ -14,8 +14,9 @@ Pure: the file's text, the local domains and the uid lookup are passed in.
 
 from __future__ import annotations
 
+from relayq.core import address
 from relayq.core.address import split
-from relayq.core.errors import ConfigError
+from relayq.core.errors import ConfigError, DataError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
@@ -39,12 +40,17 @@ def is_local(addr: str, local_domains: Collection[str]) -> bool:
 
 
 def valid_target(addr: str) -> bool:
-    """A full address (local@domain, no space, no control character): what a forward
-    address and a generics value must be."""
-    local, domain = split(addr)
-    if not local or not domain or not addr.isprintable():
+    """A full address (local@domain) as it goes on the wire: what a forward address and
+    a generics value must be. The rule every envelope address passes
+    (relayq.core.address.parse_mailbox), and exactly its bare addr-spec: no <>, no
+    display name, no list, no space or control character."""
+    try:
+        if address.parse_mailbox(addr, "address") != addr:
+            return False
+    except DataError:
         return False
-    return not any(c.isspace() for c in addr) and all(domain.split("."))
+    local, domain = split(addr)
+    return bool(local) and bool(domain) and addr.isprintable() and all(domain.split("."))
 
 
 def forward(rcpt: str, target: str, local_domains: Collection[str],
