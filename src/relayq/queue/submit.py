@@ -282,30 +282,39 @@ def _senders(req: Request, ctx: Context) -> tuple[str, str, str]:
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:
-    """local_forward applied to the recipients in place (duplicates after it dropped);
-    the original is kept as the ORCPT unless the client gave one. Returns what moved."""
+    """local_forward applied to the recipients in place (duplicates after it merged);
+    the original is kept as the ORCPT unless the client gave one. Returns what moved.
+
+    Merged duplicates get every notice any of them asked for (NOTIFY merged); a
+    recipient the client named itself keeps its own ORCPT over a forwarded one's."""
     if not ctx.forward:
         return []
     moved: list[tuple[str, str]] = []
-    out: list[str] = []
-    seen: set[str] = set()
+    kept: dict[str, tuple[str, str, str, bool]] = {}  # key -> address, NOTIFY, ORCPT, named
     for rcpt in result.recipients:
         kind, new = ctx.route(rcpt, rcpt in result.bare)
-        if kind == FORWARD:
+        notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
+        named = kind != FORWARD
+        if not named:
             moved.append((rcpt, new))
-            notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
             if not orcpt:
                 try:
                     orcpt = dsnparams.check("ORCPT", f"rfc822;{rcpt}")
                 except dsnparams.BadParam:
                     orcpt = ""
-            req.rcpt_params.setdefault(new, (notify, orcpt))
             rcpt = new
         key = rcpt.lower()
-        if key not in seen:
-            seen.add(key)
-            out.append(rcpt)
-    result.recipients = out
+        if key in kept:
+            addr, was_notify, was_orcpt, was_named = kept[key]
+            if was_named or not named:
+                orcpt = was_orcpt
+            kept[key] = (addr, dsnparams.merge_notify(was_notify, notify), orcpt,
+                         named or was_named)
+        else:
+            kept[key] = (rcpt, notify, orcpt, named)
+    result.recipients = [addr for addr, _, _, _ in kept.values()]
+    for addr, notify, orcpt, _ in kept.values():
+        req.rcpt_params[addr] = (notify, orcpt)
     return moved
 
 
