@@ -115,3 +115,17 @@ def test_a_bad_forward_or_generics_address_is_refused_at_load(tmp_path: Path) ->
     r = rq.sendmail("-odq", "u@example.org", input=b"\nx\n")
     assert r.returncode == EX_CONFIG
     assert f"{generics}:1" in r.stderr.decode()
+
+
+def test_a_generics_file_that_is_a_fifo_or_too_large_is_refused(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_text("root admin@example.org\n" * 50000)  # over 1 MiB
+    for path in (fifo, big):
+        rq = Relayq(tmp_path, generics_file=str(path))
+        r = rq.sendmail("-odq", "u@example.org", input=b"\nx\n", timeout=30)
+        assert r.returncode == EX_CONFIG, r.stderr
+        assert "generics_file" in r.stderr.decode()

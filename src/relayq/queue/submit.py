@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relayq.system.log import Log
 
 MAX_HEADER = 1 << 20
+MAX_GENERICS = 1 << 20  # a generics map is a few lines; more is a mistake, not a map
 MAX_HOPS = policy.MAX_HOPS
 LOCAL, FORWARD, RELAY = "local", "forward", "relay"  # Context.route's answers
 
@@ -133,13 +134,22 @@ class Context:
         if not path:
             return {}
         import os
+        import stat
 
-        try:
-            with open(path, "rb") as f:
+        try:  # O_NONBLOCK: a FIFO put there must not hang sendmail
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
                 st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ConfigError(f"generics_file: {path} is not a regular file")
+                if st.st_size > MAX_GENERICS:
+                    raise ConfigError(f"generics_file: {path} is over {MAX_GENERICS} bytes")
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 if self._generics is None or self._generics[0] != key:
-                    text = f.read().decode("utf-8", "surrogateescape")
+                    data = f.read(MAX_GENERICS + 1)
+                    if len(data) > MAX_GENERICS:
+                        raise ConfigError(f"generics_file: {path} is over {MAX_GENERICS} bytes")
+                    text = data.decode("utf-8", "surrogateescape")
                     self._generics = (key, rewrite.parse_generics(text, path))
         except OSError as exc:
             raise ConfigError(f"generics_file: cannot read {path}: {exc.strerror or exc}"
