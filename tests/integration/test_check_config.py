@@ -314,3 +314,60 @@ def test_a_password_file_the_delivering_user_cannot_read_fails(host: Host) -> No
     host.root.ok("chgrp relayq /etc/relayq/password && chmod 640 /etc/relayq/password")
     code, _, err = named(host, "vm.example.org", config)
     assert code == EX_OK, err
+
+
+def test_a_missing_or_malformed_generics_file_fails(rq: Relayq) -> None:
+    rq.configure(generics_file=str(rq.root / "nope"))
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and "cannot read" in only(err, "generics_file", warning=False)
+    (rq.root / "generics").write_text("root admin@example.org extra\n")
+    rq.configure(generics_file=str(rq.root / "generics"))
+    code, _, err = check(rq)
+    assert code == EX_CONFIG and f"{rq.root / 'generics'}:1" in only(
+        err, "generics_file", warning=False)
+
+
+def test_local_forward_with_local_delivery_warns(rq: Relayq) -> None:
+    rq.configure(local_forward="admin@example.org", local_delivery=True)
+    code, _, err = check(rq)
+    assert code == EX_OK, err
+    assert "local_delivery" in only(err, "local_forward", warning=True)
+
+
+def test_password_command_arguments_are_masked(rq: Relayq) -> None:
+    rq.configure(user="u", password_command="/bin/echo s3cr3t-token", tls="required")
+    r = rq.run("relayq", "check-config")
+    assert r.returncode == EX_OK, r.stderr
+    assert b"s3cr3t-token" not in r.stdout + r.stderr
+    assert tomllib.loads(r.stdout.decode())["password_command"] == "/bin/echo ********"
+
+
+def test_an_ordinary_user_is_told_the_delivery_checks_are_not_run(tmp_path: Path) -> None:
+    """Not root and not the delivering user: reading the root-only password file (or
+    running the admin's password_command) as this caller says nothing true."""
+    import subprocess
+    import tempfile
+
+    ensure_users()
+    top = Path(tempfile.mkdtemp(prefix="relayq-nr-"))
+    try:
+        top.chmod(0o755)
+        rq = Relayq(top, user="u", tls="required", password_file=str(top / "pw"),
+                    log_file="")
+        (top / "pw").write_text("s3cret\n")
+        (top / "pw").chmod(0o600)
+        (top / "queue").mkdir()
+        rq.config.chmod(0o644)
+        src = Path(__file__).resolve().parents[2] / "src"
+        code = (f"import sys\nsys.path.insert(0, {str(src)!r})\nfrom relayq.cli._exit import "
+                "leave\nfrom relayq.cli.main import main\nleave(main(['check-config']))\n")
+        r = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", '/usr/bin/python3 -IS -c "$0"',
+                            code], env=rq.env, capture_output=True, timeout=60, check=False)
+        err = r.stderr.decode()
+        assert r.returncode == EX_OK, err
+        assert "Traceback" not in err and "Permission denied" not in err, err
+        assert len([line for line in err.splitlines() if "not run" in line]) == 1, err
+    finally:
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)

@@ -196,6 +196,9 @@ def _names(cfg: Config) -> list[Problem]:
         out.append((False, "domain", f"{domain!r} (from {source}) is not a fully qualified "
                     f"domain: mail goes out from root@{domain}, which relays refuse or "
                     "cannot answer; set domain (or /etc/mailname)"))
+    if cfg.local_forward and cfg.local_delivery:
+        out.append((False, "local_forward", "is not used with local_delivery = true (local "
+                    "delivery wins; put root: <address> in the aliases instead)"))
     ehlo, source = hostname.smtp_name_from(cfg.ehlo_name, cfg.domain)
     if "." not in ehlo:
         out.append((False, "ehlo_name", f"EHLO {ehlo} (from {source}) is not a fully "
@@ -269,7 +272,7 @@ def _files(cfg: Config) -> list[Problem]:
                         "delivered"))
     elif source:
         out.append((False, source, "is set but user is not: relayq never authenticates"))
-    out += _log_file(cfg)
+    out += _log_file(cfg) + _generics(cfg)
     if cfg.tls == "none":
         for key in ("ca_file", "client_cert", "client_key"):
             if getattr(cfg, key):
@@ -284,6 +287,19 @@ def _files(cfg: Config) -> list[Problem]:
         key = "ca_file" if str(exc).startswith("cannot load ca_file") else "client_cert"
         out.append((True, key, f"{exc}: no TLS connection can be made"))
     return out
+
+
+def _generics(cfg: Config) -> list[Problem]:
+    """The generics map read as submission reads it (queue.submit.Context.generics)."""
+    if not cfg.generics_file:
+        return []
+    from relayq.queue.submit import Context
+
+    try:
+        Context(cfg).generics()
+    except ConfigError as exc:
+        return [(True, "generics_file", exc.message.removeprefix("generics_file: "))]
+    return []
 
 
 def _log_file(cfg: Config) -> list[Problem]:
@@ -334,9 +350,25 @@ def delivery_user(cfg: Config) -> tuple[int, int] | None:
     return owner
 
 
+def _not_delivering(cfg: Config) -> bool:
+    """Not root, and another account (the queue's owner) delivers this queue: this
+    caller's reading of its files, or running its password_command, proves nothing."""
+    if os.geteuid() == 0:
+        return False
+    try:
+        return os.stat(cfg.queue_dir).st_uid != os.geteuid()
+    except OSError:
+        return False  # no queue yet: the caller's own, made at the first submission
+
+
 def as_delivery_user(cfg: Config, check: Callable[[Config], list[Problem]]) -> list[Problem]:
     """check(cfg) in a child that became the delivery user (system.privilege), so a
-    file only root may read, or a command that works only for root, is found out."""
+    file only root may read, or a command that works only for root, is found out.
+    Not root and not that user: not run at all, and said so (one warning)."""
+    if _not_delivering(cfg):
+        return [(False, "user", f"the checks as the delivering user (password, TLS and "
+                 f"generics files, password_command) not run as uid {os.geteuid()}: "
+                 "run check-config as root or as the queue's owner")]
     owner = delivery_user(cfg)
     if owner is None:
         return check(cfg)

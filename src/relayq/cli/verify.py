@@ -40,11 +40,12 @@ def verify(cfg: Config, arguments: list[str], out: Callable[[str], None] = print
     if not arguments:
         raise UsageError("Recipient names must be specified")
     ctx = Context(cfg)
-    rcpts = [address.qualify(rcpt, ctx.domain)  # as submission qualifies them
+    rcpts = [(address.qualify(rcpt, ctx.domain),  # as submission qualifies them
+              not address.split(rcpt)[1])
              for arg in arguments for rcpt in address.parse_recipient_args(arg)]
     route = Route(cfg, ctx, out)
-    for rcpt in rcpts:
-        route.recipient(rcpt)
+    for rcpt, bare in rcpts:
+        route.recipient(rcpt, bare)
     return route.status
 
 
@@ -60,8 +61,8 @@ class Route:
         self._seen: set[str] = set()
         self._hosts = ""
 
-    def recipient(self, rcpt: str) -> None:
-        kind, where = self.ctx.route(rcpt)
+    def recipient(self, rcpt: str, bare: bool = False) -> None:
+        kind, where = self.ctx.route(rcpt, bare)
         if kind == FORWARD:
             self.out(f"{rcpt}... forwarded to {where} (local_forward)")
             self.relay(where)

@@ -422,6 +422,8 @@ class Config:
             value = getattr(self, key)
             if key in SECRET_KEYS and value:
                 value = "********"
+            elif key == "password_command" and len(value.split()) > 1:
+                value = f"{value.split()[0]} ********"  # its arguments often hold a token
             if key == "delivery_mode":
                 value = {v: k for k, v in DELIVERY_MODES.items()}[value]
             out[key] = value

@@ -128,6 +128,22 @@ def notify(value: str) -> str:
     return ",".join(dict.fromkeys(words))
 
 
+def merge_notify(a: str, b: str) -> str:
+    """One NOTIFY for two requests about the same mailbox (local_forward merging
+    recipients): every notice either asked for; NEVER only if both said it; "" is the
+    default (FAILURE, DELAY), kept as "" when nothing more was asked."""
+    if a == b:
+        return a
+    default = ("FAILURE", "DELAY")
+    words = {w for v in (a, b) if v != "NEVER"
+             for w in (v.split(",") if v else default)}
+    if not words:
+        return "NEVER"
+    if "" in (a, b) and words == set(default):
+        return ""
+    return ",".join(w for w in NOTIFY_WORDS if w in words)
+
+
 def ret(value: str) -> str:
     """RET / sendmail -R: FULL or HDRS."""
     if value.upper() not in RETS:

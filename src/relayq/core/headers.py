@@ -231,7 +231,8 @@ class Options:
 class Result:
     """The rewritten header fields and what the envelope needs from them."""
 
-    __slots__ = ("eight_bit_headers", "fields", "hops", "msgid", "recipients", "resent")
+    __slots__ = ("bare", "eight_bit_headers", "fields", "hops", "msgid", "recipients",
+                 "resent")
 
     def __init__(
         self,
@@ -241,8 +242,10 @@ class Result:
         resent: bool,
         msgid: str,
         eight_bit_headers: bool,
+        bare: frozenset[str] = frozenset(),
     ) -> None:
         self.fields = fields
+        self.bare = bare  # recipients typed without a domain, as qualified (local_forward)
         self.recipients = recipients
         self.hops = hops
         self.resent = resent
@@ -369,7 +372,7 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
     resent = any(name.startswith("resent-") for name in names)
     hops = names.count("received")
     # 1. Recipients: argv first, then (with -t) the header ones; first of duplicates wins.
-    recipients = _recipients(fields, names, opts, argv_recipients, resent)
+    recipients, bare = _recipients(fields, names, opts, argv_recipients, resent)
     # 2. and 3. Bcc dropped or emptied; addresses qualified or masqueraded in place.
     out = _rewrite_fields(fields, names, opts, present, resent)
     # 4. The missing Date, From and Message-ID (Resent- variants for resent messages).
@@ -381,7 +384,7 @@ def rewrite(fields: list[Field], opts: Options, argv_recipients: list[str]) -> R
         added.insert(0, _make("X-Authentication-Warning", opts.auth_warning))
     final = [received, *added, *out]
     eight_bit = any(not f.raw.isascii() for f in final)
-    return Result(final, recipients, hops, resent, msgid, eight_bit)
+    return Result(final, recipients, hops, resent, msgid, eight_bit, bare)
 
 
 def _check_options(opts: Options, argv_recipients: list[str]) -> None:
@@ -401,10 +404,12 @@ def _check_options(opts: Options, argv_recipients: list[str]) -> None:
 
 
 def _recipients(fields: list[Field], names: list[str], opts: Options,
-                argv_recipients: list[str], resent: bool) -> list[str]:
-    """argv's recipients, then (with -t) the header's; the first of duplicates wins."""
+                argv_recipients: list[str], resent: bool) -> tuple[list[str], frozenset[str]]:
+    """argv's recipients, then (with -t) the header's; the first of duplicates wins.
+    Also those of them that were typed without a domain."""
     recipients: list[str] = []
     seen: set[str] = set()
+    bare: set[str] = set()
     domain = opts.domain
 
     def add(addr: str) -> None:
@@ -415,13 +420,17 @@ def _recipients(fields: list[Field], names: list[str], opts: Options,
 
     for rcpt in argv_recipients:
         add(qualify(rcpt, domain))
+        if rcpt and not split(rcpt)[1]:
+            bare.add(qualify(rcpt, domain))
     if opts.extract:
         wanted = _RESENT_RCPT_FIELDS if resent else _RCPT_FIELDS
         for field, name in zip(fields, names, strict=True):
             if name in wanted:
                 for found in parse_list(field.value):
                     add(_header_recipient(found.addr, field, domain))
-    return recipients
+                    if not split(compact(found.addr))[1]:
+                        bare.add(_header_recipient(found.addr, field, domain))
+    return recipients, frozenset(bare)
 
 
 def _rewrite_fields(fields: list[Field], names: list[str], opts: Options,

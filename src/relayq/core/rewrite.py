@@ -14,8 +14,9 @@ Pure: the file's text, the local domains and the uid lookup are passed in.
 
 from __future__ import annotations
 
+from relayq.core import address
 from relayq.core.address import split
-from relayq.core.errors import ConfigError
+from relayq.core.errors import ConfigError, DataError
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
@@ -39,22 +40,31 @@ def is_local(addr: str, local_domains: Collection[str]) -> bool:
 
 
 def valid_target(addr: str) -> bool:
-    """A full address (local@domain, no space, no control character): what a forward
-    address and a generics value must be."""
-    local, domain = split(addr)
-    if not local or not domain or not addr.isprintable():
+    """A full address (local@domain) as it goes on the wire: what a forward address and
+    a generics value must be. The rule every envelope address passes
+    (relayq.core.address.parse_mailbox), and exactly its bare addr-spec: no <>, no
+    display name, no list, no space or control character."""
+    try:
+        if address.parse_mailbox(addr, "address") != addr:
+            return False
+    except DataError:
         return False
-    return not any(c.isspace() for c in addr) and all(domain.split("."))
+    local, domain = split(addr)
+    return bool(local) and bool(domain) and addr.isprintable() and all(domain.split("."))
 
 
 def forward(rcpt: str, target: str, local_domains: Collection[str],
-            uid_of: Callable[[str], int | None] | None = None) -> str | None:
+            uid_of: Callable[[str], int | None] | None = None,
+            bare: bool = False) -> str | None:
     """The address `rcpt` is forwarded to, or None to relay it as it is.
+
+    `bare`: the recipient was typed without a domain (qualified since), so it is
+    local whatever the mail domain is.
 
     With `uid_of` (local_forward_users = "system") only system accounts are
     forwarded: a local part whose uid is at most SYSTEM_UID_MAX. The target
     itself is never forwarded again (no loop, idempotent)."""
-    if not target or not is_local(rcpt, local_domains):
+    if not target or not (bare or is_local(rcpt, local_domains)):
         return None
     if rcpt.lower() == target.lower():
         return None

@@ -292,7 +292,8 @@ class Taker:
                 "be accepted, and was not sent:\n\n"
                 f"    {' '.join(reason.split())}\n")
         req = Request(user="MAILER-DAEMON", uid=0,  # relayq's own notice, like a bounce
-                      sender="", recipients=[rcpt])  # a notice never bounces
+                      sender="", recipients=[user])  # a notice never bounces
+        # (the bare name, qualified by enqueue(): local_forward then applies to it)
         try:
             msg, _ = enqueue(self.cfg, self.spool, req, [text.encode("utf-8", "replace")],
                              self.log, self.ctx)

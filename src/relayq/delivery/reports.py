@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from relayq.core import address, dsn
+from relayq.core import address, dsn, dsnparams
 from relayq.core.envelope import DOUBLE, WARNING, Envelope, Recipient
 from relayq.delivery import decisions, logline
 
@@ -41,21 +41,25 @@ def write(cfg: Config, ctx: Context, log: Log, claim: Claim, notice: Notice, now
     delayed = chosen if notice.kind == WARNING else []
     double = notice.kind == DOUBLE
     to = env.sender
+    # local_forward applies to our own reports: cron's bounce must reach the admin
+    bare = bool(env.user) and to.lower() == ctx.envelope_sender(env.user).lower()
     about = env
     if double:  # to the postmaster, about a message that cannot be returned
+        bare = not address.split(cfg.postmaster or "postmaster")[1]
         to = address.qualify(cfg.postmaster or "postmaster", ctx.domain)
         about = Envelope(env.qid, to, env.recipients, env.created)
         about.size, about.msgid, about.user = env.size, env.msgid, env.user
         about.last_try, about.error = env.last_try, env.error
     try:
         eight_bit = _write_dsn(ctx, claim, about, failed, delayed, chosen, now, msg)
-        report = Envelope(msg.qid, "", [Recipient(to)], now)
+        rcpt = _recipient(ctx, to, bare)
+        report = Envelope(msg.qid, "", [rcpt], now)
         report.is_dsn = True
         report.double_bounce = double
         report.about = env.qid
         report.size = msg.size
         report.body = "8BITMIME" if eight_bit else "7BIT"  # 7-bit unless an address is UTF-8
-        report.smtputf8 = address.needs_smtputf8(to)
+        report.smtputf8 = address.needs_smtputf8(rcpt.address)
         report.user = "MAILER-DAEMON"
         msg.commit(report)
     except BaseException:
@@ -64,6 +68,21 @@ def write(cfg: Config, ctx: Context, log: Log, claim: Claim, notice: Notice, now
     msg.release()
     log.info(logline.report_made(msg.qid, env, double, failed, delayed, now))
     log.info(logline.report_queued(msg.qid, report.size))
+    if rcpt.address != to:
+        log.info(f"{msg.qid}: to=<{to}>, forwarded to <{rcpt.address}> (local_forward)")
+
+
+def _recipient(ctx: Context, to: str, bare: bool) -> Recipient:
+    """The report's recipient, through local_forward as enqueue() routes one (Context.route);
+    the original kept as its ORCPT."""
+    new = ctx.forwarded(to, bare)
+    if new is None:
+        return Recipient(to)
+    try:
+        orcpt = dsnparams.check("ORCPT", f"rfc822;{to}")
+    except dsnparams.BadParam:
+        orcpt = ""
+    return Recipient(new, orcpt=orcpt)
 
 def _write_dsn(ctx: Context, claim: Claim, about: Envelope, failed: list[Recipient],
                delayed: list[Recipient], chosen: list[Recipient], now: float,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relayq.system.log import Log
 
 MAX_HEADER = 1 << 20
+MAX_GENERICS = 1 << 20  # a generics map is a few lines; more is a mistake, not a map
 MAX_HOPS = policy.MAX_HOPS
 LOCAL, FORWARD, RELAY = "local", "forward", "relay"  # Context.route's answers
 
@@ -102,8 +103,8 @@ class Context:
     rewriting settings (relayq.core.rewrite) with the generics map, read when it changes."""
 
     __slots__ = ("_generics", "all_mail_from", "domain", "forward", "forward_domains",
-                 "forward_system", "fqdn", "generics_apply", "generics_file", "local",
-                 "local_delivery", "masquerade")
+                 "forward_hosts", "forward_system", "fqdn", "generics_apply", "generics_file",
+                 "local", "local_delivery", "masquerade")
 
     def __init__(self, cfg: Config) -> None:
         self.domain = hostname.mail_domain(cfg.domain)
@@ -115,8 +116,11 @@ class Context:
         self.local_delivery = cfg.local_delivery
         self.forward = "" if cfg.local_delivery else cfg.local_forward
         # the runner's rule of which domains are this host's (cfg.local_domains or ours)
-        self.forward_domains = frozenset(
-            d.lower().rstrip(".") for d in cfg.local_domains) or self.local
+        explicit = frozenset(d.lower().rstrip(".") for d in cfg.local_domains)
+        self.forward_domains = explicit or self.local
+        # local_forward's: the mail domain is often the organisation's, so only the
+        # host's own names (or what the admin set), and names typed bare
+        self.forward_hosts = explicit or hostname.host_names()
         self.forward_system = cfg.local_forward_users == "system"
         self.generics_file = cfg.generics_file
         self.generics_apply = cfg.generics_apply
@@ -130,13 +134,22 @@ class Context:
         if not path:
             return {}
         import os
+        import stat
 
-        try:
-            with open(path, "rb") as f:
+        try:  # O_NONBLOCK: a FIFO put there must not hang sendmail
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
                 st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ConfigError(f"generics_file: {path} is not a regular file")
+                if st.st_size > MAX_GENERICS:
+                    raise ConfigError(f"generics_file: {path} is over {MAX_GENERICS} bytes")
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 if self._generics is None or self._generics[0] != key:
-                    text = f.read().decode("utf-8", "surrogateescape")
+                    data = f.read(MAX_GENERICS + 1)
+                    if len(data) > MAX_GENERICS:
+                        raise ConfigError(f"generics_file: {path} is over {MAX_GENERICS} bytes")
+                    text = data.decode("utf-8", "surrogateescape")
                     self._generics = (key, rewrite.parse_generics(text, path))
         except OSError as exc:
             raise ConfigError(f"generics_file: cannot read {path}: {exc.strerror or exc}"
@@ -150,21 +163,21 @@ class Context:
             return None
         return rewrite.generic(addr, self.generics(), self.forward_domains, self.domain)
 
-    def forwarded(self, rcpt: str) -> str | None:
-        """Where local_forward sends a recipient, or None."""
+    def forwarded(self, rcpt: str, bare: bool = False) -> str | None:
+        """Where local_forward sends a recipient (`bare`: typed without a domain), or None."""
         if not self.forward:
             return None
         uid_of = _system_uid if self.forward_system else None
-        return rewrite.forward(rcpt, self.forward, self.forward_domains, uid_of)
+        return rewrite.forward(rcpt, self.forward, self.forward_hosts, uid_of, bare)
 
-    def route(self, rcpt: str) -> tuple[str, str]:
+    def route(self, rcpt: str, bare: bool = False) -> tuple[str, str]:
         """Where a qualified recipient goes, decided once for enqueue() and `sendmail -bv`:
         (LOCAL, rcpt) delivered here (local_delivery, one of this host's domains: the
         runner's local transport then), (FORWARD, address) by local_forward, else
         (RELAY, rcpt) to the smarthost."""
         if self.local_delivery and rewrite.is_local(rcpt, self.forward_domains):
             return LOCAL, rcpt
-        new = self.forwarded(rcpt)
+        new = self.forwarded(rcpt, bare)
         return (FORWARD, new) if new is not None else (RELAY, rcpt)
 
     def envelope_sender(self, addr: str) -> str:
@@ -285,30 +298,39 @@ def sender_addresses(ctx: Context, raw: str) -> tuple[str, str]:
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:
-    """local_forward applied to the recipients in place (duplicates after it dropped);
-    the original is kept as the ORCPT unless the client gave one. Returns what moved."""
+    """local_forward applied to the recipients in place (duplicates after it merged);
+    the original is kept as the ORCPT unless the client gave one. Returns what moved.
+
+    Merged duplicates get every notice any of them asked for (NOTIFY merged); a
+    recipient the client named itself keeps its own ORCPT over a forwarded one's."""
     if not ctx.forward:
         return []
     moved: list[tuple[str, str]] = []
-    out: list[str] = []
-    seen: set[str] = set()
+    kept: dict[str, tuple[str, str, str, bool]] = {}  # key -> address, NOTIFY, ORCPT, named
     for rcpt in result.recipients:
-        kind, new = ctx.route(rcpt)
-        if kind == FORWARD:
+        kind, new = ctx.route(rcpt, rcpt in result.bare)
+        notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
+        named = kind != FORWARD
+        if not named:
             moved.append((rcpt, new))
-            notify, orcpt = req.rcpt_params.get(rcpt, (req.notify, ""))
             if not orcpt:
                 try:
                     orcpt = dsnparams.check("ORCPT", f"rfc822;{rcpt}")
                 except dsnparams.BadParam:
                     orcpt = ""
-            req.rcpt_params.setdefault(new, (notify, orcpt))
             rcpt = new
         key = rcpt.lower()
-        if key not in seen:
-            seen.add(key)
-            out.append(rcpt)
-    result.recipients = out
+        if key in kept:
+            addr, was_notify, was_orcpt, was_named = kept[key]
+            if was_named or not named:
+                orcpt = was_orcpt
+            kept[key] = (addr, dsnparams.merge_notify(was_notify, notify), orcpt,
+                         named or was_named)
+        else:
+            kept[key] = (rcpt, notify, orcpt, named)
+    result.recipients = [addr for addr, _, _, _ in kept.values()]
+    for addr, notify, orcpt, _ in kept.values():
+        req.rcpt_params[addr] = (notify, orcpt)
     return moved
 
 

@@ -85,7 +85,12 @@ def mail_domain_from(configured: str = "") -> tuple[str, str]:
     return (name, "/etc/mailname") if name else (fqdn(), _fqdn_source())
 
 
-def local_domains(domain: str) -> frozenset[str]:
+def host_names() -> frozenset[str]:
+    """This host's own names (not the mail domain, often the whole organisation's)."""
     node = os.uname().nodename
-    names = {domain, node, node.split(".", 1)[0], fqdn(), "localhost", "localhost.localdomain"}
+    names = {node, node.split(".", 1)[0], fqdn(), "localhost", "localhost.localdomain"}
     return frozenset(n.lower() for n in names if n)
+
+
+def local_domains(domain: str) -> frozenset[str]:
+    return host_names() | ({domain.lower()} if domain else set())
