@@ -14,9 +14,9 @@ _SECONDS = {"queuelifetime": "max_queue_age", "sendtimeout": "timeout",
             "pausetime": "retry_min", "maxpause": "retry_max"}
 # nullmailer-queue(8): adminaddr remaps recipients at "localhost" and at the canonical
 # host name (`me` upstream, /etc/mailname in Debian's build); a comma list is allowed
-_ADMIN = ("nullmailer remaps recipients at localhost and at its host name (me, or "
-          "/etc/mailname on Debian) only; relayq forwards those at any of local_domains "
-          "(by default this host's names and domain)")
+_ADMIN = ("nullmailer remaps recipients at localhost and at `me` (or /etc/mailname on "
+          "Debian); relayq forwards names typed bare, localhost and this host's own names "
+          "(its node name and FQDN; local_domains chooses others)")
 _ALLFROM = "the null sender <> of a bounce stays <> (nullmailer replaces every sender)"
 _NOT_YET = {
     "defaultdomain": "relayq does not append a domain to host names without a dot",
