@@ -284,3 +284,42 @@ def test_a_daemon_that_cannot_write_says_so_once(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0
     assert rq.log().count("metrics not written") == 1
+
+
+DAMAGED = {  # valid JSON a reader must survive: wrong types, non-finite numbers, negatives
+    "wrong types": '{"version":1,"relays":{"127.0.0.1":{"sent":"x","last_success":"y",'
+                   '"last_error":5}},"last_success":"z"}',
+    "a relay not an object": '{"version":1,"relays":{"127.0.0.1":5},"last_success":null}',
+    "non-finite": '{"version":1,"relays":{"127.0.0.1":{"sent":NaN,"last_success":Infinity,'
+                  '"last_error_time":-1e308}},"last_success":1e400}',
+    "negative and boolean": '{"version":1,"relays":{"127.0.0.1":{"sent":-5,"bounced":true,'
+                            '"last_success":-100}},"last_success":-100}',
+    "deeply nested": '{"version":1,"relays":' + "[" * 100000 + "]" * 100000 + "}",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_statistics_file_never_crashes_a_reader(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, damage: str) -> None:
+    """Valid JSON of the wrong shape reads as what is valid in it (a bad entry or value
+    is dropped): metrics, status (plain, --json, the plugin's line) keep their exit
+    codes, and the next delivery is counted again."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    queue(rq, 1)
+    (rq.queue_dir / "stats").write_text(DAMAGED[damage])
+    for args, code in ((("metrics",), 0), (("status",), 0), (("status", "--json"), 0),
+                       (("status", "-w", "1", "-c", "2"), 1)):
+        r = rq.run("relayq", *args)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        assert not r.stderr, (args, r.stderr)
+    assert rq.sendmail("-q").returncode == 0 and len(sh.transactions) == 1
+    assert "delivery statistics not updated" not in rq.log(), rq.log()
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    assert (entry["sent"], entry["sent_recipients"]) == (1, 1), entry
+    found = samples(metrics(rq).stdout)
+    assert metric(found, "relayq_smtp_messages_processed_total", relay="127.0.0.1",
+                  status="sent") == 1
+    info = json.loads(rq.run("relayq", "status", "--json").stdout)
+    json.dumps(info, allow_nan=False)  # strict JSON: no NaN or Infinity leaks out
+    assert info["relays"]["127.0.0.1"]["sent"] == 1

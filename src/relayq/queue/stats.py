@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import time
 
@@ -85,15 +86,61 @@ def read(root: str) -> dict[str, Any]:
 
 def _loads(raw: bytes) -> dict[str, Any]:
     """A damaged or foreign file reads as empty: monitoring sees a counter reset.
-    Bytes after the document (a rewrite cut off before its truncate) are ignored."""
+    Bytes after the document (a rewrite cut off before its truncate) are ignored;
+    so is any entry or value of the wrong type or range (_clean): a reader never
+    crashes on the file, and the next delivery counts from what was valid."""
     try:
-        data, _ = json.JSONDecoder().raw_decode(raw.decode("utf-8", "replace"))
-    except ValueError:
+        data, _ = json.JSONDecoder(parse_constant=lambda _: None).raw_decode(
+            raw.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
         return empty()
     if not isinstance(data, dict) or data.get("version") != VERSION or \
             not isinstance(data.get("relays"), dict):
         return empty()
-    return data
+    return _clean(data)
+
+
+_COUNTS = tuple(w for o in OUTCOMES for w in (o, f"{o}_recipients"))
+_TIMES = ("last_attempt", "last_success", "last_error_time")
+_MAX_COUNT = 2**62  # past this a counter is damage, not mail
+
+
+def _count(value: object) -> int | None:
+    """A counter: an int (not a bool) from 0 up, else None."""
+    return value if type(value) is int and 0 <= value < _MAX_COUNT else None
+
+
+def _time(value: object) -> float | None:
+    """A Unix time: a finite number from 0 up, else None."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+    return t if math.isfinite(t) and t >= 0 else None
+
+
+def _clean(data: dict[str, Any]) -> dict[str, Any]:
+    """The document with only what is valid in it: each relay an object, each counter
+    an int >= 0, each time a finite number >= 0, the error a string."""
+    out = empty()
+    out["last_success"] = _time(data.get("last_success"))
+    for relay, entry in list(data["relays"].items())[-MAX_RELAYS:]:
+        if not isinstance(entry, dict):
+            continue
+        kept: dict[str, Any] = {}
+        for key in _COUNTS:
+            count = _count(entry.get(key))
+            if count is not None:
+                kept[key] = count
+        for key in _TIMES:
+            kept[key] = _time(entry.get(key))
+        error = entry.get("last_error")
+        if isinstance(error, str):
+            kept["last_error"] = error[:MAX_ERROR]
+        out["relays"][relay] = kept
+    return out
 
 
 def add(data: dict[str, Any], relay: str, outcome: str, recipients: int, now: float,
