@@ -323,3 +323,33 @@ def test_a_damaged_statistics_file_never_crashes_a_reader(
     info = json.loads(rq.run("relayq", "status", "--json").stdout)
     json.dumps(info, allow_nan=False)  # strict JSON: no NaN or Infinity leaks out
     assert info["relays"]["127.0.0.1"]["sent"] == 1
+
+
+def test_mixed_outcomes_count_each_recipient_under_its_own(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    """A message half accepted, half deferred or refused: the message counts once (by
+    its worst outcome), each recipient under its own, and the acceptance is the relay's
+    last success."""
+    sh = smarthost_factory(rcpt_replies={"bad@example.org": "550 5.1.1 no such user",
+                                         "later@example.org": "451 4.3.0 later"})
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    send = ("-odq", "-f", "sender@example.org")
+    assert rq.sendmail(*send, "good2@example.org", "later@example.org",
+                       input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    assert (entry["deferred"], entry["sent"]) == (1, 0), entry
+    assert (entry["deferred_recipients"], entry["sent_recipients"]) == (1, 1), entry
+    assert entry["last_success"], entry  # good2@ went out: the relay works
+    assert stats.read(str(rq.queue_dir))["last_success"] == entry["last_success"]
+    assert rq.sendmail(*send, "good@example.org", "bad@example.org",
+                       input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75  # later@ defers again
+    assert len(sh.transactions) == 3  # good2, good, the bounce (later@'s had no RCPT)
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    accepted = sum(len([r for r in t.rcpt_tos if r != "later@example.org"])
+                   for t in sh.transactions)
+    assert accepted == 3 and entry["sent_recipients"] == 3, entry  # good2, good, bounce
+    assert (entry["bounced"], entry["bounced_recipients"]) == (1, 1), entry
+    assert (entry["deferred"], entry["deferred_recipients"]) == (2, 2), entry
+    assert entry["sent"] == 1, entry  # the bounce; the mixed ones by their worst

@@ -58,8 +58,9 @@ class Tally:
 
 def counted(root: str, log: Log, env: Envelope, before: dict[int, str], relay: str,
             expired: bool) -> str:
-    """The attempt's word for the message (`sent`, `deferred`, `bounced`, `expired`),
-    counted in the queue's statistics under `relay` ("local" when none was tried).
+    """The attempt's word for the message (`sent`, `deferred`, `bounced`, `expired`:
+    its worst outcome), counted in the queue's statistics under `relay` ("local" when
+    none was tried), each recipient under its own outcome.
 
     `before`: each recipient's state before the attempt, by id(); recipients an
     alias added are new. The statistics never fail the delivery (queue.stats.record).
@@ -72,14 +73,18 @@ def counted(root: str, log: Log, env: Envelope, before: dict[int, str], relay: s
                 if r.state == state and before.get(id(r)) != state]
 
     failed, pending = new(FAILED), [r for r in env.recipients if r.state == PENDING]
+    sent = len(new(SENT))
+    gone = "expired" if expired else "bounced"
     if failed:
-        word, count, error = "expired" if expired else "bounced", len(failed), failed[0]
+        word, error = gone, failed[0]
     elif pending:
-        word, count = "deferred", len(pending)
-        error = env.error.removeprefix("Deferred: ")
+        word, error = "deferred", env.error.removeprefix("Deferred: ")
     else:
-        word, count, error = "sent", len(new(SENT)), ""
-    stats.record(root, log, label(relay), word, count, error)
+        word, error = "sent", ""
+    # each recipient under its own outcome: a message half accepted counts its acceptance
+    counts = {w: n for w, n in ((gone, len(failed)), ("deferred", len(pending)),
+                                ("sent", sent)) if n}
+    stats.record(root, log, label(relay), word, counts, error)
     return word
 
 

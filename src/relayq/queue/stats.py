@@ -143,18 +143,25 @@ def _clean(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def add(data: dict[str, Any], relay: str, outcome: str, recipients: int, now: float,
-        error: str = "") -> None:
-    """Count one message's attempt at `relay` into `data` (pure: the file's contents)."""
+def add(data: dict[str, Any], relay: str, outcome: str, recipients: int | dict[str, int],
+        now: float, error: str = "") -> None:
+    """Count one message's attempt at `relay` into `data` (pure: the file's contents).
+
+    `outcome` is the message's word; `recipients` how many recipients it concerned,
+    or each recipient outcome's count ({"sent": 1, "bounced": 1}: a message half
+    refused), so that a recipient is counted under its own outcome. A recipient
+    sent is the relay's last success, whatever became of the others."""
     relays = data["relays"]
     entry = relays.pop(relay, None) or {}
     for word in OUTCOMES:
         entry.setdefault(word, 0)
         entry.setdefault(f"{word}_recipients", 0)
     entry[outcome] += 1
-    entry[f"{outcome}_recipients"] += max(0, recipients)
+    counts = recipients if isinstance(recipients, dict) else {outcome: recipients}
+    for word, count in counts.items():
+        entry[f"{word}_recipients"] += max(0, count)
     entry["last_attempt"] = now
-    if outcome == "sent":
+    if outcome == "sent" or counts.get("sent", 0) > 0:
         entry["last_success"] = now
         data["last_success"] = now
     else:
@@ -167,8 +174,9 @@ def add(data: dict[str, Any], relay: str, outcome: str, recipients: int, now: fl
         relays.pop(next(iter(relays)))
 
 
-def record(root: str, log: Log | None, relay: str, outcome: str, recipients: int,
-           error: str = "", now: float | None = None) -> bool:
+def record(root: str, log: Log | None, relay: str, outcome: str,
+           recipients: int | dict[str, int], error: str = "",
+           now: float | None = None) -> bool:
     """Count one attempt in the file; False (said once per process) if it could not be."""
     global _complained
     try:
@@ -183,8 +191,8 @@ def record(root: str, log: Log | None, relay: str, outcome: str, recipients: int
         return False
 
 
-def _update(root: str, relay: str, outcome: str, recipients: int, now: float,
-            error: str) -> None:
+def _update(root: str, relay: str, outcome: str, recipients: int | dict[str, int],
+            now: float, error: str) -> None:
     fd = os.open(path_of(root), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _lock(fd, fcntl.LOCK_EX)
