@@ -296,6 +296,8 @@ class Runner:
                 self.log.error(f"{env.qid}: report not made yet ({why}); the recipients' "
                                "outcomes are recorded, the report is tried at the next run")
                 self._later(claim, now)
+        if not pending:  # only its report was owed (a settle cut off): gone once made
+            self._outcome = "sent" if claim.finished else "deferred"
         return [decisions.code(r.reply) for r in newly]
 
     def _later(self, claim: Claim, now: float) -> None:
