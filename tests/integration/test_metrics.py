@@ -353,3 +353,31 @@ def test_mixed_outcomes_count_each_recipient_under_its_own(
     assert (entry["bounced"], entry["bounced_recipients"]) == (1, 1), entry
     assert (entry["deferred"], entry["deferred_recipients"]) == (2, 2), entry
     assert entry["sent"] == 1, entry  # the bounce; the mixed ones by their worst
+
+
+def test_every_smarthost_tried_keeps_its_last_error(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    """A dead primary the transport failed over from is in the statistics, status and
+    metrics with its last error; when every smarthost fails, each has its own."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=["[127.0.0.2]:9", sh.smarthost])
+    queue(rq, 1)
+    assert rq.sendmail("-q").returncode == 0 and len(sh.transactions) == 1
+    relays = stats.read(str(rq.queue_dir))["relays"]
+    assert relays["127.0.0.1"]["sent"] == 1
+    dead = relays["127.0.0.2"]
+    assert "refused" in dead["last_error"] and dead["last_error_time"], dead
+    assert dead["sent"] == dead["deferred"] == 0, dead  # the message is counted once
+    found = samples(metrics(rq).stdout)
+    assert metric(found, "relayq_last_error_timestamp_seconds", relay="127.0.0.2")
+    plain = rq.run("relayq", "status").stdout.decode()
+    assert "relay 127.0.0.2: 0 sent, last never; last error " in plain, plain
+
+    rq.configure(smarthost=["[127.0.0.2]:9", "[127.0.0.1]:9"])
+    queue(rq, 1)
+    assert rq.sendmail("-q").returncode == 75
+    relays = stats.read(str(rq.queue_dir))["relays"]
+    assert relays["127.0.0.1"]["deferred"] == 1 and relays["127.0.0.2"]["deferred"] == 0
+    for relay in ("127.0.0.1", "127.0.0.2"):
+        assert "refused" in relays[relay]["last_error"], relays
+        assert relays[relay]["last_error_time"] > dead["last_error_time"], relays

@@ -174,13 +174,31 @@ def add(data: dict[str, Any], relay: str, outcome: str, recipients: int | dict[s
         relays.pop(next(iter(relays)))
 
 
+def failure(data: dict[str, Any], relay: str, error: str, now: float) -> None:
+    """Note `relay`'s last error, counting nothing: a smarthost that failed before
+    another took (or deferred) the message, which add() counts under that one."""
+    relays = data["relays"]
+    entry = relays.pop(relay, None) or {}
+    for word in OUTCOMES:
+        entry.setdefault(word, 0)
+        entry.setdefault(f"{word}_recipients", 0)
+    entry.setdefault("last_success", None)
+    entry["last_attempt"] = entry["last_error_time"] = now
+    entry["last_error"] = " ".join(error.split())[:MAX_ERROR] or "failed"
+    relays[relay] = entry
+    while len(relays) > MAX_RELAYS:
+        relays.pop(next(iter(relays)))
+
+
 def record(root: str, log: Log | None, relay: str, outcome: str,
            recipients: int | dict[str, int], error: str = "",
-           now: float | None = None) -> bool:
-    """Count one attempt in the file; False (said once per process) if it could not be."""
+           now: float | None = None, failures: list[tuple[str, str]] | None = None) -> bool:
+    """Count one attempt in the file, and note each of `failures` (relay, error) on the
+    way; False (said once per process) if it could not be."""
     global _complained
     try:
-        _update(root, relay, outcome, recipients, time.time() if now is None else now, error)
+        _update(root, relay, outcome, recipients, time.time() if now is None else now, error,
+                failures or [])
         return True
     except Exception as exc:  # never a delivery's failure: counting is for monitoring
         if not _complained and log is not None:
@@ -192,11 +210,14 @@ def record(root: str, log: Log | None, relay: str, outcome: str,
 
 
 def _update(root: str, relay: str, outcome: str, recipients: int | dict[str, int],
-            now: float, error: str) -> None:
+            now: float, error: str, failures: list[tuple[str, str]]) -> None:
     fd = os.open(path_of(root), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _lock(fd, fcntl.LOCK_EX)
         data = _loads(os.pread(fd, 1 << 20, 0))
+        for other, why in failures:
+            if other != relay:  # the one counted keeps add()'s error
+                failure(data, other, why, now)
         add(data, relay, outcome, recipients, now, error)
         raw = json.dumps(data, separators=(",", ":")).encode()
         done = 0
