@@ -104,6 +104,26 @@ def test_flush_prints_one_summary_line(tmp_path: Path, smarthost_factory: Smarth
         EX_OK, "flush: 0 sent, 0 deferred, 0 bounced, 0 left\n")
 
 
+def test_flush_counts_a_message_whose_report_was_owed_as_sent(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    """A recipient failed and recorded, its report not made yet (a settle cut off):
+    the run makes the report and the message leaves the queue, counted as it was
+    before the statistics (sent), not as deferred."""
+    from relayq.core.outcome import FAILED
+
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    _queue(rq, "gone@example.org")
+    [qid] = rq.spool.ids()
+    env = rq.spool.read_envelope(qid)
+    env.recipients[0].state, env.recipients[0].reply = FAILED, "550 5.1.1 gone"
+    rq.spool.write_envelope(env)
+    r = rq.run("relayq", "flush")
+    assert (r.returncode, r.stdout.decode()) == (
+        EX_OK, "flush: 1 sent, 0 deferred, 0 bounced, 0 left\n"), r.stderr
+    assert rq.spool.ids() == [] and len(sh.transactions) == 1  # the report went out
+
+
 def test_flush_counts_a_held_message_as_left_only(tmp_path: Path,
                                                   smarthost_factory: SmarthostFactory) -> None:
     sh = smarthost_factory()

@@ -284,3 +284,100 @@ def test_a_daemon_that_cannot_write_says_so_once(tmp_path: Path) -> None:
     finally:
         assert d.stop() == 0
     assert rq.log().count("metrics not written") == 1
+
+
+DAMAGED = {  # valid JSON a reader must survive: wrong types, non-finite numbers, negatives
+    "wrong types": '{"version":1,"relays":{"127.0.0.1":{"sent":"x","last_success":"y",'
+                   '"last_error":5}},"last_success":"z"}',
+    "a relay not an object": '{"version":1,"relays":{"127.0.0.1":5},"last_success":null}',
+    "non-finite": '{"version":1,"relays":{"127.0.0.1":{"sent":NaN,"last_success":Infinity,'
+                  '"last_error_time":-1e308}},"last_success":1e400}',
+    "negative and boolean": '{"version":1,"relays":{"127.0.0.1":{"sent":-5,"bounced":true,'
+                            '"last_success":-100}},"last_success":-100}',
+    "deeply nested": '{"version":1,"relays":' + "[" * 100000 + "]" * 100000 + "}",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_statistics_file_never_crashes_a_reader(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, damage: str) -> None:
+    """Valid JSON of the wrong shape reads as what is valid in it (a bad entry or value
+    is dropped): metrics, status (plain, --json, the plugin's line) keep their exit
+    codes, and the next delivery is counted again."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    queue(rq, 1)
+    (rq.queue_dir / "stats").write_text(DAMAGED[damage])
+    for args, code in ((("metrics",), 0), (("status",), 0), (("status", "--json"), 0),
+                       (("status", "-w", "1", "-c", "2"), 1)):
+        r = rq.run("relayq", *args)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        assert not r.stderr, (args, r.stderr)
+    assert rq.sendmail("-q").returncode == 0 and len(sh.transactions) == 1
+    assert "delivery statistics not updated" not in rq.log(), rq.log()
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    assert (entry["sent"], entry["sent_recipients"]) == (1, 1), entry
+    found = samples(metrics(rq).stdout)
+    assert metric(found, "relayq_smtp_messages_processed_total", relay="127.0.0.1",
+                  status="sent") == 1
+    info = json.loads(rq.run("relayq", "status", "--json").stdout)
+    json.dumps(info, allow_nan=False)  # strict JSON: no NaN or Infinity leaks out
+    assert info["relays"]["127.0.0.1"]["sent"] == 1
+
+
+def test_mixed_outcomes_count_each_recipient_under_its_own(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    """A message half accepted, half deferred or refused: the message counts once (by
+    its worst outcome), each recipient under its own, and the acceptance is the relay's
+    last success."""
+    sh = smarthost_factory(rcpt_replies={"bad@example.org": "550 5.1.1 no such user",
+                                         "later@example.org": "451 4.3.0 later"})
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    send = ("-odq", "-f", "sender@example.org")
+    assert rq.sendmail(*send, "good2@example.org", "later@example.org",
+                       input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    assert (entry["deferred"], entry["sent"]) == (1, 0), entry
+    assert (entry["deferred_recipients"], entry["sent_recipients"]) == (1, 1), entry
+    assert entry["last_success"], entry  # good2@ went out: the relay works
+    assert stats.read(str(rq.queue_dir))["last_success"] == entry["last_success"]
+    assert rq.sendmail(*send, "good@example.org", "bad@example.org",
+                       input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75  # later@ defers again
+    assert len(sh.transactions) == 3  # good2, good, the bounce (later@'s had no RCPT)
+    entry = stats.read(str(rq.queue_dir))["relays"]["127.0.0.1"]
+    accepted = sum(len([r for r in t.rcpt_tos if r != "later@example.org"])
+                   for t in sh.transactions)
+    assert accepted == 3 and entry["sent_recipients"] == 3, entry  # good2, good, bounce
+    assert (entry["bounced"], entry["bounced_recipients"]) == (1, 1), entry
+    assert (entry["deferred"], entry["deferred_recipients"]) == (2, 2), entry
+    assert entry["sent"] == 1, entry  # the bounce; the mixed ones by their worst
+
+
+def test_every_smarthost_tried_keeps_its_last_error(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    """A dead primary the transport failed over from is in the statistics, status and
+    metrics with its last error; when every smarthost fails, each has its own."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=["[127.0.0.2]:9", sh.smarthost])
+    queue(rq, 1)
+    assert rq.sendmail("-q").returncode == 0 and len(sh.transactions) == 1
+    relays = stats.read(str(rq.queue_dir))["relays"]
+    assert relays["127.0.0.1"]["sent"] == 1
+    dead = relays["127.0.0.2"]
+    assert "refused" in dead["last_error"] and dead["last_error_time"], dead
+    assert dead["sent"] == dead["deferred"] == 0, dead  # the message is counted once
+    found = samples(metrics(rq).stdout)
+    assert metric(found, "relayq_last_error_timestamp_seconds", relay="127.0.0.2")
+    plain = rq.run("relayq", "status").stdout.decode()
+    assert "relay 127.0.0.2: 0 sent, last never; last error " in plain, plain
+
+    rq.configure(smarthost=["[127.0.0.2]:9", "[127.0.0.1]:9"])
+    queue(rq, 1)
+    assert rq.sendmail("-q").returncode == 75
+    relays = stats.read(str(rq.queue_dir))["relays"]
+    assert relays["127.0.0.1"]["deferred"] == 1 and relays["127.0.0.2"]["deferred"] == 0
+    for relay in ("127.0.0.1", "127.0.0.2"):
+        assert "refused" in relays[relay]["last_error"], relays
+        assert relays[relay]["last_error_time"] > dead["last_error_time"], relays

@@ -4,7 +4,9 @@ of an envelope, without a queue (issue 15 §3)."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from typing import TYPE_CHECKING
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,6 +18,10 @@ from relayq.core.envelope import Envelope, Recipient
 from relayq.delivery.tally import label
 from relayq.queue import stats
 from relayq.queue.census import state_of
+from relayq.system import textfile
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _snapshot(relays: dict[str, dict[str, object]]) -> dict[str, object]:
@@ -100,3 +106,23 @@ def test_the_census_reads_an_envelope_without_parsing_it() -> None:
     env.held, env.error = False, "x\theld\t1"  # free text never makes a line of its own
     assert state_of(env.dumps())[0] == "deferred"
     assert state_of(b"garbage") == ("queued", 0)
+
+
+def test_publishing_never_writes_through_a_prepared_temporary_name(tmp_path: Path) -> None:
+    """The collector's directory may be writable by other accounts: a file, hard link or
+    symlink waiting at a guessable temporary name must never be written through (the
+    temporary file is created new, O_EXCL, under a name nobody can guess)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "collector" / "relayq.prom"
+    target.parent.mkdir()
+    os.link(victim, target.parent / f".relayq.prom.{os.getpid()}.tmp")  # the old name
+    (target.parent / f".relayq.prom.{os.getpid() + 1}.tmp").symlink_to(victim)
+    for text in ("relayq_up 1\n", "relayq_up 0\n"):
+        textfile.publish(str(target), text)
+        assert target.read_text() == text
+        assert target.stat().st_mode & 0o777 == 0o644
+    assert victim.read_text() == "precious\n"
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == sorted([f".relayq.prom.{os.getpid()}.tmp",
+                           f".relayq.prom.{os.getpid() + 1}.tmp", "relayq.prom"]), left

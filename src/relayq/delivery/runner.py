@@ -82,6 +82,7 @@ class Runner:
         self.progress: Callable[[], None] | None = None  # called after each message
         self._outcome = ""  # the attempt's word (tally.outcome) for the message last tried
         self._relay_name = ""  # the relay the last attempt reached or tried ("": local)
+        self._failed: list[tuple[str, str]] = []  # smarthosts that failed on its way
 
     @property
     def rules(self) -> decisions.Rules:
@@ -285,7 +286,7 @@ class Runner:
             self._held = None
         if pending:  # the one place an attempt's outcome is named, and counted on disk
             self._outcome = tally.counted(self.spool.root, self.log, env, before,
-                                          self._relay_name, expired)
+                                          self._relay_name, expired, self._failed)
         newly = [r for r in env.recipients if r.state == FAILED and before.get(id(r)) != FAILED]
         if not claim.finished:
             try:
@@ -296,6 +297,8 @@ class Runner:
                 self.log.error(f"{env.qid}: report not made yet ({why}); the recipients' "
                                "outcomes are recorded, the report is tried at the next run")
                 self._later(claim, now)
+        if not pending:  # only its report was owed (a settle cut off): gone once made
+            self._outcome = "sent" if claim.finished else "deferred"
         return [decisions.code(r.reply) for r in newly]
 
     def _later(self, claim: Claim, now: float) -> None:
@@ -338,7 +341,7 @@ class Runner:
         start = time.time()
         deferral = ""
         remote = pending
-        self._relay_name = ""
+        self._relay_name, self._failed = "", []
         decisions.start_attempt(env, now, self.rules, random.random())
         if self.cfg.local_delivery:
             local = self.local()
@@ -389,6 +392,7 @@ class Runner:
             )
             result = self.transport().deliver(msg, journal)
         self._relay_name = result.relay or result.tried or next(iter(self.cfg.smarthost), "")
+        self._failed = result.failed  # each smarthost tried on the way: its last error
         late = journal.commit(result.outcomes, result.relay, result.error, persist=False,
                               tried=result.tried)
         return result.error or journal.error or journal.deferral, journal.commits > 0 and not late

@@ -11,7 +11,7 @@ OutgoingMessage and records the MessageResult.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from relayq.core import policy
@@ -59,6 +59,9 @@ class MessageResult:
     error: str = ""  # why (some of) the message was deferred; "" if nothing was
     relay: str = ""  # "mail.example.org [192.0.2.1]" of the server that answered
     tried: str = ""  # the host tried last when none answered (the log's relay=)
+    # every target whose connection or setup failed on the way, (relay, error): a dead
+    # primary is visible in the statistics even when a backup took the message
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 class SmtpTransport:
@@ -87,6 +90,7 @@ class SmtpTransport:
         self._down: SmtpError | None = None
         self._down_until = 0.0
         self._tried = ""  # "host [ip]" tried last, for the log of a failed connection
+        self._failed: list[tuple[str, str]] = []  # this deliver()'s failed targets
         self._qid = ""  # the message being delivered: its id starts each log line
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
@@ -135,10 +139,13 @@ class SmtpTransport:
         if n == 0:
             return MessageResult([])
         self._qid = msg.qid
+        self._failed = []
         try:
-            return self._deliver(msg, journal, n)
+            result = self._deliver(msg, journal, n)
+            result.failed = self._failed
+            return result
         finally:
-            self._qid = ""
+            self._qid, self._failed = "", []
 
     def _deliver(self, msg: OutgoingMessage, journal: Journal | None, n: int) -> MessageResult:
         if self._down is not None and time.monotonic() >= self._down_until:
@@ -235,6 +242,7 @@ class SmtpTransport:
             except SmtpError as exc:
                 self._say(str(exc))
                 self._tried = sh.host
+                self._failed.append((sh.host, str(exc)))
                 last = exc
                 continue
             for t in found:
@@ -250,6 +258,7 @@ class SmtpTransport:
                         client.quit()
                     client.close()
                     self._tried = client.relay
+                    self._failed.append((client.relay, str(exc)))
                     if isinstance(exc, ConnectFailed):  # sendmail's words (LogLevel 12)
                         self._say(f"makeconnection ({client.relay}:{t.port}) failed: {exc}")
                     else:

@@ -20,6 +20,8 @@ import struct
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from relayq.core.envelope import Envelope
     from relayq.system.log import Log
 
@@ -57,12 +59,15 @@ class Tally:
 
 
 def counted(root: str, log: Log, env: Envelope, before: dict[int, str], relay: str,
-            expired: bool) -> str:
-    """The attempt's word for the message (`sent`, `deferred`, `bounced`, `expired`),
-    counted in the queue's statistics under `relay` ("local" when none was tried).
+            expired: bool, tried: Sequence[tuple[str, str]] = ()) -> str:
+    """The attempt's word for the message (`sent`, `deferred`, `bounced`, `expired`:
+    its worst outcome), counted in the queue's statistics under `relay` ("local" when
+    none was tried), each recipient under its own outcome.
 
     `before`: each recipient's state before the attempt, by id(); recipients an
-    alias added are new. The statistics never fail the delivery (queue.stats.record).
+    alias added are new. `tried`: (relay, error) of each smarthost that failed on the
+    way (a dead primary before the backup): each keeps its last error, no count.
+    The statistics never fail the delivery (queue.stats.record).
     """
     from relayq.core.outcome import FAILED, PENDING, SENT
     from relayq.queue import stats
@@ -72,14 +77,19 @@ def counted(root: str, log: Log, env: Envelope, before: dict[int, str], relay: s
                 if r.state == state and before.get(id(r)) != state]
 
     failed, pending = new(FAILED), [r for r in env.recipients if r.state == PENDING]
+    sent = len(new(SENT))
+    gone = "expired" if expired else "bounced"
     if failed:
-        word, count, error = "expired" if expired else "bounced", len(failed), failed[0]
+        word, error = gone, failed[0]
     elif pending:
-        word, count = "deferred", len(pending)
-        error = env.error.removeprefix("Deferred: ")
+        word, error = "deferred", env.error.removeprefix("Deferred: ")
     else:
-        word, count, error = "sent", len(new(SENT)), ""
-    stats.record(root, log, label(relay), word, count, error)
+        word, error = "sent", ""
+    # each recipient under its own outcome: a message half accepted counts its acceptance
+    counts = {w: n for w, n in ((gone, len(failed)), ("deferred", len(pending)),
+                                ("sent", sent)) if n}
+    stats.record(root, log, label(relay), word, counts, error,
+                 failures=[(label(host), why) for host, why in tried])
     return word
 
 

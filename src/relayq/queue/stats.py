@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import time
 
@@ -85,29 +86,82 @@ def read(root: str) -> dict[str, Any]:
 
 def _loads(raw: bytes) -> dict[str, Any]:
     """A damaged or foreign file reads as empty: monitoring sees a counter reset.
-    Bytes after the document (a rewrite cut off before its truncate) are ignored."""
+    Bytes after the document (a rewrite cut off before its truncate) are ignored;
+    so is any entry or value of the wrong type or range (_clean): a reader never
+    crashes on the file, and the next delivery counts from what was valid."""
     try:
-        data, _ = json.JSONDecoder().raw_decode(raw.decode("utf-8", "replace"))
-    except ValueError:
+        data, _ = json.JSONDecoder(parse_constant=lambda _: None).raw_decode(
+            raw.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
         return empty()
     if not isinstance(data, dict) or data.get("version") != VERSION or \
             not isinstance(data.get("relays"), dict):
         return empty()
-    return data
+    return _clean(data)
 
 
-def add(data: dict[str, Any], relay: str, outcome: str, recipients: int, now: float,
-        error: str = "") -> None:
-    """Count one message's attempt at `relay` into `data` (pure: the file's contents)."""
+_COUNTS = tuple(w for o in OUTCOMES for w in (o, f"{o}_recipients"))
+_TIMES = ("last_attempt", "last_success", "last_error_time")
+_MAX_COUNT = 2**62  # past this a counter is damage, not mail
+
+
+def _count(value: object) -> int | None:
+    """A counter: an int (not a bool) from 0 up, else None."""
+    return value if type(value) is int and 0 <= value < _MAX_COUNT else None
+
+
+def _time(value: object) -> float | None:
+    """A Unix time: a finite number from 0 up, else None."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+    return t if math.isfinite(t) and t >= 0 else None
+
+
+def _clean(data: dict[str, Any]) -> dict[str, Any]:
+    """The document with only what is valid in it: each relay an object, each counter
+    an int >= 0, each time a finite number >= 0, the error a string."""
+    out = empty()
+    out["last_success"] = _time(data.get("last_success"))
+    for relay, entry in list(data["relays"].items())[-MAX_RELAYS:]:
+        if not isinstance(entry, dict):
+            continue
+        kept: dict[str, Any] = {}
+        for key in _COUNTS:
+            count = _count(entry.get(key))
+            if count is not None:
+                kept[key] = count
+        for key in _TIMES:
+            kept[key] = _time(entry.get(key))
+        error = entry.get("last_error")
+        if isinstance(error, str):
+            kept["last_error"] = error[:MAX_ERROR]
+        out["relays"][relay] = kept
+    return out
+
+
+def add(data: dict[str, Any], relay: str, outcome: str, recipients: int | dict[str, int],
+        now: float, error: str = "") -> None:
+    """Count one message's attempt at `relay` into `data` (pure: the file's contents).
+
+    `outcome` is the message's word; `recipients` how many recipients it concerned,
+    or each recipient outcome's count ({"sent": 1, "bounced": 1}: a message half
+    refused), so that a recipient is counted under its own outcome. A recipient
+    sent is the relay's last success, whatever became of the others."""
     relays = data["relays"]
     entry = relays.pop(relay, None) or {}
     for word in OUTCOMES:
         entry.setdefault(word, 0)
         entry.setdefault(f"{word}_recipients", 0)
     entry[outcome] += 1
-    entry[f"{outcome}_recipients"] += max(0, recipients)
+    counts = recipients if isinstance(recipients, dict) else {outcome: recipients}
+    for word, count in counts.items():
+        entry[f"{word}_recipients"] += max(0, count)
     entry["last_attempt"] = now
-    if outcome == "sent":
+    if outcome == "sent" or counts.get("sent", 0) > 0:
         entry["last_success"] = now
         data["last_success"] = now
     else:
@@ -120,12 +174,31 @@ def add(data: dict[str, Any], relay: str, outcome: str, recipients: int, now: fl
         relays.pop(next(iter(relays)))
 
 
-def record(root: str, log: Log | None, relay: str, outcome: str, recipients: int,
-           error: str = "", now: float | None = None) -> bool:
-    """Count one attempt in the file; False (said once per process) if it could not be."""
+def failure(data: dict[str, Any], relay: str, error: str, now: float) -> None:
+    """Note `relay`'s last error, counting nothing: a smarthost that failed before
+    another took (or deferred) the message, which add() counts under that one."""
+    relays = data["relays"]
+    entry = relays.pop(relay, None) or {}
+    for word in OUTCOMES:
+        entry.setdefault(word, 0)
+        entry.setdefault(f"{word}_recipients", 0)
+    entry.setdefault("last_success", None)
+    entry["last_attempt"] = entry["last_error_time"] = now
+    entry["last_error"] = " ".join(error.split())[:MAX_ERROR] or "failed"
+    relays[relay] = entry
+    while len(relays) > MAX_RELAYS:
+        relays.pop(next(iter(relays)))
+
+
+def record(root: str, log: Log | None, relay: str, outcome: str,
+           recipients: int | dict[str, int], error: str = "",
+           now: float | None = None, failures: list[tuple[str, str]] | None = None) -> bool:
+    """Count one attempt in the file, and note each of `failures` (relay, error) on the
+    way; False (said once per process) if it could not be."""
     global _complained
     try:
-        _update(root, relay, outcome, recipients, time.time() if now is None else now, error)
+        _update(root, relay, outcome, recipients, time.time() if now is None else now, error,
+                failures or [])
         return True
     except Exception as exc:  # never a delivery's failure: counting is for monitoring
         if not _complained and log is not None:
@@ -136,12 +209,15 @@ def record(root: str, log: Log | None, relay: str, outcome: str, recipients: int
         return False
 
 
-def _update(root: str, relay: str, outcome: str, recipients: int, now: float,
-            error: str) -> None:
+def _update(root: str, relay: str, outcome: str, recipients: int | dict[str, int],
+            now: float, error: str, failures: list[tuple[str, str]]) -> None:
     fd = os.open(path_of(root), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _lock(fd, fcntl.LOCK_EX)
         data = _loads(os.pread(fd, 1 << 20, 0))
+        for other, why in failures:
+            if other != relay:  # the one counted keeps add()'s error
+                failure(data, other, why, now)
         add(data, relay, outcome, recipients, now, error)
         raw = json.dumps(data, separators=(",", ":")).encode()
         done = 0
