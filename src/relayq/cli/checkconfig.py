@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq.core.config import SCHEMA, Config
+from relayq.core.config import SCHEMA, Config, toml_key, toml_value
 from relayq.core.errors import EX_CONFIG, EX_OK, ConfigError, RelayqError
 
 TYPE_CHECKING = False
@@ -63,7 +63,7 @@ def render(cfg: Config) -> str:
     lines = [f"# {_clean(cfg.path)}: the effective configuration (relayq check-config)"]
     for key in SCHEMA:
         value, note = worked_out.get(key, (values[key], ""))
-        line = f"{_toml_key(key)} = {toml_value(value)}"
+        line = f"{toml_key(key)} = {toml_value(value)}"
         lines.append(f"{line}  # {_clean(note)}" if note else line)
     return "\n".join(lines) + "\n"
 
@@ -104,43 +104,6 @@ def derived(cfg: Config) -> dict[str, tuple[object, str]]:
         out["local_domains"] = (sorted(hostname.local_domains(domain)),
                                 "this host's names and the mail domain")
     return out
-
-
-def toml_value(value: object) -> str:
-    """One TOML value: strings, booleans, numbers, lists and tables (a new key's)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # 300.0, inf, nan: all TOML
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    return _toml_string(str(value))
-
-
-def _toml_key(key: str) -> str:
-    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
-    return key if bare else _toml_string(key)
-
-
-_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for c in text:
-        if c in _ESCAPES:
-            out.append(_ESCAPES[c])
-        elif ord(c) < 32 or ord(c) == 127:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
 
 
 def _clean(text: str) -> str:

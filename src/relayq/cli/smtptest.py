@@ -57,5 +57,5 @@ def _message(cfg: Config, address: str) -> TestMessage:
     if not rcpt:
         raise RelayqError("test: the test message needs a recipient, not <>", EX_USAGE)
     user = user_names()[0]
-    sender, from_header = sender_addresses(ctx, user)
+    _, sender, from_header = sender_addresses(ctx, user)
     return probe.TestMessage(rcpt, sender, from_header)

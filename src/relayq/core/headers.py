@@ -427,9 +427,10 @@ def _recipients(fields: list[Field], names: list[str], opts: Options,
         for field, name in zip(fields, names, strict=True):
             if name in wanted:
                 for found in parse_list(field.value):
-                    add(_header_recipient(found.addr, field, domain))
+                    rcpt = _header_recipient(found.addr, field, domain)
+                    add(rcpt)
                     if not split(compact(found.addr))[1]:
-                        bare.add(_header_recipient(found.addr, field, domain))
+                        bare.add(rcpt)
     return recipients, frozenset(bare)
 
 

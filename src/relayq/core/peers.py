@@ -9,13 +9,12 @@ the relayq.toml text. Pure: the command line reads the files.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayq.core.config import SCHEMA
+from relayq.core.config import SCHEMA, toml_value
 from relayq.core.errors import EX_DATAERR, RelayqError
 
 SECRET_KEYS = ("password",)  # shown masked unless written to a private file
@@ -136,16 +135,10 @@ def host_port(host: str, port: str | int | None) -> str:
 
 
 def render_value(value: object) -> str:
-    """A TOML value: basic strings (JSON's escapes are TOML's), lists, booleans, numbers."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, str):  # DEL: JSON leaves it, TOML wants it escaped
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(render_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
+    """A TOML value (relayq.core.config.toml_value); a relayq setting is never a table."""
+    if not isinstance(value, bool | int | float | str | list):
+        raise TypeError(f"no TOML for {value!r}")
+    return toml_value(value)
 
 
 GENERICS_NAME = "generics"  # the generics file `relayq import --write` makes next to the toml

@@ -29,7 +29,14 @@ from relayq.core.errors import (
 from relayq.delivery.smtp_connect import MailLoop, targets
 from relayq.delivery.smtp_transport import SmtpTransport
 from relayq.smtp import protocol as proto
-from relayq.smtp.client import AuthFailed, ConnectFailed, SmtpClient, SmtpError, TlsFailed
+from relayq.smtp.client import (
+    AuthFailed,
+    ConnectFailed,
+    SmtpClient,
+    SmtpError,
+    TlsFailed,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -216,9 +223,7 @@ def _certificate_anyway(transport: SmtpTransport, failed: SmtpClient, sh: Smarth
                         t: Target) -> bytes:
     """A second session with a context that checks nothing, only to show the
     certificate verification refused; no AUTH, no mail."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = tls_context(verify=False)
     client = transport.client_for(sh, t)
     try:
         client.set_deadline(transport.config.session_deadline, "connection setup")

@@ -285,16 +285,16 @@ def _senders(req: Request, ctx: Context) -> tuple[str, str, str]:
         raw = address.parse_mailbox(req.sender, "sender")
     else:
         return "", "", ""
-    return (ctx.envelope_sender(raw), *sender_addresses(ctx, raw))
+    return sender_addresses(ctx, raw)
 
 
-def sender_addresses(ctx: Context, raw: str) -> tuple[str, str]:
-    """(envelope sender, From: address) of a non-null sender as given (a user name
-    or an address): for each message, and for `relayq test`'s."""
+def sender_addresses(ctx: Context, raw: str) -> tuple[str, str, str]:
+    """(qualified and masqueraded, envelope sender, From: address) of a non-null sender
+    as given (a user name or an address): for each message, and `relayq test`'s."""
     given = ctx.envelope_sender(raw)
     envelope = ctx.generic(raw, "envelope") or given
     header = ctx.generic(raw, "header") or given
-    return rewrite.all_mail_from(envelope, ctx.all_mail_from), header
+    return given, rewrite.all_mail_from(envelope, ctx.all_mail_from), header
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:

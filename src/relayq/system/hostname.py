@@ -73,7 +73,7 @@ def smtp_name_from(ehlo_name: str = "", domain: str = "") -> tuple[str, str]:
 
 
 def mail_domain(configured: str = "") -> str:
-    return configured or _from_file("/etc/mailname") or fqdn()
+    return mail_domain_from(configured)[0]
 
 
 def mail_domain_from(configured: str = "") -> tuple[str, str]:
