@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import sys
 
-from relayq.core.config import SCHEMA, Config, toml_key, toml_value
+from relayq.core.config import SCHEMA, Config
 from relayq.core.errors import EX_CONFIG, EX_OK, ConfigError, RelayqError
+from relayq.core.tomlout import toml_key, toml_value
 
 TYPE_CHECKING = False
 

@@ -1,4 +1,4 @@
-"""relayq.toml: every key, its default and its check, in one table.
+"""relayq.toml read: the Config every module asks, and the rules between keys.
 
 A wrong key or value raises ConfigError naming it (exit 78). The file is
 optional: with none, every default applies. Pure: `parse()` turns text into a
@@ -8,47 +8,26 @@ relayq.system.configfile's.
 
 from __future__ import annotations
 
-from relayq.core import policy
 from relayq.core.errors import ConfigError
+
+# the keys and their checks, defined once (core.schema); named from here as before
+from relayq.core.schema import (  # noqa: F401
+    AUTH_MECHANISMS,
+    DELIVERY_MODES,
+    SCHEMA,
+    SECRET_KEYS,
+    SYSTEM_CONFIG,
+    SYSTEM_QUEUE,
+    TLS_MODES,
+    _nearest,
+    _port,
+    parse_duration,
+)
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
 if TYPE_CHECKING:
     from typing import Any
-
-SYSTEM_CONFIG = "/etc/relayq/relayq.toml"
-SYSTEM_QUEUE = "/var/spool/relayq"
-
-TLS_MODES = ("required", "opportunistic", "none", "implicit")
-DELIVERY_MODES = policy.MODE_NAMES
-AUTH_MECHANISMS = ("", "PLAIN", "LOGIN", "XOAUTH2")
-SECRET_KEYS = ("password",)
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: object, key: str) -> float:
-    """'90', 90, '30m', '1h30m', '5d' -> seconds (sendmail's interval syntax)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ConfigError(f"{key}: must not be negative")
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
-    total, num = 0.0, ""
-    for ch in value.strip():
-        if ch.isdigit():
-            num += ch
-        elif ch in _UNITS and num:
-            total += int(num) * _UNITS[ch]
-            num = ""
-        else:
-            raise ConfigError(f"{key}: expected a duration like 30m, got {value!r}")
-    if num:
-        total += int(num)  # trailing bare number: seconds... sendmail says minutes for -q
-    return total
 
 
 class Smarthost:
@@ -159,163 +138,6 @@ def own_listener(host: str, port: int, listen: list[str]) -> str:
     return ""
 
 
-def _port(text: str, key: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError(f"{key}: bad port {text!r}")
-    return int(text)
-
-
-def _str(v: object, key: str) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(f"{key}: expected a string, got {v!r}")
-    if any(c in v for c in "\r\n\0"):
-        raise ConfigError(f"{key}: must not contain CR, LF or NUL")
-    return v
-
-
-def _bool(v: object, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key}: expected true or false, got {v!r}")
-    return v
-
-
-def _int(v: object, key: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(f"{key}: expected a non-negative integer, got {v!r}")
-    return v
-
-
-def _choice(choices: tuple[str, ...]) -> Any:
-    def check(v: object, key: str) -> str:
-        if not isinstance(v, str) or v not in choices:
-            shown = " | ".join(repr(c) for c in choices if c)
-            raise ConfigError(f"{key}: expected one of {shown}, got {v!r}")
-        return v
-
-    return check
-
-
-def _mode(v: object, key: str) -> str:
-    if isinstance(v, str):
-        if v in DELIVERY_MODES:
-            return DELIVERY_MODES[v]
-        if v in DELIVERY_MODES.values():
-            return v
-    raise ConfigError(
-        f"{key}: expected one of 'background' | 'interactive' | 'queue' | 'deferred', got {v!r}"
-    )
-
-
-def _auth(v: object, key: str) -> str:
-    if isinstance(v, str) and v.upper() in AUTH_MECHANISMS:
-        return v.upper()
-    raise ConfigError(f"{key}: expected one of 'plain' | 'login' | 'xoauth2', got {v!r}")
-
-
-def _hosts(v: object, key: str) -> list[str]:
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-        raise ConfigError(f"{key}: expected a host or a list of hosts, got {v!r}")
-    return list(items)
-
-
-def _strlist(v: object, key: str) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
-        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
-    return list(v)
-
-
-def _duration(v: object, key: str) -> float:
-    return parse_duration(v, key)
-
-
-# key: (default, checker, help)
-SCHEMA: dict[str, tuple[Any, Any, str]] = {
-    "smarthost": (["[127.0.0.1]"], _hosts, "relay host(s), tried in order; [host] = no MX"),
-    "port": (0, _int, "port for hosts given without one (0: 465 for implicit TLS, else 25)"),
-    "tls": ("opportunistic", _choice(TLS_MODES),
-            "required | opportunistic | none | implicit (required when a password is set)"),
-    "tls_verify": (True, _bool, "verify the relay's certificate and name"),
-    "ca_file": ("", _str, "CA bundle for the relay's certificate (default: system store)"),
-    "client_cert": ("", _str, "client certificate (PEM)"),
-    "client_key": ("", _str, "client key (PEM; default: in client_cert)"),
-    "user": ("", _str, "AUTH user name"),
-    "password": ("", _str, "AUTH password (prefer password_file or password_command)"),
-    "password_file": ("", _str, "file holding the AUTH password"),
-    "password_command": ("", _str, "command printing the password or OAuth2 token"),
-    "password_command_max_age": (300.0, _duration, "run password_command again for a new "
-                                 "connection when its output is older (0: every connection)"),
-    "auth_mechanism": ("", _auth, "PLAIN | LOGIN | XOAUTH2 (default: best offered)"),
-    "ehlo_name": ("", _str, "name sent in EHLO (default: domain)"),
-    "connect_timeout": (30.0, _duration, "TCP and TLS connect timeout"),
-    "timeout": (300.0, _duration, "timeout for each SMTP reply"),
-    "session_deadline": (600.0, _duration, "connect, greeting, EHLO, STARTTLS and AUTH "
-                         "together (0: no limit)"),
-    "message_deadline": (600.0, _duration, "one message transaction, MAIL to the reply to "
-                         "the final dot, plus size / min_data_rate (0: no limit)"),
-    "min_data_rate": (2048, _int, "bytes per second the message deadline allows for the data"),
-    "dns_servers": ([], _strlist, "name servers for MX lookups (default: resolv.conf)"),
-    "domain": ("", _str, "this host's mail domain (default: /etc/mailname or the FQDN)"),
-    "masquerade_as": ("", _str, "rewrite local senders' domain to this"),
-    "delivery_mode": ("b", _mode, "background | interactive | queue | deferred"),
-    "queue_dir": ("", _str, "queue directory"),
-    "max_queue_age": (5 * 86400.0, _duration, "bounce what is still queued after this"),
-    "delay_warning": (0.0, _duration, "warn the sender once after this long queued (0: never)"),
-    "postmaster": ("postmaster", _str,
-                   "told of mail that cannot be returned to its sender (a failed bounce, "
-                   "failed mail from <>); unqualified: in `domain`"),
-    "retry_min": (300.0, _duration, "first retry delay"),
-    "retry_max": (4000.0, _duration, "longest retry delay"),
-    "max_message_size": (0, _int, "refuse larger messages (0: no limit)"),
-    "max_recipients": (100, _int, "recipients per SMTP transaction"),
-    "log_file": ("", _str, "also append log lines to this file"),
-    # who may do what (SECURITY.md)
-    "trusted_users": (["root", "daemon", "relayq"], _strlist,
-                      "may set the envelope sender (-f) without a warning header"),
-    "auth_warnings": (True, _bool, "add X-Authentication-Warning when others use -f or -bs"),
-    "admin_group": ("relayq", _str, "its members see every user's mail in mailq"),
-    "syslog": (True, _bool, "log to syslog (facility mail)"),
-    # daemon: periodic queue runs and the loopback SMTP listener
-    "queue_interval": (1800.0, _duration, "relayq daemon: time between queue runs"),
-    "concurrency": (4, _int, "parallel deliveries in a queue run of the daemon"),
-    "pid_file": ("", _str, "pid file of a detached daemon "
-                 "(default: in /run/relayq if it is ours, else /run/relayq.pid as root)"),
-    "listen": (["127.0.0.1:25", "[::1]:25"], _strlist, "SMTP listener addresses"),
-    "listen_nonloopback": (False, _bool, "allow binding a non-loopback listener address"),
-    "daemon_user": ("", _str, "user the daemon runs as after binding port 25 as root"),
-    "smtp_max_connections": (20, _int, "listener: concurrent SMTP connections"),
-    "smtp_processes": (0, _int, "listener processes sharing the sockets (0: one per CPU, "
-                                "at most 4)"),
-    "smtp_max_recipients": (1000, _int, "listener: recipients per message"),
-    "smtp_max_line": (1000, _int, "listener: longest command or data line, in bytes"),
-    "smtp_timeout": (300.0, _duration, "listener: idle time allowed between commands"),
-    "smtp_data_timeout": (600.0, _duration, "listener: time allowed to send the message data"),
-    # monitoring (relayq metrics)
-    "metrics_file": ("", _str, "relayq daemon: write Prometheus metrics here (a *.prom file "
-                     "for node_exporter's textfile collector; empty: off)"),
-    "metrics_interval": (60.0, _duration, "relayq daemon: how often metrics_file is written"),
-    # local delivery
-    "local_delivery": (False, _bool, "deliver local recipients here (false: relay them)"),
-    "local_domains": ([], _strlist, "domains delivered locally (default: this host's names)"),
-    "aliases_file": ("/etc/aliases", _str, "aliases for local recipients"),
-    "mailbox_format": ("mbox", _choice(("mbox", "maildir")), "mbox | maildir"),
-    "mail_spool": ("/var/mail", _str, "directory of mbox mailboxes"),
-    "allow_file_targets": (False, _bool, "allow aliases that append to files"),
-    "allow_pipe_targets": (False, _bool, "allow aliases that pipe to commands"),
-    # address rewriting at submission (core/rewrite)
-    "local_forward": ("", _str, "send mail for local recipients to this address when "
-                      "local_delivery is off (nullmailer's adminaddr, ssmtp's root=)"),
-    "local_forward_users": ("all", _choice(("all", "system")),
-                            "all | system: forward every local recipient, or only system "
-                            "accounts (uid < 1000, as ssmtp)"),
-    "generics_file": ("", _str, "map of local senders to full addresses (genericstable)"),
-    "generics_apply": ("both", _choice(("both", "envelope", "header")),
-                       "both | envelope | header: where generics_file rewrites the sender"),
-    "all_mail_from": ("", _str, "one envelope sender for every message (nullmailer's "
-                      "allmailfrom; <> stays <>)"),
-}
-
-
 class Config:
     """The effective configuration; attributes are the keys of SCHEMA."""
 
@@ -332,6 +154,26 @@ class Config:
     password_command: str
     password_command_max_age: float
     auth_mechanism: str
+    oauth2_provider: str
+    oauth2_tenant: str
+    oauth2_client_id: str
+    oauth2_client_secret: str
+    oauth2_client_secret_file: str
+    oauth2_flow: str
+    oauth2_scopes: list[str]
+    oauth2_token_url: str
+    oauth2_device_url: str
+    oauth2_authorize_url: str
+    oauth2_token_file: str
+    oauth2_ca_file: str
+    oauth2_proxy: str
+    oauth2_timeout: float
+    oauth2_idle_refresh: float
+    messages_per_minute: int
+    recipients_per_day: int
+    max_connections: int
+    from_address: str
+    rewrite_from: bool
     ehlo_name: str
     connect_timeout: float
     timeout: float
@@ -384,7 +226,10 @@ class Config:
     all_mail_from: str
     path: str
 
-    def __init__(self, values: dict[str, Any], path: str = "") -> None:
+    account: str  # this account's name (core/accounts): DEFAULT for the top level
+    senders: list[str]  # the envelope senders an account serves (none: the default's)
+
+    def __init__(self, values: dict[str, Any], path: str = "", account: str = "") -> None:
         for key, (default, _, _) in SCHEMA.items():
             value = values.get(key, default)
             setattr(self, key, list(value) if isinstance(value, list) else value)
@@ -392,9 +237,29 @@ class Config:
             self.tls = "required"  # a password never travels in clear unless asked to
         self.path = path
         self.values = values  # what the file set, checked (cached by system.configfile)
+        self.account = account or "default"
+        self.senders = list(values.get("senders", []))
+        self._accounts: dict[str, Config] | None = None
 
     def has_secret(self) -> bool:
-        return bool(self.password or self.password_file or self.password_command)
+        return bool(self.password or self.password_file or self.password_command
+                    or self.oauth2_provider)
+
+    def accounts(self) -> dict[str, Config]:
+        """Every account by name, the top level's as "default" (core/accounts)."""
+        if self._accounts is None:
+            from relayq.core.accounts import build
+
+            self._accounts = build(self)
+        return self._accounts
+
+    def forget_accounts(self) -> None:
+        """After a host key changed (queue_dir): accounts() builds them again."""
+        self._accounts = None
+
+    def inline_secrets(self) -> bool:
+        """Does the file itself hold a secret (never cached; the file must be private)?"""
+        return any(a.values.get(k) for a in self.accounts().values() for k in SECRET_KEYS)
 
     def smarthosts(self) -> list[Smarthost]:
         default = self.port or (465 if self.tls == "implicit" else 25)
@@ -430,13 +295,6 @@ class Config:
         return out
 
 
-def _nearest(key: str) -> str:
-    """' (did you mean 'smarthost'?)' for 'smarthots': a typo's fix in its error line."""
-    import difflib
-
-    close = difflib.get_close_matches(key.lower(), SCHEMA, n=1, cutoff=0.7)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 def parse(text: str, path: str = "relayq.toml") -> Config:
     if not text.strip():
@@ -450,10 +308,26 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
             raise ConfigError(f"{path}: {exc}") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "account":
+            from relayq.core.accounts import check_tables
+
+            values[key] = check_tables(value, path)
+            continue
         if key not in SCHEMA:
             raise ConfigError(f"{path}: unknown key {key!r}{_nearest(key)}")
         values[key] = SCHEMA[key][1](value, key)
     cfg = Config(values, path)
+    from relayq.core.accounts import build
+
+    for one in build(cfg).values():  # not cached: the caller may still set queue_dir
+        check(one, path)
+    return cfg
+
+
+def check(cfg: Config, path: str) -> None:
+    """The rules between keys, for the top level and for each account."""
+    where = path if cfg.account == "default" else f"{path}: account {cfg.account}"
+    path = where
     if cfg.password and sum(bool(x) for x in (cfg.password_file, cfg.password_command)):
         raise ConfigError(f"{path}: password: give only one of password, password_file, "
                           "password_command")
@@ -473,52 +347,16 @@ def parse(text: str, path: str = "relayq.toml") -> Config:
         if value and (not all(c.isalnum() or c in "-._" for c in value) or value.startswith(".")):
             raise ConfigError(f"{path}: {key}: bad domain name {value!r}")
     _check_rewrite(cfg, path)
-    return cfg
+    from relayq.core import oauth2
+
+    oauth2.check(cfg, path)
 
 
 def _check_rewrite(cfg: Config, path: str) -> None:
     """local_forward and all_mail_from must be full addresses (core/rewrite.valid_target)."""
     from relayq.core.rewrite import valid_target
 
-    for key in ("local_forward", "all_mail_from"):
+    for key in ("local_forward", "all_mail_from", "from_address"):
         value = getattr(cfg, key)
         if value and not valid_target(value):
             raise ConfigError(f"{path}: {key}: {value!r} is not a full address (user@domain)")
-
-
-def toml_value(value: object) -> str:
-    """One TOML value: strings, booleans, numbers, lists and tables; what check-config
-    prints and `relayq import` writes, read back by parse() unchanged."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # 300.0, inf, nan: all TOML
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{toml_key(str(k))} = {toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    return _toml_string(str(value))
-
-
-def toml_key(key: str) -> str:
-    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
-    return key if bare else _toml_string(key)
-
-
-_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for c in text:
-        if c in _ESCAPES:
-            out.append(_ESCAPES[c])
-        elif ord(c) < 32 or ord(c) == 127:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'

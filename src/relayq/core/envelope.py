@@ -30,6 +30,7 @@ read without a parser library and survives a hex editor:
     dead<TAB>reason                       (a dead letter: nowhere left to report it)
     unsure<TAB>1                          (the last attempt lost the reply to its final dot)
     drop<TAB>HEX:INODE:MTIME_NS           (only when taken from maildrop/: that file)
+    account<TAB>shop                      (the account chosen at submission; none: default)
     rcpt<TAB>STATE<TAB>NOTIFY<TAB>ORCPT<TAB>ADDRESS<TAB>REPLY
     end
 
@@ -139,6 +140,7 @@ class Recipient:
 class Envelope:
     __slots__ = (
         "about",
+        "account",
         "attempts",
         "body",
         "created",
@@ -195,6 +197,7 @@ class Envelope:
         self.dead = ""  # why this is a dead letter (kept in quarantine/)
         self.unsure = False  # the last attempt lost the reply after its final dot
         self.drop = ""  # the maildrop/ file this message was taken from (maildrop.identity)
+        self.account = ""  # the account (core/accounts) chosen when queued; "": default
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
@@ -245,6 +248,8 @@ class Envelope:
             out.append(f"notice\t{self.notice.dumps()}")
         if self.drop:
             out.append(f"drop\t{flatten(self.drop)}")
+        if self.account:
+            out.append(f"account\t{flatten(self.account)}")
         for r in self.recipients:
             out.append(f"rcpt\t{r.state}\t{r.notify}\t{r.orcpt}\t{r.address}\t{_bounded(r.reply)}")
         out.append("end\n")
@@ -328,6 +333,7 @@ class Envelope:
             except NewerFormat as exc:
                 raise NewerFormat(f"{qid}: {exc.message}") from None
         env.drop = get("drop", "").partition("\t")[0]
+        env.account = get("account", "").partition("\t")[0]
         return env
 
 

@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayq.core.config import SCHEMA, toml_value
+from relayq.core.config import SCHEMA, SECRET_KEYS
 from relayq.core.errors import EX_DATAERR, RelayqError
+from relayq.core.tomlout import toml_value
 
-SECRET_KEYS = ("password",)  # shown masked unless written to a private file
+# SECRET_KEYS (core.config): shown masked unless written to a private file
 
 
 @dataclass(frozen=True)

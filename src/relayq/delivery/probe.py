@@ -307,12 +307,10 @@ def _auth(report: Report, transport: SmtpTransport, client: SmtpClient,
         return
     if exc is not None and not isinstance(exc, AuthFailed):
         return  # the session ended before AUTH
-    try:
-        mech = transport.mechanism(client)
-    except AuthFailed:
-        mech = "?"
+    mech = transport.chosen or "?"
+    what = "token" if cfg.oauth2_provider else "password"
     result = "accepted" if exc is None else "failed"
-    report.add("AUTH", f"offered {offered}; {mech} as {cfg.user}, password ******: {result}")
+    report.add("AUTH", f"offered {offered}; {mech} as {cfg.user}, {what} ******: {result}")
 
 
 def _send(report: Report, client: SmtpClient, message: TestMessage, host: str) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from relayq.core import policy
 from relayq.core.errors import RelayqError
+from relayq.core.oauth2 import looks_like_token
 from relayq.core.outcome import DEFERRED, Outcome
 from relayq.delivery import smtp_transaction as tx
 from relayq.delivery.smtp_connect import MailLoop, Target, loop_reason, read_secret, targets
@@ -98,6 +99,7 @@ class SmtpTransport:
         self._ehlo_name = ""
         self._tls: ssl.SSLContext | None = None
         self.connections = 0  # connections opened (for tests and statistics)
+        self.chosen = ""  # the AUTH mechanism chosen last (relayq test shows it)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -281,6 +283,7 @@ class SmtpTransport:
         """Connect, greet, secure and authenticate, following the TLS and AUTH policy."""
         cfg = self.config
         mode = cfg.tls
+        self.chosen = ""
         greeting = client.connect(t.family, t.sockaddr,
                                   self.client_tls() if mode == "implicit" else None)
         reply = client.ehlo(self.ehlo_name())
@@ -298,8 +301,8 @@ class SmtpTransport:
                 raise AuthFailed(
                     f"refusing to send AUTH to {client.where} in clear text"
                     " (set tls = \"required\" or \"implicit\")")
-            mech = self.mechanism(client)
             secret = self.secret()
+            mech = self.mechanism(client, secret)
             try:
                 client.auth(mech, cfg.user, secret)
             except AuthFailed as exc:
@@ -311,19 +314,35 @@ class SmtpTransport:
                           "a freshly read secret")
                 client.auth(mech, cfg.user, self.secret())
 
-    def mechanism(self, client: SmtpClient) -> str:
+    def mechanism(self, client: SmtpClient, secret: str) -> str:
+        """auth_mechanism, else the best offered for the secret: XOAUTH2 (both big
+        providers document it), then OAUTHBEARER, for a token; PLAIN, then LOGIN,
+        for a password. A token never goes as a password when OAuth2 is configured;
+        a password_command's output that only looks like one may, if the relay
+        offers nothing else (as before it was told apart)."""
         offered = client.caps.auth
-        want = self.config.auth_mechanism
+        cfg = self.config
+        want = cfg.auth_mechanism
         if want:
             if offered and want not in offered:
                 raise AuthFailed(f"{client.where} does not offer AUTH {want} "
                                  f"(offers {' '.join(offered)})")
+            self.chosen = want
             return want
-        for mech in ("PLAIN", "LOGIN"):
-            if mech in offered:
-                return mech
         if not offered:
             raise AuthFailed(f"AUTH is configured but {client.where} does not offer AUTH")
+        oauth = bool(cfg.oauth2_provider)
+        token = oauth or looks_like_token(secret)
+        order: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER") if token else ()
+        if not oauth:
+            order += ("PLAIN", "LOGIN")
+        for mech in order:
+            if mech in offered:
+                self.chosen = mech
+                return mech
+        if oauth:
+            raise AuthFailed(f"{client.where} offers no OAuth2 mechanism, XOAUTH2 or "
+                             f"OAUTHBEARER ({' '.join(offered)})")
         raise AuthFailed(f"{client.where} offers no usable AUTH mechanism "
                          f"({' '.join(offered)})")
 

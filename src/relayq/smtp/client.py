@@ -323,7 +323,7 @@ class SmtpClient:
                 ) from None
             if reply is not None:
                 if self._hide:  # a server quoting our AUTH line must not put it in logs
-                    reply = _masked(reply, self._hide)
+                    reply = proto.masked(reply, self._hide, MASK)
                 if self.transcript is not None:
                     last = len(reply.lines) - 1
                     for i, text in enumerate(reply.lines):
@@ -487,7 +487,12 @@ class SmtpClient:
     def auth(self, mechanism: str, user: str, secret: str) -> Reply:
         """AUTH with the given mechanism; raises AuthFailed unless 235."""
         mech = mechanism.upper()
-        forms = {*self._hide, *_secret_forms(user, secret)}  # a retry keeps hiding the first
+        forms = {*self._hide, *proto.secret_forms(user, secret)}  # a retry keeps hiding the first
+        if mech == "OAUTHBEARER":  # its initial response names this host and port too
+            try:
+                forms.add(proto.auth_oauthbearer(user, secret, self.tls_name, self.port))
+            except proto.CommandError:
+                pass  # refused below, before anything is sent
         self._hide = tuple(sorted(forms, key=len, reverse=True))
         try:
             return self._auth(mech, user, secret)
@@ -498,10 +503,7 @@ class SmtpClient:
         proto.check_arg(user, "AUTH user")
         what = f"AUTH {mech}"
         if mech == "PLAIN":
-            reply = self.command(
-                proto.command("AUTH", "PLAIN", proto.auth_plain(user, secret)), what,
-                show=f"AUTH PLAIN {MASK}",
-            )
+            reply = self._initial("PLAIN", proto.auth_plain(user, secret), what)
         elif mech == "LOGIN":
             first, second = proto.auth_login_steps(user, secret)
             reply = self.command(b"AUTH LOGIN\r\n", what)
@@ -509,19 +511,39 @@ class SmtpClient:
                 reply = self.command(first.encode() + proto.CRLF, what, show=MASK)
             if reply.code == 334:
                 reply = self.command(second.encode() + proto.CRLF, what, show=MASK)
-        elif mech == "XOAUTH2":
-            reply = self.command(
-                proto.command("AUTH", "XOAUTH2", proto.auth_xoauth2(user, secret)), what,
-                show=f"AUTH XOAUTH2 {MASK}",
-            )
-            if reply.code == 334:  # error details; an empty line gets the final reply
-                reply = self.command(proto.CRLF, what, show="")
+        elif mech in ("XOAUTH2", "OAUTHBEARER"):
+            initial = proto.auth_xoauth2(user, secret) if mech == "XOAUTH2" else \
+                proto.auth_oauthbearer(user, secret, self.tls_name, self.port)
+            reply = self._initial(mech, initial, what)
+            if reply.code == 334:
+                # the SASL error (RFC 7628 3.2.2): a JSON status; the client ends the
+                # exchange (an empty line for XOAUTH2, %x01 for OAUTHBEARER) and the
+                # server answers with its failure reply
+                status = proto.oauth_error(reply.text)
+                end = "AQ==" if mech == "OAUTHBEARER" else ""
+                reply = self.command(end.encode() + proto.CRLF, what, show=end)
+                if reply.code != 235:
+                    raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}"
+                                     f"{' (token ' + status + ')' if status else ''}",
+                                     code=reply.code if reply.code >= 400 else 535)
         else:
             raise AuthFailed(f"unsupported AUTH mechanism {mech}")
         if reply.code != 235:
             raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}", code=reply.code)
         self._log(f"AUTH=client, relay={self.relay}, authid={user}, mech={mech}, bits=0")
         return reply
+
+    def _initial(self, mech: str, initial: str, what: str) -> Reply:
+        """AUTH with its initial response on the command line, unless that would pass
+        the 512-octet command limit (a 1.5 KB access token does): then AUTH alone and
+        the response after the server's empty 334, as RFC 4954 section 4 requires."""
+        line = proto.command("AUTH", mech, initial)
+        if len(line) <= proto.MAX_COMMAND_LINE:
+            return self.command(line, what, show=f"AUTH {mech} {MASK}")
+        reply = self.command(proto.command("AUTH", mech), what)
+        if reply.code != 334:
+            return reply
+        return self.command(initial.encode("ascii") + proto.CRLF, what, show=MASK)
 
     def rset(self) -> None:
         reply = self.command(proto.RSET, "RSET")
@@ -558,24 +580,6 @@ class SmtpClient:
                       "to end of data; closing the connection")
             self.close()
         return reply
-
-
-def _secret_forms(user: str, secret: str) -> tuple[str, ...]:
-    """The secret and the base64 forms AUTH PLAIN, LOGIN and XOAUTH2 send of it."""
-    u, s = user.encode("utf-8", "replace"), secret.encode("utf-8", "replace")
-    forms = (secret, proto.b64(s), proto.b64(b"\0" + u + b"\0" + s),
-             proto.b64(b"user=" + u + b"\x01auth=Bearer " + s + b"\x01\x01"))
-    # longest first: one form may hold another; never mask "" or a letter everywhere
-    return tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
-
-
-def _masked(reply: Reply, hide: tuple[str, ...]) -> Reply:
-    lines = []
-    for line in reply.lines:
-        for secret in hide:
-            line = line.replace(secret, MASK)
-        lines.append(line)
-    return Reply(reply.code, tuple(lines))
 
 
 def _temp(code: str) -> str:

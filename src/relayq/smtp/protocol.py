@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
 MAX_REPLY_LINES = 512
+MAX_COMMAND_LINE = 512  # octets with CRLF (RFC 5321 4.5.3.1.4)
 MAX_REPLY_BYTES = 64 * 1024
 CRLF = b"\r\n"
 
@@ -344,6 +345,51 @@ def auth_xoauth2(user: str, token: str) -> str:
     if any(c in user + token for c in "\x01\r\n\0"):
         raise CommandError("XOAUTH2 user or token contains a control character")
     return b64(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+
+
+def auth_oauthbearer(user: str, token: str, host: str, port: int) -> str:
+    """RFC 7628 initial response: the GS2 header naming the user, then host, port and
+    the bearer token, each ended by %x01."""
+    if any(c in user + token + host for c in "\x01\r\n\0"):
+        raise CommandError("OAUTHBEARER user or token contains a control character")
+    saslname = user.replace("=", "=3D").replace(",", "=2C")  # RFC 5801's escapes
+    return b64(f"n,a={saslname},\x01host={host}\x01port={port}\x01auth=Bearer {token}"
+               "\x01\x01".encode())
+
+
+def oauth_error(challenge: str) -> str:
+    """The status of a server's SASL OAuth error challenge (RFC 7628 3.2.2: base64 of
+    a JSON object), as one short printable word; "" when it says nothing usable."""
+    import json
+
+    try:
+        obj = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except ValueError:
+        return ""
+    status = obj.get("status") if isinstance(obj, dict) else None
+    if not isinstance(status, str | int) or isinstance(status, bool):
+        return ""
+    word = str(status)[:40]
+    return word if all(c.isascii() and (c.isalnum() or c in "-_.") for c in word) else ""
+
+
+def secret_forms(user: str, secret: str) -> tuple[str, ...]:
+    """The secret and the base64 forms AUTH PLAIN, LOGIN and XOAUTH2 send of it."""
+    u, s = user.encode("utf-8", "replace"), secret.encode("utf-8", "replace")
+    forms = (secret, b64(s), b64(b"\0" + u + b"\0" + s),
+             b64(b"user=" + u + b"\x01auth=Bearer " + s + b"\x01\x01"))
+    # longest first: one form may hold another; never mask "" or a letter everywhere
+    return tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+
+
+def masked(reply: Reply, hide: tuple[str, ...], mask: str) -> Reply:
+    """The reply with every form of a secret in `hide` replaced by `mask`."""
+    lines = []
+    for line in reply.lines:
+        for secret in hide:
+            line = line.replace(secret, mask)
+        lines.append(line)
+    return Reply(reply.code, tuple(lines))
 
 
 def auth_login_steps(user: str, secret: str) -> tuple[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.core.config import SCHEMA, SECRET_KEYS, SYSTEM_CONFIG, SYSTEM_QUEUE, Config, parse
+from relayq.core.config import SCHEMA, SYSTEM_CONFIG, SYSTEM_QUEUE, Config, parse
 from relayq.core.errors import ConfigError, PermissionRefused
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
@@ -99,16 +99,18 @@ class Source:
                     except (OSError, UnicodeDecodeError) as exc:
                         raise ConfigError(f"{path}: cannot read: {exc}") from None
                     cfg = parse(text, path)
-                    if not any(cfg.values.get(k) for k in SECRET_KEYS):
+                    if not cfg.inline_secrets():
                         cache.put(key, cfg.values)  # a secret is never copied out of its file
-                if cfg.password:
+                if cfg.inline_secrets():
                     _check_private(path, st, "holds a password")
-        if cfg.password_file:
-            try:
-                _check_private(cfg.password_file, os.stat(cfg.password_file),
-                               "is a password file")
-            except OSError:
-                pass  # reported when it is needed, as a deferral with the reason
+        for acc in cfg.accounts().values():
+            for what in (acc.password_file, acc.oauth2_client_secret_file):
+                if what:
+                    try:
+                        _check_private(what, os.stat(what), "is a password file")
+                    except OSError:
+                        pass  # reported when it is needed, as a deferral with the reason
+        cfg.forget_accounts()  # built again with the queue_dir set below
         if not cfg.queue_dir:
             cfg.queue_dir = self.queue
         return cfg

@@ -33,6 +33,7 @@ from relayq.testing.scripted import DEFAULT_RAW_REPLIES, RawSession, ScriptedSer
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
     from types import TracebackType
 
 HOSTNAME = "smarthost.example.org"
@@ -87,6 +88,7 @@ class Smarthost:
         require_starttls: bool = False,
         auth: dict[str, str] | None = None,
         auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "XOAUTH2"),
+        token_check: Callable[[str, str], bool] | None = None,
         auth_required: bool = False,
         auth_require_tls: bool = True,
         smtputf8: bool = True,
@@ -114,6 +116,9 @@ class Smarthost:
         self.require_starttls = require_starttls
         self.auth = dict(auth or {})
         self.auth_mechanisms = tuple(m.upper() for m in auth_mechanisms)
+        # XOAUTH2 and OAUTHBEARER: token_check(user, token) decides (a fake token
+        # endpoint's `accepts`); without it, the token must be auth[user]
+        self.token_check = token_check
         self.auth_required = auth_required
         self.auth_require_tls = auth_require_tls
         self.smtputf8 = smtputf8
@@ -132,6 +137,7 @@ class Smarthost:
         self._transactions: list[Transaction] = []
         self._commands: list[Command] = []
         self._connections = 0
+        self._logins: list[tuple[str, str, str]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._protocols: list[_Server] = []
@@ -148,6 +154,13 @@ class Smarthost:
     def commands(self) -> list[Command]:
         with self._lock:
             return list(self._commands)
+
+    @property
+    def logins(self) -> list[tuple[str, str, str]]:
+        """Every AUTH as (mechanism, user, secret or token), accepted or not: a test
+        sees what went as what (never a token as PLAIN)."""
+        with self._lock:
+            return list(self._logins)
 
     @property
     def connections(self) -> int:
@@ -233,7 +246,8 @@ class Smarthost:
     # --- server side (runs in the loop thread) ------------------------------------
 
     def _factory(self) -> _Server:
-        excluded = [m for m in ("PLAIN", "LOGIN", "XOAUTH2") if m not in self.auth_mechanisms]
+        excluded = [m for m in ("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER")
+                    if m not in self.auth_mechanisms]
         proto = _Server(
             self,
             _Handler(self),
@@ -256,6 +270,7 @@ class Smarthost:
     ) -> AuthResult:
         user = auth_data.login.decode("utf-8", "replace")
         secret = auth_data.password.decode("utf-8", "replace")
+        self._record_token(mechanism.upper(), user, secret)
         ok = bool(self.auth) and self.auth.get(user) == secret
         return AuthResult(success=ok, handled=False, auth_data=user if ok else None)
 
@@ -265,6 +280,10 @@ class Smarthost:
                 self._commands.append(item)
             else:
                 self._transactions.append(item)
+
+    def _record_token(self, mech: str, user: str, secret: str) -> None:
+        with self._lock:
+            self._logins.append((mech, user, secret.removeprefix("Bearer ")))
 
     def _connected(self) -> int:
         with self._lock:
@@ -473,6 +492,16 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as T{next(_counter)}"
 
     async def auth_XOAUTH2(self, server: _Server, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: _Server, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def _bearer(self, server: _Server, args: list[str], mech: str) -> AuthResult:
+        """XOAUTH2 (user=U ^A auth=Bearer T ^A^A) and RFC 7628's OAUTHBEARER
+        (n,a=U, ^A host=.. ^A port=.. ^A auth=Bearer T ^A^A); a refused token gets
+        the JSON error challenge, and the client's answer to it (an empty line or
+        ^A) the final 535, as the providers do."""
         if len(args) == 2:
             try:
                 blob = base64.b64decode(args[1], validate=True)
@@ -484,13 +513,25 @@ class _Handler:
             if not isinstance(got, bytes):
                 return AuthResult(success=False, handled=False)
             blob = got
-        fields = dict(
-            part.split(b"=", 1) for part in blob.split(b"\x01") if b"=" in part
-        )
-        user = fields.get(b"user", b"").decode("utf-8", "replace")
+        parts = blob.split(b"\x01")
+        user = ""
+        if mech == "OAUTHBEARER":
+            gs2 = parts[0].split(b",")
+            if len(gs2) < 3 or gs2[0] != b"n" or not gs2[1].startswith(b"a="):
+                await server.push("501 5.5.2 Bad GS2 header")
+                return AuthResult(success=False, handled=True)
+            user = gs2[1][2:].decode("utf-8", "replace").replace("=2C", ",").replace("=3D", "=")
+            parts = parts[1:]
+        fields = dict(part.split(b"=", 1) for part in parts if b"=" in part)
+        if mech == "XOAUTH2":
+            user = fields.get(b"user", b"").decode("utf-8", "replace")
         token = fields.get(b"auth", b"").decode("utf-8", "replace")
-        if token.startswith("Bearer ") and self.owner.auth.get(user) == token[7:]:
-            return AuthResult(success=True, auth_data=user)
+        self.owner._record_token(mech, user, token)
+        if token.startswith("Bearer "):
+            check = self.owner.token_check
+            if (check(user, token[7:]) if check is not None
+                    else self.owner.auth.get(user) == token[7:]):
+                return AuthResult(success=True, auth_data=user)
         await server.challenge_auth(b'{"status":"401","schemes":"bearer"}')
         return AuthResult(success=False, handled=False)
 
