@@ -135,6 +135,17 @@ def test_expiry_never_for_a_mail_loop() -> None:
     assert decisions.should_expire(env, T0 + 30 * DAY, RULES)
 
 
+@pytest.mark.parametrize("reason", policy.OUR_WAITS)
+def test_expiry_never_while_mail_waits_on_us(reason: str) -> None:
+    """A revoked OAuth2 grant, a removed account or a sending limit never returns mail;
+    the same words in a relay's reply (remote) do not hold it."""
+    env = envelope("a@example.org")
+    env.recipients[0].reply = f"4.7.0 {reason} (account shop)"
+    assert not decisions.should_expire(env, T0 + 30 * DAY, RULES)
+    env.recipients[0].remote = True
+    assert decisions.should_expire(env, T0 + 30 * DAY, RULES)
+
+
 @pytest.mark.parametrize(("age", "text"), [
     (5 * DAY, "5 days"), (36 * 3600, "1.5 days"), (5400, "1.5 hours"), (90, "90 seconds"),
     (3600.5, "3600.5 seconds")])

@@ -6,8 +6,21 @@ from relayq.core.errors import EX_NOUSER, EX_OK, EX_UNAVAILABLE
 
 LOOP_STATUS = "4.4.6"  # the relay is ourselves: waits for the administrator's fix
 LOOP_REASON = f"{LOOP_STATUS} mail loops back to me"
+# Reasons mail waits on this host's own configuration or its provider's limits,
+# never on the recipient: such mail is never returned at max_queue_age (the
+# fault is ours to fix, or time's). Each starts the reply relayq itself records.
+REAUTH_REASON = "re-authorization needed: run relayq oauth2 login"  # invalid_grant
+NO_ACCOUNT_REASON = "account no longer configured"  # queued for an account since removed
+LIMIT_REASON = "sending limit reached"  # messages_per_minute, recipients_per_day
+OUR_WAITS = (REAUTH_REASON, NO_ACCOUNT_REASON, LIMIT_REASON)
 JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
 MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loop
+
+
+def waits_on_us(reply: str, remote: bool) -> bool:
+    """Is this recipient waiting on our own configuration or limits (one of
+    OUR_WAITS, in a reply relayq wrote itself, never a relay's words)?"""
+    return not remote and any(reason in reply for reason in OUR_WAITS)
 
 
 class Mode:

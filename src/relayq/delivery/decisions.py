@@ -133,10 +133,13 @@ def deferred(error: str) -> str:
 def should_expire(env: Envelope, now: float, rules: Rules) -> bool:
     """After an attempt: is the mail still pending to be returned? Only once it is
     older than max_queue_age, and never when every pending recipient waits on a
-    mail loop: our own configuration's fault is no reason to return the mail."""
+    mail loop, a revoked OAuth2 grant, a removed account or a sending limit
+    (policy.waits_on_us): our own configuration's fault, or a provider's quota,
+    is no reason to return the mail."""
     pending = env.pending()
     return (bool(pending) and policy.expired(env.created, now, rules.max_queue_age)
-            and not all(code(r.reply) == policy.LOOP_STATUS for r in pending))
+            and not all(code(r.reply) == policy.LOOP_STATUS
+                        or policy.waits_on_us(r.reply, r.remote) for r in pending))
 
 
 def expire(env: Envelope, rules: Rules) -> list[tuple[Recipient, str]]:

@@ -70,6 +70,12 @@ class AuthFailed(SmtpError):
         self.code = code
 
 
+class ReauthNeeded(AuthFailed):
+    """The OAuth2 grant is gone (invalid_grant: consent revoked, password changed).
+    The account's mail is held, never bounced, until `relayq oauth2 login`; its
+    message starts with core.policy.REAUTH_REASON."""
+
+
 class ConnectionLost(SmtpError):
     pass
 
