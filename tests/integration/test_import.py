@@ -115,3 +115,16 @@ def test_bad_input_is_one_line_and_a_sysexits_code(tmp_path: Path) -> None:
     "auth_pass = abc"])
 def test_a_shown_line_never_holds_its_secret(line: str) -> None:
     assert "abc" not in masked(line)
+
+
+@pytest.mark.parametrize(("auth", "want"), [("oauthbearer", "OAUTHBEARER"),
+                                            ("xoauth2", "XOAUTH2"), ("plain", "PLAIN")])
+def test_msmtp_oauth_mechanisms_carry_over(auth: str, want: str) -> None:
+    """relayq offers OAUTHBEARER now: msmtp's `auth oauthbearer` is kept, not a note."""
+    from relayq.core import peer_msmtp
+
+    text = ("account default\nhost smtp.example.org\nport 587\ntls on\nuser u@example.org\n"
+            f"auth {auth}\npasswordeval cat /etc/token\n")
+    got = peer_msmtp.convert([("/etc/msmtprc", text)])
+    assert {s.key: s.value for s in got.settings}["auth_mechanism"] == want
+    assert not [n for n in got.notes if "AUTH" in str(n)]

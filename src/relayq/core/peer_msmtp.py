@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relayq.core.peers import Imported, Origin, host_port, lines
+from relayq.core.peers import Imported, Origin, auth_mechanism, auth_note, host_port, lines
 from relayq.core.rewrite import valid_target
 
 KIND = "msmtp"
@@ -71,10 +71,10 @@ def _apply(r: Imported, items: Items) -> None:
         r.set("tls_verify", False, got["tls_certcheck"][0])
     if "auth" in got:
         origin, auth = got["auth"]
-        if auth.lower() in ("plain", "login", "xoauth2"):
-            r.set("auth_mechanism", auth.upper(), origin)
+        if auth_mechanism(auth):
+            r.set("auth_mechanism", auth_mechanism(auth), origin)
         elif auth.lower() not in ("on", "off", ""):
-            r.note(origin, f"relayq does not offer AUTH {auth} (PLAIN, LOGIN or XOAUTH2)")
+            r.note(origin, auth_note(auth))
     if got.get("syslog", (None, "off"))[1].lower() not in ("off", "no", "false"):
         r.set("syslog", True, got["syslog"][0])
     if "timeout" in got and got["timeout"][1].isdigit():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from relayq.core.peers import Imported, Origin, lines, yes
+from relayq.core.peers import Imported, Origin, auth_note, lines, yes
 from relayq.core.rewrite import valid_target
 
 KIND = "ssmtp"
@@ -48,7 +48,7 @@ def _setting(r: Imported, origin: Origin, key: str, value: str,
         if value.lower() == "login":
             r.set("auth_mechanism", "LOGIN", origin)
         else:
-            r.note(origin, f"relayq does not offer AUTH {value} (PLAIN, LOGIN or XOAUTH2)")
+            r.note(origin, auth_note(value))
     elif k == "tls_ca_dir":
         r.note(origin, "relayq takes a CA bundle file (ca_file), not a directory")
     elif k == "debug":

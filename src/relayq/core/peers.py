@@ -14,9 +14,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayq.core.config import SCHEMA, SECRET_KEYS
+from relayq.core.config import AUTH_MECHANISMS, SCHEMA, SECRET_KEYS
 from relayq.core.errors import EX_DATAERR, RelayqError
 from relayq.core.tomlout import toml_value
+
+
+def auth_mechanism(name: str) -> str:
+    """A peer's AUTH mechanism as relayq's auth_mechanism value, or "" if relayq lacks it."""
+    return name.upper() if name.upper() in AUTH_MECHANISMS and name else ""
+
+
+def auth_note(name: str) -> str:
+    return f"relayq does not offer AUTH {name} ({', '.join(AUTH_MECHANISMS[1:])})"
+
 
 # SECRET_KEYS (core.config): shown masked unless written to a private file
 
