@@ -3,12 +3,20 @@ connection limits. Real loopback smarthosts, real state files; nothing mocked.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from tests.integration.test_smtp_transport import config, message, one, statuses
+from tests.integration.test_smtp_transport import Run, config, message, one, statuses
+
+from relayq.core import policy
+from relayq.delivery import limits
+from relayq.delivery.smtp_transport import SmtpTransport
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from relayq.core.config import Config
     from relayq.testing.smarthost import SmarthostFactory
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,3 +48,120 @@ def test_smtputf8_sent_when_the_envelope_needs_it(smarthost_factory: SmarthostFa
     r, _ = one(config(sh.smarthost), message((rcpt,), data=ASCII, smtputf8=True))
     assert statuses(r) == ["sent"]
     assert "SMTPUTF8" in sh.transactions[0].mail_options
+
+
+# --- sending limits: the transport -------------------------------------------------
+
+def limited(sh_host: str, tmp: Path, **keys: Any) -> Config:
+    return config(sh_host, queue_dir=str(tmp / "queue"), **keys)
+
+
+def test_messages_per_minute_defers_with_the_limit_and_when_it_frees(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    run = Run(limited(sh.smarthost, tmp_path, messages_per_minute=2))
+    try:
+        assert [statuses(run.deliver()) for _ in range(2)] == [["sent"], ["sent"]]
+        r = run.deliver()
+    finally:
+        run.close()
+    assert statuses(r) == ["deferred"]
+    reply = r.outcomes[0].reply
+    assert policy.LIMIT_REASON in reply and "messages_per_minute = 2" in reply
+    assert "it frees at" in reply and not r.outcomes[0].remote
+    assert policy.waits_on_us(reply, r.outcomes[0].remote)  # never expires, never bounces
+    assert len(sh.transactions) == 2
+    state = (tmp_path / "queue" / "limits" / "default.state").read_text()
+    assert state.count("\nm ") == 2
+
+
+def test_a_second_process_sees_the_same_count(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    """The state is a file: another transport (another process's) shares it."""
+    sh = smarthost_factory()
+    cfg = limited(sh.smarthost, tmp_path, messages_per_minute=1)
+    r1, _ = one(cfg)
+    r2, other = one(cfg)
+    assert statuses(r1) == ["sent"] and statuses(r2) == ["deferred"]
+    assert other.t.connections == 0  # kept back before connecting
+
+
+def test_recipients_per_day_splits_a_message(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    rcpts = tuple(f"r{i}@example.org" for i in range(5))
+    r, _ = one(limited(sh.smarthost, tmp_path, recipients_per_day=3, max_recipients=2),
+               message(rcpts))
+    assert statuses(r) == ["sent"] * 3 + ["deferred"] * 2
+    assert [t.rcpt_tos for t in sh.transactions] == [list(rcpts[:2]), [rcpts[2]]]
+    assert "recipients_per_day = 3" in r.outcomes[4].reply
+    assert "recipients_per_day = 3" in r.error
+    r, run = one(limited(sh.smarthost, tmp_path, recipients_per_day=3))
+    assert statuses(r) == ["deferred"] and run.t.connections == 0
+
+
+def test_only_what_the_relay_accepted_counts(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory(rcpt_replies={"bad@example.org": "550 5.1.1 no such user"})
+    cfg = limited(sh.smarthost, tmp_path, recipients_per_day=2)
+    r, _ = one(cfg, message(("bad@example.org", "b@example.org")))
+    assert statuses(r) == ["failed", "sent"]
+    r, _ = one(cfg, message(("c@example.org",)))
+    assert statuses(r) == ["sent"]  # the refused recipient was given back
+    r, _ = one(cfg, message(("d@example.org",)))
+    assert statuses(r) == ["deferred"]
+
+
+def test_a_damaged_state_file_or_a_clock_gone_back_never_blocks_for_long(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    folder = tmp_path / "queue" / "limits"
+    folder.mkdir(parents=True)
+    state = folder / "default.state"
+    state.write_bytes(b"\x00\xffgarbage\nm x\nr 1 2 3\n")
+    r, _ = one(limited(sh.smarthost, tmp_path, messages_per_minute=1))
+    assert statuses(r) == ["sent"]
+    assert state.read_text().startswith(limits.MAGIC + "\nm ")
+    ahead = time.time() + 10 * 86400  # written before the clock was set back ten days
+    state.write_text(f"{limits.MAGIC}\nm {ahead!r}\nr {int(ahead // 60)} 5\n")
+    r, _ = one(limited(sh.smarthost, tmp_path, messages_per_minute=1))
+    assert statuses(r) == ["deferred"]
+    assert "(in 60 s)" in r.outcomes[0].reply or "(in 59 s)" in r.outcomes[0].reply
+    st = limits.State.parse(state.read_text(), time.time())
+    assert all(t <= time.time() for t in st.sent)
+
+
+def test_a_queue_run_waits_for_a_limit_that_frees_soon(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    folder = tmp_path / "queue" / "limits"
+    folder.mkdir(parents=True)
+    # one message 58.5 s ago: the limit of one a minute frees in 1.5 s
+    (folder / "default.state").write_text(f"{limits.MAGIC}\nm {time.time() - 58.5!r}\n")
+    cfg = limited(sh.smarthost, tmp_path, messages_per_minute=1)
+    log: list[str] = []
+    with SmtpTransport(cfg, log=log.append, patient=True) as t:
+        r = t.deliver(message())
+    assert statuses(r) == ["sent"]
+    assert any("messages_per_minute = 1 of account default reached; waiting" in x for x in log)
+
+
+# --- connection slots ------------------------------------------------------------
+
+def test_max_connections_across_transports(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    sh = smarthost_factory()
+    cfg = limited(sh.smarthost, tmp_path, max_connections=1)
+    first = Run(cfg)
+    second = Run(cfg)
+    try:
+        assert statuses(first.deliver()) == ["sent"]  # its connection stays open
+        r = second.deliver()
+        assert statuses(r) == ["deferred"] and second.t.connections == 0
+        assert "max_connections = 1" in r.outcomes[0].reply
+        assert policy.waits_on_us(r.outcomes[0].reply, False)
+        first.close()  # the slot frees with the connection
+        assert statuses(second.deliver()) == ["sent"]
+    finally:
+        first.close()
+        second.close()
