@@ -3,13 +3,20 @@ connection limits. Real loopback smarthosts, real state files; nothing mocked.""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.helpers.relayq_env import Relayq
+from tests.integration.test_daemon import wait_for
 from tests.integration.test_smtp_transport import Run, config, message, one, statuses
 
 from relayq.core import policy
+from relayq.core.errors import EX_OK
 from relayq.delivery import limits
 from relayq.delivery.smtp_transport import SmtpTransport
 
@@ -17,7 +24,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from relayq.core.config import Config
-    from relayq.testing.smarthost import SmarthostFactory
+    from relayq.testing.smarthost import Smarthost, SmarthostFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,3 +172,80 @@ def test_max_connections_across_transports(
     finally:
         first.close()
         second.close()
+
+
+# --- through the real commands ------------------------------------------------------
+
+def mail(n: int) -> bytes:
+    return (f"From: alice@example.org\nTo: bob@example.org\nSubject: message {n}\n"
+            f"Message-ID: <lim-{n}@example.org>\n\nbody {n}\n").encode()
+
+
+def smtp_session(count: int) -> bytes:
+    """One `sendmail -bs` session queueing `count` messages (faster than `count` runs)."""
+    out = [b"EHLO client.example.org\r\n"]
+    for n in range(count):
+        out += [b"MAIL FROM:<alice@example.org>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+                b"DATA\r\n", mail(n).replace(b"\n", b"\r\n"), b".\r\n"]
+    return b"".join(out) + b"QUIT\r\n"
+
+
+def received(sh: Smarthost) -> Counter[bytes]:
+    return Counter(m.group(1) for t in sh.transactions
+                   if (m := re.search(rb"Message-ID: (<[^>]+>)", t.content)))
+
+
+def test_interactive_sendmail_defers_past_the_limit_until_it_frees(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, messages_per_minute=1,
+                delivery_mode="interactive")
+    for n in range(2):
+        r = rq.sendmail("-i", "bob@example.org", input=mail(n))
+        assert r.returncode == EX_OK, r.stderr  # never an error: the limit is ours
+    assert len(sh.transactions) == 1
+    [(env, _)] = rq.queued()
+    [rcpt] = env.recipients
+    assert policy.LIMIT_REASON in rcpt.reply and "messages_per_minute = 1" in rcpt.reply
+    assert env.next_try <= time.time() + 61  # when it frees, not retry_min (300 s) away
+    assert "sending limit reached" in rq.run("mailq").stdout.decode()
+
+
+def test_a_background_child_without_a_slot_leaves_the_mail_for_the_daemon(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, max_connections=1,
+                delivery_mode="background")
+    folder = rq.queue_dir / "limits"
+    folder.mkdir(parents=True)
+    fd = os.open(folder / "default.conn0", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's connection holds the slot
+        r = rq.sendmail("-i", "bob@example.org", input=mail(0))
+        assert r.returncode == EX_OK and not r.stderr
+        wait_for(lambda: "max_connections = 1" in rq.log(), 30)
+        [(env, _)] = rq.queued()
+        assert "max_connections = 1" in env.recipients[0].reply
+    finally:
+        os.close(fd)
+    assert not sh.transactions
+    assert rq.run("relayq", "flush").returncode == EX_OK
+    assert received(sh) == Counter({b"<lim-0@example.org>": 1})
+
+
+@pytest.mark.parametrize("max_connections", [1, 0])
+def test_a_parallel_queue_run_logs_in_once_per_connection(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, max_connections: int) -> None:
+    sh = smarthost_factory(auth={"relayuser": "pw-123"}, auth_require_tls=False)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, user="relayuser", password="pw-123",
+                concurrency=4, max_connections=max_connections)
+    r = rq.sendmail("-bs", input=smtp_session(200), timeout=120)
+    assert r.returncode == EX_OK, r.stderr
+    assert len(rq.queued()) == 200
+    assert rq.run("relayq", "flush", timeout=120).returncode == EX_OK
+    assert received(sh) == Counter({f"<lim-{n}@example.org>".encode(): 1 for n in range(200)})
+    connections = len({t.connection for t in sh.transactions})
+    if max_connections:
+        assert len(sh.logins) == 1 and connections == 1
+    else:
+        assert len(sh.logins) == connections <= 4  # a login per connection, not per message
