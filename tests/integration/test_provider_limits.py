@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import textwrap
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from tests.integration.test_daemon import wait_for
 from tests.integration.test_smtp_transport import Run, config, message, one, statuses
 
 from relayq.core import policy
+from relayq.core.config import parse
 from relayq.core.errors import EX_OK
 from relayq.delivery import limits
 from relayq.delivery.smtp_transport import SmtpTransport
@@ -223,9 +225,8 @@ def test_a_background_child_without_a_slot_leaves_the_mail_for_the_daemon(
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process's connection holds the slot
         r = rq.sendmail("-i", "bob@example.org", input=mail(0))
         assert r.returncode == EX_OK and not r.stderr
-        wait_for(lambda: "max_connections = 1" in rq.log(), 30)
-        [(env, _)] = rq.queued()
-        assert "max_connections = 1" in env.recipients[0].reply
+        wait_for(lambda: "max_connections = 1" in rq.queued()[0][0].recipients[0].reply, 30)
+        wait_for(lambda: "stat=Deferred" in rq.log(), 30)  # the child is done
     finally:
         os.close(fd)
     assert not sh.transactions
@@ -249,3 +250,40 @@ def test_a_parallel_queue_run_logs_in_once_per_connection(
         assert len(sh.logins) == 1 and connections == 1
     else:
         assert len(sh.logins) == connections <= 4  # a login per connection, not per message
+
+
+# --- the providers' defaults ------------------------------------------------------
+
+MS = ('oauth2_provider = "microsoft"\nuser = "alerts@contoso.example"\n'
+      'oauth2_client_id = "0000-1111"\n')
+
+
+def test_exchange_online_limits_are_the_default_for_microsoft(tmp_path: Path) -> None:
+    cfg = parse('smarthost = "smtp.office365.com:587"\n' + MS + textwrap.dedent("""
+        [account.shop]
+        senders = ["@shop.example"]
+        smarthost = "smtp.office365.com:587"
+        user = "noreply@shop.example"
+        oauth2_provider = "microsoft"
+        oauth2_client_id = "2222"
+        messages_per_minute = 10
+        [account.cron]
+        senders = ["root@host.example"]
+        smarthost = "relay.example.org"
+        """))
+    accounts = cfg.accounts()
+    assert (cfg.messages_per_minute, cfg.recipients_per_day) == (30, 10000)
+    shop = accounts["shop"]
+    assert (shop.messages_per_minute, shop.recipients_per_day) == (10, 10000)
+    cron = accounts["cron"]
+    assert (cron.messages_per_minute, cron.recipients_per_day) == (0, 0)
+
+
+def test_check_config_shows_the_provider_limits_and_where_they_come_from(
+        tmp_path: Path) -> None:
+    rq = Relayq(tmp_path, smarthost="smtp.office365.com:587")
+    rq.write_config(rq.config.read_text() + MS + "recipients_per_day = 500\n")
+    out = rq.run("relayq", "check-config").stdout.decode()
+    assert ('messages_per_minute = 30  # oauth2_provider = "microsoft" (the provider\'s '
+            "own limit)") in out
+    assert "recipients_per_day = 500\n" in out

@@ -138,6 +138,14 @@ def own_listener(host: str, port: int, listen: list[str]) -> str:
     return ""
 
 
+# What a provider enforces on one mailbox, the default of its account's limits
+# (docs/configuration.md, "Provider limits"; check-config shows them as derived):
+# Exchange Online's sending limits, 30 messages a minute and 10,000 recipients a day.
+PROVIDER_LIMITS: dict[str, dict[str, int]] = {
+    "microsoft": {"messages_per_minute": 30, "recipients_per_day": 10000},
+}
+
+
 class Config:
     """The effective configuration; attributes are the keys of SCHEMA."""
 
@@ -235,6 +243,9 @@ class Config:
             setattr(self, key, list(value) if isinstance(value, list) else value)
         if "tls" not in values and self.has_secret():
             self.tls = "required"  # a password never travels in clear unless asked to
+        for key, value in PROVIDER_LIMITS.get(self.oauth2_provider, {}).items():
+            if key not in values:  # the provider's own limit, unless the file sets one
+                setattr(self, key, value)
         self.path = path
         self.values = values  # what the file set, checked (cached by system.configfile)
         self.account = account or "default"
