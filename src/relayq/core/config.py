@@ -365,9 +365,12 @@ def check(cfg: Config, path: str) -> None:
 
 def _check_rewrite(cfg: Config, path: str) -> None:
     """local_forward and all_mail_from must be full addresses (core/rewrite.valid_target)."""
-    from relayq.core.rewrite import valid_target
+    from relayq.core.rewrite import own_address, valid_target
 
     for key in ("local_forward", "all_mail_from", "from_address"):
         value = getattr(cfg, key)
         if value and not valid_target(value):
             raise ConfigError(f"{path}: {key}: {value!r} is not a full address (user@domain)")
+    if cfg.rewrite_from and not own_address(cfg.from_address, cfg.user):
+        raise ConfigError(f"{path}: rewrite_from: set from_address (or user as an address): "
+                          "the address From and the envelope sender become")

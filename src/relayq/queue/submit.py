@@ -243,6 +243,7 @@ def enqueue(
     try:
         opts = _options(cfg, ctx, req, header_sender, msg.qid, now, warning)
         result = headers.rewrite(fields, opts, argv_rcpts)
+        sender = _own_from(cfg, sender, result)
         _check_result(req, result)
         msg.write(headers.serialize(result.fields))
         body = rest.encode("utf-8", "surrogateescape")
@@ -295,6 +296,19 @@ def sender_addresses(ctx: Context, raw: str) -> tuple[str, str, str]:
     envelope = ctx.generic(raw, "envelope") or given
     header = ctx.generic(raw, "header") or given
     return given, rewrite.all_mail_from(envelope, ctx.all_mail_from), header
+
+
+def _own_from(cfg: Config, sender: str, result: headers.Result) -> str:
+    """rewrite_from: the account's own address (core/rewrite.own_address) in From and as
+    the envelope sender (<> stays <>), for the account the envelope sender names."""
+    from relayq.core.accounts import for_sender
+
+    acc = cfg.accounts()[for_sender(cfg, sender)]
+    if not acc.rewrite_from:
+        return sender
+    own = rewrite.own_address(acc.from_address, acc.user)
+    result.fields = rewrite.from_fields(result.fields, own)
+    return own if sender else sender
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:
