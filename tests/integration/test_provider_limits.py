@@ -287,3 +287,41 @@ def test_check_config_shows_the_provider_limits_and_where_they_come_from(
     assert ('messages_per_minute = 30  # oauth2_provider = "microsoft" (the provider\'s '
             "own limit)") in out
     assert "recipients_per_day = 500\n" in out
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_smtputf8_asked_for_at_submission_but_not_needed(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, offered: bool) -> None:
+    """msmtp#197: SMTPUTF8 used when not needed makes relays refuse mail."""
+    sh = smarthost_factory(smtputf8=offered)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost)
+    session = (b"EHLO client.example.org\r\n"
+               b"MAIL FROM:<alice@example.org> SMTPUTF8\r\nRCPT TO:<bob@example.org>\r\n"
+               b"DATA\r\n" + mail(0).replace(b"\n", b"\r\n") + b".\r\nQUIT\r\n")
+    r = rq.sendmail("-bs", input=session)
+    assert r.returncode == EX_OK and b"250 2.0.0" in r.stdout, r.stdout
+    assert rq.run("relayq", "flush").returncode == EX_OK
+    [t] = sh.transactions
+    assert "SMTPUTF8" not in t.mail_options
+    assert received(sh) == Counter({b"<lim-0@example.org>": 1})
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_smtputf8_left_out_once_the_non_ascii_recipient_is_delivered(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, offered: bool) -> None:
+    """Queued with SMTPUTF8 (a non-ASCII recipient); the one left is ASCII, and goes
+    without it, whether the relay offers SMTPUTF8 or not."""
+    first = smarthost_factory(rcpt_replies={"bob@example.org": "450 4.2.1 try later"})
+    rq = Relayq(tmp_path, smarthost=first.smarthost)
+    r = rq.sendmail("-i", "j\u00fcrgen@example.org", "bob@example.org", input=mail(1))
+    assert r.returncode == EX_OK, r.stderr
+    [(env, _)] = rq.queued()
+    assert env.smtputf8
+    rq.run("relayq", "flush")
+    assert "SMTPUTF8" in first.transactions[0].mail_options
+    plain = smarthost_factory(smtputf8=offered)
+    rq.configure(smarthost=plain.smarthost)
+    assert rq.run("relayq", "flush").returncode == EX_OK
+    [t] = plain.transactions
+    assert t.rcpt_tos == ["bob@example.org"] and "SMTPUTF8" not in t.mail_options
+    assert not rq.queued()
