@@ -80,6 +80,8 @@ def test_only_the_account_that_asks_is_rewritten(
         r = rq.sendmail("-i", "-f", sender, "bob@example.org",
                         input=f"From: {sender}\nSubject: x\n\nx\n".encode())
         assert r.returncode == EX_OK, r.stderr
+    shop = [env for env, _ in rq.queued() if env.sender == OWN]
+    assert [env.account for env in shop] == ["shop"]  # chosen before the rewrite
     assert rq.run("relayq", "flush").returncode == EX_OK
     got = sorted((t.mail_from, t.content.split(b"\r\n\r\n")[0]) for t in sh.transactions)
     assert [m for m, _ in got] == [OWN, "root@host.example.org"]
