@@ -61,6 +61,7 @@ class State:
     def __init__(self) -> None:
         self.sent: list[float] = []
         self.buckets: dict[int, int] = {}
+        self.clamped = False  # a time was ahead of the clock: written back as now
 
     @classmethod
     def parse(cls, text: str, now: float) -> State:
@@ -73,9 +74,12 @@ class State:
             kind, _, rest = line.partition(" ")
             try:
                 if kind == "m":
-                    st.sent.append(min(float(rest), now))
+                    t = float(rest)
+                    st.clamped = st.clamped or t > now
+                    st.sent.append(min(t, now))
                 elif kind == "r":
                     minute, count = (int(x) for x in rest.split(" "))
+                    st.clamped = st.clamped or minute > now // MINUTE
                     minute = min(minute, int(now // MINUTE))
                     if count > 0:
                         st.buckets[minute] = st.buckets.get(minute, 0) + count
@@ -128,12 +132,12 @@ class Limits:
         says how many may go (see settle)."""
         return self._admit(n, time.time() if now is None else now, record=True)
 
-    def settle(self, grant: Grant, taken: int) -> None:
+    def settle(self, grant: Grant, taken: int, now: float | None = None) -> None:
         """After the transaction: give back what the relay did not take (the message
         too when it took none)."""
         if not self.active or grant.count <= 0 or taken >= grant.count:
             return
-        with self._locked() as st:
+        with self._locked(now) as st:
             if st is None:
                 return
             if taken <= 0 and grant.at in st.sent:
@@ -149,6 +153,8 @@ class Limits:
         with self._locked(now) as st:
             if st is None:  # no state to keep (see _locked): sending beats stopping
                 return Grant(n, now)
+            if st.clamped:  # kept as now, so the limit frees a minute (a day) from now
+                self._write(st)
             if self.per_minute and len(st.sent) >= self.per_minute:
                 free = st.sent[len(st.sent) - self.per_minute] + MINUTE
                 return Grant(0, now, free, "messages_per_minute", self.per_minute)
@@ -218,7 +224,8 @@ def refusal(grant: Grant, account: str, now: float) -> str:
     writes itself: policy.waits_on_us keeps such mail from expiring)."""
     at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(grant.free_at))
     wait = max(1, int(grant.free_at - now + 0.999))
-    span = f"{wait} s" if wait < 120 else f"{wait // 3600} h {wait % 3600 // 60} min"
+    span = f"{wait} s" if wait < 120 else f"{wait // 60} min" if wait < 3600 else \
+        f"{wait // 3600} h {wait % 3600 // 60} min"
     what = "messages a minute" if grant.which == "messages_per_minute" else \
         "recipients in 24 hours"
     return (f"4.7.0 {policy.LIMIT_REASON}: {grant.which} = {grant.limit} ({what}) of "
