@@ -127,3 +127,13 @@ def test_from_fields_keeps_every_other_byte() -> None:
                    "Reply-To: a@x.example, b@y.example\n")
     mine, _, _ = parse_block(f"From: Shop <{OWN}>\nSender: x@y.example\n\n")
     assert from_fields(mine, OWN) == mine  # already ours: nothing changes
+
+
+def test_relayq_test_sends_as_the_account_would(
+        tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, rewrite_from=True, from_address=OWN)
+    r = rq.run("relayq", "test", "bob@example.org")
+    assert r.returncode == EX_OK, r.stdout + r.stderr
+    [t] = sh.transactions
+    assert t.mail_from == OWN and f"From: {OWN}".encode() in t.content
