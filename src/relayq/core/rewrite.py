@@ -138,9 +138,9 @@ def own_address(from_address: str, user: str) -> str:
 
 def from_fields(fields: list[Field], own: str) -> list[Field]:
     """The header with rewrite_from applied (see the module's docstring): every other
-    field as it was, in its place; a From already naming `own` alone is kept."""
+    field as it was, in its place; a From already naming `own` alone is kept. (New
+    fields are made as type(field): core/headers imports this module.)"""
     from relayq.core.address import parse_list
-    from relayq.core.headers import Field
 
     out: list[Field] = []
     original: Field | None = None
@@ -154,15 +154,15 @@ def from_fields(fields: list[Field], own: str) -> list[Field]:
             original = f
             if len(found) == 1:  # "Name <addr>": the name stays, as the providers allow
                 v = f.value
-                out.append(Field(f.name, f.head + v[:found[0].start] + own + v[found[0].end:]))
+                out.append(type(f)(f.name, f.head + v[:found[0].start] + own + v[found[0].end:]))
             else:  # a list or a group: one mailbox, ours
-                out.append(Field(f.name, f"{f.head} {own}"))
+                out.append(type(f)(f.name, f"{f.head} {own}"))
         elif name == "from" or (name == "sender" and not _names_only(f, own)):
             continue  # a second From, another mailbox's Sender
         else:
             out.append(f)
     if original is not None and not has_reply_to:
-        out.append(Field("Reply-To", "Reply-To:" + original.value))
+        out.append(type(original)("Reply-To", "Reply-To:" + original.value))
     return out
 
 
