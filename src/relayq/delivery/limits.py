@@ -41,6 +41,7 @@ WAIT = 60.0  # a queue run waits this long at most for a limit to free; longer d
 SLOT_WAIT = 15.0  # a queue run waits this long at most for a free connection slot
 SLOT_RETRY = 60.0  # a message no slot was free for is tried again this much later
 MAGIC = "relayq-limits 1"
+FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW  # never a link planted in the queue
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Limits:
 
     def _write(self, st: State) -> None:
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FLAGS, 0o600)
         try:
             os.write(fd, st.text().encode())
             os.fsync(fd)  # the count outlives a crash after the relay's 250
@@ -203,12 +204,13 @@ class _Locked:
         try:
             os.makedirs(lim.dir, mode=0o700, exist_ok=True)
             self.fd = os.open(os.path.join(lim.dir, f"{lim.account}.lock"),
-                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                              os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError:
             return None
         try:
-            with open(lim.path, encoding="utf-8", errors="replace") as f:
+            fd = os.open(lim.path, os.O_RDONLY | FLAGS)
+            with open(fd, encoding="utf-8", errors="replace") as f:
                 text = f.read(1 << 20)
         except OSError:
             text = ""
@@ -260,7 +262,7 @@ def take_slot(cfg: Config, wait: float) -> Slot | None:
             try:
                 os.makedirs(folder, mode=0o700, exist_ok=True)
                 fd = os.open(os.path.join(folder, f"{cfg.account}.conn{i}"),
-                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                             os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
             except OSError:
                 return Slot()
             try:
