@@ -101,6 +101,12 @@ def derived(cfg: Config) -> dict[str, tuple[object, str]]:
 
         out["smtp_processes"] = (wanted(cfg), f"one per CPU ({os.cpu_count()}), at most "
                                  f"{MAX_PROCESSES} (smtp_processes = 0)")
+    from relayq.core.config import PROVIDER_LIMITS
+
+    for key in PROVIDER_LIMITS.get(cfg.oauth2_provider, {}):
+        if key not in given:
+            out[key] = (getattr(cfg, key), f'oauth2_provider = "{cfg.oauth2_provider}" '
+                        "(the provider's own limit)")
     if not cfg.local_domains:
         out["local_domains"] = (sorted(hostname.local_domains(domain)),
                                 "this host's names and the mail domain")

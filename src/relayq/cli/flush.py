@@ -62,6 +62,7 @@ class Progress:
 def queue_run(cfg: Config, spool: Spool, log: Log, *, command: str, quiet: bool,
               verbose: bool, pids: list[str]) -> int:
     """Run the queue (flush: everything, run: what is due); flush says what it did."""
+    from relayq.delivery import limits
     from relayq.delivery.runner import Runner
     from relayq.delivery.tally import Tally
     from relayq.queue.submit import Context
@@ -74,7 +75,7 @@ def queue_run(cfg: Config, spool: Spool, log: Log, *, command: str, quiet: bool,
         runner.tally = tally
         runner.progress = progress
         try:
-            left = runner.run(force=flush, workers=cfg.concurrency)
+            left = runner.run(force=flush, workers=limits.workers(cfg, cfg.concurrency))
         finally:
             if progress is not None:
                 progress.erase()

@@ -108,6 +108,7 @@ def _verbose_printer(args: Args) -> Callable[[str], None] | None:
 
 def queue_run(cfg: Config, log: Log, args: Args) -> int:
     from relayq.core import selector
+    from relayq.delivery import limits
     from relayq.delivery.runner import Runner
     from relayq.queue.spool import Spool
     from relayq.queue.submit import Context
@@ -118,7 +119,8 @@ def queue_run(cfg: Config, log: Log, args: Args) -> int:
     if not spool.writable():
         return ask_flush(spool)
     with Runner(cfg, spool, log, Context(cfg), verbose=_verbose_printer(args)) as runner:
-        left = runner.run(force=True, selectors=sels, workers=cfg.concurrency)
+        left = runner.run(force=True, selectors=sels,
+                          workers=limits.workers(cfg, cfg.concurrency))
     return EX_TEMPFAIL if left else EX_OK
 
 

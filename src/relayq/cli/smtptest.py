@@ -58,4 +58,8 @@ def _message(cfg: Config, address: str) -> TestMessage:
         raise RelayqError("test: the test message needs a recipient, not <>", EX_USAGE)
     user = user_names()[0]
     _, sender, from_header = sender_addresses(ctx, user)
+    if cfg.rewrite_from:  # as a queued message would go (queue/submit._own_from)
+        from relayq.core.rewrite import own_address
+
+        sender = from_header = own_address(cfg.from_address, cfg.user)
     return probe.TestMessage(rcpt, sender, from_header)

@@ -138,6 +138,14 @@ def own_listener(host: str, port: int, listen: list[str]) -> str:
     return ""
 
 
+# What a provider enforces on one mailbox, the default of its account's limits
+# (docs/configuration.md, "Provider limits"; check-config shows them as derived):
+# Exchange Online's sending limits, 30 messages a minute and 10,000 recipients a day.
+PROVIDER_LIMITS: dict[str, dict[str, int]] = {
+    "microsoft": {"messages_per_minute": 30, "recipients_per_day": 10000},
+}
+
+
 class Config:
     """The effective configuration; attributes are the keys of SCHEMA."""
 
@@ -235,6 +243,9 @@ class Config:
             setattr(self, key, list(value) if isinstance(value, list) else value)
         if "tls" not in values and self.has_secret():
             self.tls = "required"  # a password never travels in clear unless asked to
+        for key, value in PROVIDER_LIMITS.get(self.oauth2_provider, {}).items():
+            if key not in values:  # the provider's own limit, unless the file sets one
+                setattr(self, key, value)
         self.path = path
         self.values = values  # what the file set, checked (cached by system.configfile)
         self.account = account or "default"
@@ -354,9 +365,12 @@ def check(cfg: Config, path: str) -> None:
 
 def _check_rewrite(cfg: Config, path: str) -> None:
     """local_forward and all_mail_from must be full addresses (core/rewrite.valid_target)."""
-    from relayq.core.rewrite import valid_target
+    from relayq.core.rewrite import own_address, valid_target
 
     for key in ("local_forward", "all_mail_from", "from_address"):
         value = getattr(cfg, key)
         if value and not valid_target(value):
             raise ConfigError(f"{path}: {key}: {value!r} is not a full address (user@domain)")
+    if cfg.rewrite_from and not own_address(cfg.from_address, cfg.user):
+        raise ConfigError(f"{path}: rewrite_from: set from_address (or user as an address): "
+                          "the address From and the envelope sender become")

@@ -8,6 +8,12 @@
   address; `parse_generics` reads its "key whitespace value" file.
 - `all_mail_from`: one envelope sender for every message (nullmailer's
   allmailfrom); the null sender stays null (a bounce must never be answered).
+- `rewrite_from`: an account's provider sends only as its own mailbox
+  (Exchange Online's "5.7.1 ... not allowed to send as", Gmail's "5.7.1 header
+  from does not match"): the From field's address becomes `from_address`,
+  its display name kept; the original From goes to Reply-To when the message
+  has none, so replies still reach the writer; a Sender field naming some
+  other mailbox is dropped (it would need "send on behalf" rights).
 
 Pure: the file's text, the local domains and the uid lookup are passed in.
 """
@@ -21,6 +27,8 @@ from relayq.core.errors import ConfigError, DataError
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
+
+    from relayq.core.headers import Field
 
 SYSTEM_UID_MAX = 999  # ssmtp's root=: "userids less than 1000"
 SCOPES = ("all", "system")
@@ -119,3 +127,46 @@ def generic(addr: str, table: dict[str, str], local_domains: Collection[str],
 def all_mail_from(sender: str, fixed: str) -> str:
     """The envelope sender with all_mail_from set: `fixed`, except that <> stays <>."""
     return fixed if fixed and sender else sender
+
+
+def own_address(from_address: str, user: str) -> str:
+    """An account's own address: from_address, else its login when that is an address."""
+    if from_address:
+        return from_address
+    return user if valid_target(user) else ""
+
+
+def from_fields(fields: list[Field], own: str) -> list[Field]:
+    """The header with rewrite_from applied (see the module's docstring): every other
+    field as it was, in its place; a From already naming `own` alone is kept. (New
+    fields are made as type(field): core/headers imports this module.)"""
+    from relayq.core.address import parse_list
+
+    out: list[Field] = []
+    original: Field | None = None
+    has_reply_to = any(f.name.lower() == "reply-to" for f in fields)
+    for f in fields:
+        name = f.name.lower()
+        if name == "from" and original is None:
+            found = parse_list(f.value)
+            if len(found) == 1 and found[0].addr.lower() == own.lower():
+                return fields  # already ours
+            original = f
+            if len(found) == 1:  # "Name <addr>": the name stays, as the providers allow
+                v = f.value
+                out.append(type(f)(f.name, f.head + v[:found[0].start] + own + v[found[0].end:]))
+            else:  # a list or a group: one mailbox, ours
+                out.append(type(f)(f.name, f"{f.head} {own}"))
+        elif name == "from" or (name == "sender" and not _names_only(f, own)):
+            continue  # a second From, another mailbox's Sender
+        else:
+            out.append(f)
+    if original is not None and not has_reply_to:
+        out.append(type(original)("Reply-To", "Reply-To:" + original.value))
+    return out
+
+
+def _names_only(f: Field, own: str) -> bool:
+    from relayq.core.address import parse_list
+
+    return all(m.addr.lower() == own.lower() for m in parse_list(f.value))

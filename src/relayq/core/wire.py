@@ -80,6 +80,21 @@ class Plan:
 
 
 
+def header_8bit(data: BinaryIO) -> bool:
+    """Does the message's own header (not a part's) hold 8-bit octets? Only then, or
+    for a non-ASCII envelope, does it need SMTPUTF8 (RFC 6531 3.4); `data` is left at 0."""
+    data.seek(0)
+    try:
+        for line in data:
+            if line in (b"\n", b"\r\n"):
+                return False
+            if not line.isascii():
+                return True
+        return False
+    finally:
+        data.seek(0)
+
+
 def plan(data: BinaryIO, *, eightbit: bool, utf8_headers: bool = True, size: int = 0) -> Plan:
     """Decide how the stored message must change for a relay.
 

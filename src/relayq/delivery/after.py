@@ -63,6 +63,7 @@ def _now(cfg: Config, log: Log, ctx: Context, spool: Spool, qids: list[str],
 
     attempt = Attempt()
     with Runner(cfg, spool, log, ctx, verbose=verbose) as runner:
+        runner.patient = False  # the submitter waits: a sending limit defers at once
         for qid in qids:
             fd = held.pop(qid, -1)
             try:

@@ -52,6 +52,7 @@ def deliver_detached(
         from relayq.delivery.runner import Runner  # only now: the caller must not pay for it
 
         with Runner(cfg, spool, log, ctx) as runner:
+            runner.patient = False  # a limit or a taken slot leaves the mail to queue runs
             for qid in qids:
                 claim = spool.adopt(qid, held.pop(qid)) if qid in held else None
                 runner.process(qid, claim=claim)

@@ -40,6 +40,12 @@ class Journal:
         self.applied: dict[int, Outcome] = {}
         self.commits = 0  # records made
         self.error = ""  # why some recipients wait, as the transport put it
+        self.not_before = 0.0  # a sending limit's time for the next try (0: the schedule's)
+
+    def hold_until(self, when: float) -> None:
+        """A sending limit (relayq.delivery.limits) keeps recipients back until `when`:
+        their next try is then, not the retry schedule's."""
+        self.not_before = max(self.not_before, when)
 
     def begin(self, indices: list[int]) -> None:
         self.claim.mark_sending(len(indices))
@@ -60,6 +66,8 @@ class Journal:
             env.relay = relay.split(" [", 1)[0]
         self.error = error or self.error
         changed = bool(notes)
+        if self.not_before and env.pending():
+            env.next_try = self.not_before
         if changed and persist and not self.claim.finished:
             if env.pending():
                 env.error = decisions.deferred(self.error or self.deferral)

@@ -72,6 +72,7 @@ class Runner:
         self.ctx = ctx
         self.claim_wait = 0.0  # see Spool.claim (the daemon's agents wait a little)
         self.verbose = verbose
+        self.patient = True  # a queue run may wait briefly on a sending limit; a submitter not
         self._transport: SmtpTransport | None = None
         self._local: LocalTransport | None = None
         self._held: list[str] | None = None  # outcome log lines waiting for the record
@@ -99,7 +100,8 @@ class Runner:
         if self._transport is None:
             from relayq.delivery.smtp_transport import SmtpTransport
 
-            self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info)
+            self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info,
+                                            patient=self.patient)
         return self._transport
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ class OutgoingMessage:
     envid: str = ""
     ret: str = ""  # "" | "FULL" | "HDRS"
     wire: wire.Plan | None = None  # how it goes to the current relay (set by precheck)
+    utf8: bool = False  # SMTPUTF8 asked for and needed: a non-ASCII envelope or header
 
 
 def precheck(client: SmtpClient, msg: OutgoingMessage) -> Callable[[str], Outcome] | None:
@@ -47,18 +48,22 @@ def precheck(client: SmtpClient, msg: OutgoingMessage) -> Callable[[str], Outcom
     8-bit data for a relay without 8BITMIME and lines over 998 octets are
     converted on the way out (relayq.core.wire). Without SMTPUTF8 (RFC 6531
     3.2) a message goes only if its envelope is ASCII and its UTF-8
-    header text has an exact RFC 2047 form (Subject, display names).
+    header text has an exact RFC 2047 form (Subject, display names). A
+    message submitted with SMTPUTF8 whose envelope and header are ASCII goes
+    without it, to any relay (a provider may refuse the parameter, and an
+    all-ASCII message never needed it).
     """
     caps = client.caps
     reply = ""
     msg.wire = None
     envelope_ascii = msg.sender.isascii() and all(
         a.isascii() and o.isascii() for a, _, o in msg.recipients)
-    if msg.smtputf8 and not caps.smtputf8 and not envelope_ascii:
+    msg.utf8 = msg.smtputf8 and (not envelope_ascii or wire.header_8bit(msg.data))
+    if msg.utf8 and not caps.smtputf8 and not envelope_ascii:
         reply = f"553 5.6.7 relay {client.relay} does not support SMTPUTF8"
     else:
         msg.wire = wire.plan(msg.data, eightbit=caps.eightbitmime,
-                             utf8_headers=caps.smtputf8 or not msg.smtputf8, size=msg.size)
+                             utf8_headers=caps.smtputf8 or not msg.utf8, size=msg.size)
         if msg.wire.refusal_code == "5.6.7" and msg.wire.refusal:
             reply = (f"553 5.6.7 relay {client.relay} does not support SMTPUTF8 and "
                      f"{msg.wire.refusal}")
@@ -135,7 +140,7 @@ def _commands(client: SmtpClient, msg: OutgoingMessage, idx: list[int],
     try:
         mail_line = proto.mail(msg.sender, proto.mail_params(
             caps, size=msg.wire.size if msg.wire else msg.size, body=msg.body,
-            smtputf8=msg.smtputf8,
+            smtputf8=msg.utf8,
             ret=msg.ret, envid=msg.envid))
     except proto.CommandError as exc:
         for i in idx:

@@ -18,6 +18,7 @@ from relayq.core import policy
 from relayq.core.errors import RelayqError
 from relayq.core.oauth2 import looks_like_token
 from relayq.core.outcome import DEFERRED, Outcome
+from relayq.delivery import limits as lim
 from relayq.delivery import smtp_transaction as tx
 from relayq.delivery.smtp_connect import MailLoop, Target, loop_reason, read_secret, targets
 from relayq.delivery.smtp_transaction import OutgoingMessage
@@ -53,6 +54,10 @@ class Journal(Protocol):
         """After a transaction: the outcomes so far (and why some wait, as
         MessageResult.error), to be made durable before going on."""
 
+    def hold_until(self, when: float) -> None:
+        """A sending limit keeps recipients back until `when`: their next try then,
+        not the retry schedule's (recorded with the next commit)."""
+
 
 @dataclass
 class MessageResult:
@@ -73,6 +78,13 @@ class SmtpTransport:
     status, Postfix's dead-host cache), so a queue of 1000 messages does not
     make 1000 connection attempts to a dead relay. The memory lasts DOWN_FOR
     seconds: a daemon's long-lived transport tries the relay again after it.
+
+    The account's limits (relayq.delivery.limits) hold for every transaction:
+    what would pass messages_per_minute or recipients_per_day is deferred, with
+    its next try when the limit frees, and a connection needs one of
+    max_connections slots. A `patient` transport (a queue run's) waits for a
+    limit that frees within limits.WAIT seconds, and up to limits.SLOT_WAIT for
+    a slot; a submission's never waits.
     """
 
     DOWN_FOR = 60.0
@@ -83,8 +95,12 @@ class SmtpTransport:
         *,
         transcript: Callable[[str], None] | None = None,
         log: Callable[[str], None] | None = None,
+        patient: bool = False,
     ) -> None:
         self.config = config
+        self.patient = patient
+        self.limits = lim.Limits(config)
+        self._slot: lim.Slot | None = None  # held while a connection is wanted
         self.transcript = transcript
         self.log = log
         self._client: SmtpClient | None = None
@@ -98,6 +114,7 @@ class SmtpTransport:
         self._secret_at = 0.0  # monotonic time the secret (or its error) was read
         self._ehlo_name = ""
         self._tls: ssl.SSLContext | None = None
+        self._grant: lim.Grant | None = None  # the transaction in flight's reservation
         self.connections = 0  # connections opened (for tests and statistics)
         self.chosen = ""  # the AUTH mechanism chosen last (relayq test shows it)
 
@@ -108,6 +125,12 @@ class SmtpTransport:
         if self._client is not None:
             self._client.quit()
             self._client = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
 
     def __enter__(self) -> SmtpTransport:
         return self
@@ -154,6 +177,9 @@ class SmtpTransport:
             self._down = None  # aged out: try the relay again
         if self._down is not None:
             return self._all_deferred(msg, self._down, "")
+        kept = self._admission(msg, journal, n)
+        if kept is not None:
+            return kept
         reused = self._client is not None
         client = self._ready_client()
         if client is None:
@@ -169,10 +195,17 @@ class SmtpTransport:
             todo = list(range(n))
             while todo:
                 batch, todo = todo[:step], todo[step:]
+                grant = self._reserve(len(batch))
+                if grant.count < len(batch):  # the rest when the limit frees
+                    error = self._hold(msg, batch[grant.count:] + todo, grant, outcomes, journal)
+                    batch, todo = batch[:grant.count], []
+                    if not batch:
+                        break
                 if journal is not None:
                     try:
                         journal.begin(batch)
                     except RelayqError as exc:
+                        self.limits.settle(grant, 0)
                         error = f"4.3.0 not sent: {exc.message}"
                         for i in [*batch, *todo]:
                             outcomes[i] = Outcome(msg.recipients[i][0], DEFERRED, error, "4.3.0")
@@ -181,8 +214,11 @@ class SmtpTransport:
                 if reset and not client.caps.pipelining:
                     client.rset()
                     reset = False
+                self._grant = grant
                 err, accepted, again = tx.transaction(self.config, client, msg, batch, outcomes,
                                                        reset)
+                self._grant = None
+                self.limits.settle(grant, accepted)
                 if again and accepted:  # too many recipients: the rest in the next one
                     step = min(step, accepted)
                     todo = again + todo
@@ -193,12 +229,16 @@ class SmtpTransport:
         except SmtpError as exc:
             client.close()
             self._client = None
+            if self._grant is not None and not any(o is not None and o.unsure for o in outcomes):
+                self.limits.settle(self._grant, 0)  # nothing taken; past the dot it counts
+            self._grant = None
             if reused and all(o is None for o in outcomes) and not isinstance(exc, MailLoop):
                 # a cached connection the relay closed while idle (its FIN not seen
                 # yet): nothing of this message was answered, so nothing was taken;
                 # once more on a fresh connection, as Postfix's connection cache does
                 self._say(f"cached connection to {client.relay} lost ({exc}); reconnecting")
                 return self._deliver(msg, journal, n)
+            self._release()
             error = str(exc)
             for i, (addr, _, _) in enumerate(msg.recipients):
                 if outcomes[i] is None:
@@ -208,6 +248,64 @@ class SmtpTransport:
         if not error:
             error = next((o.reply for o in final if o.status == DEFERRED), "")
         return MessageResult(final, error, client.relay)
+
+    # --- limits -----------------------------------------------------------------
+
+    def _admission(self, msg: OutgoingMessage, journal: Journal | None, n: int
+                   ) -> MessageResult | None:
+        """Before connecting: a result deferring the whole message when a sending limit
+        or a lack of connection slots keeps it back, else None (go on)."""
+        cfg = self.config
+        first = min(n, cfg.max_recipients or n)
+        while True:
+            grant = self.limits.check(first)
+            if grant.count or not self._wait(grant):
+                break
+        if not grant.count:
+            outcomes: list[Outcome | None] = [None] * n
+            error = self._hold(msg, list(range(n)), grant, outcomes, journal)
+            return MessageResult([o for o in outcomes if o is not None], error)
+        if self._client is None and self._slot is None:
+            self._slot = lim.take_slot(cfg, lim.SLOT_WAIT if self.patient else 0.0)
+            if self._slot is None:
+                reply = lim.no_slot(cfg)
+                self._say(reply)
+                if journal is not None:
+                    journal.hold_until(time.time() + lim.SLOT_RETRY)
+                outs = [Outcome(a, DEFERRED, reply, "4.7.0") for a, _, _ in msg.recipients]
+                return MessageResult(outs, reply)
+        return None
+
+    def _reserve(self, n: int) -> lim.Grant:
+        """Count a transaction of `n` recipients in the account's limits, waiting
+        (patient only) for one that frees soon."""
+        while True:
+            grant = self.limits.reserve(n)
+            if grant.count or not self._wait(grant):
+                return grant
+
+    def _wait(self, grant: lim.Grant) -> bool:
+        """Sleep until a limit frees if this transport may wait that long; True if it did."""
+        delay = grant.free_at - time.time()
+        if not self.patient or delay > lim.WAIT:
+            return False
+        self._say(f"{grant.which} = {grant.limit} of account {self.config.account} reached; "
+                  f"waiting {max(delay, 0):.0f} s")
+        time.sleep(max(delay, 0.0) + 0.01)
+        return True
+
+    def _hold(self, msg: OutgoingMessage, idx: list[int], grant: lim.Grant,
+              outcomes: list[Outcome | None], journal: Journal | None) -> str:
+        """Defer recipients `idx` until the limit frees (never a failure: the reply is
+        one of policy.OUR_WAITS); the reply, which the log also gets."""
+        now = time.time()
+        reply = lim.refusal(grant, self.config.account, now)
+        for i in idx:
+            outcomes[i] = Outcome(msg.recipients[i][0], DEFERRED, reply, "4.7.0")
+        self._say(f"{len(idx)} of {len(msg.recipients)} recipient(s) deferred: {reply}")
+        if journal is not None:  # within the retry schedule's reach (policy.due)
+            journal.hold_until(min(grant.free_at, now + self.config.retry_max))
+        return reply
 
     def _all_deferred(self, msg: OutgoingMessage, exc: SmtpError, relay: str) -> MessageResult:
         outs = [Outcome(a, DEFERRED, str(exc), exc.dsn_code) for a, _, _ in msg.recipients]
@@ -231,6 +329,7 @@ class SmtpTransport:
             self._client = self._connect()
         except SmtpError as exc:
             self._down, self._down_until = exc, time.monotonic() + self.DOWN_FOR
+            self._release()
             return None
         return self._client
 
