@@ -87,7 +87,7 @@ def test_a_refused_token_ends_the_sasl_exchange_and_defers(
                         password_command=token_command(tmp_path, GOOGLE),
                         auth_mechanism=mech, **tls_keys(pki, tmp_path)))
     assert statuses(r) == ["deferred"], r
-    assert "535" in r.error and "token 401" in r.error
+    assert "535" in r.error and "token status 401" in run.said()
     assert "MAIL" not in sh.verbs()
     answer = "" if mech == "xoauth2" else "AQ=="
     sent = [line for line in run.transcript if line.startswith(">>> ")]

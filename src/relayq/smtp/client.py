@@ -528,9 +528,10 @@ class SmtpClient:
                 status = proto.oauth_error(reply.text)
                 end = "AQ==" if mech == "OAUTHBEARER" else ""
                 reply = self.command(end.encode() + proto.CRLF, what, show=end)
+                if status:  # the log has it; the reason kept for mailq stays the reply
+                    self._log(f"AUTH {mech} refused by {self.relay}: token status {status}")
                 if reply.code != 235:
-                    raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}"
-                                     f"{' (token ' + status + ')' if status else ''}",
+                    raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}",
                                      code=reply.code if reply.code >= 400 else 535)
         else:
             raise AuthFailed(f"unsupported AUTH mechanism {mech}")
