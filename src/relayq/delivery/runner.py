@@ -73,7 +73,7 @@ class Runner(LocalStep):
         self.ctx = ctx
         self.claim_wait = 0.0  # see Spool.claim (the daemon's agents wait a little)
         self.verbose = verbose
-        self._transport: SmtpTransport | None = None
+        self._transports: dict[str, SmtpTransport] = {}  # by account (core/accounts)
         self._local: LocalTransport | None = None
         self._held: list[str] | None = None  # outcome log lines waiting for the record
         self.bounces: list[str] = []  # reports made, not yet delivered
@@ -96,17 +96,25 @@ class Runner(LocalStep):
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def transport(self) -> SmtpTransport:
-        if self._transport is None:
+    def transport(self, account: str = "") -> SmtpTransport:
+        """The transport of an account ("": the default), made on first use and kept:
+        its connection serves that account's mail only, never another's."""
+        from relayq.core.accounts import DEFAULT
+
+        name = account or DEFAULT
+        transport = self._transports.get(name)
+        if transport is None:
             from relayq.delivery.smtp_transport import SmtpTransport
 
-            self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info)
-        return self._transport
+            transport = SmtpTransport(self.cfg.accounts()[name], transcript=self.verbose,
+                                      log=self.log.info)
+            self._transports[name] = transport
+        return transport
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transports, self._transports = self._transports, {}
+        for transport in transports.values():
+            transport.close()
 
     # -- the ways in ----------------------------------------------------------
 
@@ -374,11 +382,13 @@ class Runner(LocalStep):
         from relayq.delivery.smtp_transport import OutgoingMessage
 
         env = claim.envelope
+        journal = Journal(claim, pending, lambda note: self._note(env, note, now, start),
+                          lambda: self._record(claim), deferral)
+        if env.account and env.account not in self.cfg.accounts():
+            return self._no_account(env, pending, journal)
         if self.verbose:
             for r in pending:
                 self.verbose(f"{r.address}... Connecting via relay...")
-        journal = Journal(claim, pending, lambda note: self._note(env, note, now, start),
-                          lambda: self._record(claim), deferral)
         with claim.open_data() as data:
             msg = OutgoingMessage(
                 qid=env.qid,
@@ -391,12 +401,27 @@ class Runner(LocalStep):
                 envid=env.envid,
                 ret=env.ret,
             )
-            result = self.transport().deliver(msg, journal)
-        self._relay_name = result.relay or result.tried or next(iter(self.cfg.smarthost), "")
+            transport = self.transport(env.account)
+            result = transport.deliver(msg, journal)
+        self._relay_name = result.relay or result.tried or \
+            next(iter(transport.config.smarthost), "")
         self._failed = result.failed  # each smarthost tried on the way: its last error
         late = journal.commit(result.outcomes, result.relay, result.error, persist=False,
                               tried=result.tried)
         return result.error or journal.error or journal.deferral, journal.commits > 0 and not late
+
+    def _no_account(self, env: Envelope, pending: list[Recipient], journal: Journal,
+                    ) -> tuple[str, bool]:
+        """Mail queued for an account since removed waits (policy.NO_ACCOUNT_REASON: never
+        returned for it, never sent through another account's relay) until
+        `relayq requeue --reroute` chooses its account again."""
+        from relayq.core.outcome import DEFERRED, Outcome
+
+        reply = (f"451 4.3.5 {policy.NO_ACCOUNT_REASON}: {env.account}; "
+                 "run relayq requeue --reroute")
+        journal.commit([Outcome(r.address, DEFERRED, reply, "4.3.5") for r in pending],
+                       "", persist=False)
+        return reply, False
 
     def _note(self, env: Envelope, note: Note, now: float, start: float) -> None:
         """The sendmail-style log line (and -v line) for one recipient's outcome."""

@@ -253,6 +253,7 @@ def enqueue(
             )
         forwarded = _forward(ctx, req, result)
         env = _envelope(msg, req, result, sender, now, eight_bit or result.eight_bit_headers)
+        env.account = account_for(cfg, sender)
         msg.commit(env)
     except BaseException:
         msg.abort()
@@ -295,6 +296,15 @@ def sender_addresses(ctx: Context, raw: str) -> tuple[str, str, str]:
     envelope = ctx.generic(raw, "envelope") or given
     header = ctx.generic(raw, "header") or given
     return given, rewrite.all_mail_from(envelope, ctx.all_mail_from), header
+
+
+def account_for(cfg: Config, sender: str) -> str:
+    """The account (core/accounts) serving the envelope sender as rewritten, as the
+    envelope records it: "" for the default (the null sender's too)."""
+    from relayq.core.accounts import DEFAULT, for_sender
+
+    name = for_sender(cfg, sender)
+    return "" if name == DEFAULT else name
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:

@@ -1,0 +1,201 @@
+"""Accounts per sender, end to end (issue 16 part 2): the account is chosen at submission
+(sendmail, -bs, maildrop), each account's mail goes through its own smarthost with its
+own credentials over its own connection, a removed account's mail waits for
+`relayq requeue --reroute`, and mailq -v, status, the log, check-config, `relayq test`
+and `sendmail -bv` name the account. Real commands, real TLS, real test smarthosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.helpers.relayq_env import Relayq
+
+from relayq.core.errors import EX_OK, EX_TEMPFAIL
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from relayq.testing.smarthost import Smarthost, SmarthostFactory
+    from relayq.testing.tls import TestPKI
+
+pytestmark = pytest.mark.timeout(120)
+
+MSG = b"Subject: accounts\n\nhello\n"
+PASSWORDS = {"default": "def-Pw!1", "shop": "shop-Pw!2", "news": "news-Pw!3"}
+USERS = {"default": "host@example.org", "shop": "noreply@shop.example",
+         "news": "letters@news.example"}
+SENDERS = {"shop": ["noreply@shop.example"], "news": ["@news.example"]}
+
+
+class Setup:
+    """Three TLS smarthosts (the default's and two accounts'), each knowing only its own
+    credentials, and a Relayq whose config names them."""
+
+    def __init__(self, factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+        self.hosts: dict[str, Smarthost] = {
+            name: factory(tls_context=pki.server_context(), auth={USERS[name]: PASSWORDS[name]},
+                          auth_required=True)
+            for name in PASSWORDS}
+        self.ca = pki.write_ca(str(tmp_path))
+        d = self.hosts["default"]
+        self.rq = Relayq(tmp_path, smarthost=d.smarthost, tls="required", ca_file=self.ca,
+                         user=USERS["default"], password=PASSWORDS["default"], concurrency=1)
+        self.write(["shop", "news"])
+
+    def write(self, accounts: list[str]) -> None:
+        """The flat settings, then an [account.NAME] table for each of `accounts`."""
+        self.rq.configure()
+        text = self.rq.config.read_text()
+        for name in accounts:
+            senders = ", ".join(f'"{s}"' for s in SENDERS[name])
+            text += (f"\n[account.{name}]\nsenders = [{senders}]\n"
+                     f'smarthost = "{self.hosts[name].smarthost}"\ntls = "required"\n'
+                     f'user = "{USERS[name]}"\npassword = "{PASSWORDS[name]}"\n')
+        self.rq.write_config(text)
+
+    def send(self, sender: str, rcpt: str = "bob@example.org") -> str:
+        before = set(self.rq.spool.ids())
+        r = self.rq.sendmail("-odq", "-f", sender, rcpt, input=MSG)
+        assert r.returncode == EX_OK, r.stderr
+        [qid] = set(self.rq.spool.ids()) - before
+        return qid
+
+    def accounts(self) -> dict[str, str]:
+        return {env.sender: env.account for env, _ in self.rq.queued()}
+
+    def got(self, name: str) -> list[str]:
+        return [t.mail_from for t in self.hosts[name].transactions]
+
+
+@pytest.fixture
+def setup(smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> Setup:
+    return Setup(smarthost_factory, pki, tmp_path)
+
+
+def test_sendmail_records_the_senders_account(setup: Setup) -> None:
+    for sender in ("noreply@shop.example", "Someone@NEWS.example", "other@shop.example",
+                   "root@host.example.org"):
+        setup.send(sender)
+    assert setup.accounts() == {"noreply@shop.example": "shop", "Someone@NEWS.example": "news",
+                                "other@shop.example": "", "root@host.example.org": ""}
+
+
+def test_the_account_follows_the_rewritten_sender(setup: Setup) -> None:
+    """all_mail_from rewrites the envelope sender first: its account serves the mail."""
+    setup.rq.configure(all_mail_from="noreply@shop.example")
+    setup.write(["shop", "news"])
+    setup.send("letters@news.example")
+    assert setup.accounts() == {"noreply@shop.example": "shop"}
+
+
+def test_an_smtp_session_on_stdin_records_the_account(setup: Setup) -> None:
+    session = (b"EHLO client.example\r\nMAIL FROM:<letters@news.example>\r\n"
+               b"RCPT TO:<bob@example.org>\r\nDATA\r\nSubject: bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    r = setup.rq.sendmail("-bs", "-odq", input=session)
+    assert r.returncode == EX_OK, r.stdout
+    assert setup.accounts() == {"letters@news.example": "news"}
+
+
+def test_a_maildrop_file_records_the_account_when_taken(setup: Setup) -> None:
+    from relayq.core.config import parse
+    from relayq.queue.maildrop import hand_over_request
+    from relayq.queue.submit import Request
+
+    setup.send("root@host.example.org")  # makes the queue and its maildrop/
+    cfg = parse(setup.rq.config.read_text())
+    req = Request(user="nobody", uid=65534, sender="noreply@shop.example",
+                  recipients=["bob@example.org"])
+    name = hand_over_request(cfg, setup.rq.spool, req, [MSG])  # no daemon: it waits
+    os.chown(os.path.join(setup.rq.spool.maildrop, name), 65534, 65534)  # as nobody wrote it
+    r = setup.rq.run("relayq", "flush")
+    assert r.returncode == EX_OK, r.stderr
+    assert setup.got("shop") == ["noreply@shop.example"], (setup.got("default"), setup.rq.log())
+    assert setup.got("default") == ["root@host.example.org"]
+
+
+def test_each_account_relays_through_its_own_smarthost_one_connection_each(
+        setup: Setup) -> None:
+    for sender in ("noreply@shop.example", "root@host.example.org", "a@news.example",
+                   "noreply@shop.example", "b@news.example", "cron@host.example.org"):
+        setup.send(sender)
+    r = setup.rq.run("relayq", "flush")
+    assert r.returncode == EX_OK, r.stderr
+    assert setup.rq.queued() == []
+    assert sorted(setup.got("shop")) == ["noreply@shop.example"] * 2
+    assert sorted(setup.got("news")) == ["a@news.example", "b@news.example"]
+    assert sorted(setup.got("default")) == ["cron@host.example.org", "root@host.example.org"]
+    for name, sh in setup.hosts.items():
+        assert sh.connections == 1, name
+        assert sh.logins == [("PLAIN", USERS[name], PASSWORDS[name])], name
+    log = setup.rq.log()
+    shop = [line for line in log.splitlines() if "to=<bob@example.org>" in line
+            and "account=shop" in line]
+    assert len(shop) == 2 and all("stat=Sent" in line for line in shop), log
+    assert "account=default" not in log
+
+
+def test_a_removed_account_defers_its_mail_until_rerouted(setup: Setup) -> None:
+    qid = setup.send("noreply@shop.example")
+    setup.write(["news"])  # shop's table removed after the mail was queued
+    r = setup.rq.run("relayq", "flush")
+    assert r.returncode == EX_TEMPFAIL
+    [(env, _)] = setup.rq.queued()
+    assert env.account == "shop"
+    [rcpt] = env.recipients
+    assert "account no longer configured" in rcpt.reply
+    assert "relayq requeue --reroute" in rcpt.reply
+    assert not rcpt.remote
+    assert all(sh.connections == 0 for sh in setup.hosts.values())  # sent nowhere else
+    mailq = setup.rq.run("mailq", "-v").stdout.decode()
+    assert "account shop" in mailq and "account no longer configured" in mailq, mailq
+
+    # long past max_queue_age it still waits: the fault is our configuration's
+    setup.rq.configure(max_queue_age="1s")
+    setup.write(["news"])
+    time.sleep(1.5)
+    assert setup.rq.run("relayq", "flush").returncode == EX_TEMPFAIL
+    [(env, _)] = setup.rq.queued()
+    assert env.recipients[0].state == "pending" and env.notice is None
+    assert all(sh.transactions == [] for sh in setup.hosts.values())
+
+    r = setup.rq.run("relayq", "requeue", "--reroute")
+    assert r.returncode == EX_OK, r.stdout + r.stderr
+    assert r.stdout.decode() == f"{qid}: requeued (due now), rerouted from shop to default\n"
+    assert f"{qid}: requeued (due now), rerouted from shop to default by " in setup.rq.log()
+    assert setup.rq.queued() == []
+    assert setup.got("default") == ["noreply@shop.example"]
+    assert setup.got("shop") == []
+
+
+def test_requeue_reroute_takes_selectors_and_ids(setup: Setup) -> None:
+    shop = setup.send("noreply@shop.example")
+    news = setup.send("a@news.example")
+    setup.write([])  # both accounts removed
+    r = setup.rq.run("relayq", "requeue", "--reroute", "-qSshop")
+    assert r.stdout.decode() == f"{shop}: requeued (due now), rerouted from shop to default\n"
+    assert setup.accounts() == {"a@news.example": "news"}  # not selected: left alone
+    assert setup.got("default") == ["noreply@shop.example"]
+    r = setup.rq.run("relayq", "requeue", "--reroute", news)
+    assert r.stdout.decode() == f"{news}: requeued (due now), rerouted from news to default\n"
+    assert setup.got("default") == ["noreply@shop.example", "a@news.example"]
+    assert setup.rq.run("relayq", "requeue").returncode == 64  # names no message
+
+
+def test_mailq_verbose_and_json_lines_and_status_name_the_account(setup: Setup) -> None:
+    qid = setup.send("noreply@shop.example")
+    other = setup.send("root@host.example.org")
+    plain = setup.rq.run("mailq").stdout.decode()
+    assert "account" not in plain  # sendmail's listing stays sendmail's
+    verbose = setup.rq.run("mailq", "-v").stdout.decode()
+    assert "account shop" in verbose, verbose
+    objects = {o["queue_id"]: o for o in map(json.loads, setup.rq.run(
+        "mailq", "--json-lines").stdout.decode().splitlines())}
+    assert objects[qid]["account"] == "shop" and objects[other]["account"] == "default"
+    status = setup.rq.run("relayq", "status").stdout.decode()
+    assert "shop" in status and "default" in status, status
+    data = json.loads(setup.rq.run("relayq", "status", "--json").stdout)
+    assert data["accounts"] == {"default": 1, "news": 0, "shop": 1}
