@@ -194,8 +194,14 @@ def test_mailq_verbose_and_json_lines_and_status_name_the_account(setup: Setup) 
     assert "account shop" in verbose, verbose
     objects = {o["queue_id"]: o for o in map(json.loads, setup.rq.run(
         "mailq", "--json-lines").stdout.decode().splitlines())}
-    assert objects[qid]["account"] == "shop" and objects[other]["account"] == "default"
+    assert objects[qid]["account"] == "shop" and "account" not in objects[other]
+    doc = json.loads(setup.rq.run("mailq", "--json").stdout)
+    assert {m["id"]: m["account"] for m in doc["messages"]} == {qid: "shop", other: "default"}
+    setup.write(["news"])  # shop's table removed: its mail is still counted
     status = setup.rq.run("relayq", "status").stdout.decode()
-    assert "shop" in status and "default" in status, status
+    assert f"account default: 1 queued, to {setup.hosts['default'].smarthost}\n" in status
+    assert f"account news: 0 queued, to {setup.hosts['news'].smarthost}\n" in status
+    assert "account shop: 1 queued, no longer configured: relayq requeue --reroute\n" in status
     data = json.loads(setup.rq.run("relayq", "status", "--json").stdout)
-    assert data["accounts"] == {"default": 1, "news": 0, "shop": 1}
+    assert {n: (a["queued"], a["configured"]) for n, a in data["accounts"].items()} == {
+        "default": (1, True), "news": (0, True), "shop": (1, False)}
