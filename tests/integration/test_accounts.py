@@ -205,3 +205,57 @@ def test_mailq_verbose_and_json_lines_and_status_name_the_account(setup: Setup) 
     data = json.loads(setup.rq.run("relayq", "status", "--json").stdout)
     assert {n: (a["queued"], a["configured"]) for n, a in data["accounts"].items()} == {
         "default": (1, True), "news": (0, True), "shop": (1, False)}
+
+
+def test_check_config_prints_each_account_as_a_table_that_reads_back(setup: Setup) -> None:
+    import tomllib
+
+    from relayq.core.config import parse
+
+    r = setup.rq.run("relayq", "check-config")
+    out = r.stdout.decode()
+    assert r.returncode == EX_OK, r.stderr
+    assert all(p not in out for p in PASSWORDS.values())
+    tables = tomllib.loads(out)["account"]
+    assert sorted(tables) == ["news", "shop"]
+    assert tables["shop"]["senders"] == SENDERS["shop"]
+    assert tables["shop"]["smarthost"] == [setup.hosts["shop"].smarthost]
+    assert tables["news"]["user"] == USERS["news"] and tables["news"]["password"] == "********"
+    again = parse(out)
+    assert {n: (a.smarthost, a.user, a.senders) for n, a in again.accounts().items()} == {
+        "default": ([setup.hosts["default"].smarthost], USERS["default"], []),
+        "shop": ([setup.hosts["shop"].smarthost], USERS["shop"], SENDERS["shop"]),
+        "news": ([setup.hosts["news"].smarthost], USERS["news"], SENDERS["news"])}
+
+
+def test_relayq_test_tries_every_account_or_the_one_named(setup: Setup) -> None:
+    r = setup.rq.run("relayq", "test")
+    out = r.stdout.decode()
+    assert r.returncode == EX_OK, out + r.stderr.decode()
+    for name, sh in setup.hosts.items():
+        assert f"smarthost {sh.smarthost} (account {name})\n" in out, out
+        assert sh.logins == [("PLAIN", USERS[name], PASSWORDS[name])], name
+        assert sh.transactions == []
+    assert all(p not in out for p in PASSWORDS.values())
+
+    r = setup.rq.run("relayq", "test", "--account", "shop", "bob@example.org")
+    out = r.stdout.decode()
+    assert r.returncode == EX_OK, out + r.stderr.decode()
+    assert out.startswith(f"smarthost {setup.hosts['shop'].smarthost} (account shop)\n"), out
+    assert "(account default)" not in out
+    assert setup.got("shop") == ["noreply@shop.example"]  # from an address it serves
+    assert setup.got("default") == [] and len(setup.hosts["default"].logins) == 1
+
+    r = setup.rq.run("relayq", "test", "--account", "nosuch")
+    assert r.returncode == 64
+    assert r.stderr.decode() == ("relayq: test: no account 'nosuch' "
+                                 "(accounts: default, shop, news)\n")
+
+
+def test_sendmail_bv_shows_the_senders_account_and_its_smarthost(setup: Setup) -> None:
+    shop, default = setup.hosts["shop"].smarthost, setup.hosts["default"].smarthost
+    r = setup.rq.sendmail("-bv", "-f", "noreply@shop.example", "bob@example.org")
+    assert r.stdout.decode() == ("bob@example.org... deliverable: mailer relay, account shop, "
+                                 f"host {shop}, user bob@example.org\n"), r.stdout
+    r = setup.rq.sendmail("-bv", "-f", "cron@host.example.org", "bob@example.org")
+    assert f"account default, host {default}, user bob@example.org\n" in r.stdout.decode()

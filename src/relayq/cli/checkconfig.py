@@ -66,7 +66,28 @@ def render(cfg: Config) -> str:
         value, note = worked_out.get(key, (values[key], ""))
         line = f"{toml_key(key)} = {toml_value(value)}"
         lines.append(f"{line}  # {_clean(note)}" if note else line)
+    for acc in list(cfg.accounts().values())[1:]:
+        lines += ["", *_account_table(cfg, acc)]
     return "\n".join(lines) + "\n"
+
+
+def _account_table(top: Config, acc: Config) -> list[str]:
+    """One account as the table [account.NAME] that reads back to it: its senders,
+    every key it owns (its value, or the default it gets: never the top level's),
+    and the inherited keys its table sets. Secrets masked, as at the top level."""
+    from relayq.core.accounts import INHERITED, OWN
+
+    table = top.values.get("account", {}).get(acc.account, {})
+    values = acc.effective()
+    worked_out = {k: v for k, v in derived(acc).items() if k in OWN}
+    lines = [f"[account.{toml_key(acc.account)}]",
+             f"senders = {toml_value(acc.senders)}"]
+    for key in SCHEMA:
+        if key in OWN or (key in INHERITED and key in table):
+            value, note = worked_out.get(key, (values[key], ""))
+            line = f"{toml_key(key)} = {toml_value(value)}"
+            lines.append(f"{line}  # {_clean(note)}" if note else line)
+    return lines
 
 
 def derived(cfg: Config) -> dict[str, tuple[object, str]]:
