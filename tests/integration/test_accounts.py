@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.helpers.relayq_env import Relayq
+from tests.integration.test_daemon import DaemonProcess, free_port, wait_for
 
 from relayq.core.errors import EX_OK, EX_TEMPFAIL
 
@@ -35,11 +36,13 @@ class Setup:
     """Three TLS smarthosts (the default's and two accounts'), each knowing only its own
     credentials, and a Relayq whose config names them."""
 
-    def __init__(self, factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    def __init__(self, factory: SmarthostFactory, pki: TestPKI, tmp_path: Path,
+                 replies: dict[str, dict[str, str]] | None = None) -> None:
         self.hosts: dict[str, Smarthost] = {
             name: factory(tls_context=pki.server_context(), auth={USERS[name]: PASSWORDS[name]},
-                          auth_required=True)
+                          auth_required=True, replies=(replies or {}).get(name))
             for name in PASSWORDS}
+        self.senders = dict(SENDERS)
         self.ca = pki.write_ca(str(tmp_path))
         d = self.hosts["default"]
         self.rq = Relayq(tmp_path, smarthost=d.smarthost, tls="required", ca_file=self.ca,
@@ -51,7 +54,7 @@ class Setup:
         self.rq.configure()
         text = self.rq.config.read_text()
         for name in accounts:
-            senders = ", ".join(f'"{s}"' for s in SENDERS[name])
+            senders = ", ".join(f'"{s}"' for s in self.senders[name])
             text += (f"\n[account.{name}]\nsenders = [{senders}]\n"
                      f'smarthost = "{self.hosts[name].smarthost}"\ntls = "required"\n'
                      f'user = "{USERS[name]}"\npassword = "{PASSWORDS[name]}"\n')
@@ -259,3 +262,39 @@ def test_sendmail_bv_shows_the_senders_account_and_its_smarthost(setup: Setup) -
                                  f"host {shop}, user bob@example.org\n"), r.stdout
     r = setup.rq.sendmail("-bv", "-f", "cron@host.example.org", "bob@example.org")
     assert f"account default, host {default}, user bob@example.org\n" in r.stdout.decode()
+
+
+def test_a_reload_routes_new_mail_by_the_new_tables_and_queued_mail_keeps_its_account(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    import signal
+    import smtplib
+
+    setup = Setup(smarthost_factory, pki, tmp_path, {"shop": {"mail": "451 4.3.0 later"}})
+    port = free_port()
+    setup.rq.configure(pid_file=str(tmp_path / "relayq.pid"), queue_interval="1h",
+                       listen=[f"127.0.0.1:{port}"])
+    setup.write(["shop", "news"])
+    d = DaemonProcess(setup.rq, "--listen").wait_ready()
+    try:
+        def submit() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+                c.sendmail("noreply@shop.example", ["bob@example.org"],
+                           MSG.replace(b"\n", b"\r\n"))
+
+        submit()
+        wait_for(lambda: "Deferred: 451 4.3.0 later" in setup.rq.log(), what="shop's deferral")
+        assert setup.accounts() == {"noreply@shop.example": "shop"}
+        setup.senders["news"] = ["@news.example", "noreply@shop.example"]
+        setup.write(["news"])  # shop's table removed, its sender now news's
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in setup.rq.log(), what="the reload")
+        submit()
+        wait_for(lambda: setup.got("news") == ["noreply@shop.example"], what="news's delivery")
+        d.signal(signal.SIGUSR1)  # the queued one is tried again: it keeps its account
+        wait_for(lambda: "account no longer configured: shop" in setup.rq.log(),
+                 what="the removed account's deferral")
+        [(env, _)] = setup.rq.queued()
+        assert env.account == "shop" and env.pending()
+        assert setup.got("default") == [] and len(setup.hosts["news"].transactions) == 1
+    finally:
+        assert d.stop() == EX_OK
