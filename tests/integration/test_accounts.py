@@ -155,6 +155,9 @@ def test_a_removed_account_defers_its_mail_until_rerouted(setup: Setup) -> None:
     assert all(sh.connections == 0 for sh in setup.hosts.values())  # sent nowhere else
     mailq = setup.rq.run("mailq", "-v").stdout.decode()
     assert "account shop" in mailq and "account no longer configured" in mailq, mailq
+    relays = json.loads(setup.rq.run("relayq", "status", "--json").stdout)["relays"]
+    assert list(relays) == ["(account shop)"], relays  # counted there, never as "local"
+    assert "account no longer configured" in relays["(account shop)"]["last_error"]
 
     # long past max_queue_age it still waits: the fault is our configuration's
     setup.rq.configure(max_queue_age="1s")
@@ -298,3 +301,15 @@ def test_a_reload_routes_new_mail_by_the_new_tables_and_queued_mail_keeps_its_ac
         assert setup.got("default") == [] and len(setup.hosts["news"].transactions) == 1
     finally:
         assert d.stop() == EX_OK
+
+
+def test_check_config_checks_each_accounts_secret_and_relay(setup: Setup,
+                                                            tmp_path: Path) -> None:
+    text = setup.rq.config.read_text().replace(
+        f'password = "{PASSWORDS["news"]}"', f'password_file = "{tmp_path}/missing.pw"')
+    setup.rq.write_config(text)
+    r = setup.rq.run("relayq", "check-config")
+    err = r.stderr.decode()
+    assert r.returncode == 78, err
+    assert f"relayq: {setup.rq.config}: account news: password_file: " in err, err
+    assert "account shop" not in err and "account default" not in err

@@ -140,9 +140,22 @@ def problems(cfg: Config) -> list[Problem]:
     found: list[Problem] = []
     for check in (_smarthost, _listen, _names, _queue, _clear_auth, _daemon_user, _timing):
         found += check(cfg)
-    found += as_delivery_user(cfg, _files)
+    for acc in _accounts(cfg):
+        found += _named(acc, _smarthost(acc) + _clear_auth(acc))
+    found += as_delivery_user(cfg, lambda c: _files(c) + [
+        p for acc in _accounts(c) for p in _named(acc, _files(acc))])
     order = list(SCHEMA)
     return sorted(found, key=lambda p: (not p[0], order.index(p[1]) if p[1] in order else 0))
+
+
+def _accounts(cfg: Config) -> list[Config]:
+    """The [account.NAME] tables' accounts (the default is the top level)."""
+    return list(cfg.accounts().values())[1:]
+
+
+def _named(acc: Config, found: list[Problem]) -> list[Problem]:
+    """An account's problems, each naming the account: `account shop: password_file`."""
+    return [(fatal, f"account {acc.account}: {key}", text) for fatal, key, text in found]
 
 
 def _smarthost(cfg: Config) -> list[Problem]:
@@ -257,7 +270,8 @@ def _files(cfg: Config) -> list[Problem]:
                         "delivered"))
     elif source:
         out.append((False, source, "is set but user is not: relayq never authenticates"))
-    out += _log_file(cfg) + _generics(cfg)
+    if cfg.account == "default":  # the host's files, not an account's
+        out += _log_file(cfg) + _generics(cfg)
     if cfg.tls == "none":
         for key in ("ca_file", "client_cert", "client_key"):
             if getattr(cfg, key):

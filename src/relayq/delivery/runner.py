@@ -421,6 +421,7 @@ class Runner(LocalStep):
                  "run relayq requeue --reroute")
         journal.commit([Outcome(r.address, DEFERRED, reply, "4.3.5") for r in pending],
                        "", persist=False)
+        self._relay_name = f"(account {env.account})"  # counted there, not as "local"
         return reply, False
 
     def _note(self, env: Envelope, note: Note, now: float, start: float) -> None:
