@@ -313,3 +313,15 @@ def test_check_config_checks_each_accounts_secret_and_relay(setup: Setup,
     assert r.returncode == 78, err
     assert f"relayq: {setup.rq.config}: account news: password_file: " in err, err
     assert "account shop" not in err and "account default" not in err
+
+
+def test_a_bounce_goes_through_the_default_account(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    setup = Setup(smarthost_factory, pki, tmp_path)
+    setup.hosts["shop"].rcpt_replies = {"bob@example.org": "550 5.1.1 no such user"}
+    setup.send("noreply@shop.example")
+    assert setup.rq.run("relayq", "flush").returncode == EX_OK
+    assert setup.rq.queued() == []
+    [bounce] = setup.hosts["default"].transactions
+    assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["noreply@shop.example"]
+    assert setup.hosts["shop"].transactions == []  # refused there: nothing was accepted

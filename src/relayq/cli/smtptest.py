@@ -1,5 +1,5 @@
-"""`relayq test [ADDRESS]`: show what each smarthost answers (delivery/probe), and
-send a test message only when ADDRESS is given."""
+"""`relayq test [ADDRESS]`: show what each smarthost of each account answers
+(delivery/probe), and send a test message only when ADDRESS is given."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ TEST_MORE = (
     "0 all well; 78 configuration (an unreadable password_file, ca_file, a relay loop); "
     "69 no connection or greeting; 76 TLS (handshake, certificate, no STARTTLS when "
     "required); 77 AUTH; 65 test message refused (5xx); 75 test message deferred (4xx). "
-    "With several smarthosts, the first of these in that order that any had.")
+    "With several smarthosts, the first of these in that order that any had. With "
+    "[account.NAME] tables, every account's smarthosts in turn, each named (--account "
+    "NAME: that one's only); an account's test message goes from an address it serves.")
 
 
 def run(cfg: Config, address: str | None, verbose: bool = False, account: str = "") -> int:

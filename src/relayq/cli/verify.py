@@ -12,6 +12,10 @@ sendmail prints them, with the alias or forward that led there first:
     \\alice... deliverable: mailer local, user alice (/var/mail/alice)
     bob@host.example.org... User unknown
 
+With [account.NAME] tables, a relayed recipient's line names the account the
+sender (-f, else the caller) would be queued for, and that account's smarthosts:
+`mailer relay, account shop, host [smtp.example.com]:587, user ...`.
+
 Exit 67 (EX_NOUSER) when any recipient is undeliverable, else 75 when one
 would wait (an unreadable :include:), else 0. It reads the configuration,
 the aliases and the passwd database, never the queue, so any user may ask.
