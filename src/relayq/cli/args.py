@@ -154,9 +154,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """The arguments, or a UsageError (64) naming the command whose --help to read."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if extra:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "requeue" and not args.reroute and (args.selectors or not args.qids):
+        sub.choices["requeue"].error("name the queue ids (or use --reroute, which may "
+                                     "select them with -q)")
     return args
 
 

@@ -94,14 +94,11 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
 
 
 def _reroute(args: argparse.Namespace) -> dict[str, Any]:
-    """requeue's --reroute and -q selectors; a requeue names messages either way."""
+    """requeue's --reroute and -q selectors (cli/args checked it names messages)."""
     from relayq.core import selector
-    from relayq.core.errors import UsageError
 
     if args.command != "requeue":
         return {}
-    if not args.reroute and (args.selectors or not args.qids):
-        raise UsageError("requeue: name queue ids (or use --reroute, which takes -q selectors)")
     return {"reroute": args.reroute, "selectors": [selector.parse(s) for s in args.selectors]}
 
 
