@@ -14,8 +14,10 @@ I/O around them: claim, deliver, apply the decision, record, make reports.
 Routing: with local_delivery on, recipients in local_domains go to
 transport/local first (aliases may add remote recipients to the same
 envelope, delivered in the same attempt); everything else goes to the
-smarthost. With it off (the null client) every recipient is relayed as
-submitted, already qualified with `domain`.
+smarthost of the account it was queued for (core/accounts: one transport, and
+so one connection, per account; a removed account's mail waits). With it
+off (the null client) every recipient is relayed as submitted, already
+qualified with `domain`.
 
 Trade-off: the only window for a duplicate is a crash between the relay's final
 250 and the envelope rewrite that records it (one fsync), as in sendmail and Postfix.
@@ -52,10 +54,11 @@ if TYPE_CHECKING:
 
 
 class Runner(LocalStep):
-    """Delivers queued messages and makes their reports, over one smarthost connection.
+    """Delivers queued messages and makes their reports, over one smarthost connection
+    per account (reports: the default's).
 
-    Use it in a `with` block (the connection is closed on exit), or close()
-    it (the daemon keeps one open between messages and closes it when idle).
+    Use it in a `with` block (the connections are closed on exit), or close()
+    it (the daemon keeps them open between messages and closes them when idle).
     """
 
     def __init__(
