@@ -325,3 +325,17 @@ def test_a_bounce_goes_through_the_default_account(
     [bounce] = setup.hosts["default"].transactions
     assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["noreply@shop.example"]
     assert setup.hosts["shop"].transactions == []  # refused there: nothing was accepted
+
+
+def test_an_account_relaying_to_our_own_listener_is_a_loop(setup: Setup) -> None:
+    setup.rq.configure(listen=["127.0.0.1:2525"])
+    setup.write(["shop", "news"])
+    text = setup.rq.config.read_text().replace(
+        f'smarthost = "{setup.hosts["news"].smarthost}"', 'smarthost = "[127.0.0.1]:2525"')
+    setup.rq.write_config(text)
+    r = setup.rq.run("relayq", "check-config")
+    assert r.returncode == 78
+    assert "smarthost: smarthost [127.0.0.1]:2525 (account news) is this relayq's own " \
+        "listener (listen 127.0.0.1:2525): mail would loop back to me" in r.stderr.decode()
+    r = setup.rq.run("relayq", "daemon", "--foreground", "--listen")
+    assert r.returncode == 78 and "(account news)" in r.stderr.decode(), r.stderr

@@ -140,8 +140,8 @@ def problems(cfg: Config) -> list[Problem]:
     found: list[Problem] = []
     for check in (_smarthost, _listen, _names, _queue, _clear_auth, _daemon_user, _timing):
         found += check(cfg)
-    for acc in _accounts(cfg):
-        found += _named(acc, _smarthost(acc) + _clear_auth(acc))
+    for acc in _accounts(cfg):  # (an account's loop: in _smarthost, cfg.loop_reason)
+        found += _named(acc, _clear_auth(acc))
     found += as_delivery_user(cfg, lambda c: _files(c) + [
         p for acc in _accounts(c) for p in _named(acc, _files(acc))])
     order = list(SCHEMA)
