@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relayq.cli.checkconfig import derived, render, toml_value
-from relayq.core.config import DELIVERY_MODES, SCHEMA, TLS_MODES, parse
+from relayq.core.config import DELIVERY_MODES, SCHEMA, TLS_MODES, Config, parse
 from relayq.core.errors import ConfigError
 
 NAMES = st.sampled_from(["example.org", "mail.example.org", "vm", "a-b.example.net"])
@@ -75,3 +75,41 @@ def test_the_printout_round_trips(raw: dict[str, Any]) -> None:
         assert value == expect, key
     again = parse(shown, "gen.toml")
     assert tomllib.loads(render(again)) == printed
+
+
+ACCOUNTS = """smarthost = "relay.example.org"
+user = "host"
+password = "top-Secret1"
+timeout = 30
+[account.shop]
+senders = ["noreply@shop.example", "@shop.example"]
+smarthost = "smtp.gmail.com:587"
+user = "noreply@shop.example"
+password_command = "/usr/bin/pass shop-Secret2"
+timeout = 90
+[account.cron]
+senders = ["root@host.example"]
+smarthost = "[192.0.2.7]"
+tls = "implicit"
+"""
+
+
+def test_accounts_print_as_tables_that_read_back_the_same() -> None:
+    cfg = parse(ACCOUNTS, "gen.toml")
+    cfg.queue_dir = "/var/spool/relayq"
+    shown = render(cfg)
+    assert "top-Secret1" not in shown and "shop-Secret2" not in shown
+    printed = tomllib.loads(shown)
+    assert list(printed) == [*SCHEMA, "account"]
+    shop, cron = printed["account"]["shop"], printed["account"]["cron"]
+    assert shop["senders"] == ["noreply@shop.example", "@shop.example"]
+    assert shop["password_command"] == "/usr/bin/pass ********"
+    assert shop["timeout"] == 90.0 and "timeout" not in cron  # inherited unless set
+    assert cron["smarthost"] == ["[192.0.2.7]:465"] and cron["user"] == ""  # never the top's
+    again = parse(shown, "gen.toml")
+    assert tomllib.loads(render(again)) == printed
+    def seen(c: Config) -> dict[str, tuple[object, ...]]:
+        return {n: (list(map(repr, a.smarthosts())), a.tls, a.user, a.timeout, a.senders)
+                for n, a in c.accounts().items()}
+
+    assert seen(again) == seen(cfg)

@@ -270,6 +270,20 @@ def test_note_lines_read_as_sendmails() -> None:
     assert logline.text("250 Ok") == "Ok" and logline.text("connection lost") == "connection lost"
 
 
+def test_note_lines_name_a_non_default_account() -> None:
+    # after the mailer (and its relay=), before dsn=: the default's lines stay as they were
+    env = envelope("a@example.org")
+    env.account = "shop"
+    r = env.recipients[0]
+    line, _ = logline.note(env, Note(r, "relay, relay=mx.example [192.0.2.1]", SENT,
+                                     "250 2.0.0 Ok", "2.0.0"), T0, 0)
+    assert "mailer=relay, relay=mx.example [192.0.2.1], account=shop, dsn=2.0.0, " in line
+    line, _ = logline.note(env, Note(r, "local", SENT, "250 2.0.0 Ok", "2.0.0"), T0, 0)
+    assert "account=" not in line  # a local mailbox is no account's relay
+    assert "mailer=relay, account=shop, dsn=4.4.7, stat=Expired: " in \
+        logline.expired(env, r, "451 later", T0)
+
+
 def test_report_lines_read_as_sendmails() -> None:
     # the original's id, the report's, the kind in sendmail's words, and for a bounce
     # the reason exactly as the original's to= line gave it in stat= (logwatch pairs them)

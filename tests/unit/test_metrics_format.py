@@ -17,7 +17,7 @@ from relayq.core import metrics
 from relayq.core.envelope import Envelope, Recipient
 from relayq.delivery.tally import label
 from relayq.queue import stats
-from relayq.queue.census import state_of
+from relayq.queue.census import account_of, state_of
 from relayq.system import textfile
 
 if TYPE_CHECKING:
@@ -106,6 +106,16 @@ def test_the_census_reads_an_envelope_without_parsing_it() -> None:
     env.held, env.error = False, "x\theld\t1"  # free text never makes a line of its own
     assert state_of(env.dumps())[0] == "deferred"
     assert state_of(b"garbage") == ("queued", 0)
+
+
+def test_the_census_reads_the_account_without_parsing_the_envelope() -> None:
+    env = Envelope("Q1", "a@example.org", [Recipient("b@example.org")], 1.0)
+    assert account_of(env.dumps()) == ""  # the default's: no field
+    env.account = "shop"
+    assert account_of(env.dumps()) == "shop"
+    env.account, env.error = "", "x\naccount\tshop"  # free text never makes a line
+    assert account_of(env.dumps()) == ""
+    assert Envelope.loads(env.dumps(), "Q1").account == ""
 
 
 def test_publishing_never_writes_through_a_prepared_temporary_name(tmp_path: Path) -> None:

@@ -81,13 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
                          ("delete", "remove messages from the queue, undelivered"),
                          ("requeue", "make messages due and try them now")):
         a = command(action, what, "Exit status 66 when a queue id is not in the queue.")
-        a.add_argument("qids", nargs="+", metavar="QID", help="queue ids, as mailq shows them")
+        a.add_argument("qids", nargs="*" if action == "requeue" else "+", metavar="QID",
+                       help="queue ids, as mailq shows them")
+    _reroute_arguments(a)
     _install_arguments(command(
         "install", "put relayq's sendmail, mailq, newaliases and relayq on the system "
                    "path (or stage them for a package: --root)"))
     _queue_commands(command)
     _setup_commands(command)
     return p
+
+
+def _reroute_arguments(a: argparse.ArgumentParser) -> None:
+    """requeue's own: choose the account (core/accounts) again, for ids or selectors."""
+    a.add_argument("--reroute", action="store_true",
+                   help="choose each message's account again from the current configuration "
+                        "(after an account was removed or its senders changed); without QID, "
+                        "every queued message the -q selectors select")
+    a.add_argument("-q", dest="selectors", action="append", default=[], metavar="SELECTOR",
+                   help="with --reroute: only messages sendmail's selector selects "
+                        "(-qSsender, -qRrecipient, -qIqueue-id; ! negates)")
 
 
 def _queue_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -112,11 +125,14 @@ def _queue_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
 def _setup_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     from relayq.cli.smtptest import TEST_MORE
 
-    command("test", "connect to each smarthost and show what it answers (greeting, "
-            "extensions, TLS and its certificate, AUTH); a test message only to ADDRESS",
-            TEST_MORE).add_argument(
-        "address", nargs="?", metavar="ADDRESS",
-        help="send a short test message to this address (default: send none)")
+    t = command("test", "connect to each smarthost and show what it answers (greeting, "
+                "extensions, TLS and its certificate, AUTH); a test message only to ADDRESS",
+                TEST_MORE)
+    t.add_argument("address", nargs="?", metavar="ADDRESS",
+                   help="send a short test message to this address (default: send none)")
+    t.add_argument("--account", default="", metavar="NAME",
+                   help="test only this account's smarthosts ([account.NAME], or default; "
+                        "without it, every account's, each named)")
     imp = command("import", "print a relayq.toml made from another MTA's configuration "
                             "(sendmail, nullmailer, ssmtp, dma, msmtp, postfix, exim4)",
                   "Each setting follows a comment naming the line it came from; every setting "
@@ -138,9 +154,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """The arguments, or a UsageError (64) naming the command whose --help to read."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if extra:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "requeue" and not args.reroute and (args.selectors or not args.qids):
+        sub.choices["requeue"].error("name the queue ids (or use --reroute, which may "
+                                     "select them with -q)")
     return args
 
 

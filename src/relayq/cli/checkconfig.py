@@ -66,7 +66,28 @@ def render(cfg: Config) -> str:
         value, note = worked_out.get(key, (values[key], ""))
         line = f"{toml_key(key)} = {toml_value(value)}"
         lines.append(f"{line}  # {_clean(note)}" if note else line)
+    for acc in list(cfg.accounts().values())[1:]:
+        lines += ["", *_account_table(cfg, acc)]
     return "\n".join(lines) + "\n"
+
+
+def _account_table(top: Config, acc: Config) -> list[str]:
+    """One account as the table [account.NAME] that reads back to it: its senders,
+    every key it owns (its value, or the default it gets: never the top level's),
+    and the inherited keys its table sets. Secrets masked, as at the top level."""
+    from relayq.core.accounts import INHERITED, OWN
+
+    table = top.values.get("account", {}).get(acc.account, {})
+    values = acc.effective()
+    worked_out = {k: v for k, v in derived(acc).items() if k in OWN}
+    lines = [f"[account.{toml_key(acc.account)}]",
+             f"senders = {toml_value(acc.senders)}"]
+    for key in SCHEMA:
+        if key in OWN or (key in INHERITED and key in table):
+            value, note = worked_out.get(key, (values[key], ""))
+            line = f"{toml_key(key)} = {toml_value(value)}"
+            lines.append(f"{line}  # {_clean(note)}" if note else line)
+    return lines
 
 
 def derived(cfg: Config) -> dict[str, tuple[object, str]]:
@@ -125,9 +146,22 @@ def problems(cfg: Config) -> list[Problem]:
     found: list[Problem] = []
     for check in (_smarthost, _listen, _names, _queue, _clear_auth, _daemon_user, _timing):
         found += check(cfg)
-    found += as_delivery_user(cfg, _files)
+    for acc in _accounts(cfg):  # (an account's loop: in _smarthost, cfg.loop_reason)
+        found += _named(acc, _clear_auth(acc))
+    found += as_delivery_user(cfg, lambda c: _files(c) + [
+        p for acc in _accounts(c) for p in _named(acc, _files(acc))])
     order = list(SCHEMA)
     return sorted(found, key=lambda p: (not p[0], order.index(p[1]) if p[1] in order else 0))
+
+
+def _accounts(cfg: Config) -> list[Config]:
+    """The [account.NAME] tables' accounts (the default is the top level)."""
+    return list(cfg.accounts().values())[1:]
+
+
+def _named(acc: Config, found: list[Problem]) -> list[Problem]:
+    """An account's problems, each naming the account: `account shop: password_file`."""
+    return [(fatal, f"account {acc.account}: {key}", text) for fatal, key, text in found]
 
 
 def _smarthost(cfg: Config) -> list[Problem]:
@@ -242,7 +276,8 @@ def _files(cfg: Config) -> list[Problem]:
                         "delivered"))
     elif source:
         out.append((False, source, "is set but user is not: relayq never authenticates"))
-    out += _log_file(cfg) + _generics(cfg)
+    if cfg.account == "default":  # the host's files, not an account's
+        out += _log_file(cfg) + _generics(cfg)
     if cfg.tls == "none":
         for key in ("ca_file", "client_cert", "client_key"):
             if getattr(cfg, key):

@@ -8,7 +8,10 @@ sendmail equivalent:
 * The -v priority column is 30000 per pending recipient plus the data size,
   which reproduces what sendmail's MSP showed in our measurements (30014 for
   one recipient, 60032 for two); relayq does not order by priority.
-* -v prints no "(---controlling user---)" lines: relayq has no such record.
+* -v prints no "(---controlling user---)" lines: relayq has no such record;
+  in their place, a message queued for a non-default account (relayq.toml's
+  [account.NAME]) shows "(account NAME)". --json-lines objects of such a message
+  have an "account" member; --json names every message's account.
 * A damaged entry is listed as `QID (damaged: why)` so an admin sees it; it is
   counted in "Total requests" and hidden only when an R or S selector is given
   (there is nothing to match them against).

@@ -13,6 +13,7 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
     from relayq.cli.nagios import Thresholds
     from relayq.core.config import Config
@@ -60,7 +61,7 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
         from relayq.cli import smtptest
 
         spool.enter(cfg)  # root tests as the delivering user: its files, its secrets
-        return smtptest.run(cfg, args.address, args.verbose)
+        return smtptest.run(cfg, args.address, args.verbose, args.account)
     from relayq.daemon.life import find_daemon, pid_candidates
 
     pids = pid_candidates(cfg)  # root's answer, not the service user's it may become
@@ -81,7 +82,7 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
         if not spool.writable():
             raise PermissionRefused(f"{args.command}: only root may change queued mail")
         log = Log(args.tag, use_syslog=cfg.syslog, path=cfg.log_file)
-        return admin.run(cfg, spool, log, args.command, args.qids)
+        return admin.run(cfg, spool, log, args.command, args.qids, **_reroute(args))
     from relayq.cli import flush
 
     if not spool.writable():  # flush, run: the daemon runs the queue for users
@@ -90,6 +91,15 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
     return flush.queue_run(cfg, spool, log, command=args.command,
                            quiet=getattr(args, "quiet", False), verbose=args.verbose,
                            pids=pids)
+
+
+def _reroute(args: argparse.Namespace) -> dict[str, Any]:
+    """requeue's --reroute and -q selectors (cli/args checked it names messages)."""
+    from relayq.core import selector
+
+    if args.command != "requeue":
+        return {}
+    return {"reroute": args.reroute, "selectors": [selector.parse(s) for s in args.selectors]}
 
 
 def _without_config(args: argparse.Namespace, config_path: str) -> int | None:

@@ -93,7 +93,7 @@ def verify(cfg: Config, args: Args) -> int:
     """`sendmail -bv`: the route each recipient would take (relayq.cli.verify)."""
     from relayq.cli.verify import verify as show_routes
 
-    return show_routes(cfg, args.recipients)
+    return show_routes(cfg, args.recipients, sender=args.sender)
 
 
 def _verbose_printer(args: Args) -> Callable[[str], None] | None:

@@ -115,6 +115,7 @@ def show(info: dict[str, Any], cfg: Config, spool: Spool) -> None:
     print("daemon:       " + ("not running" if not running else f"running, pid {pid}"
                                if pid else "running (pid unknown)"))
     print(f"delivery:     {info['delivery_mode']} to {', '.join(info['smarthost'])}")
+    _show_accounts(info.get("accounts"))
     print(f"last sent:    {_when(info.get('last_delivery'))}")
     for relay, entry in sorted((info.get("relays") or {}).items()):
         line = f"relay {relay}: {entry.get('sent') or 0} sent, last {_when(entry['last_success'])}"
@@ -126,6 +127,16 @@ def show(info: dict[str, Any], cfg: Config, spool: Spool) -> None:
     if info["warning"]:
         print(f"warning:      {info['warning']}: mail stays queued until the configuration "
               "is fixed (relayq check-config)")
+
+
+def _show_accounts(accounts: dict[str, dict[str, Any]] | None) -> None:
+    """One line per account (core/accounts) when there is more than the default."""
+    if not accounts or list(accounts) == ["default"]:
+        return
+    for name, acc in accounts.items():
+        where = f"to {', '.join(acc['smarthost'])}" if acc["configured"] else \
+            "no longer configured: relayq requeue --reroute"
+        print(f"account {name}: {acc['queued']} queued, {where}")
 
 
 def _age(seconds: float) -> str:

@@ -12,6 +12,10 @@ sendmail prints them, with the alias or forward that led there first:
     \\alice... deliverable: mailer local, user alice (/var/mail/alice)
     bob@host.example.org... User unknown
 
+With [account.NAME] tables, a relayed recipient's line names the account the
+sender (-f, else the caller) would be queued for, and that account's smarthosts:
+`mailer relay, account shop, host [smtp.example.com]:587, user ...`.
+
 Exit 67 (EX_NOUSER) when any recipient is undeliverable, else 75 when one
 would wait (an unreadable :include:), else 0. It reads the configuration,
 the aliases and the passwd database, never the queue, so any user may ask.
@@ -34,9 +38,11 @@ if TYPE_CHECKING:
     from relayq.core.config import Config
 
 
-def verify(cfg: Config, arguments: list[str], out: Callable[[str], None] = print) -> int:
+def verify(cfg: Config, arguments: list[str], out: Callable[[str], None] = print,
+           sender: str | None = None) -> int:
     """Print the route of every recipient in `arguments` (sendmail's argv form); the
-    exit code says whether all are deliverable."""
+    exit code says whether all are deliverable. `sender` (-f; None: the caller's
+    login) chooses the account relayed mail would go through, as submission does."""
     if not arguments:
         raise UsageError("Recipient names must be specified")
     ctx = Context(cfg)
@@ -44,9 +50,23 @@ def verify(cfg: Config, arguments: list[str], out: Callable[[str], None] = print
               not address.split(rcpt)[1])
              for arg in arguments for rcpt in address.parse_recipient_args(arg)]
     route = Route(cfg, ctx, out)
+    if len(cfg.accounts()) > 1:
+        route.account = _account(cfg, ctx, sender)
     for rcpt, bare in rcpts:
         route.recipient(rcpt, bare)
     return route.status
+
+
+def _account(cfg: Config, ctx: Context, sender: str | None) -> Config:
+    """The account serving the envelope sender the submission would make (generics,
+    all_mail_from), as queue/submit chooses it."""
+    from relayq.cli.submission import user_names
+    from relayq.queue.submit import account_for, sender_addresses
+
+    raw = user_names()[0] if sender is None else \
+        address.parse_mailbox(sender, "sender") if sender else ""
+    envelope = sender_addresses(ctx, raw)[1] if raw else ""
+    return cfg.accounts()[account_for(cfg, envelope) or "default"]
 
 
 class Route:
@@ -60,6 +80,7 @@ class Route:
         self.status = EX_OK
         self._seen: set[str] = set()
         self._hosts = ""
+        self.account: Config | None = None  # the sender's, when there are several
 
     def recipient(self, rcpt: str, bare: bool = False) -> None:
         kind, where = self.ctx.route(rcpt, bare)
@@ -112,10 +133,11 @@ class Route:
         """Every smarthost in order, with the MX hosts it stands for (looked up once)."""
         if not self._hosts:
             shown = []
-            for sh in self.cfg.smarthosts():
+            cfg = self.account or self.cfg
+            for sh in cfg.smarthosts():
                 text = repr(sh)
                 try:
-                    mx = smtp_connect.mx_route(self.cfg, sh.host, sh.mx)
+                    mx = smtp_connect.mx_route(cfg, sh.host, sh.mx)
                 except SmtpError as exc:  # one line; the message would wait for DNS
                     text += f" ({exc})"
                 else:
@@ -125,6 +147,8 @@ class Route:
                         text += f" (MX: {', '.join(mx)})"
                 shown.append(text)
             self._hosts = "host " + ", then ".join(shown)
+            if self.account is not None:
+                self._hosts = f"account {self.account.account}, {self._hosts}"
         return self._hosts
 
     def fail(self, shown: str, reply: str, *, temporary: bool = False) -> None:

@@ -277,11 +277,13 @@ class Config:
         return [Smarthost.parse(s, default) for s in self.smarthost]
 
     def loop_reason(self, listen: list[str] | None = None) -> str:
-        """Why a smarthost is this relayq's own listener (own_listener), or ""."""
-        for sh in self.smarthosts():
-            spec = own_listener(sh.host, sh.port, self.listen if listen is None else listen)
-            if spec:
-                return f"smarthost {sh!r} is this relayq's own listener (listen {spec})"
+        """Why a smarthost (any account's) is this relayq's own listener (own_listener), or ""."""
+        for acc in self.accounts().values():  # each account's relay too (core/accounts)
+            where = "" if acc is self else f" (account {acc.account})"
+            for sh in acc.smarthosts():
+                spec = own_listener(sh.host, sh.port, self.listen if listen is None else listen)
+                if spec:
+                    return f"smarthost {sh!r}{where} is this relayq's own listener (listen {spec})"
         return ""
 
     def check_no_loop(self, listen: list[str] | None = None) -> None:

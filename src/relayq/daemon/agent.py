@@ -52,7 +52,8 @@ class Agent:
         from relayq.core.config import SCHEMA
 
         setup = marshal.dumps({  # the effective settings, defaults and queue_dir included
-            "values": {key: getattr(cfg, key) for key in SCHEMA}, "path": cfg.path,
+            "values": {**{key: getattr(cfg, key) for key in SCHEMA},  # and the accounts
+                       "account": cfg.values.get("account", {})}, "path": cfg.path,
             "tag": log.tag, "echo": log.echo,
         })
         self.proc = subprocess.Popen(

@@ -19,6 +19,7 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from relayq.core.config import Config
+    from relayq.core.selector import Selector
     from relayq.queue.claim import Claim
     from relayq.queue.spool import Spool
     from relayq.system.log import Log
@@ -35,9 +36,22 @@ def who() -> str:
         return f"uid {uid}"
 
 
-def apply(action: str, claim: Claim) -> str:
-    """Change one claimed message; returns what was done, for the log."""
+def apply(action: str, claim: Claim, cfg: Config | None = None) -> str:
+    """Change one claimed message; returns what was done, for the log.
+
+    With `cfg` a requeue also chooses the message's account again from that
+    configuration (`--reroute`: after an account was removed or changed)."""
     env = claim.envelope
+    if action == "requeue" and cfg is not None:
+        from relayq.core.accounts import DEFAULT
+        from relayq.queue.submit import account_for
+
+        was, env.account = env.account, account_for(cfg, env.sender)
+        env.next_try = 0.0
+        claim.record()
+        if was == env.account:
+            return f"requeued (due now), account {env.account or DEFAULT} kept"
+        return f"requeued (due now), rerouted from {was or DEFAULT} to {env.account or DEFAULT}"
     if action == "hold":
         env.held = True
         claim.record()
@@ -57,11 +71,18 @@ def apply(action: str, claim: Claim) -> str:
     raise ValueError(action)
 
 
-def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> int:
-    """`relayq hold|release|delete|requeue QID...`: one line per message on stdout."""
+def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str], *,
+        reroute: bool = False, selectors: list[Selector] | None = None) -> int:
+    """`relayq hold|release|delete|requeue QID...`: one line per message on stdout.
+
+    `requeue --reroute` chooses each message's account again from `cfg`; with no
+    QID it takes every queued message the selectors (-qI, -qR, -qS) select."""
+    from relayq.core import selector
+
     code = EX_OK
     requeued: list[str] = []
-    for qid in qids:
+    sels = selectors or []
+    for qid in qids or (spool.ids() if reroute else []):
         try:
             claim = spool.claim(qid, LOCK_WAIT)
         except RelayqError as exc:
@@ -69,6 +90,8 @@ def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> in
             code = code or exc.code
             continue
         if claim is None:
+            if not qids and not os.path.exists(spool.data_path(qid)):
+                continue  # gone since listed (delivered): nothing to reroute
             if os.path.exists(spool.data_path(qid)):
                 print(f"{qid}: busy (being delivered); try again")
                 code = code or EX_TEMPFAIL
@@ -80,7 +103,11 @@ def run(cfg: Config, spool: Spool, log: Log, action: str, qids: list[str]) -> in
                 code = code or EX_NOINPUT
             continue
         try:
-            done = apply(action, claim)
+            env = claim.envelope
+            if sels and not selector.matches(sels, qid, env.sender,
+                                             [r.address for r in env.pending()]):
+                continue
+            done = apply(action, claim, cfg if reroute else None)
         finally:
             claim.release()
         log.notice(f"{qid}: {done} by {who()}")

@@ -20,7 +20,7 @@ def note(env: Envelope, n: Note, now: float, elapsed: float) -> tuple[str, str]:
     """The log line for one recipient's outcome, and what -v shows for it."""
     head = (
         f"{env.qid}: to=<{n.recipient.address}>, delay={delay(now - env.created)}, "
-        f"xdelay={delay(elapsed)}, mailer={n.mailer}, dsn={n.dsn_code}"
+        f"xdelay={delay(elapsed)}, mailer={n.mailer}{account(env, n.mailer)}, dsn={n.dsn_code}"
     )
     if n.status == SENT:
         shown = f"Sent ({text(n.reply)})"
@@ -33,7 +33,13 @@ def note(env: Envelope, n: Note, now: float, elapsed: float) -> tuple[str, str]:
 
 def expired(env: Envelope, r: Recipient, reason: str, now: float) -> str:
     return (f"{env.qid}: to=<{r.address}>, delay={delay(now - env.created)}, "
-            f"mailer=relay, dsn=4.4.7, stat=Expired: {reason}")
+            f"mailer=relay{account(env, 'relay')}, dsn=4.4.7, stat=Expired: {reason}")
+
+
+def account(env: Envelope, mailer: str) -> str:
+    """`, account=NAME` for mail relayed for a non-default account (core/accounts);
+    nothing for the default's, so its lines read as sendmail's."""
+    return f", account={env.account}" if env.account and mailer.startswith("relay") else ""
 
 
 def possible_duplicate(env: Envelope) -> str:

@@ -14,8 +14,10 @@ I/O around them: claim, deliver, apply the decision, record, make reports.
 Routing: with local_delivery on, recipients in local_domains go to
 transport/local first (aliases may add remote recipients to the same
 envelope, delivered in the same attempt); everything else goes to the
-smarthost. With it off (the null client) every recipient is relayed as
-submitted, already qualified with `domain`.
+smarthost of the account it was queued for (core/accounts: one transport, and
+so one connection, per account; a removed account's mail waits). With it
+off (the null client) every recipient is relayed as submitted, already
+qualified with `domain`.
 
 Trade-off: the only window for a duplicate is a crash between the relay's final
 250 and the envelope rewrite that records it (one fsync), as in sendmail and Postfix.
@@ -31,17 +33,18 @@ from typing import TYPE_CHECKING
 from relayq.core import policy, selector
 from relayq.core.envelope import NOTICE_KINDS, Envelope, NewerFormat, Notice, Recipient
 from relayq.core.errors import DamagedQueueFile, RelayqError
-from relayq.core.outcome import DEFERRED, FAILED, SENT
+from relayq.core.outcome import FAILED
 from relayq.delivery import decisions, logline, reports, tally
 from relayq.delivery.decisions import DEAD, UNWANTED, Note
 from relayq.delivery.journal import Journal
+from relayq.delivery.local_step import LocalStep
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from types import TracebackType
 
     from relayq.core.config import Config
-    from relayq.delivery.local_transport import LocalTarget, LocalTransport
+    from relayq.delivery.local_transport import LocalTransport
     from relayq.delivery.smtp_transport import SmtpTransport
     from relayq.delivery.tally import Tally
     from relayq.queue.claim import Claim
@@ -50,11 +53,12 @@ if TYPE_CHECKING:
     from relayq.system.log import Log
 
 
-class Runner:
-    """Delivers queued messages and makes their reports, over one smarthost connection.
+class Runner(LocalStep):
+    """Delivers queued messages and makes their reports, over one smarthost connection
+    per account (reports: the default's).
 
-    Use it in a `with` block (the connection is closed on exit), or close()
-    it (the daemon keeps one open between messages and closes it when idle).
+    Use it in a `with` block (the connections are closed on exit), or close()
+    it (the daemon keeps them open between messages and closes them when idle).
     """
 
     def __init__(
@@ -73,7 +77,7 @@ class Runner:
         self.claim_wait = 0.0  # see Spool.claim (the daemon's agents wait a little)
         self.verbose = verbose
         self.patient = True  # a queue run may wait briefly on a sending limit; a submitter not
-        self._transport: SmtpTransport | None = None
+        self._transports: dict[str, SmtpTransport] = {}  # by account (core/accounts)
         self._local: LocalTransport | None = None
         self._held: list[str] | None = None  # outcome log lines waiting for the record
         self.bounces: list[str] = []  # reports made, not yet delivered
@@ -96,18 +100,25 @@ class Runner:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def transport(self) -> SmtpTransport:
-        if self._transport is None:
+    def transport(self, account: str = "") -> SmtpTransport:
+        """The transport of an account ("": the default), made on first use and kept:
+        its connection serves that account's mail only, never another's."""
+        from relayq.core.accounts import DEFAULT
+
+        name = account or DEFAULT
+        transport = self._transports.get(name)
+        if transport is None:
             from relayq.delivery.smtp_transport import SmtpTransport
 
-            self._transport = SmtpTransport(self.cfg, transcript=self.verbose, log=self.log.info,
-                                            patient=self.patient)
-        return self._transport
+            transport = SmtpTransport(self.cfg.accounts()[name], transcript=self.verbose,
+                                      log=self.log.info, patient=self.patient)
+            self._transports[name] = transport
+        return transport
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        transports, self._transports = self._transports, {}
+        for transport in transports.values():
+            transport.close()
 
     # -- the ways in ----------------------------------------------------------
 
@@ -375,11 +386,13 @@ class Runner:
         from relayq.delivery.smtp_transport import OutgoingMessage
 
         env = claim.envelope
+        journal = Journal(claim, pending, lambda note: self._note(env, note, now, start),
+                          lambda: self._record(claim), deferral)
+        if env.account and env.account not in self.cfg.accounts():
+            return self._no_account(env, pending, journal)
         if self.verbose:
             for r in pending:
                 self.verbose(f"{r.address}... Connecting via relay...")
-        journal = Journal(claim, pending, lambda note: self._note(env, note, now, start),
-                          lambda: self._record(claim), deferral)
         with claim.open_data() as data:
             msg = OutgoingMessage(
                 qid=env.qid,
@@ -392,12 +405,28 @@ class Runner:
                 envid=env.envid,
                 ret=env.ret,
             )
-            result = self.transport().deliver(msg, journal)
-        self._relay_name = result.relay or result.tried or next(iter(self.cfg.smarthost), "")
+            transport = self.transport(env.account)
+            result = transport.deliver(msg, journal)
+        self._relay_name = result.relay or result.tried or \
+            next(iter(transport.config.smarthost), "")
         self._failed = result.failed  # each smarthost tried on the way: its last error
         late = journal.commit(result.outcomes, result.relay, result.error, persist=False,
                               tried=result.tried)
         return result.error or journal.error or journal.deferral, journal.commits > 0 and not late
+
+    def _no_account(self, env: Envelope, pending: list[Recipient], journal: Journal,
+                    ) -> tuple[str, bool]:
+        """Mail queued for an account since removed waits (policy.NO_ACCOUNT_REASON: never
+        returned for it, never sent through another account's relay) until
+        `relayq requeue --reroute` chooses its account again."""
+        from relayq.core.outcome import DEFERRED, Outcome
+
+        reply = (f"451 4.3.5 {policy.NO_ACCOUNT_REASON}: {env.account}; "
+                 "run relayq requeue --reroute")
+        journal.commit([Outcome(r.address, DEFERRED, reply, "4.3.5") for r in pending],
+                       "", persist=False)
+        self._relay_name = f"(account {env.account})"  # counted there, not as "local"
+        return reply, False
 
     def _note(self, env: Envelope, note: Note, now: float, start: float) -> None:
         """The sendmail-style log line (and -v line) for one recipient's outcome."""
@@ -405,134 +434,6 @@ class Runner:
         self._hold_line(line)
         if self.verbose:
             self.verbose(shown)
-
-    # -- local recipients -----------------------------------------------------
-
-    def local(self) -> LocalTransport:
-        if self._local is None:
-            from relayq.delivery.local_transport import LocalTransport
-
-            # this host's domains as the funnel decides them (Context.route)
-            self._local = LocalTransport(self.cfg, self.ctx.domain, self.ctx.forward_domains)
-        return self._local
-
-    def _deliver_local(
-        self, claim: Claim, mine: list[Recipient], now: float, start: float
-    ) -> tuple[list[Recipient], str]:
-        """Expand and deliver local recipients; returns (failed, first deferral reply).
-
-        An alias becomes new pending recipients (remote addresses and local
-        targets) and is itself marked sent, "expanded to ...". Each local
-        write is recorded at once, so a crash repeats at most the one write
-        in flight. Failures are applied last, after every successful write
-        was recorded: a failure on disk always has its bounce (made by
-        deliver() before the final record).
-        """
-        env = claim.envelope
-        failures: list[tuple[Recipient, str]] = []
-        added_failed: list[Recipient] = []  # unknown users an alias named: added last
-        jobs, deferral = self._expand_local(env, mine, now, start, failures, added_failed)
-        jobs += self._recorded_targets(env, failures)
-        if jobs:
-            claim.record()  # the expansions, before anything is written
-            written = self._write_local(claim, jobs, now, start, failures)
-            deferral = deferral or written
-        env.recipients.extend(added_failed)
-        failed = []
-        for r, reply in failures:
-            r.state = FAILED
-            r.reply = reply
-            failed.append(r)
-            self._note(env, Note(r, "local", FAILED, reply, decisions.code(reply)), now, start)
-        return failed, deferral
-
-    def _expand_local(self, env: Envelope, mine: list[Recipient], now: float, start: float,
-                      failures: list[tuple[Recipient, str]], added_failed: list[Recipient],
-                      ) -> tuple[list[tuple[Recipient, LocalTarget]], str]:
-        """Expand each local recipient: (its own mailbox's jobs, the first deferral);
-        aliases are expanded in place (decisions.expand_alias)."""
-        from relayq.delivery import local_transport as lt
-
-        transport = self.local()
-        deferral = ""
-        known = {r.address for r in env.recipients}
-        jobs: list[tuple[Recipient, LocalTarget]] = []
-        for r in mine:
-            if lt.is_record(r.address):
-                continue
-            exp = transport.expand(r.address)
-            if exp.status == lt.DELIVER and exp.direct is not None:
-                jobs.append((r, exp.direct))
-            elif exp.status == DEFERRED:
-                r.reply = exp.reply
-                deferral = deferral or exp.reply
-                self._note(env, Note(r, "local", DEFERRED, exp.reply,
-                                     decisions.code(exp.reply)), now, start)
-            elif exp.status == FAILED:
-                failures.append((r, exp.reply))
-            else:
-                orcpt = r.orcpt or lt.orcpt_for(r.address)
-                failing = decisions.expand_alias(env, r, exp.records, exp.unknown, orcpt,
-                                                 self.ctx.domain, known)
-                added_failed += [bad for bad, _ in failing]
-                failures += failing
-                self._note(env, Note(r, "local", SENT, r.reply, "2.1.5"), now, start)
-        return jobs, deferral
-
-    def _recorded_targets(self, env: Envelope, failures: list[tuple[Recipient, str]]
-                          ) -> list[tuple[Recipient, LocalTarget]]:
-        """Jobs for the local targets recorded as recipients ("|cmd", "/file", "\\user"):
-        only those the current aliases still expand some other recipient of the
-        message to; any other is an unknown user (it may have been typed)."""
-        from relayq.delivery import local_transport as lt
-
-        transport = self.local()
-        jobs: list[tuple[Recipient, LocalTarget]] = []
-        trusted: dict[str, LocalTarget] | None = None
-        for r in env.pending():
-            if not lt.is_record(r.address):
-                continue
-            if trusted is None:
-                originals = [
-                    x.address for x in env.recipients
-                    if x.state != FAILED and not lt.is_record(x.address)
-                    and transport.local_part(x.address) is not None
-                ]
-                trusted = transport.trusted_targets(originals)
-            target = trusted.get(r.address)
-            if target is None:
-                failures.append((r, f"550 5.1.1 <{r.address}>... User unknown "
-                                    "(no alias of this message names it now)"))
-            else:
-                jobs.append((r, target))
-        return jobs
-
-    def _write_local(self, claim: Claim, jobs: list[tuple[Recipient, LocalTarget]],
-                     now: float, start: float, failures: list[tuple[Recipient, str]]) -> str:
-        """Write each job, recording each success at once; the first deferral reply."""
-        from relayq.delivery import local_transport as lt
-
-        env = claim.envelope
-        transport = self.local()
-        deferral = ""
-        with claim.open_data() as data:
-            for r, target in jobs:
-                to = r.address
-                if lt.is_record(r.address):
-                    to = lt.delivered_to(r.address, r.orcpt, target, self.ctx.domain)
-                out = transport.deliver(target, data, sender=env.sender, recipient=to, now=now)
-                self._note(env, Note(r, "local", out.status, out.reply, out.dsn_code), now,
-                           start)
-                if out.status == SENT:
-                    r.state = SENT
-                    r.reply = out.reply
-                    claim.record()
-                elif out.status == FAILED:
-                    failures.append((r, out.reply))
-                else:
-                    r.reply = out.reply
-                    deferral = deferral or out.reply
-        return deferral
 
     # -- reports --------------------------------------------------------------
 

@@ -37,13 +37,24 @@ STATES = ("queued", "deferred", "held")  # of a message in queue/
 class Message:
     """What the census keeps of one queued message."""
 
-    __slots__ = ("age", "qid", "size", "state")
+    __slots__ = ("account", "age", "qid", "size", "state")
 
-    def __init__(self, qid: str, state: str, size: int, age: float) -> None:
+    def __init__(self, qid: str, state: str, size: int, age: float, account: str = "") -> None:
         self.qid = qid
         self.state = state
         self.size = size
         self.age = age
+        self.account = account  # the account it was queued for ("": the default)
+
+
+def account_of(raw: bytes) -> str:
+    """The `account` field of an envelope record's bytes ("": none, the default's)."""
+    at = raw.find(b"\naccount\t")
+    if at < 0:
+        return ""
+    end = raw.find(b"\n", at + 9)
+    return raw[at + 9:end if end >= 0 else None].partition(b"\t")[0].decode(
+        "utf-8", "replace")
 
 
 def state_of(raw: bytes) -> tuple[str, int]:
@@ -101,7 +112,7 @@ def messages(spool: Spool, now: float, read: bool = True) -> list[Message]:
         made = seconds.get(head)
         if made is None:
             made = seconds[head] = qid_time(head + "00000000", now)
-        out.append(Message(name[:-2], state, size, max(0.0, now - made)))
+        out.append(Message(name[:-2], state, size, max(0.0, now - made), account_of(raw)))
     return out
 
 
@@ -145,7 +156,19 @@ def snapshot(spool: Spool, now: float | None = None, detail: bool = True) -> dic
                                         AGE_BUCKETS) for s in STATES},
         "oldest_qid": None if first is None else first.qid,
         "stats": recorded,
+        "accounts": _by_account(found) if detail else {},
     }
+
+
+def _by_account(found: list[Message]) -> dict[str, int]:
+    """Messages queued (any state) per account they were queued for."""
+    from relayq.core.accounts import DEFAULT
+
+    counts: dict[str, int] = {}
+    for m in found:
+        name = m.account or DEFAULT
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def report(cfg: Config, spool: Spool, now: float | None = None,
@@ -175,7 +198,21 @@ def report(cfg: Config, spool: Spool, now: float | None = None,
         "states": states,
         "last_delivery": snap["stats"].get("last_success"),
         "relays": relays,
+        "accounts": _accounts(cfg, snap["accounts"]) if detail else None,
     }
+
+
+def _accounts(cfg: Config, queued: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Each account (core/accounts): its smarthosts and how many messages are queued
+    for it; an account no longer configured that still has mail is listed too
+    (configured false: its mail waits for `relayq requeue --reroute`)."""
+    accounts = cfg.accounts()
+    out = {name: {"queued": queued.get(name, 0), "smarthost": acc.smarthost,
+                  "configured": True} for name, acc in accounts.items()}
+    for name, n in sorted(queued.items()):
+        if name not in accounts:
+            out[name] = {"queued": n, "smarthost": [], "configured": False}
+    return out
 
 
 def _recorded_loop(spool: Spool, qid: str) -> str:

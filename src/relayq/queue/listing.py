@@ -297,6 +297,8 @@ def render_item(item: Item, verbose: bool) -> bytes:
     else:
         line.append(_b(f"{item.size:8d} {stamp[:16]} "))
         line.append(prtstr(sender, 39))
+    if verbose and env.account:  # as sendmail's -v shows (---controlling user---)
+        line.append(b"\n\t\t\t\t\t\t(account " + prtstr(env.account, 64) + b")")
     body = "8BITMIME" if env.body.upper() == "8BITMIME" else ""
     error = ("Held by the administrator (relayq release)" if env.held
              else f"Dead letter: {env.dead}" if env.dead else env.error)
@@ -349,6 +351,7 @@ def render_json(path: str, items: list[Item]) -> bytes:
                 "next_try": _iso(env.next_try),
                 "error": env.error,
                 "held": env.held,
+                "account": env.account or "default",
                 "recipients": [
                     {
                         "address": r.address,
@@ -397,8 +400,12 @@ def postqueue_object(item: Item) -> dict[str, Any]:
         if reason:
             rcpt["delay_reason"] = reason
         recipients.append(rcpt)
-    return {"queue_name": name, "queue_id": item.qid, "arrival_time": int(env.created),
-            "message_size": item.size, "sender": env.sender, "recipients": recipients}
+    obj: dict[str, Any] = {"queue_name": name, "queue_id": item.qid,
+                           "arrival_time": int(env.created), "message_size": item.size,
+                           "sender": env.sender, "recipients": recipients}
+    if env.account:  # relayq's own member, for a non-default account only: the
+        obj["account"] = env.account  # default's objects stay exactly postqueue's
+    return obj
 
 
 def render_json_lines(items: list[Item]) -> bytes:

@@ -243,7 +243,8 @@ def enqueue(
     try:
         opts = _options(cfg, ctx, req, header_sender, msg.qid, now, warning)
         result = headers.rewrite(fields, opts, argv_rcpts)
-        sender, own_account = _own_from(cfg, sender, result)
+        account = account_for(cfg, sender)
+        sender = _own_from(cfg, sender, account, result)
         _check_result(req, result)
         msg.write(headers.serialize(result.fields))
         body = rest.encode("utf-8", "surrogateescape")
@@ -254,7 +255,7 @@ def enqueue(
             )
         forwarded = _forward(ctx, req, result)
         env = _envelope(msg, req, result, sender, now, eight_bit or result.eight_bit_headers)
-        env.account = own_account or env.account
+        env.account = account  # chosen before rewrite_from: the new sender must not move it
         msg.commit(env)
     except BaseException:
         msg.abort()
@@ -299,20 +300,26 @@ def sender_addresses(ctx: Context, raw: str) -> tuple[str, str, str]:
     return given, rewrite.all_mail_from(envelope, ctx.all_mail_from), header
 
 
-def _own_from(cfg: Config, sender: str, result: headers.Result) -> tuple[str, str]:
-    """rewrite_from: the account's own address (core/rewrite.own_address) in From and as
-    the envelope sender (<> stays <>), for the account the envelope sender names; the
-    sender, and that account's name when rewritten (the envelope keeps it: the new
-    sender must not choose another account)."""
+def account_for(cfg: Config, sender: str) -> str:
+    """The account (core/accounts) serving the envelope sender as rewritten, as the
+    envelope records it: "" for the default (the null sender's too)."""
     from relayq.core.accounts import DEFAULT, for_sender
 
     name = for_sender(cfg, sender)
-    acc = cfg.accounts()[name]
+    return "" if name == DEFAULT else name
+
+
+def _own_from(cfg: Config, sender: str, account: str, result: headers.Result) -> str:
+    """rewrite_from: the account's own address (core/rewrite.own_address) in From and as
+    the envelope sender (<> stays <>), for the account the envelope sender names."""
+    from relayq.core.accounts import DEFAULT
+
+    acc = cfg.accounts()[account or DEFAULT]
     if not acc.rewrite_from:
-        return sender, ""
+        return sender
     own = rewrite.own_address(acc.from_address, acc.user)
     result.fields = rewrite.from_fields(result.fields, own)
-    return (own if sender else sender), "" if name == DEFAULT else name
+    return own if sender else sender
 
 
 def _forward(ctx: Context, req: Request, result: headers.Result) -> list[tuple[str, str]]:
