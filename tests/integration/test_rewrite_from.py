@@ -66,7 +66,7 @@ def test_a_reply_to_is_kept_and_the_null_sender_stays_null(
 def test_only_the_account_that_asks_is_rewritten(
         tmp_path: Path, smarthost_factory: SmarthostFactory) -> None:
     """The account of the envelope sender decides; its from_address defaults to its user."""
-    sh = smarthost_factory()
+    sh = smarthost_factory(auth={OWN: "shop-pw-1"}, auth_require_tls=False)
     rq = Relayq(tmp_path, smarthost=sh.smarthost)
     rq.write_config(rq.config.read_text() + textwrap.dedent(f"""
         [account.shop]
@@ -74,8 +74,10 @@ def test_only_the_account_that_asks_is_rewritten(
         smarthost = "{sh.smarthost}"
         tls = "none"
         user = "{OWN}"
+        password = "shop-pw-1"
         rewrite_from = true
         """))
+    rq.config.chmod(0o600)
     for sender in ("carol@shop.example", "root@host.example.org"):
         r = rq.sendmail("-i", "-f", sender, "bob@example.org",
                         input=f"From: {sender}\nSubject: x\n\nx\n".encode())
