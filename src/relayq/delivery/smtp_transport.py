@@ -18,6 +18,7 @@ from relayq.core import policy
 from relayq.core.errors import RelayqError
 from relayq.core.oauth2 import looks_like_token
 from relayq.core.outcome import DEFERRED, Outcome
+from relayq.delivery import oauth2
 from relayq.delivery import smtp_transaction as tx
 from relayq.delivery.smtp_connect import MailLoop, Target, loop_reason, read_secret, targets
 from relayq.delivery.smtp_transaction import OutgoingMessage
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from relayq.core.config import Config, Smarthost
+    from relayq.delivery.oauth2 import TokenSource
 
 # the names callers and tests import from here
 __all__ = ["Journal", "MailLoop", "MessageResult", "OutgoingMessage", "SmtpTransport",
@@ -96,6 +98,8 @@ class SmtpTransport:
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
         self._secret_at = 0.0  # monotonic time the secret (or its error) was read
+        self._tokens: TokenSource | None = None  # oauth2_provider's access tokens
+        self._deadline: float | None = None  # the session setup's, for a token request
         self._ehlo_name = ""
         self._tls: ssl.SSLContext | None = None
         self.connections = 0  # connections opened (for tests and statistics)
@@ -301,6 +305,7 @@ class SmtpTransport:
                 raise AuthFailed(
                     f"refusing to send AUTH to {client.where} in clear text"
                     " (set tls = \"required\" or \"implicit\")")
+            self._deadline = client.deadline
             secret = self.secret()
             mech = self.mechanism(client, secret)
             try:
@@ -373,6 +378,8 @@ class SmtpTransport:
         it last ran; a failure is remembered for DOWN_FOR seconds at most.
         """
         cfg = self.config
+        if cfg.oauth2_provider:
+            return self.tokens().access_token(timeout=self._time_left())
         age = time.monotonic() - self._secret_at
         if cfg.password_command and self._secret is not None \
                 and age >= cfg.password_command_max_age:
@@ -394,6 +401,9 @@ class SmtpTransport:
     def _refresh_secret(self, refused: str) -> bool:
         """After a 535: read a file or command secret again; True if it changed."""
         cfg = self.config
+        if cfg.oauth2_provider:  # a refused access token: one from the endpoint (ReauthNeeded
+            # and AuthFailed propagate: the relay's 535 then says nothing more)
+            return self.tokens().access_token(True, timeout=self._time_left()) != refused
         if not (cfg.password_file or cfg.password_command):
             return False
         self._secret = self._secret_error = None
@@ -401,3 +411,18 @@ class SmtpTransport:
             return self.secret() != refused
         except AuthFailed:
             return False  # the 535 stands; the next connection reports this error
+
+    def tokens(self) -> TokenSource:
+        """The account's OAuth2 token source, one per transport; a dead grant's notice
+        goes to the postmaster once (delivery.oauth2)."""
+        if self._tokens is None:
+            def notify(cfg: Config, mark: dict[str, object]) -> None:
+                oauth2.tell_postmaster(cfg, mark, self.log)  # its own queue id
+
+            self._tokens = oauth2.TokenSource(self.config, notify=notify, log=self._say)
+        return self._tokens
+
+    def _time_left(self) -> float | None:
+        """What the session deadline leaves a token request (None: no deadline running)."""
+        deadline = self._deadline
+        return None if deadline is None else max(deadline - time.monotonic(), 0.1)
