@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from relayq.system.configfile import Source
 
 OAUTH2_MORE = ("An account with oauth2_provider = microsoft, google or generic gets its "
-               "AUTH tokens from the provider; `login` asks the mailbox's consent once (the "
-               "device code, or --browser), `import` installs a grant a login made on "
-               "another machine (--output), `status` shows each account's token file, "
+               "AUTH tokens from the provider; login asks the mailbox's consent once (the "
+               "device code, or --browser), import installs a grant a login made on "
+               "another machine (--output), status shows each account's token file, "
                "never a token. Exit status 77 when the sign-in is declined, 75 when it "
                "timed out or the provider was unreachable, 78 for the application's "
                "configuration.")
@@ -170,11 +170,17 @@ def account(cfg: Config, name: str | None, action: str) -> Config:
     return users[0]
 
 
-def _enter(cfg: Config) -> None:
-    """Root works in the service user's queue as that user, as the other commands do."""
+def _enter(cfg: Config, saving: bool = False) -> None:
+    """Root works in the service user's queue as that user, as the other commands do;
+    a grant stored before the first mail makes the queue it is kept in."""
+    import os
+
     from relayq.queue.spool import Spool
 
-    Spool(cfg.queue_dir).enter(cfg)
+    spool = Spool(cfg.queue_dir)
+    spool.enter(cfg)
+    if saving and not os.path.isdir(spool.queue):
+        spool.ensure()
 
 
 def login(args: argparse.Namespace, source: Source) -> int:
@@ -189,7 +195,7 @@ def login(args: argparse.Namespace, source: Source) -> int:
         top = source.load()
         cfg = account(top, args.account, "login")
         if not args.output:
-            _enter(top)
+            _enter(top, saving=True)
     if cfg.oauth2_flow == "client_credentials":
         return _app_only(cfg)
     path = args.output or oauth2.token_file(cfg)
@@ -252,7 +258,7 @@ def import_grant(args: argparse.Namespace, source: Source) -> int:
     if cfg.oauth2_flow == "client_credentials":
         raise ConfigError(f"{top.path}: account {cfg.account} uses client_credentials: it "
                           "has no mailbox grant to import")
-    _enter(top)
+    _enter(top, saving=True)
     path = oauth2.token_file(cfg)
     flows.writable_target(path)
     save_grant(cfg, flows.import_answer(cfg, data, args.file))

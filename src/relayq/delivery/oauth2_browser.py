@@ -59,10 +59,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 30  # a browser's idle pre-connection holds no one up
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         if parts.path != "/" or not ({"code", "error", "state"} & query.keys()):
@@ -192,5 +192,5 @@ def open_browser(url: str) -> bool:
         import webbrowser
 
         return bool(webbrowser.open(url))
-    except Exception:  # noqa: BLE001 - no browser is no failure
+    except Exception:
         return False

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from relayq.core import oauth2
 from relayq.core.errors import (
-    EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_TEMPFAIL, ConfigError, RelayqError)
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    ConfigError,
+    RelayqError,
+)
 from relayq.delivery.oauth2 import TokenError, client_secret, exchange
 from relayq.smtp.client import AuthFailed
 from relayq.system.http import HttpError, post_form
