@@ -13,6 +13,7 @@ status` is critical, until `relayq oauth2 login` stores a new grant.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -189,8 +190,9 @@ class TokenSource:
         now = time.time()
         if not force and self._token and _fresh(self._data, now):
             return self._token
-        refused = self._token if force else ""
         data = self._load()
+        # force: whatever token this source (else the file) holds was refused (a 535)
+        refused = (self._token or str(data.get("access_token", ""))) if force else ""
         if not force and _fresh(data, now):
             return self._keep(data)
         self._check_reauth(data, False)
@@ -270,12 +272,15 @@ class TokenSource:
 
 
 def refresh_due(cfg: Config, *, notify: Callable[[Config, dict[str, Any]], None] | None = None,
-                log: Callable[[str], None] | None = None) -> int:
+                log: Callable[[str], None] | None = None,
+                failed: dict[str, str] | None = None) -> int:
     """An idle daemon's tick: refresh each refresh_token account whose token was last
-    refreshed longer than oauth2_idle_refresh ago (a grant unused for weeks expires at
-    some providers). Failures are logged, never raised; the number refreshed."""
+    refreshed longer than oauth2_idle_refresh ago (Microsoft's refresh tokens die
+    after 90 days unused). Never raises; a failure is logged once (`failed`: the
+    last one per account, kept by the caller), the number refreshed returned."""
     done = 0
     now = time.time()
+    failed = {} if failed is None else failed
     for name, acct in cfg.accounts().items():
         if not acct.oauth2_provider or acct.oauth2_flow != "refresh_token" \
                 or acct.oauth2_idle_refresh <= 0:
@@ -283,35 +288,53 @@ def refresh_due(cfg: Config, *, notify: Callable[[Config, dict[str, Any]], None]
         source = TokenSource(acct, notify=notify, log=log)
         try:
             data = source.store.load()
-        except RelayqError:
-            continue
-        if not data.get("refresh_token") or "reauth" in data:
-            continue
-        if now - float(data.get("refreshed_at") or 0) < acct.oauth2_idle_refresh:
-            continue
-        try:
+            if not data.get("refresh_token") or "reauth" in data:
+                continue
+            if now - float(data.get("refreshed_at") or 0) < acct.oauth2_idle_refresh:
+                continue
             source.access_token(force=True)
-            done += 1
-        except (AuthFailed, RelayqError) as exc:
-            if log is not None:
-                log(f"OAuth2 idle refresh of account {name} failed: {exc}")
+        except (AuthFailed, RelayqError, OSError, ValueError, TypeError) as exc:
+            why = f"OAuth2 idle refresh of account {name} failed: {exc}"
+            if failed.get(name) != why and log is not None:
+                log(why)
+            failed[name] = why
+            continue
+        failed.pop(name, None)
+        done += 1
     return done
 
 
-def reauth_needed(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    """(account, its "reauth" mark) for every account whose grant is known dead."""
-    found = []
-    for name, acct in cfg.accounts().items():
-        if not acct.oauth2_provider:
-            continue
-        try:
-            data = token_store(acct).load()
-        except RelayqError:
-            continue
-        mark = data.get("reauth")
-        if isinstance(mark, dict):
-            found.append((name, mark))
-    return found
+class IdleRefresh:
+    """The daemon's side of refresh_due: checked from its loop, run in a thread of its
+    own (a slow endpoint never stalls the scheduler), one at a time."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.failed: dict[str, str] = {}
+        self._thread: threading.Thread | None = None
+        self._next = 0.0  # monotonic time of the next check
+
+    def tick(self, cfg: Config) -> None:
+        now = time.monotonic()
+        if now < self._next or (self._thread is not None and self._thread.is_alive()):
+            return
+        idle = [a.oauth2_idle_refresh for a in cfg.accounts().values()
+                if a.oauth2_provider and a.oauth2_flow == "refresh_token"
+                and a.oauth2_idle_refresh > 0]
+        # a check is cheap (a file read per account); a quarter of the shortest idle
+        # time, between a second and an hour
+        self._next = now + min(max(min(idle, default=3600.0) / 4, 1.0), 3600.0)
+        if not idle:
+            return
+
+        def notify(acct: Config, mark: dict[str, Any]) -> None:
+            tell_postmaster(acct, mark, self.log)
+
+        self._thread = threading.Thread(target=refresh_due, args=(cfg,), daemon=True,
+                                        kwargs={"notify": notify, "log": self.log,
+                                                "failed": self.failed},
+                                        name="oauth2-idle-refresh")
+        self._thread.start()
 
 
 class _Lines:

@@ -21,6 +21,8 @@ from relayq.core.errors import EX_DATAERR, EX_IOERR, RelayqError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from relayq.core.config import Config
+
 MAX_FILE = 256 * 1024
 
 
@@ -146,6 +148,25 @@ class TokenFile:
                 os.unlink(tmp)
             raise RelayqError(f"cannot write {self.path}: {exc.strerror}", EX_IOERR) from None
         _fsync_directory(self.directory)
+
+
+def dead_grants(cfg: Config) -> list[dict[str, Any]]:
+    """The accounts whose grant is known dead (their token file's "reauth" mark):
+    {"account", "user", "since", "error"} each, for `relayq status` (critical)."""
+    from relayq.core.oauth2 import token_file
+
+    found = []
+    for name, acct in cfg.accounts().items():
+        if not acct.oauth2_provider:
+            continue
+        try:
+            mark = TokenFile(token_file(acct)).load().get("reauth")
+        except RelayqError:
+            continue
+        if isinstance(mark, dict):
+            found.append({"account": name, "user": acct.user, "since": mark.get("since"),
+                          "error": str(mark.get("error", ""))[:300]})
+    return found
 
 
 def _fsync_directory(path: str) -> None:

@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import secrets
+import sys
 import threading
 import time
 import urllib.parse
@@ -309,6 +310,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     endpoint: FakeTokenEndpoint
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up on a stalled answer is what a stall is for: quiet."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
