@@ -421,3 +421,26 @@ def test_usage_errors_exit_64_in_one_line(tmp_path: Path, token_endpoint: FakeTo
     r = rq.run("relayq", *args)
     assert r.returncode == EX_USAGE, r
     assert_one_line_error(r)
+
+
+# --- the worked examples ------------------------------------------------------------------
+
+def test_the_worked_examples_are_valid_configurations() -> None:
+    """docs/configuration.md's OAuth2 examples parse, with the rules of the keys."""
+    from pathlib import Path
+
+    from relayq.core import oauth2
+    from relayq.core.config import parse
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    section = doc.split("## OAuth2: Microsoft 365 and Gmail", 1)[1]
+    examples = [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+    assert len(examples) == 3
+    seen = []
+    for text in examples:
+        cfg = parse(text, "example.toml")
+        seen.append((cfg.oauth2_provider, cfg.oauth2_flow, cfg.tls, cfg.port))
+        assert oauth2.endpoints(cfg)[2].startswith("https://") and oauth2.scopes(cfg)
+    assert seen == [("microsoft", "refresh_token", "required", 587),
+                    ("microsoft", "client_credentials", "required", 587),
+                    ("google", "refresh_token", "required", 587)]
