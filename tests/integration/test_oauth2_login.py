@@ -350,6 +350,39 @@ def test_import_refuses_what_is_not_this_accounts_grant(
     assert not token_file(rq).exists()
 
 
+def test_root_imports_the_grant_for_the_queues_owner(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    """The daemon runs as the queue's owner (daemon_user): the token file must be its,
+    mode 0600, though root ran the import."""
+    import pwd
+    import shutil
+
+    from tests.helpers.users import DAEMON_USER, System, ensure_users, install_launchers
+
+    ensure_users()
+    owner = pwd.getpwnam(DAEMON_USER)
+    ep = token_endpoint
+    launchers = install_launchers()
+    system = System(launchers, install=False, daemon_user=DAEMON_USER, user=USER,
+                    oauth2_provider="generic", oauth2_client_id=ep.client_id,
+                    oauth2_token_url=ep.token_url, oauth2_scopes=["smtp"])
+    try:
+        grant = tmp_path / "grant.json"  # root's: read before relayq becomes the owner
+        grant.write_text(json.dumps({"refresh_token": ep.grant(USER)}))
+        grant.chmod(0o600)
+        r = system.relayq_as("root", "oauth2", "import", str(grant))
+        assert r.returncode == EX_OK, r.stderr
+        tokens = system.spool_root / "oauth2"
+        st = (tokens / "default.json").stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (owner.pw_uid, 0o600)
+        assert tokens.stat().st_uid == owner.pw_uid
+        status = system.relayq_as("root", "oauth2", "status", "--json")
+        assert json.loads(status.stdout)[0]["has_refresh_token"], status.stderr
+    finally:
+        system.cleanup()
+        shutil.rmtree(launchers, ignore_errors=True)
+
+
 # --- status ---------------------------------------------------------------------------
 
 def test_status_shows_each_accounts_token_and_no_secret(

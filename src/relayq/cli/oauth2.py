@@ -100,7 +100,10 @@ def run(args: argparse.Namespace, source: Source) -> int:
 
 
 def _usage(message: str) -> UsageError:
-    return UsageError(f"oauth2 {message} (see relayq oauth2 --help)")
+    """64, pointing at the action's --help ("login: ..." -> relayq oauth2 login --help)."""
+    action = message.partition(":")[0]
+    where = f"oauth2 {action}" if action in ("login", "import", "status") else "oauth2"
+    return UsageError(f"oauth2 {message} (see relayq {where} --help)")
 
 
 def _login_options(args: argparse.Namespace) -> float:
