@@ -145,8 +145,20 @@ def _apply(cfg: Config, data: dict[str, Any], answer: dict[str, Any], now: float
     data.pop("reauth", None)
 
 
+def _ensure_queue(cfg: Config) -> None:
+    """A login before any mail was queued: the default token file lives in the queue,
+    which is made as every first submission makes it (its owner's, 0700)."""
+    if os.path.isdir(cfg.queue_dir) or cfg.oauth2_token_file:
+        return
+    from relayq.queue.spool import Spool
+    from relayq.system.privilege import queue_owner
+
+    Spool(cfg.queue_dir).ensure(queue_owner(cfg.queue_dir, cfg.daemon_user))
+
+
 def save_grant(cfg: Config, token_response: dict[str, Any]) -> None:
     """Store a fresh grant (what a login or an import got), clearing "reauth"."""
+    _ensure_queue(cfg)
     store = token_store(cfg)
     now = time.time()
     with store.locked():
