@@ -383,6 +383,38 @@ def test_root_imports_the_grant_for_the_queues_owner(
         shutil.rmtree(launchers, ignore_errors=True)
 
 
+def test_accounts_each_have_their_grant_and_are_named_with_account(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    ep = token_endpoint
+    rq = server(tmp_path, ep)
+    rq.write_config(rq.config.read_text() + f"""
+[account.shop]
+senders = ["@shop.example"]
+smarthost = "[127.0.0.1]:9"
+tls = "none"
+user = "noreply@shop.example"
+oauth2_provider = "generic"
+oauth2_client_id = "{ep.client_id}"
+oauth2_token_url = "{ep.token_url}"
+oauth2_scopes = ["smtp"]
+""")
+    grant = tmp_path / "shop.json"
+    grant.write_text(json.dumps({"refresh_token": ep.grant("noreply@shop.example"),
+                                 "user": "noreply@shop.example"}))
+    r = rq.run("relayq", "oauth2", "import", str(grant))
+    assert r.returncode == EX_USAGE and "--account" in assert_one_line_error(r)
+    r = rq.run("relayq", "oauth2", "import", str(grant), "--account", "default")
+    assert r.returncode == EX_CONFIG and "user" in assert_one_line_error(r)  # not its mailbox
+    assert rq.run("relayq", "oauth2", "import", str(grant), "--account", "shop").returncode == 0
+    assert token_file(rq, "shop").exists() and not token_file(rq).exists()
+    rows = json.loads(rq.run("relayq", "oauth2", "status", "--json").stdout)
+    assert [(r["account"], r["has_refresh_token"]) for r in rows] == [
+        ("default", False), ("shop", True)]
+    [shop] = json.loads(rq.run("relayq", "oauth2", "status", "--json", "--account",
+                               "shop").stdout)
+    assert shop["user"] == "noreply@shop.example" and not shop["reauth_needed"]
+
+
 # --- status ---------------------------------------------------------------------------
 
 def test_status_shows_each_accounts_token_and_no_secret(
