@@ -264,6 +264,22 @@ def test_browser_answer_with_another_state_is_refused(
     assert not token_file(rq).exists()
 
 
+def test_a_sign_in_declined_in_the_browser_fails_in_one_line(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    rq = server(tmp_path, token_endpoint)
+    run = Running(rq.env, "oauth2", "login", "--browser")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(printed_url(run)).query))
+    answer = urllib.parse.urlencode({"error": "access_denied", "state": query["state"],
+                                     "error_description": "The user said no\x1b[31m"})
+    with pytest.raises(urllib.error.HTTPError) as page:
+        urllib.request.urlopen(f"{query['redirect_uri']}?{answer}", timeout=30)
+    page.value.close()
+    rc, _, err = run.finish()
+    assert rc == EX_NOPERM and err.count("\n") == 1
+    assert "access_denied: The user said no" in err and "\x1b" not in err
+    assert not token_file(rq).exists()
+
+
 def test_a_wrong_code_verifier_is_refused_at_the_endpoint(
         tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
     from relayq.delivery.oauth2_browser import BrowserLogin

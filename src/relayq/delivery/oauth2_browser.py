@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from relayq.core import oauth2
 from relayq.core.errors import EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, ConfigError, RelayqError
 from relayq.delivery.oauth2 import exchange
-from relayq.delivery.oauth2_login import login_failure
+from relayq.delivery.oauth2_login import login_failure, plain
 from relayq.smtp.client import AuthFailed
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ class BrowserLogin:
                              "page, or a forgery): refused")
             return 400, "Refused: this answer is not for the login relayq is waiting for."
         if "error" in query:
-            error = _plain(query["error"], 64)
-            desc = _plain(query.get("error_description", ""), 200)
+            error = plain(query["error"], 64)
+            desc = plain(query.get("error_description", ""), 200)
             self._finish("", f"the provider answered {error}" + (f": {desc}" if desc else ""))
             return 403, "The sign-in did not give relayq access; see the terminal."
         if not query.get("code"):
@@ -173,10 +173,6 @@ class BrowserLogin:
                                        "code_verifier": self.verifier})
         except AuthFailed as exc:
             raise login_failure(exc) from None
-
-
-def _plain(text: str, limit: int) -> str:
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
 
 
 def open_browser(url: str) -> bool:

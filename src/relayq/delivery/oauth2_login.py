@@ -103,6 +103,11 @@ def _number(value: object, default: float) -> float:
     return n if 0 < n < 86400 else default
 
 
+def plain(text: object, limit: int) -> str:
+    """Someone else's text for one line of ours: printable, spaces squeezed, bounded."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())[:limit]
+
+
 def _printable(text: object, limit: int) -> str:
     s = "".join(c for c in str(text) if c.isprintable() and not c.isspace())
     return s[:limit]
@@ -132,7 +137,7 @@ def device_start(cfg: Config) -> DeviceCode:
                           EX_TEMPFAIL) from None
     if status != 200:
         error = _printable(answer.get("error", ""), 64) or f"HTTP {status}"
-        desc = " ".join(str(answer.get("error_description", "")).split())[:200]
+        desc = plain(answer.get("error_description", ""), 200)
         what = f"{error}: {desc}" if desc else error
         failure = TokenError(f"OAuth2 device authorization refused account {cfg.account}: "
                              f"{what}", error, desc)
@@ -294,7 +299,7 @@ def account_status(cfg: Config, now: float | None = None) -> dict[str, Any]:
     mark = data.get("reauth")
     if isinstance(mark, dict):
         row["reauth_needed"] = True
-        row["reauth_error"] = " ".join(str(mark.get("error", "invalid_grant")).split())[:240]
+        row["reauth_error"] = plain(mark.get("error", "invalid_grant"), 240)
         if isinstance(mark.get("since"), int | float):
             row["reauth_since"] = _iso(mark["since"])
     elif cfg.oauth2_flow == "refresh_token" and not row["has_refresh_token"]:
