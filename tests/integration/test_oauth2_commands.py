@@ -101,12 +101,36 @@ def test_rotation_is_saved_and_the_new_refresh_token_used(
     assert first in ep.refresh_tokens(USER)  # still valid at the fake, but not used again
     time.sleep(1.2)
     assert rq.sendmail("-odq", "b@example.org", input=MSG).returncode == 0
-    assert rq.run("relayq", "run").returncode == 0
+    verbose = rq.sendmail("-q", "-v")  # the -v transcript of a refresh and an AUTH
+    assert verbose.returncode == 0, verbose.stderr
+    assert b"AUTH XOAUTH2" in verbose.stdout + verbose.stderr
     assert len(relay.transactions) == 2
     used = [r for r in ep.requests if r.get("grant_type") == "refresh_token"]
     assert len(used) == 2
     assert token_data(rq)["refresh_token"] not in (first, second)
-    assert_no_secret(rq.log(), secrets_seen(ep, relay, first, second))
+    secrets = secrets_seen(ep, relay, first, second)
+    for out in (rq.log(), verbose.stdout + verbose.stderr, rq.run("mailq").stdout):
+        assert_no_secret(out, secrets)
+
+
+def test_a_bounce_after_an_oauth2_login_quotes_no_token(
+        tmp_path: Path, smarthost_factory: SmarthostFactory, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    ep = token_endpoint
+    relay = smarthost_factory(tls_context=pki.server_context(), auth_required=True,
+                              auth_mechanisms=("XOAUTH2",), token_check=ep.accepts,
+                              rcpt_replies={"gone@example.org": "550 5.1.1 no such user"})
+    rq = relayq_for(tmp_path, relay, ep, pki)
+    refresh = login(rq, ep)
+    assert rq.sendmail("-odq", "-f", "sender@example.org", "gone@example.org",
+                       input=MSG).returncode == 0
+    run = rq.sendmail("-q", "-v")
+    bounces = [d for e, d in rq.queued() if not e.sender]
+    sent = [t.content for t in relay.transactions if t.mail_from in ("", "<>")]  # went
+    assert bounces or sent, "no bounce was made"
+    assert b"no such user" in b"".join([*bounces, *sent])
+    for text in [*bounces, *sent, run.stdout + run.stderr, rq.log().encode()]:
+        assert_no_secret(text, secrets_seen(ep, relay, refresh))
 
 
 def test_a_revoked_grant_holds_mail_past_max_queue_age_with_one_notice(
@@ -356,3 +380,28 @@ def test_a_password_commands_child_inherits_nothing_we_set(
     added = {k for k in child if k not in given}
     assert added <= {"HOME"}, added  # nothing of ours, let alone a secret
     assert not any("hunter2" in v for v in child.values())
+
+
+def test_an_idle_daemon_refreshes_an_old_grant_and_logs_a_failure_once(
+        tmp_path: Path, relay: Smarthost, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    from tests.integration.test_daemon import DaemonProcess, wait_for
+
+    ep = token_endpoint
+    rq = relayq_for(tmp_path, relay, ep, pki, oauth2_idle_refresh=4, queue_interval="1h",
+                    pid_file=str(tmp_path / "relayq.pid"))
+    first = login(rq, ep)
+    d = DaemonProcess(rq).wait_ready()
+    try:
+        wait_for(lambda: "OAuth2 access token of account default refreshed" in rq.log(),
+                 what="the idle refresh")
+        assert token_data(rq)["refresh_token"] != first  # rotated and saved
+        assert relay.logins == []  # no mail was sent: the daemon only kept the grant alive
+        ep.down = True
+        wait_for(lambda: "idle refresh of account default failed" in rq.log(),
+                 what="a failed idle refresh")
+        time.sleep(3)  # at least one more tick past the idle time
+        assert rq.log().count("idle refresh of account default failed") == 1
+        assert d.proc.poll() is None  # never fatal
+    finally:
+        assert d.stop() == 0

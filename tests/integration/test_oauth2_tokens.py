@@ -406,3 +406,13 @@ def test_idle_refresh_refreshes_only_old_tokens(token_endpoint: FakeTokenEndpoin
     for _ in range(3):
         assert oauth2.refresh_due(cfg, log=lines.append, failed=failed) == 0
     assert sum("idle refresh of account default failed" in line for line in lines) == 1
+
+
+def test_a_token_file_that_cannot_be_written_is_a_temporary_failure(
+        token_endpoint: FakeTokenEndpoint, tmp_path: Path) -> None:
+    cfg = logged_in(token_endpoint, tmp_path)
+    directory = os.path.join(cfg.queue_dir, "oauth2")
+    os.remove(os.path.join(directory, "default.json.lock"))
+    os.mkdir(os.path.join(directory, "default.json.lock"))  # not a file: cannot be opened
+    with pytest.raises(AuthFailed, match="OAuth2 token file: cannot open"):
+        TokenSource(cfg).access_token()

@@ -43,8 +43,9 @@ def oauth_config(relay: Smarthost, ep: FakeTokenEndpoint, pki: TestPKI, tmp_path
         "user": USER, "oauth2_provider": "generic", "oauth2_client_id": ep.client_id,
         "oauth2_token_url": ep.token_url, "oauth2_scopes": ["smtp"], "oauth2_timeout": 5,
         "queue_dir": str(queue), "domain": "host.example.org", **tls_keys(pki, tmp_path)}
+    hosts = keys.pop("smarthost", relay.smarthost)
     values.update(keys)
-    return config(relay.smarthost, **values)
+    return config(hosts, **values)
 
 
 def logged_in(relay: Smarthost, ep: FakeTokenEndpoint, pki: TestPKI, tmp_path: Path,
@@ -185,3 +186,17 @@ def test_client_credentials_through_the_transport(
     assert ep.client_secret not in said
     with open(os.path.join(cfg.queue_dir, "oauth2", "default.json")) as f:
         assert ep.client_secret not in f.read()
+
+
+def test_a_failed_token_request_is_not_repeated_for_each_smarthost(
+        relay: Smarthost, smarthost_factory: SmarthostFactory, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI, tmp_path: Path) -> None:
+    backup = smarthost_factory(tls_context=pki.server_context(), auth_required=True,
+                               auth_mechanisms=("XOAUTH2",), token_check=token_endpoint.accepts)
+    cfg = logged_in(relay, token_endpoint, pki, tmp_path, oauth2_timeout=1,
+                    smarthost=[relay.smarthost, backup.smarthost])
+    token_endpoint.stall = 10
+    t0 = time.monotonic()
+    r, _ = one(cfg)
+    assert statuses(r) == ["deferred"] and time.monotonic() - t0 < 8
+    assert len(token_endpoint.token_requests()) == 1

@@ -198,7 +198,16 @@ class TokenSource:
 
     def access_token(self, force: bool = False, *, timeout: float | None = None) -> str:
         """A valid access token: the cached one unless it is due (or `force`, after a
-        535), else a new one from the endpoint. AuthFailed or ReauthNeeded."""
+        535), else a new one from the endpoint. AuthFailed or ReauthNeeded; a token
+        file that cannot be read, locked or written is an AuthFailed too (deferred)."""
+        try:
+            return self._access_token(force, timeout)
+        except AuthFailed:
+            raise
+        except RelayqError as exc:
+            raise AuthFailed(f"OAuth2 token file: {exc.message}") from None
+
+    def _access_token(self, force: bool, timeout: float | None) -> str:
         now = time.time()
         if not force and self._token and _fresh(self._data, now):
             return self._token

@@ -379,7 +379,7 @@ class SmtpTransport:
         """
         cfg = self.config
         if cfg.oauth2_provider:
-            return self.tokens().access_token(timeout=self._time_left())
+            return self._token()
         age = time.monotonic() - self._secret_at
         if cfg.password_command and self._secret is not None \
                 and age >= cfg.password_command_max_age:
@@ -421,6 +421,20 @@ class SmtpTransport:
 
             self._tokens = oauth2.TokenSource(self.config, notify=notify, log=self._say)
         return self._tokens
+
+    def _token(self) -> str:
+        """The access token; a failure to get one (endpoint down, a dead grant) is
+        remembered for DOWN_FOR seconds, so the next address or smarthost, and the next
+        messages, defer at once instead of each waiting on the endpoint again."""
+        if self._secret_error is not None and \
+                time.monotonic() - self._secret_at < self.DOWN_FOR:
+            raise self._secret_error
+        self._secret_error = None
+        try:
+            return self.tokens().access_token(timeout=self._time_left())
+        except AuthFailed as exc:
+            self._secret_error, self._secret_at = exc, time.monotonic()
+            raise
 
     def _time_left(self) -> float | None:
         """What the session deadline leaves a token request (None: no deadline running)."""
