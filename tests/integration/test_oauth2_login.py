@@ -298,6 +298,7 @@ def test_a_wrong_code_verifier_is_refused_at_the_endpoint(
             flow.finish(code)
     assert refused.value.code == EX_NOPERM and "code_verifier" in refused.value.message
     assert code not in refused.value.message
+    assert "run relayq oauth2 login" not in refused.value.message  # we are that login
 
 
 def test_no_browser_answer_in_time_is_a_temporary_failure(

@@ -59,9 +59,11 @@ HINTS = {
 def login_failure(exc: AuthFailed) -> RelayqError:
     """An endpoint's refusal or absence as one line and the login's exit status:
     declined 77, expired or unreachable 75, the application misconfigured 78."""
-    if isinstance(exc, TokenError):
+    if isinstance(exc, TokenError):  # its own words, not the deliveries' "run login"
         hint = HINTS.get(exc.error, "")
-        return RelayqError(f"{exc}" + (f" ({hint})" if hint else ""),
+        what = f"{exc.error}: {exc.description}" if exc.description else exc.error
+        return RelayqError(f"the OAuth2 endpoint refused the login: {what}"
+                           + (f" ({hint})" if hint else ""),
                            FAILURE_CODES.get(exc.error, EX_NOPERM))
     return RelayqError(str(exc), EX_TEMPFAIL)
 
