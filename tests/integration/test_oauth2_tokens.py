@@ -477,3 +477,17 @@ def test_oauth2_proxy_carries_the_token_request(token_endpoint: FakeTokenEndpoin
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_plugin_is_critical_while_a_grant_is_dead() -> None:
+    from relayq.cli.nagios import Thresholds, check
+
+    info: dict[str, Any] = {"messages": 0, "maildrop_waiting": 0, "oldest_age_seconds": None,
+                            "warning": None, "dead_letters": 0, "daemon_pid": None,
+                            "daemon_running": True, "quarantined": 0, "reauth": []}
+    assert check(info, Thresholds(warning=5, critical=10))[0] == 0
+    info["reauth"] = [{"account": "shop", "user": "u@x", "since": 1.0,
+                       "error": "invalid_grant: AADSTS50173"}]
+    code, line = check(info, Thresholds(warning=5, critical=10))
+    assert code == 2 and line.startswith("RELAYQ CRITICAL - 0 messages waiting, account shop "
+                                         "needs relayq oauth2 login (invalid_grant: AADSTS50173)")
