@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from relayq.core.config import Config
     from relayq.testing.oauth2 import FakeTokenEndpoint
+    from relayq.testing.tls import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
 USER = "alerts@example.org"
@@ -416,3 +417,77 @@ def test_a_token_file_that_cannot_be_written_is_a_temporary_failure(
     os.mkdir(os.path.join(directory, "default.json.lock"))  # not a file: cannot be opened
     with pytest.raises(AuthFailed, match="OAuth2 token file: cannot open"):
         TokenSource(cfg).access_token()
+
+
+# --- TLS and a proxy ------------------------------------------------------------------
+
+
+def test_https_endpoint_with_oauth2_ca_file_and_an_untrusted_one(
+        pki: TestPKI, tmp_path: Path) -> None:
+    from relayq.testing.oauth2 import FakeTokenEndpoint
+
+    ca = pki.write_ca(str(tmp_path))
+    with FakeTokenEndpoint(tls_context=pki.server_context()) as ep:
+        assert ep.token_url.startswith("https://127.0.0.1:")
+        cfg = account(ep, tmp_path, oauth2_ca_file=ca)
+        save_grant(cfg, {"refresh_token": ep.grant(USER)})
+        assert ep.accepts(USER, TokenSource(cfg).access_token())
+    with FakeTokenEndpoint(tls_context=pki.server_context("unknown-ca")) as ep:
+        cfg = account(ep, tmp_path, oauth2_ca_file=ca)
+        with pytest.raises(AuthFailed, match="TLS certificate not trusted"):
+            exchange(cfg, {"grant_type": "refresh_token", "refresh_token": ep.grant(USER)})
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forwarding HTTP proxy (absolute-URI requests), recording what it carried."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        _Proxy.seen.append(self.path)
+        req = urllib.request.Request(self.path, data=body, method="POST",
+                                     headers={"Content-Type": self.headers["Content-Type"]})
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    req, timeout=10) as resp:
+                status, answer = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, answer = exc.code, exc.read()
+            exc.close()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_oauth2_proxy_carries_the_token_request(token_endpoint: FakeTokenEndpoint,
+                                                tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proxy = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = logged_in(token_endpoint, tmp_path, oauth2_proxy=proxy)
+        assert token_endpoint.accepts(USER, TokenSource(cfg).access_token())
+        assert _Proxy.seen == [token_endpoint.token_url]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_plugin_is_critical_while_a_grant_is_dead() -> None:
+    from relayq.cli.nagios import Thresholds, check
+
+    info: dict[str, Any] = {"messages": 0, "maildrop_waiting": 0, "oldest_age_seconds": None,
+                            "warning": None, "dead_letters": 0, "daemon_pid": None,
+                            "daemon_running": True, "quarantined": 0, "reauth": []}
+    assert check(info, Thresholds(warning=5, critical=10))[0] == 0
+    info["reauth"] = [{"account": "shop", "user": "u@x", "since": 1.0,
+                       "error": "invalid_grant: AADSTS50173"}]
+    code, line = check(info, Thresholds(warning=5, critical=10))
+    assert code == 2 and line.startswith("RELAYQ CRITICAL - 0 messages waiting, account shop "
+                                         "needs relayq oauth2 login (invalid_grant: AADSTS50173)")

@@ -24,7 +24,10 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 SECRET_FIELDS = ("client_secret", "refresh_token", "code", "code_verifier", "device_code",
                  "access_token", "password", "assertion")
@@ -49,7 +52,8 @@ class _Device:
 class FakeTokenEndpoint:
     """The fake server. Start with `with FakeTokenEndpoint() as ep:` or .start()."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_context: ssl.SSLContext | None = None) -> None:
+        self.tls_context = tls_context  # a server context: https:// (TestPKI's certificate)
         self.client_id = "relayq-test-client"
         self.client_secret: str | None = None
         self.access_lifetime = 3600
@@ -77,6 +81,8 @@ class FakeTokenEndpoint:
     def start(self) -> FakeTokenEndpoint:
         server = _Server(("127.0.0.1", self._port), _Handler)
         server.endpoint = self
+        if self.tls_context is not None:
+            server.socket = self.tls_context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._port = server.server_address[1]
         self._thread = threading.Thread(target=server.serve_forever, name="fake-oauth2",
@@ -114,7 +120,8 @@ class FakeTokenEndpoint:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        scheme = "https" if self.tls_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._port}"
 
     @property
     def token_url(self) -> str:
