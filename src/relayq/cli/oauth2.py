@@ -197,8 +197,8 @@ def login(args: argparse.Namespace, source: Source) -> int:
     else:
         top = source.load()
         cfg = account(top, args.account, "login")
-        if not args.output:
-            _enter(top, saving=True)
+        if not args.output or cfg.oauth2_flow == "client_credentials":
+            _enter(top, saving=True)  # the grant goes to the queue: as its owner
     if cfg.oauth2_flow == "client_credentials":
         return _app_only(cfg)
     path = args.output or oauth2.token_file(cfg)
@@ -208,7 +208,8 @@ def login(args: argparse.Namespace, source: Source) -> int:
     if args.output:
         flows.write_output(args.output, record)
         print(f"Signed in: the grant for {cfg.user} is in {args.output} (mode 0600). "
-              f"On the server: relayq oauth2 import {args.output}; then delete the file "
+              f"On the server: relayq oauth2 import {args.output}"
+              + (f" --account {args.account}" if args.account else "") + "; then delete the file "
               "here, it is as good as a password.")
     else:
         save_grant(cfg, answer)
