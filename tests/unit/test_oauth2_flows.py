@@ -52,7 +52,8 @@ def test_googles_authorize_url_asks_for_offline_access_and_never_holds_the_verif
 
 
 @pytest.mark.parametrize(("error", "code"), [
-    ("access_denied", EX_NOPERM), ("expired_token", EX_TEMPFAIL),
+    ("access_denied", EX_NOPERM), ("authorization_declined", EX_NOPERM),
+    ("expired_token", EX_TEMPFAIL),
     ("invalid_client", EX_CONFIG), ("unauthorized_client", EX_CONFIG),
     ("invalid_grant", EX_NOPERM), ("something_new", EX_NOPERM)])
 def test_an_endpoints_error_is_one_line_with_its_exit_status(error: str, code: int) -> None:

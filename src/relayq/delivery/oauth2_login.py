@@ -41,12 +41,14 @@ SLOW_DOWN = 5  # seconds RFC 8628 3.5 adds to the interval at each slow_down
 MAX_IMPORT = 256 * 1024
 # what the endpoint's error means for the login's exit status (sysexits)
 FAILURE_CODES = {"access_denied": EX_NOPERM, "invalid_grant": EX_NOPERM,
+                 "authorization_declined": EX_NOPERM,  # Microsoft's access_denied
                  "expired_token": EX_TEMPFAIL, "temporarily_unavailable": EX_TEMPFAIL,
                  "invalid_client": EX_CONFIG, "unauthorized_client": EX_CONFIG,
                  "invalid_scope": EX_CONFIG, "unsupported_grant_type": EX_CONFIG,
                  "invalid_request": EX_CONFIG}
 HINTS = {
     "access_denied": "the sign-in was declined",
+    "authorization_declined": "the sign-in was declined",
     "expired_token": "the code expired before the sign-in; run the login again",
     "unauthorized_client": "the application may not use this flow (Microsoft: allow "
                            "public client flows in its registration)",
