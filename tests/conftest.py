@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from relayq.testing.oauth2 import FakeTokenEndpoint
 from relayq.testing.smarthost import SmarthostFactory
 from relayq.testing.tls import TestPKI
 
@@ -52,3 +53,10 @@ def smarthost_factory() -> Iterator[SmarthostFactory]:
     factory = SmarthostFactory()
     yield factory
     factory.close()
+
+
+@pytest.fixture
+def token_endpoint() -> Iterator[FakeTokenEndpoint]:
+    """A started fake OAuth2 token endpoint on 127.0.0.1 (relayq.testing.oauth2)."""
+    with FakeTokenEndpoint() as endpoint:
+        yield endpoint

@@ -58,6 +58,17 @@ def test_relayq_completes_exactly_the_parser_options() -> None:
         assert offered == options(sub), name
 
 
+def test_relayq_completes_oauth2_actions_and_exactly_their_options() -> None:
+    oauth2 = SUBS.choices["oauth2"]
+    actions = next(a for a in oauth2._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(complete("relayq", ["relayq", "oauth2", ""])) == sorted(actions.choices)
+    for name, sub in actions.choices.items():
+        offered = set(complete("relayq", ["relayq", "oauth2", name, "--account", "x", "-"]))
+        assert offered == options(sub), name
+    assert complete("relayq", ["relayq", "oauth2", "login", "--provider", "g"]) == [
+        "google", "generic"]
+
+
 def test_relayq_completes_files_and_directories_for_their_options(tmp_path: Path) -> None:
     (tmp_path / "relayq.toml").write_text("")
     (tmp_path / "dir").mkdir()

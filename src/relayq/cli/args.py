@@ -148,6 +148,9 @@ def _setup_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     imp.add_argument("--write", action="store_true",
                      help="write the configuration file (never replacing one) instead of "
                           "printing it; passwords only then")
+    from relayq.cli.oauth2 import add_arguments as oauth2_arguments
+
+    oauth2_arguments(command)  # relayq oauth2 login|import|status
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

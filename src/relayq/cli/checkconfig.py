@@ -259,6 +259,31 @@ def _timing(cfg: Config) -> list[Problem]:
     return []
 
 
+def _oauth2(cfg: Config) -> list[Problem]:
+    """The client secret file readable, and the token file's state (relayq oauth2 login)."""
+    from relayq.core.errors import RelayqError
+    from relayq.delivery.oauth2 import client_secret, token_store
+    from relayq.smtp.client import AuthFailed
+
+    out: list[Problem] = []
+    try:
+        client_secret(cfg)
+    except AuthFailed as exc:
+        out.append((True, "oauth2_client_secret_file", str(exc)))
+    store = token_store(cfg)
+    try:
+        data = store.load()
+    except RelayqError as exc:
+        return [*out, (True, "oauth2_token_file", exc.message)]
+    if "reauth" in data:
+        out.append((True, "oauth2_provider", f"the grant was refused "
+                    f"({data['reauth'].get('error', '')}): run relayq oauth2 login"))
+    elif cfg.oauth2_flow == "refresh_token" and not data.get("refresh_token"):
+        out.append((False, "oauth2_provider", f"no token yet in {store.path}: "
+                    "run relayq oauth2 login"))
+    return out
+
+
 def _files(cfg: Config) -> list[Problem]:
     """The secret and the TLS files, read as delivery reads them."""
     from relayq.delivery.smtp_connect import read_secret
@@ -267,7 +292,9 @@ def _files(cfg: Config) -> list[Problem]:
     out: list[Problem] = []
     source = next((k for k in ("password", "password_file", "password_command")
                    if getattr(cfg, k)), "")
-    if cfg.user:
+    if cfg.oauth2_provider:  # the secret is a token: its file, never its content, checked
+        out += _oauth2(cfg)
+    elif cfg.user:
         try:
             if not read_secret(cfg):
                 out.append((True, source, "gives an empty password: AUTH cannot succeed"))

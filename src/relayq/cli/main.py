@@ -1,5 +1,5 @@
 """`relayq`: the administrator's command (flush, run, daemon, hold/release/delete/requeue,
-check-config, test, status, metrics, mailq, qshape, install)."""
+check-config, test, status, metrics, mailq, qshape, install, oauth2)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def _command(args: argparse.Namespace, limits: Thresholds | None) -> int:
     done = _without_config(args, source.path)
     if done is not None:
         return done
+    if args.command == "oauth2":  # a laptop's login --output reads no relayq.toml
+        from relayq.cli import oauth2
+
+        return oauth2.run(args, source)
     if args.command == "daemon":
         from relayq.daemon import main as daemon
 

@@ -256,6 +256,11 @@ def relayq_page(parser: argparse.ArgumentParser) -> str:
         args = _arguments(sub)
         if args:
             out += [".RS", *args, ".RE"]
+        for action in sub._actions:  # a command with actions of its own (relayq oauth2)
+            if isinstance(action, argparse._SubParsersAction):
+                for verb, each in action.choices.items():
+                    out += [".TP", f"\\fBrelayq {esc(name)} {esc(verb)}\\fR",
+                            esc(each.description or ""), ".RS", *_arguments(each), ".RE"]
     out += [".SH EXIT STATUS", "sysexits(3): 0 done, 64 usage (an unknown command or option,",
             "a missing argument), 66 no such message, 69 unavailable, 75 temporary failure",
             "(mail left queued), 77 not permitted, 78 configuration."]

@@ -60,6 +60,9 @@ def check(info: dict[str, Any], t: Thresholds) -> tuple[int, str]:
     if info["warning"]:
         code = CRITICAL
         why.append(info["warning"])
+    for dead in info.get("reauth") or ():  # an OAuth2 grant refused: its mail is held
+        code = CRITICAL
+        why.append(f"account {dead['account']} needs relayq oauth2 login ({dead['error']})")
     if info["dead_letters"]:
         code = max(code, WARNING)
         why.append(f"{info['dead_letters']} dead letter(s)")

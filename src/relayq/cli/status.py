@@ -127,6 +127,11 @@ def show(info: dict[str, Any], cfg: Config, spool: Spool) -> None:
     if info["warning"]:
         print(f"warning:      {info['warning']}: mail stays queued until the configuration "
               "is fixed (relayq check-config)")
+    for dead in info.get("reauth") or ():
+        login = "relayq oauth2 login" + ("" if dead["account"] == "default"
+                                         else f" --account {dead['account']}")
+        print(f"CRITICAL:     account {dead['account']} ({dead['user']}): OAuth2 grant refused "
+              f"since {_when(dead['since'])} ({dead['error']}); its mail is held: run {login}")
 
 
 def _show_accounts(accounts: dict[str, dict[str, Any]] | None) -> None:

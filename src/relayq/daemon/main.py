@@ -102,6 +102,7 @@ class Daemon:
         from relayq.daemon.exporter import Exporter
         from relayq.daemon.watcher import Watcher
         from relayq.delivery.intake import Notices
+        from relayq.delivery.oauth2 import IdleRefresh
         from relayq.queue.spool import Spool
         from relayq.queue.submit import Context
 
@@ -121,6 +122,7 @@ class Daemon:
         self.watcher = Watcher(self)
         self.requests = Requests(self)
         self.exporter = Exporter(self)  # metrics_file (relayq metrics' text) on an interval
+        self.tokens = IdleRefresh(log.info)  # OAuth2 grants kept alive while idle
         self.runs = 0
 
     @property
@@ -265,6 +267,7 @@ class Daemon:
             if self.wakeups:
                 self.watcher.scan()
             self._due_rechecks()
+            self.tokens.tick(self.cfg)
             if self.listeners is not None:
                 self.listeners.check()
 

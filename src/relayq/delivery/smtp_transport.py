@@ -19,6 +19,7 @@ from relayq.core.errors import RelayqError
 from relayq.core.oauth2 import looks_like_token
 from relayq.core.outcome import DEFERRED, Outcome
 from relayq.delivery import limits as lim
+from relayq.delivery import oauth2
 from relayq.delivery import smtp_transaction as tx
 from relayq.delivery.smtp_connect import MailLoop, Target, loop_reason, read_secret, targets
 from relayq.delivery.smtp_transaction import OutgoingMessage
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from relayq.core.config import Config, Smarthost
+    from relayq.delivery.oauth2 import TokenSource
 
 # the names callers and tests import from here
 __all__ = ["Journal", "MailLoop", "MessageResult", "OutgoingMessage", "SmtpTransport",
@@ -112,6 +114,8 @@ class SmtpTransport:
         self._secret: str | None = None
         self._secret_error: AuthFailed | None = None
         self._secret_at = 0.0  # monotonic time the secret (or its error) was read
+        self._tokens: TokenSource | None = None  # oauth2_provider's access tokens
+        self._deadline: float | None = None  # the session setup's, for a token request
         self._ehlo_name = ""
         self._tls: ssl.SSLContext | None = None
         self._grant: lim.Grant | None = None  # the transaction in flight's reservation
@@ -400,6 +404,7 @@ class SmtpTransport:
                 raise AuthFailed(
                     f"refusing to send AUTH to {client.where} in clear text"
                     " (set tls = \"required\" or \"implicit\")")
+            self._deadline = client.deadline
             secret = self.secret()
             mech = self.mechanism(client, secret)
             try:
@@ -472,6 +477,8 @@ class SmtpTransport:
         it last ran; a failure is remembered for DOWN_FOR seconds at most.
         """
         cfg = self.config
+        if cfg.oauth2_provider:
+            return self._token()
         age = time.monotonic() - self._secret_at
         if cfg.password_command and self._secret is not None \
                 and age >= cfg.password_command_max_age:
@@ -493,6 +500,9 @@ class SmtpTransport:
     def _refresh_secret(self, refused: str) -> bool:
         """After a 535: read a file or command secret again; True if it changed."""
         cfg = self.config
+        if cfg.oauth2_provider:  # a refused access token: one from the endpoint (ReauthNeeded
+            # and AuthFailed propagate: the relay's 535 then says nothing more)
+            return self.tokens().access_token(True, timeout=self._time_left()) != refused
         if not (cfg.password_file or cfg.password_command):
             return False
         self._secret = self._secret_error = None
@@ -500,3 +510,32 @@ class SmtpTransport:
             return self.secret() != refused
         except AuthFailed:
             return False  # the 535 stands; the next connection reports this error
+
+    def tokens(self) -> TokenSource:
+        """The account's OAuth2 token source, one per transport; a dead grant's notice
+        goes to the postmaster once (delivery.oauth2)."""
+        if self._tokens is None:
+            def notify(cfg: Config, mark: dict[str, object]) -> None:
+                oauth2.tell_postmaster(cfg, mark, self.log)  # its own queue id
+
+            self._tokens = oauth2.TokenSource(self.config, notify=notify, log=self._say)
+        return self._tokens
+
+    def _token(self) -> str:
+        """The access token; a failure to get one (endpoint down, a dead grant) is
+        remembered for DOWN_FOR seconds, so the next address or smarthost, and the next
+        messages, defer at once instead of each waiting on the endpoint again."""
+        if self._secret_error is not None and \
+                time.monotonic() - self._secret_at < self.DOWN_FOR:
+            raise self._secret_error
+        self._secret_error = None
+        try:
+            return self.tokens().access_token(timeout=self._time_left())
+        except AuthFailed as exc:
+            self._secret_error, self._secret_at = exc, time.monotonic()
+            raise
+
+    def _time_left(self) -> float | None:
+        """What the session deadline leaves a token request (None: no deadline running)."""
+        deadline = self._deadline
+        return None if deadline is None else max(deadline - time.monotonic(), 0.1)

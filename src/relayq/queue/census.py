@@ -175,6 +175,8 @@ def report(cfg: Config, spool: Spool, now: float | None = None,
            detail: bool = True) -> dict[str, Any]:
     """`relayq status --json`'s members that the queue decides (the caller adds the
     daemon's): the snapshot's counts, the relays' last errors, a relay loop."""
+    from relayq.system import tokenstore
+
     snap = snapshot(spool, now, detail)
     states = snap["states"]
     loop = cfg.loop_reason() or (_recorded_loop(spool, snap["oldest_qid"])
@@ -199,6 +201,7 @@ def report(cfg: Config, spool: Spool, now: float | None = None,
         "last_delivery": snap["stats"].get("last_success"),
         "relays": relays,
         "accounts": _accounts(cfg, snap["accounts"]) if detail else None,
+        "reauth": tokenstore.dead_grants(cfg),  # OAuth2 accounts whose mail is held
     }
 
 

@@ -1,0 +1,182 @@
+"""An account's OAuth2 token file: JSON, mode 0600, replaced whole, refreshed in turn.
+
+Two workers whose tokens expire together must not both spend the refresh
+token (a provider that rotates it may then refuse the older one) nor write a
+half file: a refresh happens under an exclusive flock on a sibling
+"<path>.lock", and a save is a new temporary file renamed over the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from relayq.core.errors import EX_DATAERR, EX_IOERR, RelayqError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from relayq.core.config import Config
+
+MAX_FILE = 256 * 1024
+
+
+class TokenFile:
+    """One token file. `owner` (uid, gid): what a root process gives the file, its
+    lock and its directory (the queue's owner: the runner reads them after dropping
+    privileges); None: the owner of the directory above the token directory."""
+
+    def __init__(self, path: str, owner: tuple[int, int] | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
+        self._owner = owner
+
+    def __repr__(self) -> str:
+        return f"TokenFile({self.path!r})"
+
+    # --- ownership -----------------------------------------------------------
+
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) to chown to when running as root, or None."""
+        if os.geteuid() != 0:
+            return None
+        if self._owner is not None:
+            return self._owner
+        try:
+            st = os.stat(os.path.dirname(self.directory))
+        except OSError:
+            return None
+        return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+    def _ensure_directory(self) -> None:
+        try:
+            os.mkdir(self.directory, 0o700)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise RelayqError(f"cannot create {self.directory}: {exc.strerror}",
+                              EX_IOERR) from None
+        owner = self.owner()
+        if owner is not None:
+            os.chown(self.directory, *owner)
+
+    # --- the lock --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive lock: a refresh (load, ask, save) happens once at a time."""
+        self._ensure_directory()
+        lock = self.path + ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RelayqError(f"cannot open {lock}: {exc.strerror}", EX_IOERR) from None
+        try:
+            owner = self.owner()
+            if owner is not None:
+                os.fchown(fd, *owner)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # --- reading and writing ---------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """The file's object; {} when there is none. RelayqError naming a damaged one."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RelayqError(f"{self.path}: a symbolic link, refusing it as the "
+                                  "token file", EX_DATAERR) from None
+            raise RelayqError(f"cannot read {self.path}: {exc.strerror}", EX_IOERR) from None
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_FILE + 1)
+        if not raw:
+            return {}  # created but never written (a crash before its first save)
+        try:
+            data = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_FILE else None
+        except (UnicodeDecodeError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            raise RelayqError(f"{self.path}: damaged token file (not a JSON object); "
+                              "run relayq oauth2 login again", EX_DATAERR)
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        """Replace the file with `data`, atomically and durably, mode 0600."""
+        self._ensure_directory()
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        name = os.path.basename(self.path)
+        for _ in range(100):
+            tmp = os.path.join(self.directory, f".{name}.{secrets.token_hex(8)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise RelayqError(f"cannot write in {self.directory}: {exc.strerror}",
+                                  EX_IOERR) from None
+        else:
+            raise RelayqError(f"cannot write in {self.directory}: no free temporary name",
+                              EX_IOERR)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                owner = self.owner()
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                view = memoryview(text.encode("utf-8"))
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise RelayqError(f"cannot write {self.path}: {exc.strerror}", EX_IOERR) from None
+        _fsync_directory(self.directory)
+
+
+def dead_grants(cfg: Config) -> list[dict[str, Any]]:
+    """The accounts whose grant is known dead (their token file's "reauth" mark):
+    {"account", "user", "since", "error"} each, for `relayq status` (critical)."""
+    from relayq.core.oauth2 import token_file
+
+    found = []
+    for name, acct in cfg.accounts().items():
+        if not acct.oauth2_provider:
+            continue
+        try:
+            mark = TokenFile(token_file(acct)).load().get("reauth")
+        except RelayqError:
+            continue
+        if isinstance(mark, dict):
+            found.append({"account": name, "user": acct.user, "since": mark.get("since"),
+                          "error": str(mark.get("error", ""))[:300]})
+    return found
+
+
+def _fsync_directory(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
