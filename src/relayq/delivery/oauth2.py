@@ -214,17 +214,21 @@ class TokenSource:
         data = self._load()
         # force: whatever token this source (else the file) holds was refused (a 535)
         refused = (self._token or str(data.get("access_token", ""))) if force else ""
-        if not force and _fresh(data, now):
+        if not force and _fresh(data, now) and self._mine(data):
             return self._keep(data)
         self._check_reauth(data, False)
         with self.store.locked():
             data = self._load()  # another worker may have refreshed meanwhile
             now = time.time()
-            if _fresh(data, now) and (not force or data.get("access_token") != refused):
+            if _fresh(data, now) and self._mine(data) and (
+                    not force or data.get("access_token") != refused):
                 return self._keep(data)
             self._check_reauth(data, True)
             self._refresh(data, timeout)
             return self._keep(data)
+
+    def _mine(self, data: dict[str, Any]) -> bool:
+        return str(data.get("user") or self.cfg.user).lower() == self.cfg.user.lower()
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -238,7 +242,13 @@ class TokenSource:
         return self._token
 
     def _check_reauth(self, data: dict[str, Any], locked: bool) -> None:
-        """A grant known dead is not tried again (a login clears the mark)."""
+        """A grant known dead is not tried again (a login clears the mark); another
+        mailbox's (`user` changed since the login) is not used for this one."""
+        owner = str(data.get("user") or "")
+        if owner and owner.lower() != self.cfg.user.lower():
+            raise ReauthNeeded(f"{policy.REAUTH_REASON} (account {_account(self.cfg)}: "
+                               f"the token file holds the grant of {owner}, not of "
+                               f"{self.cfg.user})")
         mark = data.get("reauth")
         if isinstance(mark, dict):
             if not mark.get("notified") and self.notify is not None:
