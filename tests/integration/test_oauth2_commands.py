@@ -419,3 +419,15 @@ def test_relayq_test_logs_in_with_the_token_and_shows_none(
     assert f"XOAUTH2 as {USER}, token ******: accepted" in out
     assert len(relay.transactions) == 1
     assert_no_secret(out, secrets_seen(ep, relay, refresh))
+
+
+def test_relayq_test_with_the_endpoint_down_is_an_auth_problem(
+        tmp_path: Path, relay: Smarthost, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    rq = relayq_for(tmp_path, relay, token_endpoint, pki)
+    login(rq, token_endpoint)
+    token_endpoint.down = True
+    r = rq.run("relayq", "test")
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode == 77, out  # AUTH problem, not the configuration's (78)
+    assert "OAuth2 token endpoint unusable" in out and "connection refused" in out

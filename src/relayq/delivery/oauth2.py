@@ -42,6 +42,10 @@ class TokenError(AuthFailed):
         self.description = description
 
 
+class EndpointUnusable(AuthFailed):
+    """No usable answer from the token endpoint (down, slow, TLS, 5xx): temporary."""
+
+
 class GrantRevoked(TokenError, ReauthNeeded):
     """invalid_grant: the grant is dead; its message contains policy.REAUTH_REASON."""
 
@@ -86,15 +90,15 @@ def exchange(cfg: Config, fields: dict[str, str], *,
         status, answer = post_form(url, form, timeout=max(limit, 0.1), ca_file=cfg.oauth2_ca_file,
                                    proxy=cfg.oauth2_proxy)
     except HttpError as exc:
-        raise AuthFailed(f"OAuth2 token endpoint unusable: {exc.message}") from None
+        raise EndpointUnusable(f"OAuth2 token endpoint unusable: {exc.message}") from None
     if status == 200 and isinstance(answer.get("access_token"), str) and answer["access_token"]:
         return answer
     if status == 200:
-        raise AuthFailed("OAuth2 token endpoint answered 200 without an access_token")
+        raise EndpointUnusable("OAuth2 token endpoint answered 200 without an access_token")
     error = _printable(answer.get("error", ""), 64)
     desc = _printable(answer.get("error_description", ""))
     if status >= 500 or not error:
-        raise AuthFailed(f"OAuth2 token endpoint answered HTTP {status}"
+        raise EndpointUnusable(f"OAuth2 token endpoint answered HTTP {status}"
                          + (f" ({error}: {desc})" if error else ""))
     what = f"{error}: {desc}" if desc else error
     if error == "invalid_grant":
