@@ -405,3 +405,29 @@ def test_an_idle_daemon_refreshes_an_old_grant_and_logs_a_failure_once(
         assert d.proc.poll() is None  # never fatal
     finally:
         assert d.stop() == 0
+
+
+def test_relayq_test_logs_in_with_the_token_and_shows_none(
+        tmp_path: Path, relay: Smarthost, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    ep = token_endpoint
+    rq = relayq_for(tmp_path, relay, ep, pki)
+    refresh = login(rq, ep)
+    r = rq.run("relayq", "test", "b@example.org")
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode == 0, out
+    assert f"XOAUTH2 as {USER}, token ******: accepted" in out
+    assert len(relay.transactions) == 1
+    assert_no_secret(out, secrets_seen(ep, relay, refresh))
+
+
+def test_relayq_test_with_the_endpoint_down_is_an_auth_problem(
+        tmp_path: Path, relay: Smarthost, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    rq = relayq_for(tmp_path, relay, token_endpoint, pki)
+    login(rq, token_endpoint)
+    token_endpoint.down = True
+    r = rq.run("relayq", "test")
+    out = (r.stdout + r.stderr).decode()
+    assert r.returncode == 77, out  # AUTH problem, not the configuration's (78)
+    assert "OAuth2 token endpoint unusable" in out and "connection refused" in out

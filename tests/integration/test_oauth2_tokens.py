@@ -491,3 +491,13 @@ def test_the_plugin_is_critical_while_a_grant_is_dead() -> None:
     code, line = check(info, Thresholds(warning=5, critical=10))
     assert code == 2 and line.startswith("RELAYQ CRITICAL - 0 messages waiting, account shop "
                                          "needs relayq oauth2 login (invalid_grant: AADSTS50173)")
+
+
+def test_another_mailboxs_grant_is_not_used(token_endpoint: FakeTokenEndpoint,
+                                            tmp_path: Path) -> None:
+    cfg = logged_in(token_endpoint, tmp_path)
+    TokenSource(cfg).access_token()
+    other = account(token_endpoint, tmp_path, user="someone-else@example.org")
+    with pytest.raises(ReauthNeeded, match=r"holds the grant of alerts@example\.org"):
+        TokenSource(other).access_token()
+    assert len(token_endpoint.token_requests()) == 1

@@ -200,3 +200,19 @@ def test_a_failed_token_request_is_not_repeated_for_each_smarthost(
     r, _ = one(cfg)
     assert statuses(r) == ["deferred"] and time.monotonic() - t0 < 8
     assert len(token_endpoint.token_requests()) == 1
+
+
+def test_a_535_then_a_failing_endpoint_is_not_retried_at_the_next_smarthost(
+        relay: Smarthost, smarthost_factory: SmarthostFactory, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI, tmp_path: Path) -> None:
+    backup = smarthost_factory(tls_context=pki.server_context(), auth_required=True,
+                               auth_mechanisms=("XOAUTH2",), token_check=token_endpoint.accepts)
+    cfg = logged_in(relay, token_endpoint, pki, tmp_path,
+                    smarthost=[relay.smarthost, backup.smarthost])
+    assert statuses(one(cfg)[0]) == ["sent"]
+    token_endpoint.invalidate_access()
+    token_endpoint.fail_with = (503, {"error": "temporarily_unavailable"})
+    r, _ = one(cfg)
+    assert statuses(r) == ["deferred"] and "HTTP 503" in r.outcomes[0].reply
+    assert len(token_endpoint.token_requests()) == 2  # the first login's, one forced refresh
+    assert len(relay.logins) == 2 and not backup.logins

@@ -15,7 +15,8 @@ One process with a few kinds of thread, and its helper processes:
   the dispatcher's (relayq.daemon.dispatcher): never one message to two workers;
 - the watcher's threads (inotify, users' maildrop/), the local socket
   (relayq.daemon.control), the metrics file's writer (relayq.daemon.exporter,
-  when metrics_file is set), and optionally the SMTP listener
+  when metrics_file is set), the OAuth2 idle refresh (relayq.delivery.oauth2.
+  IdleRefresh: an unused grant kept alive), and optionally the SMTP listener
   (relayq.server.listener), an asyncio loop in its own thread, which hands every
   committed message straight to the workers, plus one forked listener process
   per further CPU (relayq.server.prefork) on the same sockets, whose messages the

@@ -42,6 +42,10 @@ class TokenError(AuthFailed):
         self.description = description
 
 
+class EndpointUnusable(AuthFailed):
+    """No usable answer from the token endpoint (down, slow, TLS, 5xx): temporary."""
+
+
 class GrantRevoked(TokenError, ReauthNeeded):
     """invalid_grant: the grant is dead; its message contains policy.REAUTH_REASON."""
 
@@ -86,15 +90,15 @@ def exchange(cfg: Config, fields: dict[str, str], *,
         status, answer = post_form(url, form, timeout=max(limit, 0.1), ca_file=cfg.oauth2_ca_file,
                                    proxy=cfg.oauth2_proxy)
     except HttpError as exc:
-        raise AuthFailed(f"OAuth2 token endpoint unusable: {exc.message}") from None
+        raise EndpointUnusable(f"OAuth2 token endpoint unusable: {exc.message}") from None
     if status == 200 and isinstance(answer.get("access_token"), str) and answer["access_token"]:
         return answer
     if status == 200:
-        raise AuthFailed("OAuth2 token endpoint answered 200 without an access_token")
+        raise EndpointUnusable("OAuth2 token endpoint answered 200 without an access_token")
     error = _printable(answer.get("error", ""), 64)
     desc = _printable(answer.get("error_description", ""))
     if status >= 500 or not error:
-        raise AuthFailed(f"OAuth2 token endpoint answered HTTP {status}"
+        raise EndpointUnusable(f"OAuth2 token endpoint answered HTTP {status}"
                          + (f" ({error}: {desc})" if error else ""))
     what = f"{error}: {desc}" if desc else error
     if error == "invalid_grant":
@@ -214,17 +218,21 @@ class TokenSource:
         data = self._load()
         # force: whatever token this source (else the file) holds was refused (a 535)
         refused = (self._token or str(data.get("access_token", ""))) if force else ""
-        if not force and _fresh(data, now):
+        if not force and _fresh(data, now) and self._mine(data):
             return self._keep(data)
         self._check_reauth(data, False)
         with self.store.locked():
             data = self._load()  # another worker may have refreshed meanwhile
             now = time.time()
-            if _fresh(data, now) and (not force or data.get("access_token") != refused):
+            if _fresh(data, now) and self._mine(data) and (
+                    not force or data.get("access_token") != refused):
                 return self._keep(data)
             self._check_reauth(data, True)
             self._refresh(data, timeout)
             return self._keep(data)
+
+    def _mine(self, data: dict[str, Any]) -> bool:
+        return str(data.get("user") or self.cfg.user).lower() == self.cfg.user.lower()
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -238,7 +246,13 @@ class TokenSource:
         return self._token
 
     def _check_reauth(self, data: dict[str, Any], locked: bool) -> None:
-        """A grant known dead is not tried again (a login clears the mark)."""
+        """A grant known dead is not tried again (a login clears the mark); another
+        mailbox's (`user` changed since the login) is not used for this one."""
+        owner = str(data.get("user") or "")
+        if owner and owner.lower() != self.cfg.user.lower():
+            raise ReauthNeeded(f"{policy.REAUTH_REASON} (account {_account(self.cfg)}: "
+                               f"the token file holds the grant of {owner}, not of "
+                               f"{self.cfg.user})")
         mark = data.get("reauth")
         if isinstance(mark, dict):
             if not mark.get("notified") and self.notify is not None:

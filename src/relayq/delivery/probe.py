@@ -26,6 +26,7 @@ from relayq.core.errors import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
 )
+from relayq.delivery.oauth2 import EndpointUnusable
 from relayq.delivery.smtp_connect import MailLoop, targets
 from relayq.delivery.smtp_transport import SmtpTransport
 from relayq.smtp import protocol as proto
@@ -156,7 +157,8 @@ def _settings(transport: SmtpTransport, cfg: Config, report: Report) -> bool:
         if cfg.user:
             transport.secret()
     except (TlsFailed, AuthFailed) as exc:
-        report.fail(EX_CONFIG, str(exc))
+        # an OAuth2 token endpoint down or slow is an AUTH problem, not the configuration's
+        report.fail(EX_NOPERM if isinstance(exc, EndpointUnusable) else EX_CONFIG, str(exc))
         return False
     return True
 

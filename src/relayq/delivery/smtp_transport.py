@@ -501,8 +501,12 @@ class SmtpTransport:
         """After a 535: read a file or command secret again; True if it changed."""
         cfg = self.config
         if cfg.oauth2_provider:  # a refused access token: one from the endpoint (ReauthNeeded
-            # and AuthFailed propagate: the relay's 535 then says nothing more)
-            return self.tokens().access_token(True, timeout=self._time_left()) != refused
+            # and AuthFailed propagate, remembered as secret()'s: the 535 says nothing more)
+            try:
+                return self.tokens().access_token(True, timeout=self._time_left()) != refused
+            except AuthFailed as exc:
+                self._secret_error, self._secret_at = exc, time.monotonic()
+                raise
         if not (cfg.password_file or cfg.password_command):
             return False
         self._secret = self._secret_error = None
