@@ -431,3 +431,19 @@ def test_relayq_test_with_the_endpoint_down_is_an_auth_problem(
     out = (r.stdout + r.stderr).decode()
     assert r.returncode == 77, out  # AUTH problem, not the configuration's (78)
     assert "OAuth2 token endpoint unusable" in out and "connection refused" in out
+
+
+def test_an_account_never_logged_in_is_critical_while_its_mail_waits(
+        tmp_path: Path, relay: Smarthost, token_endpoint: FakeTokenEndpoint,
+        pki: TestPKI) -> None:
+    """Mail held for a login that never happened must alert as a revoked grant does;
+    a client_credentials account needs no login and is not listed."""
+    rq = relayq_for(tmp_path, relay, token_endpoint, pki)
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75
+    plugin = rq.run("relayq", "status", "-w", "100", "-c", "200")
+    assert plugin.returncode == 2, plugin.stdout
+    assert b"account default needs relayq oauth2 login" in plugin.stdout
+    login(rq, token_endpoint)
+    assert rq.sendmail("-q").returncode == 0
+    assert rq.run("relayq", "status", "-w", "100", "-c", "200").returncode == 0

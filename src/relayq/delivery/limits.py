@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from relayq.core import policy
+from relayq.system.textfile import replace
 
 if TYPE_CHECKING:
     from relayq.core.config import Config
@@ -180,14 +181,12 @@ class Limits:
         return _Locked(self, time.time() if now is None else now)
 
     def _write(self, st: State) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FLAGS, 0o600)
+        # durable: the count outlives a crash after the relay's 250; a full disk loses
+        # this count rather than stops the mail (as an unusable directory does, _Locked)
         try:
-            os.write(fd, st.text().encode())
-            os.fsync(fd)  # the count outlives a crash after the relay's 250
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            replace(self.path, st.text().encode(), 0o600, durable=True)
+        except OSError:
+            pass
 
 
 class _Locked:

@@ -1,10 +1,11 @@
-"""Publish a small world-readable file the way node_exporter's textfile collector wants.
+"""Small files replaced whole: a reader sees the old file or the new one, never half.
 
-The collector reads `*.prom` files at each scrape; one it catches half written
-is an error for that scrape. So the text goes to a temporary file in the same
-directory (`.NAME.RANDOM.tmp`, always created new: no `.prom` ending, the
-collector ignores it), is made mode 0644, and is renamed over NAME: a reader
-sees the old file or the new one, whole.
+node_exporter's textfile collector reads `*.prom` files at each scrape; one it
+catches half written is an error for that scrape. The OAuth2 token file and the
+sending-limit counts must survive a crash. So the data goes to a temporary file
+in the same directory (`.NAME.RANDOM.tmp`, always created new: no `.prom`
+ending, the collector ignores it), gets its mode (and owner), and is renamed
+over NAME.
 """
 
 from __future__ import annotations
@@ -15,18 +16,28 @@ import secrets
 
 
 def publish(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (OSError on failure; the old file stays).
+    """Write `text` to `path` atomically, mode 0644 (OSError on failure; the old file
+    stays): node_exporter's collector runs as another user."""
+    replace(path, text.encode("utf-8"), 0o644)
 
-    The collector's directory may be writable by other accounts, so the temporary
-    file is always a new one (O_EXCL, O_NOFOLLOW) under a random name: nothing
-    another account prepared there (a file, a hard link, a symlink) is written
-    through, and a name taken is simply another draw."""
+
+def replace(path: str, data: bytes, mode: int, *, owner: tuple[int, int] | None = None,
+            durable: bool = False) -> None:
+    """Replace `path` by `data` atomically: the one way relayq rewrites a small file
+    (metrics, the OAuth2 token file, the sending-limit counts). OSError on failure; the
+    old file stays.
+
+    The directory may be writable by other accounts, so the temporary file is always a
+    new one (O_EXCL, O_NOFOLLOW) under a random name: nothing another account prepared
+    there (a file, a hard link, a symlink) is written through, and a name taken is
+    simply another draw. `durable`: the data and the rename reach the disk (fsync of the
+    file and of the directory) before this returns."""
     directory, name = os.path.split(os.path.abspath(path))
     for _ in range(100):
         tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644)
+                         | os.O_CLOEXEC, mode)
             break
         except FileExistsError:
             continue
@@ -34,10 +45,14 @@ def publish(path: str, text: str) -> None:
         raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
     try:
         try:
-            os.fchmod(fd, 0o644)  # whatever the umask: the collector runs as another user
-            view = memoryview(text.encode("utf-8"))
+            os.fchmod(fd, mode)  # whatever the umask
+            if owner is not None:
+                os.fchown(fd, *owner)
+            view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -47,3 +62,20 @@ def publish(path: str, text: str) -> None:
         except OSError:
             pass
         raise
+    if durable:
+        fsync_directory(directory)
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename or a new name in `path` durable (best effort: some file systems
+    refuse a directory fsync, and the rename itself has happened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -13,10 +13,10 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from relayq.core.errors import EX_DATAERR, EX_IOERR, RelayqError
+from relayq.system.textfile import replace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -115,43 +115,15 @@ class TokenFile:
         """Replace the file with `data`, atomically and durably, mode 0600."""
         self._ensure_directory()
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        name = os.path.basename(self.path)
-        for _ in range(100):
-            tmp = os.path.join(self.directory, f".{name}.{secrets.token_hex(8)}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise RelayqError(f"cannot write in {self.directory}: {exc.strerror}",
-                                  EX_IOERR) from None
-        else:
-            raise RelayqError(f"cannot write in {self.directory}: no free temporary name",
-                              EX_IOERR)
         try:
-            try:
-                os.fchmod(fd, 0o600)
-                owner = self.owner()
-                if owner is not None:
-                    os.fchown(fd, *owner)
-                view = memoryview(text.encode("utf-8"))
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
+            replace(self.path, text.encode("utf-8"), 0o600, owner=self.owner(), durable=True)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise RelayqError(f"cannot write {self.path}: {exc.strerror}", EX_IOERR) from None
-        _fsync_directory(self.directory)
 
 
 def dead_grants(cfg: Config) -> list[dict[str, Any]]:
-    """The accounts whose grant is known dead (their token file's "reauth" mark):
+    """The accounts whose grant is known dead (their token file's "reauth" mark), or
+    never given (a refresh_token account whose file holds none yet):
     {"account", "user", "since", "error"} each, for `relayq status` (critical)."""
     from relayq.core.oauth2 import token_file
 
@@ -160,23 +132,15 @@ def dead_grants(cfg: Config) -> list[dict[str, Any]]:
         if not acct.oauth2_provider:
             continue
         try:
-            mark = TokenFile(token_file(acct)).load().get("reauth")
+            data = TokenFile(token_file(acct)).load()
         except RelayqError:
             continue
+        mark = data.get("reauth")
+        if mark is None and acct.oauth2_flow == "refresh_token" \
+                and not data.get("refresh_token"):
+            # never logged in: its mail waits for the same command, so it alerts the same
+            mark = {"error": "no grant yet (never logged in)"}
         if isinstance(mark, dict):
             found.append({"account": name, "user": acct.user, "since": mark.get("since"),
                           "error": str(mark.get("error", ""))[:300]})
     return found
-
-
-def _fsync_directory(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
