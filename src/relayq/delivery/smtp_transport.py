@@ -222,14 +222,14 @@ class SmtpTransport:
                 err, accepted, again = tx.transaction(self.config, client, msg, batch, outcomes,
                                                        reset)
                 self._grant = None
-                self.limits.settle(grant, accepted)
                 if again and accepted:  # too many recipients: the rest in the next one
                     step = min(step, accepted)
                     todo = again + todo
                 else:
                     error = error or err
-                if journal is not None:
-                    journal.commit(outcomes, client.relay, error)
+                if journal is not None:  # the relay's answer first: nothing runs before
+                    journal.commit(outcomes, client.relay, error)  # it is durable
+                self.limits.settle(grant, accepted)  # never raises (at worst over-counts)
         except SmtpError as exc:
             client.close()
             self._client = None

