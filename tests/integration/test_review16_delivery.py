@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.helpers.relayq_env import Relayq
 
+from relayq.core.outcome import FAILED, PENDING, SENT
+
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from relayq.testing.smarthost import SmarthostFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,3 +95,27 @@ def test_a_limits_write_failing_after_the_relays_250_never_sends_twice(tmp_path:
     rq.run("relayq", "run")
     originals = [b for b in relay.received if b"Subject: once" in b and b"MAILER-DAEMON" not in b]
     assert len(originals) == 1
+
+
+def test_limit_held_recipients_outlive_another_recipients_expiry(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    """Defect 3: recipients_per_day holds three recipients back while the relay defers
+    another; at max_queue_age only that one is returned, the held ones keep waiting."""
+    sh = smarthost_factory(rcpt_replies={"r1@example.org": "451 4.2.0 mailbox busy"})
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, recipients_per_day=3, max_queue_age=2,
+                retry_min=1, retry_max=1)
+    rcpts = [f"r{i}@example.org" for i in range(6)]
+    assert rq.sendmail("-odq", "-f", "s@example.org", *rcpts, input=MSG).returncode == 0
+    rq.run("relayq", "run")
+    time.sleep(2.5)
+    rq.run("relayq", "run")
+    [orig] = [e for e, _ in rq.queued() if e.sender]
+    states = {r.address: r.state for r in orig.recipients}
+    assert states == {"r0@example.org": SENT, "r1@example.org": FAILED,
+                      "r2@example.org": SENT, "r3@example.org": PENDING,
+                      "r4@example.org": PENDING, "r5@example.org": PENDING}
+    for r in orig.recipients[3:]:
+        assert r.reply.startswith("4.7.0 sending limit reached:"), r.reply
+    bounces = [d for e, d in rq.queued() if not e.sender] + \
+        [t.content for t in sh.transactions if t.mail_from in ("", "<>")]
+    assert bounces and all(b"r3@example.org" not in b for b in bounces)

@@ -130,23 +130,29 @@ def deferred(error: str) -> str:
     return "Deferred: " + error
 
 
+def waits_on_us(r: Recipient) -> bool:
+    """Does this recipient wait on a mail loop, a revoked OAuth2 grant, a removed
+    account or a sending limit (policy.waits_on_us)? Our own configuration's fault,
+    or a provider's quota, is no reason to return it, whatever its age."""
+    return code(r.reply) == policy.LOOP_STATUS or policy.waits_on_us(r.reply, r.remote)
+
+
 def should_expire(env: Envelope, now: float, rules: Rules) -> bool:
-    """After an attempt: is the mail still pending to be returned? Only once it is
-    older than max_queue_age, and never when every pending recipient waits on a
-    mail loop, a revoked OAuth2 grant, a removed account or a sending limit
-    (policy.waits_on_us): our own configuration's fault, or a provider's quota,
-    is no reason to return the mail."""
-    pending = env.pending()
-    return (bool(pending) and policy.expired(env.created, now, rules.max_queue_age)
-            and not all(code(r.reply) == policy.LOOP_STATUS
-                        or policy.waits_on_us(r.reply, r.remote) for r in pending))
+    """After an attempt: is some of the mail still pending to be returned? Only once
+    it is older than max_queue_age, and only for the pending recipients that do not
+    wait on us (waits_on_us): those keep waiting, each on its own."""
+    return (policy.expired(env.created, now, rules.max_queue_age)
+            and any(not waits_on_us(r) for r in env.pending()))
 
 
 def expire(env: Envelope, rules: Rules) -> list[tuple[Recipient, str]]:
-    """Fail every pending recipient (4.4.7), quoting its last reason."""
+    """Fail every pending recipient that does not wait on us (4.4.7), quoting its
+    last reason; the others stay pending."""
     span = age_text(rules.max_queue_age)
     out = []
     for r in env.pending():
+        if waits_on_us(r):
+            continue
         reason = r.reply or env.error or "no delivery attempt succeeded"
         r.state = FAILED
         r.remote = False  # our decision, quoting the last reason
