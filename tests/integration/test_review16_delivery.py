@@ -119,3 +119,20 @@ def test_limit_held_recipients_outlive_another_recipients_expiry(
     bounces = [d for e, d in rq.queued() if not e.sender] + \
         [t.content for t in sh.transactions if t.mail_from in ("", "<>")]
     assert bounces and all(b"r3@example.org" not in b for b in bounces)
+
+
+@pytest.mark.parametrize("greeting", ["421 4.7.0 sending limit reached for this IP",
+                                      "421 4.3.5 account no longer configured",
+                                      "421 re-authorization needed: run relayq oauth2 login"])
+def test_a_relays_words_never_hold_mail_past_max_queue_age(
+        smarthost_factory: SmarthostFactory, tmp_path: Path, greeting: str) -> None:
+    """Defect 4: only a reply relayq wrote itself waits on us; a relay's greeting
+    quoting one of those reasons is the relay's, and the mail is returned in time."""
+    sh = smarthost_factory(replies={"greeting": greeting})
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, max_queue_age=2, retry_min=1, retry_max=1)
+    assert rq.sendmail("-odq", "-f", "s@example.org", "a@example.org", input=MSG).returncode == 0
+    time.sleep(2.5)
+    rq.run("relayq", "run")
+    queued = rq.queued()
+    assert not [e for e, _ in queued if e.sender], rq.log()
+    assert [e for e, _ in queued if not e.sender]  # the bounce, waiting on the same relay

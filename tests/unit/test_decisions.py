@@ -133,6 +133,36 @@ def test_expiry_never_for_a_mail_loop() -> None:
     assert not decisions.should_expire(env, T0 + 30 * DAY, RULES)
     env.recipients[1].reply = "451 4.3.0 try later"  # one waits on something else: it expires
     assert decisions.should_expire(env, T0 + 30 * DAY, RULES)
+    [(r, _)] = decisions.expire(env, RULES)  # ... alone: the loop's recipient keeps waiting
+    assert r is env.recipients[1] and env.recipients[0].state == PENDING
+    assert not decisions.should_expire(env, T0 + 31 * DAY, RULES)
+
+
+@pytest.mark.parametrize("reason", policy.OUR_WAITS)
+def test_expiry_spares_the_recipients_that_wait_on_us(reason: str) -> None:
+    """Another recipient of the message expiring never returns one a limit (a dead
+    grant, a removed account) holds: each recipient waits on its own reason."""
+    env = envelope("a@example.org", "b@example.org")
+    env.recipients[0].reply = f"4.7.0 {reason}: account shop"
+    env.recipients[1].reply = "451 4.2.0 mailbox busy"
+    env.recipients[1].remote = True
+    assert decisions.should_expire(env, T0 + 30 * DAY, RULES)
+    assert [r.address for r, _ in decisions.expire(env, RULES)] == ["b@example.org"]
+    assert env.recipients[0].state == PENDING
+
+
+@pytest.mark.parametrize("reply", [
+    "[192.0.2.1] refused the connection: 421 4.7.0 sending limit reached for this IP",
+    "AUTH XOAUTH2 failed at relay [192.0.2.1]: 535 re-authorization needed: run relayq "
+    "oauth2 login", "4.7.0 the relay says: account no longer configured"])
+def test_only_relayqs_own_replies_wait_on_us(reply: str) -> None:
+    """A relay's words recorded as remote False (its greeting, its AUTH refusal) start
+    with its name: quoting one of OUR_WAITS never holds the mail."""
+    assert not policy.waits_on_us(reply, False)
+    for ours in ("451 4.3.5 account no longer configured: shop",
+                 "4.7.0 sending limit reached: recipients_per_day = 3",
+                 "re-authorization needed: run relayq oauth2 login (account default)"):
+        assert policy.waits_on_us(ours, False) and not policy.waits_on_us(ours, True)
 
 
 @pytest.mark.parametrize("reason", policy.OUR_WAITS)
@@ -356,6 +386,8 @@ def test_property_sequences_of_results(attempts: list[tuple[float, list[str]]], 
         if d.expired:  # only after an attempt that left recipients pending
             assert pending and now - env.created >= RULES.max_queue_age
             assert not all_loops
+            # a loop's recipient is never among them (each waits on its own reason)
+            assert all(kinds[addrs.index(r.address)] != "loop" for r, _ in d.expired)
             assert all(r.reply.startswith("4.4.7 ") for r, _ in d.expired)
         if pending and all_loops:
             assert d.expired == []  # never for a loop

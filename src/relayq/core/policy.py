@@ -18,9 +18,20 @@ MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loo
 
 
 def waits_on_us(reply: str, remote: bool) -> bool:
-    """Is this recipient waiting on our own configuration or limits (one of
-    OUR_WAITS, in a reply relayq wrote itself, never a relay's words)?"""
-    return not remote and any(reason in reply for reason in OUR_WAITS)
+    """Is this recipient waiting on our own configuration or limits? Only a reply
+    relayq wrote itself counts: remote False and one of OUR_WAITS at its very start,
+    after at most a reply code and an enhanced status code ("451 4.3.5 account no
+    longer configured: ..."). A relay's words recorded as remote False (its greeting,
+    its AUTH refusal) start with its host's name, so they never match."""
+    if remote:
+        return False
+    rest = reply
+    for _ in range(2):  # "451 " then "4.3.5 ", each optional
+        head, sep, tail = rest.partition(" ")
+        if not (sep and head[:1] in "245" and head.replace(".", "").isdigit()):
+            break
+        rest = tail
+    return rest.startswith(OUR_WAITS)
 
 
 class Mode:
