@@ -136,3 +136,21 @@ def test_a_relays_words_never_hold_mail_past_max_queue_age(
     queued = rq.queued()
     assert not [e for e, _ in queued if e.sender], rq.log()
     assert [e for e, _ in queued if not e.sender]  # the bounce, waiting on the same relay
+
+
+def test_reroute_keeps_a_rewrite_from_accounts_mail(tmp_path: Path) -> None:
+    """Defect 5: with rewrite_from the queued sender is the account's own address,
+    which that account serves: requeue --reroute chooses it again."""
+    rq = Relayq(tmp_path)
+    rq.write_config(rq.config.read_text() + (
+        '\n[account.shop]\nsenders = ["@shop.example"]\nsmarthost = "[127.0.0.1]:9"\n'
+        'user = "shop.mailbox@gmail.example"\npassword = "pw"\nrewrite_from = true\n'))
+    assert rq.sendmail("-odq", "-f", "bob@shop.example", "a@example.org",
+                       input=b"From: bob@shop.example\n\nhi\n").returncode == 0
+    [(env, _)] = rq.queued()
+    assert (env.sender, env.account) == ("shop.mailbox@gmail.example", "shop")
+    r = rq.run("relayq", "requeue", "--reroute")  # 75: the mail stays queued (no relay)
+    assert b"account shop kept" in r.stdout, (r.stdout, r.stderr)
+    [(env, _)] = rq.queued()
+    assert env.account == "shop"
+    assert "rerouted" not in rq.log()

@@ -117,7 +117,12 @@ def build(top: Config) -> dict[str, Config]:
 
 def for_sender(cfg: Config, sender: str) -> str:
     """The account serving an envelope sender: its exact address, else its @domain,
-    else DEFAULT. Compared without case: providers' mailboxes ignore it."""
+    else DEFAULT. Compared without case: providers' mailboxes ignore it. An account
+    with rewrite_from serves its own address too (the sender it writes), so the
+    choice made before rewrite_from and one made again after it (requeue --reroute)
+    agree."""
+    from relayq.core.rewrite import own_address
+
     accounts = cfg.accounts()
     if len(accounts) == 1 or not sender:
         return DEFAULT
@@ -126,6 +131,8 @@ def for_sender(cfg: Config, sender: str) -> str:
     by_domain = DEFAULT
     for name, acc in accounts.items():
         if addr in acc.senders:
+            return name
+        if acc.rewrite_from and addr == own_address(acc.from_address, acc.user).lower():
             return name
         if domain and domain in acc.senders:
             by_domain = name
