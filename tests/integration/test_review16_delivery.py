@@ -7,6 +7,7 @@ loopback, real files."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from relayq.testing.smarthost import SmarthostFactory
+    from relayq.testing.tls import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -154,3 +156,25 @@ def test_reroute_keeps_a_rewrite_from_accounts_mail(tmp_path: Path) -> None:
     [(env, _)] = rq.queued()
     assert env.account == "shop"
     assert "rerouted" not in rq.log()
+
+
+def test_a_long_password_from_password_file_goes_as_plain(
+        smarthost_factory: SmarthostFactory, pki: TestPKI, tmp_path: Path) -> None:
+    """Defect 11: 120 token68 characters in password_file are a password: PLAIN,
+    though XOAUTH2 is offered (only password_command's output may be a token)."""
+    pw = "Ab3" * 40
+    sh = smarthost_factory(tls_context=pki.server_context(), auth_required=True,
+                           auth={"me@example.org": pw},
+                           auth_mechanisms=("PLAIN", "LOGIN", "XOAUTH2"),
+                           token_check=lambda u, t: False)
+    ca = pki.write_ca(str(tmp_path))
+    os.chmod(ca, 0o644)
+    pf = tmp_path / "pw"
+    pf.write_text(pw + "\n")
+    pf.chmod(0o600)
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, tls="required", ca_file=ca,
+                user="me@example.org", password_file=str(pf))
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    rq.run("relayq", "run")
+    assert [m for m, _, _ in sh.logins] == ["PLAIN"]
+    assert len(sh.transactions) == 1 and not rq.queued()

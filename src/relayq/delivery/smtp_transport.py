@@ -423,7 +423,8 @@ class SmtpTransport:
         providers document it), then OAUTHBEARER, for a token; PLAIN, then LOGIN,
         for a password. A token never goes as a password when OAuth2 is configured;
         a password_command's output that only looks like one may, if the relay
-        offers nothing else (as before it was told apart)."""
+        offers nothing else (as before it was told apart). A password or
+        password_file is a password, however long: never sent as a token."""
         offered = client.caps.auth
         cfg = self.config
         want = cfg.auth_mechanism
@@ -436,7 +437,8 @@ class SmtpTransport:
         if not offered:
             raise AuthFailed(f"AUTH is configured but {client.where} does not offer AUTH")
         oauth = bool(cfg.oauth2_provider)
-        token = oauth or looks_like_token(secret)
+        token = oauth or (bool(cfg.password_command) and not (cfg.password or cfg.password_file)
+                          and looks_like_token(secret))
         order: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER") if token else ()
         if not oauth:
             order += ("PLAIN", "LOGIN")
