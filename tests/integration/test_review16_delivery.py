@@ -178,3 +178,19 @@ def test_a_long_password_from_password_file_goes_as_plain(
     rq.run("relayq", "run")
     assert [m for m, _, _ in sh.logins] == ["PLAIN"]
     assert len(sh.transactions) == 1 and not rq.queued()
+
+
+@pytest.mark.parametrize("name", ["default.state", "default.lock"])
+def test_a_fifo_in_the_limits_directory_never_hangs_delivery(
+        smarthost_factory: SmarthostFactory, tmp_path: Path, name: str) -> None:
+    """Defect 15: a FIFO planted at the limits state (or its lock) is refused, with one
+    log line; the mail goes, as when the limits cannot be kept."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, messages_per_minute=30)
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    (rq.queue_dir / "limits").mkdir(mode=0o700)
+    os.mkfifo(rq.queue_dir / "limits" / name, 0o600)
+    r = rq.run("relayq", "run", timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert len(sh.transactions) == 1 and not rq.queued()
+    assert "not a regular file" in rq.log()

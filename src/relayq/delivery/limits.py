@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ from relayq.core import policy
 from relayq.system.textfile import replace
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from relayq.core.config import Config
 
 MINUTE = 60.0
@@ -42,7 +45,8 @@ WAIT = 60.0  # a queue run waits this long at most for a limit to free; longer d
 SLOT_WAIT = 15.0  # a queue run waits this long at most for a free connection slot
 SLOT_RETRY = 60.0  # a message no slot was free for is tried again this much later
 MAGIC = "relayq-limits 1"
-FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW  # never a link planted in the queue
+# never a link planted in the queue, never a FIFO's open that waits for a writer
+FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 @dataclass
@@ -114,7 +118,9 @@ class State:
 class Limits:
     """messages_per_minute and recipients_per_day of one account (its Config)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, log: Callable[[str], None] | None = None) -> None:
+        self.log = log
+        self.told = False  # the one log line about an unusable state was written
         self.per_minute = max(0, cfg.messages_per_minute)
         self.per_day = max(0, cfg.recipients_per_day)
         self.account = cfg.account
@@ -180,6 +186,13 @@ class Limits:
                 self._write(st)
             return grant
 
+    def ignored(self, why: str) -> None:
+        """The limits cannot be kept (see _Locked): said once per process, mail goes."""
+        if not self.told and self.log is not None:
+            self.told = True
+            self.log(f"sending limits of account {self.account} not kept: {why} "
+                     "(remove it); mail goes without them")
+
     def _locked(self, now: float | None = None) -> _Locked:
         return _Locked(self, time.time() if now is None else now)
 
@@ -203,24 +216,47 @@ class _Locked:
 
     def __enter__(self) -> State | None:
         lim = self.limits
+        lock = os.path.join(lim.dir, f"{lim.account}.lock")
         try:
             os.makedirs(lim.dir, mode=0o700, exist_ok=True)
-            self.fd = os.open(os.path.join(lim.dir, f"{lim.account}.lock"),
-                              os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
         except OSError:
             return None
         try:
+            _regular(self.fd, lock)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
             fd = os.open(lim.path, os.O_RDONLY | FLAGS)
-            with open(fd, encoding="utf-8", errors="replace") as f:
-                text = f.read(1 << 20)
+        except FileNotFoundError:
+            return State.parse("", self.now)
+        except _NotRegular as exc:
+            lim.ignored(str(exc))
+            return None
         except OSError:
-            text = ""
+            return None
+        with open(fd, encoding="utf-8", errors="replace") as f:
+            try:
+                _regular(fd, lim.path)
+                text = f.read(1 << 20)
+            except _NotRegular as exc:
+                lim.ignored(str(exc))
+                return None
+            except OSError:
+                text = ""
         return State.parse(text, self.now)
 
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # the flock goes with it
+
+
+class _NotRegular(OSError):
+    """A FIFO, a device or a directory planted where a limits file goes."""
+
+
+def _regular(fd: int, path: str) -> None:
+    """Refuse what is not a regular file (opened O_NONBLOCK: a FIFO's open returned)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise _NotRegular(f"{path} is not a regular file")
 
 
 def refusal(grant: Grant, account: str, now: float) -> str:

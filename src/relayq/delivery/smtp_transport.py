@@ -101,7 +101,7 @@ class SmtpTransport:
     ) -> None:
         self.config = config
         self.patient = patient
-        self.limits = lim.Limits(config)
+        self.limits = lim.Limits(config, log=self._say)
         self._slot: lim.Slot | None = None  # held while a connection is wanted
         self.transcript = transcript
         self.log = log
