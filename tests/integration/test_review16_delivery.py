@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING
 
 import pytest
-from tests.helpers.relayq_env import Relayq
+from tests.helpers.relayq_env import BIN, Relayq
 
 from relayq.core.outcome import FAILED, PENDING, SENT
 
@@ -95,6 +96,51 @@ def test_a_limits_write_failing_after_the_relays_250_never_sends_twice(tmp_path:
     tmp.rmdir()
     time.sleep(1.1)
     rq.run("relayq", "run")
+    originals = [b for b in relay.received if b"Subject: once" in b and b"MAILER-DAEMON" not in b]
+    assert len(originals) == 1
+
+
+FAULT = """
+import os
+_rename = os.rename
+
+
+def rename(src, dst, *args, **kwargs):  # the limits state's, once, as the relay holds the mail
+    flag = os.environ["RELAYQ_TEST_FAULT"]
+    if str(dst).endswith("default.state") and os.path.exists(flag):
+        os.unlink(flag)
+        raise RuntimeError("injected fault")
+    return _rename(src, dst, *args, **kwargs)
+
+
+os.rename = rename
+"""
+
+
+def test_nothing_that_can_fail_runs_between_the_relays_250_and_its_record(
+        tmp_path: Path) -> None:
+    """Defect 1, the rule itself: whatever the limits' settle raises (here any exception,
+    injected into the real `relayq run` process), the relay's answer is recorded first,
+    so the mail is never sent again."""
+    flag = tmp_path / "fault-on"
+    relay = FaultRelay(flag.touch)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAULT)
+    rq = Relayq(tmp_path, smarthost=relay.smarthost, recipients_per_day=100,
+                retry_min=1, retry_max=1)
+    assert rq.sendmail("-odq", "-f", "s@example.org", "ok@example.org", "gone@example.org",
+                       input=MSG).returncode == 0
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**rq.env, "PYTHONPATH": path, "RELAYQ_TEST_FAULT": str(flag)}
+    subprocess.run([str(BIN / "relayq"), "run"], env=env, capture_output=True, timeout=60,
+                   check=False)
+    assert relay.received and not flag.exists()  # the fault struck, once
+    log = rq.log()
+    assert "delivery failed" not in log and "stat=Sent" in log, log
+    time.sleep(1.1)
+    subprocess.run([str(BIN / "relayq"), "run"], env=env, capture_output=True, timeout=60,
+                   check=False)
     originals = [b for b in relay.received if b"Subject: once" in b and b"MAILER-DAEMON" not in b]
     assert len(originals) == 1
 
