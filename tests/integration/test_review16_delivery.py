@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -240,3 +241,60 @@ def test_a_fifo_in_the_limits_directory_never_hangs_delivery(
     assert r.returncode == 0, r.stderr
     assert len(sh.transactions) == 1 and not rq.queued()
     assert "not a regular file" in rq.log()
+
+
+class EndlessSasl(FaultRelay):
+    """A relay offering XOAUTH2 that answers 334 to every line once AUTH began: the
+    SASL error exchange never ends (each line it reads is recorded)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        super().__init__(None)
+
+    def _session(self, conn: socket.socket) -> None:
+        f = conn.makefile("rwb")
+
+        def say(line: str) -> None:
+            f.write(line.encode() + b"\r\n")
+            f.flush()
+
+        say("220 relay.test ESMTP")
+        in_auth = False
+        for raw in f:
+            line = raw.decode().strip()
+            self.lines.append(line[:12])
+            if in_auth or line.upper().startswith("AUTH"):
+                in_auth = True
+                say("334 eyJzdGF0dXMiOiI0MDEifQ==")  # {"status":"401"}
+            elif line.upper().startswith("EHLO"):
+                say("250-relay.test")
+                say("250 AUTH XOAUTH2")
+            elif line.upper() == "QUIT":
+                say("221 bye")
+                return
+            else:
+                say("250 ok")
+
+
+def test_a_sasl_exchange_the_relay_never_ends_closes_the_connection(tmp_path: Path) -> None:
+    """Suspicion: after our end of the SASL error exchange the relay still says 334.
+    The connection is closed (no AUTH is sent inside the exchange, though the token
+    changed) and the reason says so, not the relay's "334 ..." line."""
+    relay = EndlessSasl()
+    counter = tmp_path / "runs"
+    script = tmp_path / "token.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "print('eyJ0eXAiOiJKV1QifQ.' + 'e' * 200 + '.sig' + str(n))\n")
+    rq = Relayq(tmp_path, smarthost=relay.smarthost, user="me@example.org",
+                password_command=f"{sys.executable} {script}")
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    rq.run("relayq", "run")
+    auths = [i for i, line in enumerate(relay.lines) if line.upper().startswith("AUTH")]
+    assert len(auths) == 1, relay.lines
+    [(env, _)] = rq.queued()
+    reply = env.recipients[0].reply
+    assert "did not end the SASL exchange" in reply and ": 334 " not in reply, reply

@@ -530,11 +530,16 @@ class SmtpClient:
                 reply = self.command(end.encode() + proto.CRLF, what, show=end)
                 if status:  # the log has it; the reason kept for mailq stays the reply
                     self._log(f"AUTH {mech} refused by {self.relay}: token status {status}")
-                if reply.code != 235:
+                if reply.code not in (235, 334):
                     raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}",
                                      code=reply.code if reply.code >= 400 else 535)
         else:
             raise AuthFailed(f"unsupported AUTH mechanism {mech}")
+        if reply.code == 334:  # still asking after our last line: the exchange never
+            self.close()  # ended, so nothing more may be sent on this connection
+            raise AuthFailed(f"AUTH {mech} failed at {self.where}: the server did not end "
+                             "the SASL exchange (334 after the last response); "
+                             "connection closed")
         if reply.code != 235:
             raise AuthFailed(f"AUTH {mech} failed at {self.where}: {reply}", code=reply.code)
         self._log(f"AUTH=client, relay={self.relay}, authid={user}, mech={mech}, bits=0")
