@@ -7,6 +7,7 @@ loopback, real files."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -19,6 +20,11 @@ import pytest
 from tests.helpers.relayq_env import BIN, Relayq
 
 from relayq.core.outcome import FAILED, PENDING, SENT
+from relayq.delivery import limits
+from relayq.delivery.runner import Runner
+from relayq.queue.submit import Context
+from relayq.system import configfile
+from relayq.system.log import Log
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -298,3 +304,56 @@ def test_a_sasl_exchange_the_relay_never_ends_closes_the_connection(tmp_path: Pa
     [(env, _)] = rq.queued()
     reply = env.recipients[0].reply
     assert "did not end the SASL exchange" in reply and ": 334 " not in reply, reply
+
+
+def two_accounts(rq: Relayq, default: str, shop: str, shop_max: int = 1) -> None:
+    rq.write_config(rq.config.read_text() + (
+        f'\n[account.shop]\nsenders = ["@shop.example"]\nsmarthost = "{shop}"\n'
+        f"max_connections = {shop_max}\n"))
+
+
+@pytest.mark.parametrize(("shop_max", "workers"), [(1, 2), (2, 3), (0, 8)])
+def test_queue_run_workers_are_capped_by_all_accounts_connections(
+        tmp_path: Path, shop_max: int, workers: int) -> None:
+    """Suspicion: with several accounts the workers were not capped; more than all
+    the accounts' max_connections together could only wait for a slot (an account
+    without a bound leaves the number asked for)."""
+    rq = Relayq(tmp_path, max_connections=1)
+    two_accounts(rq, "[127.0.0.1]:9", "[127.0.0.1]:9", shop_max)
+    cfg = configfile.load(str(rq.config), explicit=True)
+    assert limits.workers(cfg, 8) == workers
+
+
+def test_an_idle_connection_gives_its_slot_back_when_the_worker_serves_another_account(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    """Suspicion: a worker's cached connection kept its account's only max_connections
+    slot while the worker delivered other accounts' mail, so the account's mail in the
+    other workers waited and was deferred. Moving on to another account releases it."""
+    default, shop = smarthost_factory(), smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=default.smarthost, max_connections=1)
+    two_accounts(rq, default.smarthost, shop.smarthost)
+    for sender in ("x@shop.example", "y@example.org"):
+        assert rq.sendmail("-odq", "-f", sender, "a@example.org", input=MSG).returncode == 0
+    by_sender = {e.sender: e.qid for e, _ in rq.queued()}
+    cfg = configfile.load(str(rq.config), explicit=True)
+    slot = rq.queue_dir / "limits" / "shop.conn0"
+    with Runner(cfg, rq.spool, Log(use_syslog=False, path=str(rq.log_file)),
+                Context(cfg)) as runner:
+        runner.process(by_sender["x@shop.example"], force=True)
+        assert len(shop.transactions) == 1
+        assert not free(slot)  # held while the shop connection may serve more shop mail
+        runner.process(by_sender["y@example.org"], force=True)
+        assert len(default.transactions) == 1
+        assert free(slot)  # the worker moved on: another may take shop's only slot
+
+
+def free(path: Path) -> bool:
+    """Can another process take this slot now (no flock held on it)?"""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

@@ -322,9 +322,9 @@ def no_slot(cfg: Config) -> str:
 
 def workers(cfg: Config, wanted: int) -> int:
     """A queue run's worker processes: each opens its own connection, so no more
-    than the account's max_connections (with one account, as is most common;
-    several accounts' slots are shared out by take_slot)."""
-    accounts = cfg.accounts()
-    if len(accounts) == 1 and cfg.max_connections > 0:
-        return max(1, min(wanted, cfg.max_connections))
+    than the accounts' max_connections together when every account has one (more
+    workers could only wait for a slot); an unbounded account leaves `wanted`."""
+    bounds = [acc.max_connections for acc in cfg.accounts().values()]
+    if bounds and all(n > 0 for n in bounds):
+        return max(1, min(wanted, sum(bounds)))
     return wanted

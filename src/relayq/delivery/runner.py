@@ -106,6 +106,10 @@ class Runner(LocalStep):
         from relayq.core.accounts import DEFAULT
 
         name = account or DEFAULT
+        for other, idle in self._transports.items():
+            if other != name and idle.config.max_connections > 0:
+                idle.close()  # its idle connection would keep one of few slots from
+                # the other workers of its account (reconnected when its mail comes)
         transport = self._transports.get(name)
         if transport is None:
             from relayq.delivery.smtp_transport import SmtpTransport
