@@ -233,6 +233,19 @@ def test_a_long_password_from_password_file_goes_as_plain(
     assert len(sh.transactions) == 1 and not rq.queued()
 
 
+def test_an_unusable_limits_directory_is_logged_and_the_mail_goes(
+        smarthost_factory: SmarthostFactory, tmp_path: Path) -> None:
+    """Suspicion: a limits directory that cannot be used let mail go without limits and
+    without a word; now one log line says the limits are not kept."""
+    sh = smarthost_factory()
+    rq = Relayq(tmp_path, smarthost=sh.smarthost, messages_per_minute=30)
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    (rq.queue_dir / "limits").write_text("not a directory\n")
+    assert rq.run("relayq", "run").returncode == 0
+    assert len(sh.transactions) == 1 and not rq.queued()
+    assert rq.log().count("sending limits of account default not kept") == 1, rq.log()
+
+
 @pytest.mark.parametrize("name", ["default.state", "default.lock"])
 def test_a_fifo_in_the_limits_directory_never_hangs_delivery(
         smarthost_factory: SmarthostFactory, tmp_path: Path, name: str) -> None:

@@ -220,7 +220,8 @@ class _Locked:
         try:
             os.makedirs(lim.dir, mode=0o700, exist_ok=True)
             self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
-        except OSError:
+        except OSError as exc:
+            lim.ignored(f"{lock}: {exc.strerror or exc}")
             return None
         try:
             _regular(self.fd, lock)
