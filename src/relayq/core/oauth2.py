@@ -109,6 +109,65 @@ def secure_url(url: str, proxy: bool = False) -> bool:
     return proxy or host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
+MIN_LIFETIME, MAX_LIFETIME = 0.0, 86400.0
+
+
+def lifetime(value: object, default: float = 3600.0, low: float = MIN_LIFETIME,
+             high: float = MAX_LIFETIME) -> float:
+    """An endpoint's expires_in (or interval) as seconds we can do arithmetic and JSON
+    with: a number, or a numeric string, clamped to [low, high];
+    anything else (a bool, NaN, inf, a 400-digit integer, garbage) is `default`."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return default
+    try:
+        n = float(value)
+    except (ValueError, OverflowError):
+        return default
+    if not math.isfinite(n):
+        return default
+    return min(max(n, low), high)
+
+
+def printable(text: object, limit: int, *, spaces: bool = True) -> str:
+    """Someone else's text (an endpoint's error, a browser's query) for one line of ours:
+    printable, spaces squeezed (or, spaces=False, dropped: a user code), bounded."""
+    raw = str(text or "")
+    if not spaces:
+        return "".join(c for c in raw if c.isprintable() and not c.isspace())[:limit]
+    s = " ".join("".join(c if c.isprintable() else " " for c in raw).split())
+    return s if len(s) <= limit else s[:max(limit - 3, 0)] + "..."
+
+
+REQUEST_SECRETS = ("client_secret", "refresh_token", "code", "code_verifier", "device_code",
+                   "access_token")
+
+
+def masked(text: str, form: dict[str, str]) -> str:
+    """`text` with every secret value of the request `form` replaced by ***: an
+    endpoint's error description may quote what it was sent."""
+    for key in REQUEST_SECRETS:
+        value = form.get(key, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def needs_login(cfg: Config, data: dict[str, object]) -> str:
+    """Why the account's token file (its parsed object) cannot serve it until a person
+    acts, or "": the one rule relayq status, relayq oauth2 status and delivery share."""
+    owner = data.get("user")
+    if isinstance(owner, str) and owner and owner.lower() != cfg.user.lower():
+        return f"the token file holds the grant of {printable(owner, 100)}, not of {cfg.user}"
+    mark = data.get("reauth")
+    if isinstance(mark, dict):
+        return printable(mark.get("error", "invalid_grant"), 240) or "invalid_grant"
+    if cfg.oauth2_flow == "refresh_token" and not data.get("refresh_token"):
+        return "no grant yet (never logged in)"
+    return ""
+
+
 def looks_like_token(secret: str) -> bool:
     """An OAuth2 access token from a password_command: a JWT (Microsoft's), Google's
     ya29. tokens, or any long token68 string; a password is rarely any of these."""

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from relayq.core import policy
-from relayq.system.textfile import replace
+from relayq.system.textfile import NotRegular, open_regular, replace
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,8 +44,6 @@ WAIT = 60.0  # a queue run waits this long at most for a limit to free; longer d
 SLOT_WAIT = 15.0  # a queue run waits this long at most for a free connection slot
 SLOT_RETRY = 60.0  # a message no slot was free for is tried again this much later
 MAGIC = "relayq-limits 1"
-# never a link planted in the queue, never a FIFO's open that waits for a writer
-FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 @dataclass
@@ -219,28 +216,23 @@ class _Locked:
         lock = os.path.join(lim.dir, f"{lim.account}.lock")
         try:
             os.makedirs(lim.dir, mode=0o700, exist_ok=True)
-            self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
+            self.fd = open_regular(lock, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             lim.ignored(f"{lock}: {exc.strerror or exc}")
             return None
         try:
-            _regular(self.fd, lock)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
-            fd = os.open(lim.path, os.O_RDONLY | FLAGS)
+            fd = open_regular(lim.path)
         except FileNotFoundError:
             return State.parse("", self.now)
-        except _NotRegular as exc:
-            lim.ignored(str(exc))
+        except NotRegular:
+            lim.ignored(f"{lim.path} is not a regular file")
             return None
         except OSError:
             return None
         with open(fd, encoding="utf-8", errors="replace") as f:
             try:
-                _regular(fd, lim.path)
                 text = f.read(1 << 20)
-            except _NotRegular as exc:
-                lim.ignored(str(exc))
-                return None
             except OSError:
                 text = ""
         return State.parse(text, self.now)
@@ -248,16 +240,6 @@ class _Locked:
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # the flock goes with it
-
-
-class _NotRegular(OSError):
-    """A FIFO, a device or a directory planted where a limits file goes."""
-
-
-def _regular(fd: int, path: str) -> None:
-    """Refuse what is not a regular file (opened O_NONBLOCK: a FIFO's open returned)."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise _NotRegular(f"{path} is not a regular file")
 
 
 def refusal(grant: Grant, account: str, now: float) -> str:
@@ -300,8 +282,8 @@ def take_slot(cfg: Config, wait: float) -> Slot | None:
         for i in range(n):
             try:
                 os.makedirs(folder, mode=0o700, exist_ok=True)
-                fd = os.open(os.path.join(folder, f"{cfg.account}.conn{i}"),
-                             os.O_RDWR | os.O_CREAT | FLAGS, 0o600)
+                fd = open_regular(os.path.join(folder, f"{cfg.account}.conn{i}"),
+                                  os.O_RDWR | os.O_CREAT, 0o600)
             except OSError:
                 return Slot()
             try:

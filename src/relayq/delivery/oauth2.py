@@ -12,6 +12,7 @@ status` is critical, until `relayq oauth2 login` stores a new grant.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -51,9 +52,7 @@ class GrantRevoked(TokenError, ReauthNeeded):
 
 
 def _printable(text: object, limit: int = MAX_DESCRIPTION) -> str:
-    s = "".join(c if c.isprintable() else " " for c in str(text or ""))
-    s = " ".join(s.split())
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return oauth2.printable(text, limit)
 
 
 def client_secret(cfg: Config) -> str:
@@ -95,8 +94,8 @@ def exchange(cfg: Config, fields: dict[str, str], *,
         return answer
     if status == 200:
         raise EndpointUnusable("OAuth2 token endpoint answered 200 without an access_token")
-    error = _printable(answer.get("error", ""), 64)
-    desc = _printable(answer.get("error_description", ""))
+    error = _printable(oauth2.masked(str(answer.get("error", "")), form), 64)
+    desc = _printable(oauth2.masked(str(answer.get("error_description", "")), form))
     if status >= 500 or not error:
         raise EndpointUnusable(f"OAuth2 token endpoint answered HTTP {status}"
                          + (f" ({error}: {desc})" if error else ""))
@@ -123,7 +122,8 @@ def token_store(cfg: Config) -> TokenFile:
 def _fresh(data: dict[str, Any], now: float) -> bool:
     """Does the cached access token outlive the refresh margin?"""
     token, expires = data.get("access_token"), data.get("expires_at")
-    if not isinstance(token, str) or not token or not isinstance(expires, (int, float)):
+    if not isinstance(token, str) or not token or not isinstance(expires, (int, float)) \
+            or isinstance(expires, bool) or not math.isfinite(expires):
         return False
     life = expires - float(data.get("refreshed_at") or data.get("obtained_at") or now - 7200)
     return expires - min(MARGIN, max(life, 0) / 2) > now
@@ -136,16 +136,12 @@ def _apply(cfg: Config, data: dict[str, Any], answer: dict[str, Any], now: float
     data["client_id"] = cfg.oauth2_client_id
     data["user"] = cfg.user
     data["scopes"] = oauth2.scopes(cfg)
+    if isinstance(answer.get("refresh_token"), str) and answer["refresh_token"]:
+        data["refresh_token"] = answer["refresh_token"]  # first: nothing below can fail
     data["access_token"] = answer["access_token"]
-    try:
-        life = float(answer.get("expires_in", 3600))
-    except (TypeError, ValueError):
-        life = 3600.0
-    data["expires_at"] = now + max(life, 0.0)
+    data["expires_at"] = now + oauth2.lifetime(answer.get("expires_in"))
     data["refreshed_at"] = now
     data.setdefault("obtained_at", now)
-    if isinstance(answer.get("refresh_token"), str) and answer["refresh_token"]:
-        data["refresh_token"] = answer["refresh_token"]
     data.pop("reauth", None)
 
 

@@ -30,6 +30,7 @@ from relayq.core.errors import (
 from relayq.delivery.oauth2 import TokenError, client_secret, exchange
 from relayq.smtp.client import AuthFailed
 from relayq.system.http import HttpError, post_form
+from relayq.system.textfile import NotRegular, open_regular
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,25 +97,20 @@ class DeviceCode:
         self.uri = _printable(uri, 300)
         self.complete = _printable(answer.get("verification_uri_complete") or "", 400)
         self.expires_in = _number(answer.get("expires_in"), 900.0)
-        self.interval = max(1.0, _number(answer.get("interval"), 5.0))
+        self.interval = oauth2.lifetime(answer.get("interval"), 5.0, low=1.0, high=60.0)
 
 
 def _number(value: object, default: float) -> float:
-    try:
-        n = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return default
-    return n if 0 < n < 86400 else default
+    return oauth2.lifetime(value, default)
 
 
 def plain(text: object, limit: int) -> str:
-    """Someone else's text for one line of ours: printable, spaces squeezed, bounded."""
-    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())[:limit]
+    """Someone else's text for one line of ours (core.oauth2.printable)."""
+    return oauth2.printable(text, limit)
 
 
 def _printable(text: object, limit: int) -> str:
-    s = "".join(c for c in str(text) if c.isprintable() and not c.isspace())
-    return s[:limit]
+    return oauth2.printable(text, limit, spaces=False)
 
 
 def device_start(cfg: Config) -> DeviceCode:
@@ -234,12 +230,16 @@ def write_output(path: str, data: dict[str, Any]) -> None:
 def read_import(path: str) -> dict[str, Any]:
     """A token file made elsewhere: a JSON object with a refresh token (65 otherwise)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_regular(path)
+    except NotRegular:
+        fd = -1
     except OSError as exc:
         code = EX_NOINPUT if isinstance(exc, FileNotFoundError) else EX_NOPERM
         raise RelayqError(f"{path}: cannot read: {exc.strerror}", code) from None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_IMPORT + 1) if os.path.isfile(path) else b""
+    raw = b""
+    if fd >= 0:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_IMPORT + 1)
     try:
         data = json.loads(raw.decode("utf-8")) if 0 < len(raw) <= MAX_IMPORT else None
     except (UnicodeDecodeError, ValueError):

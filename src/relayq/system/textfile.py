@@ -13,6 +13,46 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
+
+
+class NotRegular(OSError):
+    """A FIFO, device or directory where relayq keeps a file of its own."""
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+    """Open a file someone else may have planted something at: never through a symlink
+    (O_NOFOLLOW), never waiting on a FIFO (O_NONBLOCK, then refused), only a regular
+    file (NotRegular otherwise). The one rule for the token file, its lock, an imported
+    grant and the limit counts."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_leftovers(path: str) -> None:
+    """Remove what a killed replace() of `path` left (its `.NAME.RANDOM.tmp` files);
+    call it under the file's own lock, so no live writer's file is taken."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        rest = entry.name[len(prefix):-4] if entry.name.startswith(prefix) else ""
+        if entry.name.endswith(".tmp") and len(rest) == 16 and \
+                all(c in "0123456789abcdef" for c in rest) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def publish(path: str, text: str) -> None:

@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from relayq.core.errors import EX_DATAERR, EX_IOERR, RelayqError
-from relayq.system.textfile import replace
+from relayq.system.textfile import NotRegular, open_regular, remove_leftovers, replace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,7 +73,7 @@ class TokenFile:
         self._ensure_directory()
         lock = self.path + ".lock"
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = open_regular(lock, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise RelayqError(f"cannot open {lock}: {exc.strerror}", EX_IOERR) from None
         try:
@@ -90,9 +90,12 @@ class TokenFile:
     def load(self) -> dict[str, Any]:
         """The file's object; {} when there is none. RelayqError naming a damaged one."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_regular(self.path)
         except FileNotFoundError:
             return {}
+        except NotRegular:
+            raise RelayqError(f"{self.path}: not a regular file, refusing it as the token "
+                              "file", EX_DATAERR) from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise RelayqError(f"{self.path}: a symbolic link, refusing it as the "
@@ -114,7 +117,8 @@ class TokenFile:
     def save(self, data: dict[str, Any]) -> None:
         """Replace the file with `data`, atomically and durably, mode 0600."""
         self._ensure_directory()
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        remove_leftovers(self.path)  # a killed save's copies hold a refresh token
         try:
             replace(self.path, text.encode("utf-8"), 0o600, owner=self.owner(), durable=True)
         except OSError as exc:

@@ -1,0 +1,98 @@
+"""Regression tests for the adversarial review of issue 16, OAuth2 side (REVIEW16.md):
+an endpoint's hostile numbers and echoed secrets, a FIFO at the token path, a
+killed save's leftovers, an expired client secret."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from relayq.core import oauth2
+from relayq.core.config import Config, parse
+from relayq.delivery.oauth2 import TokenSource, save_grant
+from relayq.smtp.client import AuthFailed
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from relayq.testing.oauth2 import FakeTokenEndpoint
+
+pytestmark = pytest.mark.timeout(60)
+USER = "alerts@example.org"
+
+
+def config(tmp_path: Path, ep: FakeTokenEndpoint, **more: Any) -> Config:
+    queue = tmp_path / "q"
+    queue.mkdir(mode=0o700, exist_ok=True)
+    lines = [f'queue_dir = "{queue}"', 'smarthost = "[127.0.0.1]:9"', f'user = "{USER}"',
+             'oauth2_provider = "generic"', f'oauth2_client_id = "{ep.client_id}"',
+             f'oauth2_token_url = "{ep.token_url}"', 'oauth2_scopes = ["smtp"]',
+             'oauth2_timeout = 5']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in more.items()]
+    return parse("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("expires_in", [10**400, "1e999", "NaN", -5, True, "soon", None])
+def test_a_hostile_expires_in_is_bounded_and_the_rotated_token_kept(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint, expires_in: object) -> None:
+    """A 400-digit integer raised OverflowError after the endpoint had rotated the refresh
+    token (lost); inf/NaN wrote non-standard JSON and broke every later attempt."""
+    cfg = config(tmp_path, token_endpoint)
+    save_grant(cfg, {"refresh_token": "RT-old-1234"})
+    answer: dict[str, Any] = {"access_token": "AT-new-5678", "refresh_token": "RT-rotated-9",
+                              "token_type": "Bearer"}
+    if expires_in is not None:
+        answer["expires_in"] = expires_in
+    token_endpoint.fail_with = (200, answer)
+    assert TokenSource(cfg).access_token() == "AT-new-5678"
+    raw = (tmp_path / "q" / "oauth2" / "default.json").read_text()
+    data = json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert data["refresh_token"] == "RT-rotated-9"
+    left = data["expires_at"] - data["refreshed_at"]
+    assert oauth2.MIN_LIFETIME <= left <= oauth2.MAX_LIFETIME
+
+
+def test_an_error_description_echoing_the_request_is_masked(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("client-secret-VALUE\n")
+    secret.chmod(0o600)
+    cfg = config(tmp_path, token_endpoint, oauth2_client_secret_file=str(secret))
+    save_grant(cfg, {"refresh_token": "RT-echoed-4321"})
+    token_endpoint.fail_with = (400, {
+        "error": "invalid_request",
+        "error_description": "bad request client_secret=client-secret-VALUE "
+                             "refresh_token=RT-echoed-4321"})
+    with pytest.raises(AuthFailed) as caught:
+        TokenSource(cfg).access_token()
+    assert "client-secret-VALUE" not in str(caught.value)
+    assert "RT-echoed-4321" not in str(caught.value) and "***" in str(caught.value)
+
+
+def test_a_fifo_at_the_token_path_is_refused_not_waited_on(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    cfg = config(tmp_path, token_endpoint)
+    path = tmp_path / "q" / "oauth2" / "default.json"
+    path.parent.mkdir(mode=0o700)
+    os.mkfifo(path, 0o600)
+    with pytest.raises(AuthFailed) as caught:
+        TokenSource(cfg).access_token()
+    assert "not a regular file" in str(caught.value)
+
+
+def test_a_killed_saves_temporary_files_are_removed_by_the_next_save(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    """A SIGKILL between the temporary file's write and its rename left it, holding the
+    refresh token, forever."""
+    cfg = config(tmp_path, token_endpoint)
+    save_grant(cfg, {"refresh_token": "RT-first-1111"})
+    folder = tmp_path / "q" / "oauth2"
+    stale = folder / ".default.json.0123456789abcdef.tmp"
+    stale.write_text('{"refresh_token": "RT-first-1111"}')
+    other = folder / ".other.json.0123456789abcdef.tmp"  # another account's: its own save
+    other.write_text("{}")
+    save_grant(cfg, {"refresh_token": "RT-second-2222"})
+    assert not stale.exists() and other.exists()
