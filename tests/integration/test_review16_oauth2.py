@@ -96,3 +96,26 @@ def test_a_killed_saves_temporary_files_are_removed_by_the_next_save(
     other.write_text("{}")
     save_grant(cfg, {"refresh_token": "RT-second-2222"})
     assert not stale.exists() and other.exists()
+
+
+def test_another_mailboxs_grant_needs_a_login_everywhere(
+        tmp_path: Path, token_endpoint: FakeTokenEndpoint) -> None:
+    """The account's user changed since the login: status and oauth2 status said all was
+    well while delivery held the mail (two copies of the rule)."""
+    from relayq.delivery.oauth2_login import account_status
+    from relayq.system.tokenstore import dead_grants
+
+    old = config(tmp_path, token_endpoint)
+    save_grant(old, {"refresh_token": token_endpoint.grant(USER)})
+    text = (tmp_path / "q" / "oauth2" / "default.json").read_text()
+    cfg = parse(f'queue_dir = "{tmp_path / "q"}"\nsmarthost = "[127.0.0.1]:9"\n'
+                f'user = "new@example.org"\noauth2_provider = "generic"\n'
+                f'oauth2_client_id = "{token_endpoint.client_id}"\n'
+                f'oauth2_token_url = "{token_endpoint.token_url}"\noauth2_scopes = ["smtp"]\n')
+    with pytest.raises(AuthFailed, match="holds the grant of"):
+        TokenSource(cfg).access_token()
+    assert (tmp_path / "q" / "oauth2" / "default.json").read_text() == text  # not rewritten
+    [dead] = dead_grants(cfg)
+    assert "holds the grant of alerts@example.org" in dead["error"]
+    row = account_status(cfg)
+    assert row["reauth_needed"] and "holds the grant" in row["reauth_error"]

@@ -300,17 +300,18 @@ def account_status(cfg: Config, now: float | None = None) -> dict[str, Any]:
     for key, field in (("obtained", "obtained_at"), ("last_refresh", "refreshed_at")):
         if isinstance(data.get(field), int | float):
             row[key] = _iso(data[field])
-    mark = data.get("reauth")
-    if isinstance(mark, dict):
+    why = oauth2.needs_login(cfg, data)  # the rule relayq status uses (tokenstore)
+    if why:
         row["reauth_needed"] = True
-        row["reauth_error"] = plain(mark.get("error", "invalid_grant"), 240)
-        if isinstance(mark.get("since"), int | float):
+        row["reauth_error"] = why
+        mark = data.get("reauth")
+        if isinstance(mark, dict) and isinstance(mark.get("since"), int | float):
             row["reauth_since"] = _iso(mark["since"])
-    elif cfg.oauth2_flow == "refresh_token" and not row["has_refresh_token"]:
-        row["reauth_needed"] = True
-        row["reauth_error"] = "no grant yet"
     return row
 
 
 def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    except (OverflowError, ValueError, OSError):  # a damaged file's number
+        return "?"

@@ -126,10 +126,10 @@ class TokenFile:
 
 
 def dead_grants(cfg: Config) -> list[dict[str, Any]]:
-    """The accounts whose grant is known dead (their token file's "reauth" mark), or
-    never given (a refresh_token account whose file holds none yet):
-    {"account", "user", "since", "error"} each, for `relayq status` (critical)."""
-    from relayq.core.oauth2 import token_file
+    """The accounts that need a person (core.oauth2.needs_login: a dead grant, none
+    given yet, another mailbox's): {"account", "user", "since", "error"} each, for
+    `relayq status` (critical)."""
+    from relayq.core.oauth2 import needs_login, token_file
 
     found = []
     for name, acct in cfg.accounts().items():
@@ -139,12 +139,9 @@ def dead_grants(cfg: Config) -> list[dict[str, Any]]:
             data = TokenFile(token_file(acct)).load()
         except RelayqError:
             continue
-        mark = data.get("reauth")
-        if mark is None and acct.oauth2_flow == "refresh_token" \
-                and not data.get("refresh_token"):
-            # never logged in: its mail waits for the same command, so it alerts the same
-            mark = {"error": "no grant yet (never logged in)"}
-        if isinstance(mark, dict):
-            found.append({"account": name, "user": acct.user, "since": mark.get("since"),
-                          "error": str(mark.get("error", ""))[:300]})
+        why = needs_login(acct, data)
+        if why:
+            mark = data.get("reauth")
+            since = mark.get("since") if isinstance(mark, dict) else None
+            found.append({"account": name, "user": acct.user, "since": since, "error": why})
     return found
