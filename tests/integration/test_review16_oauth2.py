@@ -119,3 +119,33 @@ def test_another_mailboxs_grant_needs_a_login_everywhere(
     assert "holds the grant of alerts@example.org" in dead["error"]
     row = account_status(cfg)
     assert row["reauth_needed"] and "holds the grant" in row["reauth_error"]
+
+
+def test_an_expired_client_secret_holds_the_mail_and_alerts(
+        tmp_path: Path, smarthost_factory: Any, pki: Any,
+        token_endpoint: FakeTokenEndpoint) -> None:
+    """invalid_client (an Azure client secret past its date) returned the mail at
+    max_queue_age, silently; now it waits, status is critical, and a renewed secret
+    (the endpoint answering again) lets it go."""
+    import time
+
+    from tests.integration.test_oauth2_commands import MSG, login, relayq_for
+
+    relay = smarthost_factory(tls_context=pki.server_context(), auth_required=True,
+                              auth_mechanisms=("XOAUTH2",), token_check=token_endpoint.accepts)
+    rq = relayq_for(tmp_path, relay, token_endpoint, pki, max_queue_age=2, retry_min=1,
+                    retry_max=1)
+    login(rq, token_endpoint)
+    token_endpoint.fail_with = (401, {"error": "invalid_client",
+                                      "error_description": "AADSTS7000222: secret expired"})
+    assert rq.sendmail("-odq", "a@example.org", input=MSG).returncode == 0
+    assert rq.sendmail("-q").returncode == 75
+    time.sleep(2.5)  # past max_queue_age
+    assert rq.sendmail("-q").returncode == 75
+    queued = rq.queued()
+    assert [e.sender for e, _ in queued if not e.sender] == []  # no bounce
+    plugin = rq.run("relayq", "status", "-w", "100", "-c", "200")
+    assert plugin.returncode == 2 and b"renew oauth2_client_secret_file" in plugin.stdout
+    token_endpoint.fail_with = None
+    assert rq.sendmail("-q").returncode == 0 and len(relay.transactions) == 1
+    assert rq.run("relayq", "status", "-w", "100", "-c", "200").returncode == 0

@@ -163,6 +163,10 @@ def needs_login(cfg: Config, data: dict[str, object]) -> str:
     mark = data.get("reauth")
     if isinstance(mark, dict):
         return printable(mark.get("error", "invalid_grant"), 240) or "invalid_grant"
+    refused = data.get("client_refused")  # cleared by the next token the endpoint gives
+    if isinstance(refused, dict):
+        return ("the application is refused (" + printable(refused.get("error", ""), 200)
+                + "): renew oauth2_client_secret_file")
     if cfg.oauth2_flow == "refresh_token" and not data.get("refresh_token"):
         return "no grant yet (never logged in)"
     return ""

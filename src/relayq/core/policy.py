@@ -12,7 +12,8 @@ LOOP_REASON = f"{LOOP_STATUS} mail loops back to me"
 REAUTH_REASON = "re-authorization needed: run relayq oauth2 login"  # invalid_grant
 NO_ACCOUNT_REASON = "account no longer configured"  # queued for an account since removed
 LIMIT_REASON = "sending limit reached"  # messages_per_minute, recipients_per_day
-OUR_WAITS = (REAUTH_REASON, NO_ACCOUNT_REASON, LIMIT_REASON)
+CLIENT_REASON = "OAuth2 client refused"  # invalid_client: an expired client secret
+OUR_WAITS = (REAUTH_REASON, NO_ACCOUNT_REASON, LIMIT_REASON, CLIENT_REASON)
 JITTER = 0.1  # each delay is stretched or shrunk by up to this fraction
 MAX_HOPS = 25  # Received fields (or -h) a message may carry: more is a mail loop
 

@@ -51,6 +51,15 @@ class GrantRevoked(TokenError, ReauthNeeded):
     """invalid_grant: the grant is dead; its message contains policy.REAUTH_REASON."""
 
 
+class ClientRefused(TokenError, ReauthNeeded):
+    """invalid_client, unauthorized_client: the application's id or secret is refused
+    (an Azure client secret expires within 24 months). The administrator's to fix, as a
+    dead grant is: the mail waits (policy.CLIENT_REASON), never returned."""
+
+
+CLIENT_ERRORS = ("invalid_client", "unauthorized_client")
+
+
 def _printable(text: object, limit: int = MAX_DESCRIPTION) -> str:
     return oauth2.printable(text, limit)
 
@@ -103,6 +112,10 @@ def exchange(cfg: Config, fields: dict[str, str], *,
     if error == "invalid_grant":
         raise GrantRevoked(f"{policy.REAUTH_REASON} (account {_account(cfg)}: {what})",
                            error, desc)
+    if error in CLIENT_ERRORS:
+        raise ClientRefused(f"{policy.CLIENT_REASON} (account {_account(cfg)}: {what}; "
+                            "check oauth2_client_id and renew oauth2_client_secret_file)",
+                            error, desc)
     raise TokenError(f"OAuth2 token endpoint refused account {_account(cfg)}: {what}",
                      error, desc)
 
@@ -279,6 +292,13 @@ class TokenSource:
             self.store.save(data)
             self._notify_once()
             raise
+        except ClientRefused as exc:  # asked again each try: the secret may be renewed
+            if "client_refused" not in data:
+                data["client_refused"] = {"since": time.time(), "error": _printable(
+                    f"{exc.error}: {exc.description}")}
+                self.store.save(data)
+            raise
+        data.pop("client_refused", None)
         _apply(cfg, data, answer, time.time())
         self.store.save(data)  # a rotated refresh token is kept before anything else
         self.refreshes += 1
