@@ -149,3 +149,43 @@ def test_an_expired_client_secret_holds_the_mail_and_alerts(
     token_endpoint.fail_with = None
     assert rq.sendmail("-q").returncode == 0 and len(relay.transactions) == 1
     assert rq.run("relayq", "status", "-w", "100", "-c", "200").returncode == 0
+
+
+def test_a_dripping_endpoint_is_bounded_by_oauth2_timeout(tmp_path: Path) -> None:
+    """Headers a byte at a time defeated the per-read timeout: an 18 s request with
+    oauth2_timeout = 2. The drip here lasts past this test's own timeout (60 s): only
+    a whole-request bound lets the call return, deferring."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for i in range(400):
+            if stop.wait(0.5):
+                break
+            conn.sendall(b"X-Drip-%d: y\r\n" % i)
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    queue = tmp_path / "q"
+    queue.mkdir(mode=0o700)
+    cfg = parse(f'queue_dir = "{queue}"\nsmarthost = "[127.0.0.1]:9"\nuser = "{USER}"\n'
+                'oauth2_provider = "generic"\noauth2_client_id = "cid"\n'
+                f'oauth2_token_url = "http://127.0.0.1:{server.getsockname()[1]}/t"\n'
+                'oauth2_scopes = ["smtp"]\noauth2_timeout = 1\n')
+    save_grant(cfg, {"refresh_token": "RT-drip-1234"})
+    try:
+        with pytest.raises(AuthFailed, match="timed out"):
+            TokenSource(cfg).access_token()
+    finally:
+        stop.set()
+        time.sleep(0.1)
+        server.close()

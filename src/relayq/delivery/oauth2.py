@@ -207,6 +207,8 @@ class TokenSource:
         self.log = log
         self._token = ""
         self._data: dict[str, Any] = {}
+        # another process's refresh takes at most oauth2_timeout: wait for it, not more
+        self.lock_wait = 2 * cfg.oauth2_timeout + 1
         self.refreshes = 0  # refreshes this source made (tests, statistics)
 
     def access_token(self, force: bool = False, *, timeout: float | None = None) -> str:
@@ -230,7 +232,7 @@ class TokenSource:
         if not force and _fresh(data, now) and self._mine(data):
             return self._keep(data)
         self._check_reauth(data, False)
-        with self.store.locked():
+        with self.store.locked(self.lock_wait):
             data = self._load()  # another worker may have refreshed meanwhile
             now = time.time()
             if _fresh(data, now) and self._mine(data) and (
@@ -268,7 +270,7 @@ class TokenSource:
                 if locked:
                     self._notify_once()
                 else:
-                    with self.store.locked():
+                    with self.store.locked(self.lock_wait):
                         self._notify_once()
             raise ReauthNeeded(f"{policy.REAUTH_REASON} (account {_account(self.cfg)}: "
                                f"{_printable(mark.get('error', 'invalid_grant'))})")

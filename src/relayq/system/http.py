@@ -80,7 +80,35 @@ def _read(resp: Any, deadline: float, where: str) -> bytes:
 def post_form(url: str, fields: dict[str, str], *, timeout: float, ca_file: str = "",
               proxy: str = "") -> tuple[int, dict[str, Any]]:
     """POST `fields` form-encoded to `url`; (HTTP status, the JSON object answered),
-    for a 4xx too. HttpError (75) when there is no JSON object to return."""
+    for a 4xx too. HttpError (75) when there is no JSON object to return.
+
+    `timeout` bounds the whole request: a server dripping its status line and
+    headers a byte at a time defeats a socket's per-read timeout, so the request runs
+    in a thread this one waits for at most `timeout` (the thread, its socket timing
+    out on its own, is left to end: it holds nothing of ours)."""
+    import threading
+
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(_post(url, fields, timeout=timeout, ca_file=ca_file, proxy=proxy))
+        except BaseException as exc:  # handed to the caller's thread
+            box.append(exc)
+
+    worker = threading.Thread(target=run, name="relayq-http", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    if not box:
+        raise HttpError(f"{_where(url)}: timed out (no whole answer in {timeout:g} s)")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    result: tuple[int, dict[str, Any]] = box[0]
+    return result
+
+
+def _post(url: str, fields: dict[str, str], *, timeout: float, ca_file: str,
+          proxy: str) -> tuple[int, dict[str, Any]]:
     where = _where(url)
     if not secure_url(url):
         raise HttpError(f"{where}: refusing a token request that is not https://")

@@ -15,7 +15,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from relayq.core.errors import EX_DATAERR, EX_IOERR, RelayqError
+from relayq.core.errors import EX_DATAERR, EX_IOERR, EX_TEMPFAIL, RelayqError
 from relayq.system.textfile import NotRegular, open_regular, remove_leftovers, replace
 
 if TYPE_CHECKING:
@@ -68,8 +68,10 @@ class TokenFile:
     # --- the lock --------------------------------------------------------------
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the exclusive lock: a refresh (load, ask, save) happens once at a time."""
+    def locked(self, wait: float | None = None) -> Iterator[None]:
+        """Hold the exclusive lock: a refresh (load, ask, save) happens once at a time.
+        `wait`: give up after this many seconds (RelayqError, 75) instead of waiting on
+        a holder that hangs."""
         self._ensure_directory()
         lock = self.path + ".lock"
         try:
@@ -80,7 +82,7 @@ class TokenFile:
             owner = self.owner()
             if owner is not None:
                 os.fchown(fd, *owner)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock(fd, wait, lock)
             yield
         finally:
             os.close(fd)  # closing releases the flock
@@ -123,6 +125,25 @@ class TokenFile:
             replace(self.path, text.encode("utf-8"), 0o600, owner=self.owner(), durable=True)
         except OSError as exc:
             raise RelayqError(f"cannot write {self.path}: {exc.strerror}", EX_IOERR) from None
+
+
+def _flock(fd: int, wait: float | None, lock: str) -> None:
+    if wait is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RelayqError(f"{lock}: still held by another process after "
+                                  f"{wait:g} s (a token request in progress)",
+                                  EX_TEMPFAIL) from None
+            time.sleep(0.05)
 
 
 def dead_grants(cfg: Config) -> list[dict[str, Any]]:
