@@ -189,3 +189,18 @@ def test_a_dripping_endpoint_is_bounded_by_oauth2_timeout(tmp_path: Path) -> Non
         stop.set()
         time.sleep(0.1)
         server.close()
+
+
+def test_proxy_credentials_are_a_secret(tmp_path: Path) -> None:
+    """check-config printed http://user:pass@..., the cache kept it, and a world-readable
+    file holding it was accepted."""
+    from tests.helpers.relayq_env import Relayq
+
+    rq = Relayq(tmp_path, oauth2_proxy="http://bob:pr0xy-pass@proxy.example.org:3128")
+    rq.config.chmod(0o644)
+    refused = rq.run("relayq", "check-config")
+    assert refused.returncode == 78 and b"pr0xy-pass" not in refused.stdout + refused.stderr
+    rq.config.chmod(0o600)
+    shown = rq.run("relayq", "check-config")
+    assert b"pr0xy-pass" not in shown.stdout + shown.stderr
+    assert b'oauth2_proxy = "http://********@proxy.example.org:3128"' in shown.stdout

@@ -270,7 +270,8 @@ class Config:
 
     def inline_secrets(self) -> bool:
         """Does the file itself hold a secret (never cached; the file must be private)?"""
-        return any(a.values.get(k) for a in self.accounts().values() for k in SECRET_KEYS)
+        return any(a.values.get(k) for a in self.accounts().values() for k in SECRET_KEYS) \
+            or any(_proxy_secret(a.oauth2_proxy) for a in self.accounts().values())
 
     def smarthosts(self) -> list[Smarthost]:
         default = self.port or (465 if self.tls == "implicit" else 25)
@@ -302,11 +303,20 @@ class Config:
                 value = "********"
             elif key == "password_command" and len(value.split()) > 1:
                 value = f"{value.split()[0]} ********"  # its arguments often hold a token
+            elif key == "oauth2_proxy" and _proxy_secret(value):
+                value = value.replace(_proxy_secret(value), "********", 1)
             if key == "delivery_mode":
                 value = {v: k for k, v in DELIVERY_MODES.items()}[value]
             out[key] = value
         return out
 
+
+def _proxy_secret(url: str) -> str:
+    """The user:password of an oauth2_proxy URL (http://user:pass@host:port), or "":
+    a secret in the file like `password`."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.partition("@") if sep else ("", "", "")
+    return userinfo if at and userinfo else ""
 
 
 def parse(text: str, path: str = "relayq.toml") -> Config:
