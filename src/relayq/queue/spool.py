@@ -45,6 +45,7 @@ from relayq.core.envelope import Envelope
 from relayq.core.errors import DamagedQueueFile, TempFailure
 from relayq.queue.durable import fsync_dir, io_error, unlink_if_there
 from relayq.queue.names import SLOTS, make_qid
+from relayq.system.locks import flock_within
 
 TYPE_CHECKING = False  # the typing module costs ~3 ms on the submission path
 
@@ -396,16 +397,9 @@ class Spool:
             return None
         except OSError as exc:  # not damage: root's file in a queue now another user's?
             raise io_error("read the data file", exc, self.path(qid, ".d")) from None
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.0005)
+        if not flock_within(fd, wait, 0.0005):
+            os.close(fd)
+            return None
         try:
             env = self.read_envelope(qid)
         except FileNotFoundError:

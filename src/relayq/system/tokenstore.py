@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from relayq.core.errors import EX_DATAERR, EX_IOERR, EX_TEMPFAIL, RelayqError
+from relayq.system.locks import flock_within
 from relayq.system.textfile import NotRegular, open_regular, remove_leftovers, replace
 
 if TYPE_CHECKING:
@@ -130,20 +131,9 @@ class TokenFile:
 def _flock(fd: int, wait: float | None, lock: str) -> None:
     if wait is None:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return
-    import time
-
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise RelayqError(f"{lock}: still held by another process after "
-                                  f"{wait:g} s (a token request in progress)",
-                                  EX_TEMPFAIL) from None
-            time.sleep(0.05)
+    elif not flock_within(fd, wait, 0.05):
+        raise RelayqError(f"{lock}: still held by another process after {wait:g} s (a "
+                          "token request in progress)", EX_TEMPFAIL)
 
 
 def dead_grants(cfg: Config) -> list[dict[str, Any]]:
