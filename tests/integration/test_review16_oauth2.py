@@ -204,3 +204,12 @@ def test_proxy_credentials_are_a_secret(tmp_path: Path) -> None:
     shown = rq.run("relayq", "check-config")
     assert b"pr0xy-pass" not in shown.stdout + shown.stderr
     assert b'oauth2_proxy = "http://********@proxy.example.org:3128"' in shown.stdout
+
+
+def test_a_bad_proxy_scheme_error_shows_no_password() -> None:
+    from relayq.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse('user = "a@example.org"\noauth2_provider = "google"\noauth2_client_id = "x"\n'
+              'oauth2_proxy = "socks5://bob:PROXYPASS@proxy.example.org:1080"\n')
+    assert "PROXYPASS" not in str(caught.value) and "********" in str(caught.value)

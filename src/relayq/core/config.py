@@ -312,11 +312,9 @@ class Config:
 
 
 def _proxy_secret(url: str) -> str:
-    """The user:password of an oauth2_proxy URL (http://user:pass@host:port), or "":
-    a secret in the file like `password`."""
-    _, sep, rest = url.partition("://")
-    userinfo, at, _ = rest.partition("@") if sep else ("", "", "")
-    return userinfo if at and userinfo else ""
+    from relayq.core.oauth2 import proxy_secret
+
+    return proxy_secret(url) if url else ""
 
 
 def parse(text: str, path: str = "relayq.toml") -> Config:

@@ -78,10 +78,19 @@ def check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: oauth2_token_url: the generic provider needs it")
     for key, url in (("oauth2_token_url", token), ("oauth2_proxy", cfg.oauth2_proxy)):
         if url and not secure_url(url, proxy=key == "oauth2_proxy"):
-            raise ConfigError(f"{where}: {key}: {url!r}: expected https:// "
+            shown = url.replace(proxy_secret(url), "********", 1) if proxy_secret(url) else url
+            raise ConfigError(f"{where}: {key}: {shown!r}: expected https:// "
                               "(http:// only to a loopback address)")
     if not scopes(cfg):
         raise ConfigError(f"{where}: oauth2_scopes: the generic provider needs them")
+
+
+def proxy_secret(url: str) -> str:
+    """The user:password of a proxy URL (http://user:pass@host:port), or "": a secret in
+    the file like `password` (masked, never cached, the file private)."""
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.partition("@") if sep else ("", "", "")
+    return userinfo if at and userinfo else ""
 
 
 def token_file(cfg: Config) -> str:

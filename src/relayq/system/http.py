@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -63,12 +62,10 @@ def _opener(url: str, ca_file: str, proxy: str) -> urllib.request.OpenerDirector
     return urllib.request.build_opener(*handlers)
 
 
-def _read(resp: Any, deadline: float, where: str) -> bytes:
-    """The body, at most MAX_BODY octets, before the deadline."""
+def _read(resp: Any, where: str) -> bytes:
+    """The body, at most MAX_BODY octets (post_form's wait bounds the time)."""
     body = bytearray()
     while True:
-        if time.monotonic() > deadline:
-            raise HttpError(f"{where}: timed out reading the answer")
         chunk = resp.read1(16384) if hasattr(resp, "read1") else resp.read(16384)
         if not chunk:
             return bytes(body)
@@ -118,7 +115,6 @@ def _post(url: str, fields: dict[str, str], *, timeout: float, ca_file: str,
     req = urllib.request.Request(url, data=data, method="POST", headers={
         "Content-Type": "application/x-www-form-urlencoded",
         "Accept": "application/json", "User-Agent": "relayq"})
-    deadline = time.monotonic() + timeout
     opener = _opener(url, ca_file, proxy)
     try:
         try:
@@ -127,7 +123,7 @@ def _post(url: str, fields: dict[str, str], *, timeout: float, ca_file: str,
             resp = exc
         with resp:
             status = int(resp.status or resp.code or 0)
-            body = _read(resp, deadline, where)
+            body = _read(resp, where)
     except HttpError:
         raise
     except urllib.error.URLError as exc:
